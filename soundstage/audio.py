@@ -1,0 +1,63 @@
+"""Decoding and resampling audio: the one helper every audio stage uses.
+
+soundfile decodes (wav, flac, ogg, ...); scipy's polyphase filter resamples (no torchaudio).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from soundstage.pipeline.stage import ClipError
+
+TARGET_SR = 16000
+
+
+@dataclass
+class Audio:
+    wave: np.ndarray  # float32 [samples], mono, in [-1, 1], at ``sample_rate``
+    sample_rate: int
+    orig_sample_rate: int
+    orig_channels: int
+    orig_frames: int
+
+
+def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """Band-limited polyphase resampling along the last axis (Kaiser-windowed FIR)."""
+    if orig_sr == target_sr:
+        return wave
+    from scipy.signal import resample_poly
+
+    ratio = Fraction(target_sr, orig_sr)
+    out = resample_poly(wave.astype(np.float64), ratio.numerator, ratio.denominator, axis=-1)
+    return out.astype(np.float32)
+
+
+def load_audio(path: str, target_sr: int = TARGET_SR) -> Audio:
+    """Read ``path``, average channels to mono and resample to ``target_sr``.
+
+    Raises ``ClipError`` with a short cause for a missing, unreadable or empty file, so the
+    runner records the clip as failed instead of substituting anything.
+    """
+    import soundfile as sf
+
+    try:
+        data, sr = sf.read(path, dtype="float32", always_2d=True)
+    except FileNotFoundError:
+        raise ClipError(f"missing audio {path}") from None
+    except Exception as e:  # soundfile raises LibsndfileError/RuntimeError for corrupt files
+        raise ClipError(f"unreadable audio {path}: {e}") from None
+    if data.shape[0] == 0:
+        raise ClipError(f"empty audio {path} (0 samples)")
+    if not np.isfinite(data).all():
+        raise ClipError(f"audio {path} contains NaN or Inf samples")
+    mono = data.mean(axis=1)
+    return Audio(
+        wave=np.ascontiguousarray(resample(mono, sr, target_sr), dtype=np.float32),
+        sample_rate=target_sr,
+        orig_sample_rate=int(sr),
+        orig_channels=int(data.shape[1]),
+        orig_frames=int(data.shape[0]),
+    )

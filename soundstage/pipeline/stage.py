@@ -1,0 +1,156 @@
+"""The stage declaration: what a stage is, as data.
+
+A stage module builds one ``Stage`` and names it ``STAGE``. Everything else — selecting the
+clips of a shard, skipping committed ones, prefetching, batching, committing parts, recording
+failures, progress, locking, the CLI options — is the runner's and is written once.
+
+Per-clip stage (the common case)::
+
+    STAGE = Stage(
+        name="audio-stats", version=1,
+        params=[Param("silence_db", float, -60.0, "RMS below this (dB) counts as silent")],
+        fields=[Field("rms_db", "float32", (None,)), Field("sample_rate", "int32", ())],
+        load=load_clip,          # (row: dict, ctx: LoadContext) -> item       (worker process)
+        process=compute,         # (model, items: list, params: dict) -> list[dict]  (main process)
+        setup=None,              # (params: dict) -> model, once per run (device is a param)
+        batch_key=None,          # (item) -> hashable; only items with equal keys share a batch
+    )
+
+Whole-dataset stage (``kind="global"``, e.g. fitting k-means): ``fit(ctx: FitContext) ->
+dict[str, np.ndarray]`` runs once and its arrays are stored in ``result.h5``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+#: dtypes a field may have; "str" is variable-length UTF-8.
+FIELD_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool", "str")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a stage; becomes the CLI option ``--<name with dashes>``.
+
+    ``fingerprint=False`` marks parameters that do not change the output (batch size,
+    device): they are options but stay out of the cache key. ``identity`` maps a value to
+    what goes into the fingerprint instead of the value itself — e.g. a checkpoint path to
+    the hash of its content, so the key survives moving the file.
+    """
+
+    name: str
+    type: Any = str
+    default: Any = None
+    help: str = ""
+    fingerprint: bool = True
+    identity: Callable[[Any], Any] | None = None
+    choices: Sequence[str] | None = None
+    multiple: bool = False
+    is_flag: bool = False
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One output field: dtype and per-clip shape. ``None`` in the first axis = ragged length."""
+
+    name: str
+    dtype: str
+    shape: tuple = ()
+    help: str = ""
+
+    def __post_init__(self):
+        if self.dtype not in FIELD_DTYPES:
+            raise ValueError(f"field {self.name}: unknown dtype {self.dtype!r}; use one of {FIELD_DTYPES}")
+        if any(d is None for d in self.shape[1:]):
+            raise ValueError(f"field {self.name}: only the first axis may be ragged (None)")
+
+    @property
+    def ragged(self) -> bool:
+        return bool(self.shape) and self.shape[0] is None
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A stage this one reads. ``alias`` is how ``load``/``fit`` see it (``ctx.upstream[alias]``)."""
+
+    alias: str
+    stage: str
+
+
+@dataclass
+class Stage:
+    name: str
+    version: int
+    params: list[Param] = field(default_factory=list)
+    fields: list[Field] = field(default_factory=list)
+    upstream: list[Upstream] = field(default_factory=list)
+    help: str = ""
+    kind: str = "per_clip"  # or "global"
+    # per-clip stages
+    load: Callable | None = None
+    process: Callable | None = None
+    setup: Callable | None = None
+    batch_key: Callable | None = None
+    default_batch_size: int = 8
+    # global stages
+    fit: Callable | None = None
+    # resources a scheduler should ask for by default (cpus, gpus, mem, time)
+    resources: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in ("per_clip", "global"):
+            raise ValueError(f"stage {self.name}: kind must be 'per_clip' or 'global'")
+        if self.kind == "per_clip" and (self.load is None or self.process is None):
+            raise ValueError(f"stage {self.name}: a per-clip stage needs load and process")
+        if self.kind == "global" and self.fit is None:
+            raise ValueError(f"stage {self.name}: a global stage needs fit")
+        names = [p.name for p in self.params]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage {self.name}: duplicate parameter names {names}")
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(f"stage {self.name} has no parameter {name!r}")
+
+    def field(self, name: str) -> Field:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(f"stage {self.name} has no field {name!r}")
+
+    def defaults(self) -> dict:
+        return {p.name: p.default for p in self.params}
+
+
+@dataclass
+class LoadContext:
+    """What ``load`` sees besides the manifest row (in a worker process)."""
+
+    params: dict
+    #: alias -> read-only mapping clip_id -> {field: value} of the chosen upstream output
+    upstream: dict
+    #: directory of the manifest file, to resolve relative paths in it
+    manifest_dir: str
+
+
+@dataclass
+class FitContext:
+    """What a global stage's ``fit`` sees."""
+
+    params: dict
+    upstream: dict
+    clip_ids: list
+    rows: list  # manifest rows (dicts) of clip_ids, same order
+    device: str
+    log: Callable[[str], None] = print
+
+
+class ClipError(Exception):
+    """Raised by ``load``/``process`` for a problem with one clip's input; recorded, run goes on."""
