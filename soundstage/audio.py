@@ -5,6 +5,8 @@ soundfile decodes (wav, flac, ogg, ...); scipy's polyphase filter resamples (no 
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -43,10 +45,12 @@ def load_audio(path: str, target_sr: int = TARGET_SR) -> Audio:
     """
     import soundfile as sf
 
+    if not os.path.exists(path):
+        raise ClipError(f"missing audio {path}")
+    if os.path.getsize(path) == 0:
+        raise ClipError(f"zero-byte audio {path}")
     try:
         data, sr = sf.read(path, dtype="float32", always_2d=True)
-    except FileNotFoundError:
-        raise ClipError(f"missing audio {path}") from None
     except Exception as e:  # soundfile raises LibsndfileError/RuntimeError for corrupt files
         raise ClipError(f"unreadable audio {path}: {e}") from None
     if data.shape[0] == 0:

@@ -1,0 +1,354 @@
+"""Stage directories and part files.
+
+Layout of one stage output::
+
+    <cache>/<stage>/<fingerprint>/
+        stage.json                      what the fingerprint was made of, field schema, versions
+        parts/<writer>-<seq>.h5         committed parts (column-wise, many clips each)
+        parts/.tmp-*.h5                 a part being written; never read, removed on recovery
+        failures/<writer>.jsonl         one JSON line per failed clip: clip_id, cause, time
+        locks/shard-<i>-of-<n>.lock     held (flock) by the writer of that shard
+        result.h5                       whole-dataset stages only (e.g. k-means centroids)
+
+Part file schema (plain h5py / h5ls can read it):
+
+    /clip_id            vlen UTF-8 [n]                   clip ids, in row order
+    /<field>            [n, *shape]                      fixed-shape field, one row per clip
+    /<field>            [sum of lengths, *shape[1:]]     ragged field, clips concatenated
+    /offsets/<field>    int64 [n + 1]                    clip k is rows offsets[k]:offsets[k+1]
+    attrs: format, stage, fingerprint, fields (JSON schema), checksums (JSON: dataset -> sha256),
+           created, soundstage_version
+
+A part is committed when it has its final name: it is written under a temporary name, flushed,
+closed, fsynced and renamed, and the directory is fsynced. HDF5 has no journal, so this is what
+makes ``kill -9`` harmless.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import time
+import uuid
+
+os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")  # parts are immutable once renamed
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+
+from soundstage import __version__  # noqa: E402
+from soundstage.pipeline.stage import Field  # noqa: E402
+
+PART_FORMAT = "soundstage-part/1"
+STR_DTYPE = h5py.string_dtype("utf-8")
+_COMPRESS_MIN_ELEMENTS = 4096
+
+
+class CacheError(RuntimeError):
+    pass
+
+
+class ShardLocked(CacheError):
+    pass
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def array_checksum(values) -> str:
+    """sha256 of a dataset's content: raw bytes for numbers, NUL-joined UTF-8 for strings."""
+    digest = hashlib.sha256()
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        digest.update(str(values.dtype).encode())
+        digest.update(str(values.shape).encode())
+        digest.update(np.ascontiguousarray(values).tobytes())
+    else:
+        for v in values:
+            digest.update((v.decode() if isinstance(v, bytes) else str(v)).encode("utf-8"))
+            digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def field_schema(fields: list[Field]) -> list[dict]:
+    return [{"name": f.name, "dtype": f.dtype, "shape": list(f.shape), "help": f.help} for f in fields]
+
+
+def fields_from_schema(schema: list[dict]) -> list[Field]:
+    return [Field(d["name"], d["dtype"], tuple(d["shape"]), d.get("help", "")) for d in schema]
+
+
+# ------------------------------------------------------------------------------ conversion
+
+
+def coerce_value(field: Field, value):
+    """Check one clip's value against its field declaration; returns the array (or str) to store."""
+    if field.dtype == "str":
+        if field.ragged:
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise TypeError(f"field {field.name}: expected a list of str")
+            return [str(v) for v in value]
+        if not isinstance(value, str):
+            raise TypeError(f"field {field.name}: expected str, got {type(value).__name__}")
+        return value
+    if hasattr(value, "detach"):  # a torch tensor (bf16 has no numpy dtype: go through float32)
+        value = value.detach().cpu()
+        value = value.float().numpy() if value.dtype.is_floating_point else value.numpy()
+    arr = np.asarray(value)
+    if arr.ndim != len(field.shape):
+        raise ValueError(f"field {field.name}: expected {len(field.shape)} dims {field.shape}, got shape {arr.shape}")
+    for want, got in zip(field.shape, arr.shape):
+        if want is not None and want != got:
+            raise ValueError(f"field {field.name}: expected shape {field.shape}, got {arr.shape}")
+    if np.issubdtype(arr.dtype, np.floating) and field.dtype != "bool" and not np.isfinite(arr).all():
+        raise ValueError(f"field {field.name}: contains NaN or Inf")
+    return arr.astype(field.dtype, copy=False)
+
+
+def _create(h5: h5py.File, name: str, data) -> None:
+    if isinstance(data, np.ndarray) and data.dtype != object and data.size >= _COMPRESS_MIN_ELEMENTS:
+        h5.create_dataset(name, data=data, compression="lzf", shuffle=True)
+    elif isinstance(data, np.ndarray) and data.dtype != object:
+        h5.create_dataset(name, data=data)
+    else:
+        h5.create_dataset(name, data=np.array(list(data), dtype=object), dtype=STR_DTYPE)
+
+
+def pack_columns(fields: list[Field], rows: list[tuple[str, dict]]) -> dict:
+    """Clip results -> column arrays (and offsets for ragged fields), keyed by dataset path."""
+    columns = {"clip_id": [cid for cid, _ in rows]}
+    for f in fields:
+        values = [res[f.name] for _, res in rows]
+        if f.ragged:
+            lengths = [len(v) for v in values]
+            columns[f"offsets/{f.name}"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            if f.dtype == "str":
+                columns[f.name] = [s for v in values for s in v]
+            else:
+                empty = np.zeros((0, *f.shape[1:]), dtype=f.dtype)
+                columns[f.name] = np.concatenate([empty, *values], axis=0) if values else empty
+        elif f.dtype == "str":
+            columns[f.name] = values
+        else:
+            columns[f.name] = np.stack(values).astype(f.dtype) if values else np.zeros((0, *f.shape), f.dtype)
+    return columns
+
+
+def write_part_file(path: str, columns: dict, attrs: dict) -> None:
+    """Write ``columns`` into a new HDF5 file at ``path`` (not atomic by itself)."""
+    checksums = {}
+    with h5py.File(path, "w", libver="latest") as h5:
+        for name, data in columns.items():
+            _create(h5, name, data)
+            checksums[name] = array_checksum(np.asarray(data) if isinstance(data, np.ndarray) else data)
+        for key, value in attrs.items():
+            h5.attrs[key] = value
+        h5.attrs["checksums"] = json.dumps(checksums, sort_keys=True)
+        h5.flush()
+
+
+def commit_file(tmp_path: str, final_path: str) -> None:
+    """fsync the finished temp file, rename it into place and fsync the directory."""
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp_path, final_path)
+    fsync_dir(os.path.dirname(final_path))
+
+
+# ----------------------------------------------------------------------------- stage dir
+
+
+class StageDir:
+    """One stage output directory: ``<cache>/<stage>/<fingerprint>/``."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+
+    @classmethod
+    def at(cls, cache_root: str, stage: str, fingerprint: str) -> "StageDir":
+        return cls(os.path.join(cache_root, stage, fingerprint))
+
+    # -- paths
+    @property
+    def parts_dir(self) -> str:
+        return os.path.join(self.path, "parts")
+
+    @property
+    def failures_dir(self) -> str:
+        return os.path.join(self.path, "failures")
+
+    @property
+    def locks_dir(self) -> str:
+        return os.path.join(self.path, "locks")
+
+    @property
+    def result_path(self) -> str:
+        return os.path.join(self.path, "result.h5")
+
+    @property
+    def meta_path(self) -> str:
+        return os.path.join(self.path, "stage.json")
+
+    # -- metadata
+    def exists(self) -> bool:
+        return os.path.exists(self.meta_path)
+
+    def meta(self) -> dict:
+        with open(self.meta_path, encoding="utf-8") as f:
+            return json.load(f)
+
+    def fields(self) -> list[Field]:
+        return fields_from_schema(self.meta()["fields"])
+
+    def initialise(self, meta: dict) -> None:
+        """Create the directory and stage.json once; later runs check they agree."""
+        for d in (self.path, self.parts_dir, self.failures_dir, self.locks_dir):
+            os.makedirs(d, exist_ok=True)
+        if self.exists():
+            old = self.meta()
+            if old.get("fingerprint") != meta["fingerprint"]:
+                raise CacheError(f"{self.meta_path} belongs to fingerprint {old.get('fingerprint')}, not {meta['fingerprint']}")
+            return
+        atomic_write_text(self.meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    # -- parts
+    def part_paths(self) -> list[str]:
+        if not os.path.isdir(self.parts_dir):
+            return []
+        names = sorted(n for n in os.listdir(self.parts_dir) if n.endswith(".h5") and not n.startswith("."))
+        return [os.path.join(self.parts_dir, n) for n in names]
+
+    def committed_ids(self) -> set[str]:
+        done = set()
+        for path in self.part_paths():
+            with h5py.File(path, "r") as h5:
+                done.update(h5["clip_id"].asstr()[...].tolist())
+        return done
+
+    def write_part(self, writer_id: str, seq: int, fields: list[Field], rows: list[tuple[str, dict]], meta: dict) -> str:
+        columns = pack_columns(fields, rows)
+        final = os.path.join(self.parts_dir, f"{writer_id}-{seq:05d}.h5")
+        tmp = os.path.join(self.parts_dir, f".tmp-{writer_id}-{seq:05d}.h5")
+        attrs = {
+            "format": PART_FORMAT,
+            "stage": meta["stage"],
+            "fingerprint": meta["fingerprint"],
+            "fields": json.dumps(field_schema(fields)),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "soundstage_version": __version__,
+        }
+        write_part_file(tmp, columns, attrs)
+        commit_file(tmp, final)
+        return final
+
+    def remove_stale_temp_files(self, writer_prefix: str) -> int:
+        """Temp parts of this shard's earlier, killed writers (we hold the shard lock)."""
+        removed = 0
+        for name in os.listdir(self.parts_dir):
+            if name.startswith(f".tmp-{writer_prefix}"):
+                os.remove(os.path.join(self.parts_dir, name))
+                removed += 1
+        return removed
+
+    # -- failures
+    def record_failure(self, writer_id: str, clip_id: str, cause: str, detail: str = "") -> None:
+        line = json.dumps({"clip_id": clip_id, "cause": cause, "detail": detail, "time": time.time()})
+        path = os.path.join(self.failures_dir, f"{writer_id}.jsonl")
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def failures(self) -> dict[str, dict]:
+        """Latest failure record per clip id (clips committed since then are not failures)."""
+        out: dict[str, dict] = {}
+        if not os.path.isdir(self.failures_dir):
+            return out
+        for name in sorted(os.listdir(self.failures_dir)):
+            if not name.endswith(".jsonl"):
+                continue
+            with open(os.path.join(self.failures_dir, name), encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # the half-written last line of a killed writer
+                    if rec["clip_id"] not in out or rec["time"] >= out[rec["clip_id"]]["time"]:
+                        out[rec["clip_id"]] = rec
+        return out
+
+    # -- locks
+    def lock(self, name: str) -> "ShardLock":
+        return ShardLock(os.path.join(self.locks_dir, f"{name}.lock"))
+
+
+class ShardLock:
+    """An exclusive flock on a lock file; released by the kernel if the holder dies."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._fd = None
+
+    def __enter__(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise ShardLocked(
+                    f"another writer holds {self.path} ({holder}); a shard has one writer at a time: "
+                    "wait for it to finish or stop it"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def iter_stage_dirs(cache_root: str, stage: str | None = None):
+    """Every stage output under ``cache_root`` (optionally of one stage), as StageDir."""
+    if not os.path.isdir(cache_root):
+        return
+    stages = [stage] if stage else sorted(os.listdir(cache_root))
+    for name in stages:
+        base = os.path.join(cache_root, name)
+        if not os.path.isdir(base):
+            continue
+        for fp in sorted(os.listdir(base)):
+            sd = StageDir(os.path.join(base, fp))
+            if sd.exists():
+                yield sd

@@ -1,0 +1,160 @@
+"""Turning a stage declaration into its click subcommand.
+
+Every stage gets the same runner options (manifest, cache, shard, jobs, workers, ...), one
+selector option per upstream stage (``--hubert layer=9``), the executor options, and one option
+per declared parameter. Values come from the command line, else the pipeline file (``--config``),
+else the declaration's default.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+from click.core import ParameterSource
+
+from soundstage.pipeline.stage import Param, Stage
+
+# The runner's own options, shared by every stage: name -> click option arguments.
+RUNNER_OPTIONS = {
+    "manifest": dict(type=click.Path(dir_okay=False), envvar="SOUNDSTAGE_MANIFEST", help="manifest CSV/Parquet (one row per clip)"),
+    "cache": dict(type=click.Path(file_okay=False), envvar="SOUNDSTAGE_CACHE", default="cache", show_default=True, help="cache root"),
+    "config": dict(type=click.Path(exists=True, dir_okay=False), help="pipeline YAML: manifest, cache and stage parameters (options override it)"),
+    "shard": dict(type=str, help="run shard INDEX/COUNT only (default: from SLURM_ARRAY_TASK_ID, else all)"),
+    "jobs": dict(type=int, default=1, show_default=True, help="run this many local shards in parallel processes"),
+    "workers": dict(type=int, default=min(4, os.cpu_count() or 1), show_default=True, help="decoding worker processes per shard (0: decode inline)"),
+    "batch_size": dict(type=int, help="clips per model call (default: the stage's)"),
+    "commit_every": dict(type=int, default=256, show_default=True, help="clips per committed part file"),
+    "progress": dict(default=True, show_default=True, help="show a progress bar"),
+}
+
+# Options that say where and how to run, passed to the executors rather than the runner.
+EXECUTOR_OPTIONS = {
+    "executor": dict(type=click.Choice(["local", "slurm"]), default="local", show_default=True, help="where shards run"),
+    "shards": dict(type=int, help="number of shards (SLURM array tasks, or local processes)"),
+    "wait": dict(is_flag=True, help="block until submitted jobs finish, then print the summary"),
+    "dry_run": dict(is_flag=True, help="print the sbatch scripts without submitting"),
+    "partition": dict(type=str, help="SLURM partition"),
+    "time": dict(type=str, help="SLURM time limit, e.g. 4:00:00"),
+    "mem": dict(type=str, help="SLURM memory per task, e.g. 32G"),
+    "cpus": dict(type=int, help="CPUs per task"),
+    "gpus": dict(type=int, help="GPUs per task"),
+    "max_parallel": dict(type=int, help="at most this many array tasks at once (%P)"),
+}
+
+RESERVED = set(RUNNER_OPTIONS) | set(EXECUTOR_OPTIONS)
+
+
+def _flag_name(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _make_option(name: str, spec: dict) -> click.Option:
+    spec = dict(spec)
+    if spec.get("default") is True or spec.get("default") is False and not spec.get("is_flag"):
+        return click.Option([f"--{_flag_name(name)}/--no-{_flag_name(name)}", name], **spec)
+    return click.Option([f"--{_flag_name(name)}", name], **spec)
+
+
+def _param_option(p: Param) -> click.Option:
+    kwargs = dict(help=p.help, show_default=True, default=p.default)
+    if p.is_flag:
+        return click.Option([f"{p.option}/--no-{_flag_name(p.name)}", p.name], **kwargs)
+    if p.choices:
+        kwargs["type"] = click.Choice(list(p.choices))
+    elif p.type in (int, float, str, bool) or isinstance(p.type, click.ParamType):
+        kwargs["type"] = p.type
+    if p.multiple:
+        kwargs["multiple"] = True
+        kwargs["default"] = tuple(p.default or ())
+    return click.Option([p.option, p.name], **kwargs)
+
+
+def stage_command(stage: Stage) -> click.Command:
+    clash = RESERVED & {p.name for p in stage.params}
+    if clash:
+        raise ValueError(f"stage {stage.name}: parameter name(s) {sorted(clash)} are runner options")
+    options = [_make_option(n, s) for n, s in RUNNER_OPTIONS.items()]
+    options += [
+        click.Option([f"--{up.stage}", f"upstream__{up.stage}"], type=str,
+                     help=f"which {up.stage} output to read: FINGERPRINT or key=value,... of its parameters")
+        for up in stage.upstream
+    ]
+    options += [_param_option(p) for p in stage.params]
+    options += [_make_option(n, s) for n, s in EXECUTOR_OPTIONS.items()]
+
+    def callback(**values):
+        ctx = click.get_current_context()
+        try:
+            code = invoke_stage(stage, values, lambda name: ctx.get_parameter_source(name) == ParameterSource.DEFAULT)
+        except click.ClickException:
+            raise
+        except (ValueError, KeyError, RuntimeError, OSError) as e:
+            raise click.ClickException(str(e)) from None
+        ctx.exit(code)
+
+    return click.Command(stage.name, callback=callback, params=options, help=stage.help, short_help=stage.help.split(". ")[0])
+
+
+def invoke_stage(stage: Stage, values: dict, is_default) -> int:
+    """Run a stage command with parsed option ``values``; returns the exit code."""
+    from soundstage.pipeline.resolve import expected_fingerprint
+
+    upstream_select = {k[len("upstream__"):]: v for k, v in values.items() if k.startswith("upstream__") and v}
+    params = {p.name: values[p.name] for p in stage.params}
+    manifest, cache = values["manifest"], values["cache"]
+    resources = {k: values[k] for k in EXECUTOR_OPTIONS if k not in ("executor", "shards", "wait", "dry_run") and values[k] is not None}
+
+    if values["config"]:
+        from soundstage.pipeline.pipeline_file import load_pipeline
+
+        pipe = load_pipeline(values["config"])
+        manifest = manifest or pipe.manifest
+        cache = pipe.cache if is_default("cache") and pipe.cache else cache
+        from_file = dict(pipe.stages.get(stage.name, {}))
+        params.update({k: v for k, v in from_file.items() if is_default(k)})
+        resources = {**pipe.resources.get(stage.name, {}), **resources}
+        for up in stage.upstream:  # the file knows the upstream's parameters: select exactly
+            if up.stage not in upstream_select and up.stage in pipe.stages:
+                upstream_select[up.stage] = expected_fingerprint(up.stage, pipe.stages)
+    if not manifest:
+        raise click.UsageError("give --manifest (or --config with a manifest, or SOUNDSTAGE_MANIFEST)")
+
+    if values["executor"] == "slurm" or values["dry_run"]:
+        from soundstage.pipeline.executors import launch_stage
+
+        cli_args = stage_cli_args(stage, params, manifest, cache, upstream_select, values)
+        return launch_stage(stage, cli_args, manifest=manifest, cache=cache, params=params, upstream_select=upstream_select,
+                            executor=values["executor"], shards=values["shards"] or 1, wait=values["wait"],
+                            dry_run=values["dry_run"], resources=resources)
+
+    from soundstage.pipeline.local import run_local
+
+    summary = run_local(stage, manifest, cache, params, upstream_select,
+                        shard=values["shard"], jobs=values["shards"] or values["jobs"], workers=values["workers"],
+                        batch_size=values["batch_size"], commit_every=values["commit_every"], progress=values["progress"])
+    click.echo(summary.format())
+    return summary.exit_code
+
+
+def stage_cli_args(stage: Stage, params: dict, manifest: str, cache: str, upstream_select: dict, values: dict) -> list[str]:
+    """The command-line arguments that rerun this stage with these exact settings (for array tasks)."""
+    args = ["--manifest", os.path.abspath(manifest), "--cache", os.path.abspath(cache)]
+    for name in ("workers", "batch_size", "commit_every"):
+        if values.get(name) is not None:
+            args += [f"--{_flag_name(name)}", str(values[name])]
+    args.append("--no-progress")
+    for up_stage, selector in upstream_select.items():
+        args += [f"--{up_stage}", selector if isinstance(selector, str) else ",".join(f"{k}={v}" for k, v in selector.items())]
+    for p in stage.params:
+        value = params.get(p.name)
+        if value is None:
+            continue
+        if p.is_flag:
+            args.append(p.option if value else f"--no-{_flag_name(p.name)}")
+        elif p.multiple:
+            for v in value:
+                args += [p.option, str(v)]
+        else:
+            args += [p.option, str(value)]
+    return args

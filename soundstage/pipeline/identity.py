@@ -1,0 +1,105 @@
+"""Stable identities for the fingerprint: canonical JSON hashing and model identity.
+
+A fingerprint must not change when the cache or a checkpoint moves, or between machines, so a
+local model is identified by the hash of its content, not by its path, and a hub model by its
+id plus the resolved revision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+
+_HASHED_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".model", ".txt", ".npy", ".jinja")
+
+
+def canonical_json(value) -> str:
+    """JSON with sorted keys and normalised numbers (1.0 == 1), identical on every machine."""
+    return json.dumps(_normalise(value), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _normalise(value):
+    if isinstance(value, dict):
+        return {str(k): _normalise(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value) and value == int(value) and abs(value) < 2**53:
+            return int(value)
+        return repr(value)
+    if hasattr(value, "item"):  # numpy scalar
+        return _normalise(value.item())
+    return str(value)
+
+
+def stable_hash(value, length: int = 16) -> str:
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()[:length]
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# content hashes of big checkpoints are cached per (path, size, mtime) for the process
+_FILE_HASHES: dict = {}
+
+
+def cached_file_sha256(path: str) -> str:
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = file_sha256(path)
+    return _FILE_HASHES[key]
+
+
+def model_identity(source) -> dict | None:
+    """What identifies a model for the fingerprint.
+
+    A local file: its sha256. A local directory: sha256 of the model files in it (names relative
+    to the directory). Anything else is taken as a hub id and identified by id + the revision
+    resolved from the local hub cache (offline) or the hub; unresolvable ids keep the id alone.
+    """
+    if source is None or source == "":
+        return None
+    source = str(source)
+    if os.path.isfile(source):
+        return {"sha256": cached_file_sha256(source)}
+    if os.path.isdir(source):
+        files = {}
+        for root, _dirs, names in os.walk(source):
+            for name in sorted(names):
+                if name.endswith(_HASHED_SUFFIXES) and not name.startswith("."):
+                    full = os.path.join(root, name)
+                    files[os.path.relpath(full, source)] = cached_file_sha256(full)
+        if not files:
+            raise ValueError(f"model directory {source} holds no model files")
+        return {"files": stable_hash(files, 64)}
+    return {"hub_id": source, "revision": _hub_revision(source)}
+
+
+def _hub_revision(repo_id: str) -> str | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(repo_id, local_files_only=True)
+        return os.path.basename(os.path.normpath(path))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(repo_id).sha
+    except Exception:
+        return None

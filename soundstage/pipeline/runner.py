@@ -1,0 +1,397 @@
+"""The runner: everything a stage does not declare, written once.
+
+For one shard of a manifest it skips clips already committed, decodes inputs in prefetching
+worker processes, batches equal-keyed items, calls the stage, commits parts atomically, records
+failed clips, shows progress and ends with a summary. SIGTERM/SIGUSR1 (SLURM preemption or
+time limit) commit what is finished and stop.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import traceback
+import uuid
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+from soundstage import __version__
+from soundstage.cache.reader import StageReader
+from soundstage.cache.store import StageDir, atomic_write_text, coerce_value, commit_file, field_schema, write_part_file
+from soundstage.manifests.table import read_manifest
+from soundstage.pipeline.fingerprint import fingerprint, fingerprint_payload, normalise_params
+from soundstage.pipeline.resolve import resolve_upstreams
+from soundstage.pipeline.shard import select_shard, shard_from_env
+from soundstage.pipeline.stage import ClipError, FitContext, LoadContext, Stage
+
+
+@dataclass
+class Summary:
+    stage: str
+    fingerprint: str
+    path: str
+    shard: tuple = (0, 1)
+    selected: int = 0  # clips of this shard in the manifest
+    done: int = 0  # computed and committed by this run
+    cached: int = 0  # already committed before this run
+    failed: list = field(default_factory=list)  # (clip_id, cause) of this run
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.interrupted
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+    def format(self, max_failures: int = 10) -> str:
+        i, n = self.shard
+        shard = f" shard {i}/{n}" if n > 1 else ""
+        lines = [
+            f"{self.stage} {self.fingerprint}{shard}: done {self.done}, already cached {self.cached}, "
+            f"failed {len(self.failed)}, {self.seconds:.1f} s" + (" — INTERRUPTED, rerun to finish" if self.interrupted else "")
+        ]
+        for cid, cause in self.failed[:max_failures]:
+            lines.append(f"  failed {cid}: {cause}")
+        if len(self.failed) > max_failures:
+            lines.append(f"  ... and {len(self.failed) - max_failures} more")
+        if self.failed:
+            lines.append(f"  failure records: {os.path.join(self.path, 'failures')}")
+        lines.append(f"  output: {self.path}")
+        return "\n".join(lines)
+
+    @classmethod
+    def merge(cls, summaries: list["Summary"]) -> "Summary":
+        first = summaries[0]
+        return cls(
+            stage=first.stage,
+            fingerprint=first.fingerprint,
+            path=first.path,
+            shard=(0, 1),
+            selected=sum(s.selected for s in summaries),
+            done=sum(s.done for s in summaries),
+            cached=sum(s.cached for s in summaries),
+            failed=[f for s in summaries for f in s.failed],
+            seconds=max(s.seconds for s in summaries),
+            interrupted=any(s.interrupted for s in summaries),
+        )
+
+
+# ------------------------------------------------------------------------------- planning
+
+
+@dataclass
+class Plan:
+    """What a run of a stage means before anything is computed: its output dir and inputs."""
+
+    stage: Stage
+    params: dict
+    upstream: dict  # alias -> StageDir
+    fingerprint: str
+    dir: StageDir
+    meta: dict
+    manifest_path: str
+
+    @property
+    def manifest_dir(self) -> str:
+        return os.path.dirname(os.path.abspath(self.manifest_path))
+
+
+def plan_stage(stage: Stage, manifest_path: str, cache_root: str, params: dict, upstream_select=None, log=print) -> Plan:
+    params = normalise_params(stage, params)
+    upstream = resolve_upstreams(stage, cache_root, upstream_select, log=log)
+    up_fps = {alias: sd.meta()["fingerprint"] for alias, sd in upstream.items()}
+    fp = fingerprint(stage, params, up_fps)
+    shown = {p.name: params[p.name] for p in stage.params if p.fingerprint}
+    meta = {
+        "stage": stage.name,
+        "version": stage.version,
+        "kind": stage.kind,
+        "fingerprint": fp,
+        "fingerprint_payload": fingerprint_payload(stage, params, up_fps),
+        "params": shown,
+        "upstream": {alias: {"stage": sd.meta()["stage"], "fingerprint": up_fps[alias]} for alias, sd in upstream.items()},
+        "fields": field_schema(stage.fields),
+        "soundstage_version": __version__,
+    }
+    return Plan(stage, params, upstream, fp, StageDir.at(cache_root, stage.name, fp), meta, manifest_path)
+
+
+def manifest_rows(manifest_path: str) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Usable rows (unique, non-empty clip ids) and (clip_id, cause) for rows that are not."""
+    df = read_manifest(manifest_path)
+    rows, bad, seen = [], [], set()
+    for number, row in enumerate(df.to_dict("records"), start=2):  # line 1 is the header
+        cid = row["clip_id"].strip()
+        if not cid:
+            bad.append((f"<row {number}>", f"empty clip_id in manifest row {number}"))
+        elif cid in seen:
+            bad.append((cid, f"duplicate clip_id in manifest row {number}"))
+        else:
+            seen.add(cid)
+            rows.append(row)
+    return rows, bad
+
+
+def pending_clips(stage: Stage, params: dict, manifest_path: str, cache_root: str, upstream_select=None, shard=(0, 1)) -> int:
+    """How many clips of ``shard`` are not committed yet (for relaunching only unfinished shards)."""
+    plan = plan_stage(stage, manifest_path, cache_root, params, upstream_select, log=lambda *_: None)
+    if stage.kind == "global":
+        return 0 if os.path.exists(plan.dir.result_path) else 1
+    rows, _ = manifest_rows(manifest_path)
+    mine = select_shard(rows, *shard)
+    done = plan.dir.committed_ids() if plan.dir.exists() else set()
+    return sum(1 for r in mine if r["clip_id"] not in done)
+
+
+# ------------------------------------------------------------------------------- prefetch
+
+_WORKER = {}
+
+
+def _worker_init(load, ctx):
+    _WORKER["load"], _WORKER["ctx"] = load, ctx
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+
+
+def _load_guarded(load, ctx, row):
+    """Run ``load`` for one row; an exception becomes a failure record, never a crash."""
+    try:
+        return True, load(row, ctx), ""
+    except ClipError as e:
+        return False, str(e), ""
+    except Exception as e:  # an unexpected error is still this clip's failure
+        return False, f"{type(e).__name__}: {e}", traceback.format_exc(limit=5)
+
+
+def _worker_load(row):
+    return _load_guarded(_WORKER["load"], _WORKER["ctx"], row)
+
+
+def prefetch(load, ctx, rows, workers: int, depth: int):
+    """Yield (row, ok, item_or_cause, detail) in order, keeping ``depth`` loads in flight."""
+    if workers <= 0:
+        for row in rows:
+            yield (row, *_load_guarded(load, ctx, row))
+        return
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_worker_init, initargs=(load, ctx))
+    try:
+        pending = deque()
+        it = iter(rows)
+        for row in it:
+            pending.append((row, pool.submit(_worker_load, row)))
+            if len(pending) >= depth:
+                break
+        while pending:
+            row, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_worker_load, nxt)))
+            yield (row, *fut.result())
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------- running
+
+
+class _StopRequested:
+    """SIGTERM/SIGUSR1 set a flag; the loop commits what is finished and returns."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.flag = False
+        self._old = {}
+
+    def __enter__(self):
+        if multiprocessing.current_process().name == "MainProcess" and _in_main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class _PartBuffer:
+    """Finished clips waiting to be committed as one part file."""
+
+    def __init__(self, plan: Plan, writer_id: str, commit_every: int, commit_seconds: float):
+        self.plan, self.writer_id = plan, writer_id
+        self.commit_every, self.commit_seconds = commit_every, commit_seconds
+        self.rows: list = []
+        self.seq = 0
+        self.committed = 0
+        self.last_commit = time.monotonic()
+
+    def add(self, clip_id: str, values: dict) -> None:
+        self.rows.append((clip_id, values))
+        if len(self.rows) >= self.commit_every or time.monotonic() - self.last_commit >= self.commit_seconds:
+            self.commit()
+
+    def commit(self) -> None:
+        if self.rows:
+            self.plan.dir.write_part(self.writer_id, self.seq, self.plan.stage.fields, self.rows, self.plan.meta)
+            self.seq += 1
+            self.committed += len(self.rows)
+            self.rows = []
+        self.last_commit = time.monotonic()
+
+
+def _validate(stage: Stage, result: dict) -> dict:
+    missing = [f.name for f in stage.fields if f.name not in result]
+    if missing:
+        raise ValueError(f"stage returned no value for field(s) {missing}")
+    return {f.name: coerce_value(f, result[f.name]) for f in stage.fields}
+
+
+def run_stage(
+    stage: Stage,
+    manifest_path: str,
+    cache_root: str,
+    params: dict | None = None,
+    upstream_select: dict | None = None,
+    shard: tuple | None = None,
+    workers: int = 0,
+    batch_size: int | None = None,
+    commit_every: int = 256,
+    commit_seconds: float = 120.0,
+    progress: bool = True,
+    log=print,
+) -> Summary:
+    """Run ``stage`` on one shard of a manifest; returns the summary (never raises for a clip)."""
+    start = time.monotonic()
+    shard = shard or shard_from_env() or (0, 1)
+    plan = plan_stage(stage, manifest_path, cache_root, params or {}, upstream_select, log=log)
+    plan.dir.initialise(plan.meta)
+    summary = Summary(stage.name, plan.fingerprint, plan.dir.path, shard)
+    if stage.kind == "global":
+        return _run_global(plan, summary, start, log)
+
+    rows, bad_rows = manifest_rows(manifest_path)
+    mine = select_shard(rows, *shard)
+    summary.selected = len(mine)
+    writer_prefix = f"s{shard[0]:05d}of{shard[1]:05d}"
+    writer_id = f"{writer_prefix}-{uuid.uuid4().hex[:8]}"
+    with plan.dir.lock(f"shard-{shard[0]}-of-{shard[1]}"), _StopRequested() as stop:
+        plan.dir.remove_stale_temp_files(writer_prefix)
+        done_ids = plan.dir.committed_ids()
+        todo = [r for r in mine if r["clip_id"] not in done_ids]
+        summary.cached = len(mine) - len(todo)
+        for cid, cause in select_shard_pairs(bad_rows, shard):
+            plan.dir.record_failure(writer_id, cid, cause)
+            summary.failed.append((cid, cause))
+        if todo:
+            _process_clips(plan, todo, summary, writer_id, stop, workers, batch_size or stage.default_batch_size,
+                           commit_every, commit_seconds, progress)
+    summary.seconds = time.monotonic() - start
+    return summary
+
+
+def select_shard_pairs(pairs, shard):
+    return [p for p in pairs if select_shard([{"clip_id": p[0]}], *shard)]
+
+
+def _process_clips(plan, todo, summary, writer_id, stop, workers, batch_size, commit_every, commit_seconds, progress):
+    stage, params = plan.stage, plan.params
+    ctx = LoadContext(params=params, upstream={a: StageReader(sd.path) for a, sd in plan.upstream.items()},
+                      manifest_dir=plan.manifest_dir)
+    model = stage.setup(params) if stage.setup else None
+    buffer = _PartBuffer(plan, writer_id, commit_every, commit_seconds)
+    buckets: dict = {}
+    bar = _progress_bar(len(todo), f"{stage.name} {summary.shard[0]}/{summary.shard[1]}", progress)
+
+    def fail(cid, cause, detail=""):
+        plan.dir.record_failure(writer_id, cid, cause, detail)
+        summary.failed.append((cid, cause))
+        bar.update(1)
+        bar.set_postfix(failed=len(summary.failed), refresh=False)
+
+    def run_batch(batch):
+        try:
+            results = stage.process(model, [item for _, item in batch], params)
+            if len(results) != len(batch):
+                raise ValueError(f"stage returned {len(results)} results for {len(batch)} clips")
+            values = [_validate(stage, r) for r in results]
+        except Exception as e:
+            if len(batch) > 1:  # find the clip that breaks the batch; the others go on
+                for one in batch:
+                    run_batch([one])
+                return
+            cause = str(e) if isinstance(e, ClipError) else f"{type(e).__name__}: {e}"
+            fail(batch[0][0], cause, traceback.format_exc(limit=5))
+            return
+        for (cid, _), v in zip(batch, values):
+            buffer.add(cid, v)
+            bar.update(1)
+
+    try:
+        for row, ok, item, detail in prefetch(stage.load, ctx, todo, workers, depth=max(2 * batch_size, 4 * workers)):
+            cid = row["clip_id"]
+            if not ok:
+                fail(cid, item, detail)
+            else:
+                key = stage.batch_key(item) if stage.batch_key else None
+                bucket = buckets.setdefault(key, [])
+                bucket.append((cid, item))
+                if len(bucket) >= batch_size:
+                    run_batch(buckets.pop(key))
+                elif sum(len(b) for b in buckets.values()) >= 4 * batch_size:  # many keys: bound memory
+                    run_batch(buckets.pop(max(buckets, key=lambda k: len(buckets[k]))))
+            if stop.flag:
+                summary.interrupted = True
+                break
+        if not summary.interrupted:
+            for key in list(buckets):
+                run_batch(buckets.pop(key))
+    finally:
+        buffer.commit()  # what is finished is kept, also on an exception or a stop signal
+        bar.close()
+    summary.done = buffer.committed
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="clip", disable=not enabled, dynamic_ncols=True,
+                mininterval=0.5 if interactive else 30.0, file=sys.stderr)
+
+
+def _run_global(plan: Plan, summary: Summary, start: float, log) -> Summary:
+    sd = plan.dir
+    with sd.lock("global"):
+        if os.path.exists(sd.result_path):
+            summary.cached = summary.selected = 1
+        else:
+            rows, _ = manifest_rows(plan.manifest_path)
+            ctx = FitContext(params=plan.params, upstream={a: StageReader(u.path) for a, u in plan.upstream.items()},
+                             clip_ids=[r["clip_id"] for r in rows], rows=rows, device=str(plan.params.get("device", "cpu")), log=log)
+            arrays = plan.stage.fit(ctx)
+            tmp = sd.result_path + f".tmp-{uuid.uuid4().hex[:8]}"
+            write_part_file(tmp, arrays, {"stage": plan.stage.name, "fingerprint": plan.fingerprint, "soundstage_version": __version__})
+            commit_file(tmp, sd.result_path)
+            summary.done = summary.selected = 1
+    summary.seconds = time.monotonic() - start
+    return summary
+
+
+__all__ = ["run_stage", "plan_stage", "pending_clips", "Summary", "Plan", "atomic_write_text"]
