@@ -14,7 +14,7 @@ from soundstage.stages import STAGE_MODULES
 # name -> "module:attribute" of a click command defined elsewhere
 TOOL_COMMANDS = {
     "manifest": "soundstage.manifests.cli:manifest",
-    "run": "soundstage.pipeline.cli:run",
+    "run": "soundstage.pipeline.pipeline_file:run",
     "status": "soundstage.cache.cli:status",
     "verify": "soundstage.cache.cli:verify",
     "cache": "soundstage.cache.cli:cache",
