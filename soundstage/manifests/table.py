@@ -2,6 +2,22 @@
 
 A manifest has one row per clip and at least a ``clip_id`` column. Paths in it may be absolute
 or relative to the manifest's own directory (``resolve_path``).
+
+Columns written by ``soundstage manifest avsbench`` / ``synth`` (all cells are strings):
+
+- ``clip_id`` (the AVSBench ``uid``), ``vid`` (YouTube id; several v2 clips share one),
+  ``subset`` (v1s / v1m / v2), ``split`` (train / val / test), ``a_obj``, ``s_min``, ``s_sec``
+- ``audio_path``; ``audio_sample_rate``, ``audio_channels``, ``audio_seconds`` (from its header)
+- ``frames_dir``, ``num_frames``, ``frame_pattern``: frame i (0-based) is
+  ``frames_dir / frame_pattern.format(i=i, i1=i + 1)``: ``{i}.jpg`` in the unified release,
+  ``<name>_{i1}.png`` in the older AVSBench-object layout. Use ``frame_path(row, i, dir)``.
+- ``labels_rgb_dir`` (colour-coded), ``labels_semantic_dir`` (palette index per pixel),
+  ``labels_binary_dir`` (0 / non-zero masks of the object layout; no class), ``label_pattern``;
+  use ``label_path(row, i, dir, kind)``. ``annotated_frames``: ";"-joined indices of the
+  frames that have labels (v1s train: "0").
+- ``problem``: empty for a good clip, else short causes joined by "; ".
+- ``label2idx_path``, ``source_layout`` (unified / object-s4 / object-ms3), ``metadata_row``
+  (line of the clip in its metadata csv).
 """
 
 from __future__ import annotations
@@ -11,6 +27,8 @@ import os
 import pandas as pd
 
 REQUIRED_COLUMNS = ("clip_id",)
+PATH_COLUMNS = ("audio_path", "frames_dir", "labels_rgb_dir", "labels_semantic_dir", "labels_binary_dir", "label2idx_path")
+LABEL_KINDS = {"rgb": "labels_rgb_dir", "semantic": "labels_semantic_dir", "binary": "labels_binary_dir"}
 
 
 class ManifestError(ValueError):
@@ -45,3 +63,40 @@ def write_manifest(df: pd.DataFrame, path: str) -> None:
 def resolve_path(value: str, manifest_dir: str) -> str:
     """A path from a manifest cell, made absolute against the manifest's directory."""
     return value if os.path.isabs(value) else os.path.normpath(os.path.join(manifest_dir, value))
+
+
+def relative_paths(df: pd.DataFrame, manifest_dir: str) -> pd.DataFrame:
+    """A copy of ``df`` whose path columns are relative to ``manifest_dir`` (empty cells stay empty)."""
+    out = df.copy()
+    for column in PATH_COLUMNS:
+        if column in out.columns:
+            out[column] = [os.path.relpath(v, manifest_dir) if v else "" for v in out[column]]
+    return out
+
+
+def frame_path(row, i: int, manifest_dir: str) -> str:
+    """Absolute path of frame ``i`` (0-based) of a manifest row (a dict or pandas row)."""
+    name = row["frame_pattern"].format(i=i, i1=i + 1)
+    return os.path.join(resolve_path(row["frames_dir"], manifest_dir), name)
+
+
+def label_path(row, i: int, manifest_dir: str, kind: str = "semantic") -> str:
+    """Absolute path of the label of frame ``i`` (0-based); ``kind`` is rgb, semantic or binary.
+
+    Raises ``ManifestError`` when the row has no labels of that kind (e.g. ``semantic`` for the
+    object layout, whose masks are ``binary``). Which frames have labels: ``annotated_frames``.
+    """
+    directory = row.get(LABEL_KINDS[kind], "") if hasattr(row, "get") else row[LABEL_KINDS[kind]]
+    if not directory:
+        raise ManifestError(f"clip {row['clip_id']} has no {kind} labels ({LABEL_KINDS[kind]} is empty)")
+    return os.path.join(resolve_path(directory, manifest_dir), row["label_pattern"].format(i=i, i1=i + 1))
+
+
+def annotated_frames(row) -> list[int]:
+    """Indices of the frames that have labels, from the ``annotated_frames`` cell."""
+    return [int(v) for v in str(row["annotated_frames"]).split(";") if v != ""]
+
+
+def good_clips(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose ``problem`` cell is empty (all rows if the manifest has no such column)."""
+    return df[df["problem"] == ""] if "problem" in df.columns else df
