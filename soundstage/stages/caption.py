@@ -1,0 +1,113 @@
+"""caption: one caption per video frame from a transformers image-to-text model.
+
+The first step of the segmentation-preference text cues (REFERENCE.md §3). Any model that
+``AutoModelForImageTextToText`` loads and whose processor takes images (and optional text)
+works through ``--model``: BLIP (default ``Salesforce/blip-image-captioning-large``), BLIP-2,
+GIT, vision-encoder-decoder models. ``--prompt`` conditions the caption ("a picture of"); the
+stored caption is what the model added after the prompt. Decoding is deterministic (beam search
+or greedy), so its parameters are part of the fingerprint.
+"""
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from soundstage.llm.backends import resolve_device
+from soundstage.manifests.table import resolve_path
+from soundstage.pipeline.identity import model_identity
+from soundstage.pipeline.stage import ClipError, Field, Param, Stage
+
+DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
+
+
+def frame_paths(row: dict, manifest_dir: str) -> list[str]:
+    """``frames_dir/{i}.jpg`` for every frame of the clip (AVSBench layout)."""
+    frames_dir = resolve_path(row["frames_dir"], manifest_dir)
+    return [os.path.join(frames_dir, f"{i}.jpg") for i in range(int(row["num_frames"]))]
+
+
+def load(row, ctx):
+    frames = []
+    for path in frame_paths(row, ctx.manifest_dir):
+        if not os.path.exists(path):
+            raise ClipError(f"frame {path} is missing")
+        try:
+            with Image.open(path) as image:
+                frames.append(np.asarray(image.convert("RGB")))
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ClipError(f"frame {path} is unreadable: {e}") from None
+    if not frames:
+        raise ClipError("clip has no frames (num_frames is 0)")
+    return frames
+
+
+class Captioner:
+    def __init__(self, params):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.device = resolve_device(params["device"])
+        self.processor = AutoProcessor.from_pretrained(params["model"])
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            params["model"], dtype=getattr(torch, params["dtype"])).to(self.device).eval()
+        self.prompt = params["prompt"] or None
+        self.generate_kwargs = dict(num_beams=params["num_beams"], max_new_tokens=params["max_new_tokens"],
+                                    do_sample=False)
+
+    def __call__(self, images: list) -> list[str]:
+        import torch
+
+        text = [self.prompt] * len(images) if self.prompt else None
+        inputs = self.processor(images=images, text=text, return_tensors="pt").to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, **self.generate_kwargs)
+        prompt_ids = inputs.get("input_ids")
+        if prompt_ids is not None and out.shape[1] > prompt_ids.shape[1] \
+                and torch.equal(out[:, : prompt_ids.shape[1]], prompt_ids):
+            out = out[:, prompt_ids.shape[1]:]  # decoder-only models return prompt + continuation
+        captions = self.processor.batch_decode(out, skip_special_tokens=True)
+        return [strip_prompt(c, self.prompt) for c in captions]
+
+
+def strip_prompt(caption: str, prompt: str | None) -> str:
+    """The caption without a leading copy of the prompt (BLIP returns prompt + continuation)."""
+    caption = " ".join(caption.split())
+    if prompt:
+        p = " ".join(prompt.split()).lower()
+        if caption.lower().startswith(p):
+            caption = caption[len(p):].strip()
+    return caption
+
+
+def process(captioner, items, params):
+    images = [frame for frames in items for frame in frames]
+    captions = captioner(images)
+    results, start = [], 0
+    for frames in items:
+        results.append({"captions": captions[start:start + len(frames)]})
+        start += len(frames)
+    return results
+
+
+STAGE = Stage(
+    name="caption",
+    version=1,
+    help="A caption per video frame from an image-to-text model (BLIP by default).",
+    params=[
+        Param("model", str, DEFAULT_MODEL, "hub id or local directory of an image-to-text model",
+              identity=model_identity),
+        Param("prompt", str, "", "optional text the caption starts from, e.g. 'a picture of'"),
+        Param("num_beams", int, 3, "beam search width (1 = greedy)"),
+        Param("max_new_tokens", int, 40, "longest caption in tokens"),
+        Param("dtype", str, "float32", "model weights dtype", choices=("float32", "float16", "bfloat16")),
+        Param("device", str, "auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)", fingerprint=False),
+    ],
+    fields=[Field("captions", "str", (None,), "caption of frame i")],
+    load=load,
+    process=process,
+    setup=Captioner,
+    default_batch_size=4,
+    resources={"gpus": 1, "cpus": 4, "mem": "16G"},
+)

@@ -1,0 +1,170 @@
+"""sources: which objects in each frame could be sounding, inferred by an LLM from the captions.
+
+For every frame the LLM sees that frame's caption; once more per clip it sees all captions
+together (``clip_*`` fields). The prompt is the shipped template ``sources_v1`` or
+``--prompt-file`` (its content hash is in the fingerprint; ``soundstage.llm.prompt``). The LLM
+is a local transformers model (``--llm HUB_ID_OR_DIR``) or an OpenAI-compatible server
+(``--llm-endpoint URL --llm SERVED_MODEL_NAME``); both decode greedily.
+
+Every answer is stored as it came (``response``) beside what was read from it (``sources``, a
+JSON list of singular lowercase names) and a ``status``:
+
+- ``ok``: a list was found (possibly ``[]``: nothing sounds);
+- ``unparseable``: the answer holds no list in the asked format (``sources`` is ``null``);
+- ``error``: no answer at all (server down after all retries, empty caption); ``detail`` says why.
+
+``attempts`` counts the requests each answer took (always 1 for a local model); retries are
+logged on the ``soundstage.llm`` logger. With ``--on-error store`` (default) an answer that could
+not be obtained is stored with status ``error`` and the clip is done; with ``--on-error fail``
+the clip fails instead (recorded by the runner, nothing stored), so a rerun asks again.
+With ``--vocabulary label2idx.json`` each name is also mapped onto the dataset's classes
+(``vocab_sources``, ``null`` below ``--vocab-min-score``) with its score (``vocab_scores``).
+"""
+
+import json
+import logging
+
+from soundstage.llm.backends import Generation, OpenAIChatEndpoint, TransformersChatLM, resolve_device
+from soundstage.llm.parse import ERROR, OK, Vocabulary, parse_answer
+from soundstage.llm.prompt import load_template, template_identity
+from soundstage.pipeline.identity import model_identity
+from soundstage.pipeline.stage import ClipError, Field, Param, Stage, Upstream
+
+log = logging.getLogger("soundstage.llm")
+
+DEFAULT_LLM = "Qwen/Qwen2.5-7B-Instruct"
+NULL = "null"  # JSON null: no list (unparseable/error), or no vocabulary mapping asked for
+
+
+def load(row, ctx):
+    try:
+        captions = ctx.upstream["caption"][row["clip_id"]]["captions"]
+    except KeyError:
+        raise ClipError("no captions for this clip in the chosen caption output") from None
+    return [str(c) for c in captions]
+
+
+class SourcesModel:
+    """The prompt template, the LLM backend and the optional vocabulary, set up once per run."""
+
+    def __init__(self, params):
+        self.template = load_template(params["prompt_file"] or None)
+        if params["llm_endpoint"]:
+            self.backend = OpenAIChatEndpoint(
+                params["llm_endpoint"], params["llm"], max_new_tokens=params["max_new_tokens"],
+                timeout=params["timeout"], max_attempts=params["max_attempts"],
+                concurrency=params["concurrency"], backoff=params["backoff"])
+        else:
+            self.backend = TransformersChatLM(
+                params["llm"], device=resolve_device(params["device"]), dtype=params["dtype"],
+                max_new_tokens=params["max_new_tokens"], batch_size=params["llm_batch_size"])
+        self.vocabulary = Vocabulary.from_label2idx(params["vocabulary"]) if params["vocabulary"] else None
+        self.min_score = params["vocab_min_score"]
+
+    def record(self, generation: Generation) -> dict:
+        """The stored fields of one answer (without the ``clip_`` prefix)."""
+        out = {"response": generation.text or "", "attempts": generation.attempts,
+               "status": ERROR, "sources": NULL, "detail": generation.error,
+               "vocab_sources": NULL, "vocab_scores": NULL}
+        if generation.text is None:
+            return out
+        parsed = parse_answer(generation.text)
+        out.update(status=parsed.status, detail=parsed.note)
+        if parsed.status == OK:
+            out["sources"] = json.dumps(parsed.names)
+            if self.vocabulary is not None:
+                mapped, scores = self.vocabulary.map_names(parsed.names, self.min_score)
+                out.update(vocab_sources=json.dumps(mapped), vocab_scores=json.dumps(scores))
+        return out
+
+
+ANSWER_FIELDS = ("response", "sources", "status", "attempts", "detail", "vocab_sources", "vocab_scores")
+
+
+def process(model: SourcesModel, items, params):
+    # one request list for the whole batch: the backend batches / runs it concurrently
+    conversations, slots = [], []
+    for k, captions in enumerate(items):
+        for i, caption in enumerate(captions):
+            if caption.strip():
+                conversations.append(model.template.messages([caption]))
+                slots.append((k, i))
+        conversations.append(model.template.messages(captions))
+        slots.append((k, "clip"))
+    answers = dict(zip(slots, model.backend.generate(conversations)))
+    _log_retries(answers.values())
+
+    no_caption = Generation(None, 0, "empty caption: nothing to ask about")
+    results = []
+    for k, captions in enumerate(items):
+        frames = [model.record(answers.get((k, i), no_caption)) for i in range(len(captions))]
+        clip = model.record(answers[(k, "clip")])
+        result = {name: [f[name] for f in frames] for name in ANSWER_FIELDS}
+        result.update({f"clip_{name}": clip[name] for name in ANSWER_FIELDS})
+        if params["on_error"] == "fail" and ERROR in result["status"] + [result["clip_status"]]:
+            frame = (result["status"] + [result["clip_status"]]).index(ERROR)
+            where = f"frame {frame}" if frame < len(captions) else "the clip-level question"
+            detail = (result["detail"] + [result["clip_detail"]])[frame]
+            raise ClipError(f"no LLM answer for {where}: {detail}")
+        results.append(result)
+    return results
+
+
+def _log_retries(answers) -> None:
+    retried = [a for a in answers if a.attempts > 1]
+    failed = [a for a in answers if a.text is None]
+    if retried or failed:
+        log.warning("sources: %d of %d LLM requests needed retries (%d extra attempts); %d failed",
+                    len(retried), len(answers), sum(a.attempts - 1 for a in retried), len(failed))
+
+
+def print_prompt(prompt_file: str | None = None) -> str:
+    """The template the stage would use (for ``soundstage sources --print-prompt``)."""
+    return load_template(prompt_file or None).text
+
+
+def _answer_fields(prefix: str, shape: tuple, what: str) -> list:
+    return [
+        Field(prefix + "response", "str", shape, f"raw LLM answer ({what})"),
+        Field(prefix + "sources", "str", shape, "parsed names, a JSON list; null unless status is ok"),
+        Field(prefix + "status", "str", shape, "ok | unparseable | error"),
+        Field(prefix + "attempts", "int32", shape, "requests the answer took (retries + 1)"),
+        Field(prefix + "detail", "str", shape, "why not ok, or a parse note (e.g. list cut off)"),
+        Field(prefix + "vocab_sources", "str", shape, "sources mapped onto --vocabulary (JSON, null entries below the score)"),
+        Field(prefix + "vocab_scores", "str", shape, "mapping score of each name in [0, 1] (JSON list)"),
+    ]
+
+
+STAGE = Stage(
+    name="sources",
+    version=1,
+    help="Objects that may be sounding in each frame (and the clip), inferred by an LLM from the captions.",
+    upstream=[Upstream("caption", "caption")],
+    params=[
+        Param("llm", str, DEFAULT_LLM, "chat LLM: hub id or local directory, or the model name served at --llm-endpoint",
+              identity=model_identity),
+        Param("llm_endpoint", str, "", "URL of an OpenAI-compatible server (e.g. vLLM); empty: run --llm locally",
+              fingerprint=False),
+        Param("prompt_file", str, "", "prompt template file with {captions} (default: the shipped sources_v1)",
+              identity=template_identity),
+        Param("max_new_tokens", int, 512, "longest answer in tokens (reasoning included)"),
+        Param("vocabulary", str, "", "label2idx.json whose class names the sources are mapped onto (optional)",
+              identity=model_identity),
+        Param("vocab_min_score", float, 0.8, "a mapping scoring below this is stored as null"),
+        Param("dtype", str, "bfloat16", "local LLM weights dtype", choices=("float32", "float16", "bfloat16")),
+        Param("device", str, "auto", "local LLM device (auto: cuda when available)", fingerprint=False),
+        Param("llm_batch_size", int, 16, "prompts per generate call of a local LLM", fingerprint=False),
+        Param("timeout", float, 120.0, "seconds before an HTTP request counts as timed out", fingerprint=False),
+        Param("max_attempts", int, 4, "HTTP attempts per answer (timeouts, connection errors, 5xx, 429)",
+              fingerprint=False),
+        Param("concurrency", int, 8, "HTTP requests in flight at once", fingerprint=False),
+        Param("on_error", str, "store", "an answer that could not be obtained: store it as status error, "
+              "or fail the clip so a rerun asks again", choices=("store", "fail"), fingerprint=False),
+        Param("backoff", float, 1.0, "seconds before the first retry; doubles per retry", fingerprint=False),
+    ],
+    fields=_answer_fields("", (None,), "per frame") + _answer_fields("clip_", (), "all captions of the clip"),
+    load=load,
+    process=process,
+    setup=SourcesModel,
+    default_batch_size=8,
+)
