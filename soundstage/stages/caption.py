@@ -22,9 +22,10 @@ DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 
 
 def frame_paths(row: dict, manifest_dir: str) -> list[str]:
-    """``frames_dir/{i}.jpg`` for every frame of the clip (AVSBench layout)."""
+    """Every frame of the clip: ``frames_dir`` + ``frame_pattern`` (``{i}`` 0-based, ``{i1}`` 1-based)."""
     frames_dir = resolve_path(row["frames_dir"], manifest_dir)
-    return [os.path.join(frames_dir, f"{i}.jpg") for i in range(int(row["num_frames"]))]
+    pattern = row.get("frame_pattern") or "{i}.jpg"  # the unified AVSBench layout by default
+    return [os.path.join(frames_dir, pattern.format(i=i, i1=i + 1)) for i in range(int(row["num_frames"]))]
 
 
 def load(row, ctx):

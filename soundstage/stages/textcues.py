@@ -1,0 +1,143 @@
+"""textcues: each frame's inferred sound sources embedded by a text encoder, in fixed slots.
+
+The last step of the segmentation-preference text cues (REFERENCE.md §3): frame i gets
+``n_slots`` slots (4, as the original); slot j holds the embedding of the j-th source name the
+``sources`` stage found for that frame, in its order; names beyond ``n_slots`` are cut. A slot
+without a name — fewer names, an empty list, or an answer whose status is not ``ok`` — is
+masked (``cue_mask`` false) and holds zeros: never random numbers (the original loader's
+fallback for a missing file), and never the embedding of the word "None".
+
+Each name is encoded alone by ``--encoder`` (any transformers text model: a CLIP text tower,
+``distilbert/distilroberta-base`` as in Ref-AVS, ...) and pooled by ``--pooling``:
+``mean`` (default) averages the last hidden states over the name's tokens (attention mask);
+``pooler`` takes the model's ``pooler_output`` (for CLIP: the final state at the end token).
+
+Stored row-major like the other stages' multi-dimensional outputs (the cache declares a ragged
+first axis only): ``cues`` is ``[frames, n_slots, dim]`` flattened, ``cue_mask`` is
+``[frames, n_slots]`` flattened; ``cue_arrays(record)`` gives both back in shape.
+"""
+
+import json
+
+import numpy as np
+
+from soundstage.llm.backends import resolve_device
+from soundstage.pipeline.identity import model_identity
+from soundstage.pipeline.stage import ClipError, Field, Param, Stage, Upstream
+
+DEFAULT_ENCODER = "distilbert/distilroberta-base"
+
+
+def cue_arrays(record: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A cached clip's ``cues [frames, n_slots, dim]`` (float16) and ``cue_mask [frames, n_slots]``."""
+    n_slots, dim = int(record["n_slots"]), int(record["dim"])
+    mask = np.asarray(record["cue_mask"], dtype=bool).reshape(-1, n_slots)
+    return np.asarray(record["cues"]).reshape(len(mask), n_slots, dim), mask
+
+
+def frame_names(record: dict, which: str) -> list[list[str]]:
+    """The source names of each frame of a ``sources`` record; [] where the status is not ok."""
+    column = "sources" if which == "raw" else "vocab_sources"
+    out = []
+    for status, names in zip(record["status"], record[column]):
+        names = json.loads(names) if status == "ok" else None
+        if status == "ok" and names is None and which == "vocab":
+            raise ClipError("the sources output has no vocabulary mapping (run sources with --vocabulary)")
+        # vocab: names below the score are null, and two names may map onto one class
+        out.append(list(dict.fromkeys(n for n in names or [] if n)))
+    return out
+
+
+def load(row, ctx):
+    try:
+        record = ctx.upstream["sources"][row["clip_id"]]
+    except KeyError:
+        raise ClipError("no sources for this clip in the chosen sources output") from None
+    return frame_names(record, ctx.params["names"])
+
+
+class TextEncoder:
+    """A transformers text model turning names into one vector each."""
+
+    def __init__(self, params):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.device = resolve_device(params["device"])
+        self.tokenizer = AutoTokenizer.from_pretrained(params["encoder"])
+        model = AutoModel.from_pretrained(params["encoder"], dtype=getattr(torch, params["dtype"]))
+        # a full CLIP-like checkpoint (image + text): use its text tower
+        self.model = getattr(model, "text_model", model).to(self.device).eval()
+        self.pooling = params["pooling"]
+        self.batch_size = params["encoder_batch_size"]
+
+    def __call__(self, names: list[str]) -> np.ndarray:
+        import torch
+
+        vectors = []
+        for start in range(0, len(names), self.batch_size):
+            enc = self.tokenizer(names[start:start + self.batch_size], padding=True, truncation=True,
+                                 max_length=32, return_tensors="pt").to(self.device)
+            with torch.inference_mode():
+                out = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            if self.pooling == "pooler":
+                pooled = out.pooler_output
+            else:
+                weights = enc["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+                pooled = (out.last_hidden_state * weights).sum(1) / weights.sum(1).clamp(min=1)
+            vectors.append(pooled.float().cpu().numpy())
+        return np.concatenate(vectors)
+
+
+def embed_frames(encode, items: list, n_slots: int) -> list[dict]:
+    """Slots of every clip in ``items`` (lists of per-frame name lists); each name encoded once."""
+    unique = sorted({name for frames in items for names in frames for name in names[:n_slots]})
+    table = dict(zip(unique, encode(unique))) if unique else {}
+    dim = next(iter(table.values())).shape[0] if table else encode(["none"]).shape[1]
+    results = []
+    for frames in items:
+        cues = np.zeros((len(frames), n_slots, dim), np.float32)
+        mask = np.zeros((len(frames), n_slots), bool)
+        slot_names = [[""] * n_slots for _ in frames]
+        for i, names in enumerate(frames):
+            for j, name in enumerate(names[:n_slots]):
+                cues[i, j], mask[i, j], slot_names[i][j] = table[name], True, name
+        results.append({"cues": cues.astype(np.float16).ravel(), "cue_mask": mask.ravel(),
+                        "cue_names": [n for names in slot_names for n in names],
+                        "n_slots": n_slots, "dim": dim})
+    return results
+
+
+def process(encoder, items, params):
+    return embed_frames(encoder, items, params["n_slots"])
+
+
+STAGE = Stage(
+    name="textcues",
+    version=1,
+    help="Each frame's inferred sound sources embedded by a text encoder into n_slots masked slots.",
+    upstream=[Upstream("sources", "sources")],
+    params=[
+        Param("encoder", str, DEFAULT_ENCODER, "hub id or local directory of a transformers text model",
+              identity=model_identity),
+        Param("pooling", str, "mean", "mean: masked mean of the last hidden states; pooler: pooler_output",
+              choices=("mean", "pooler")),
+        Param("n_slots", int, 4, "slots per frame; names beyond are cut, missing ones masked"),
+        Param("names", str, "raw", "raw: the LLM's names; vocab: their mapping onto the dataset classes",
+              choices=("raw", "vocab")),
+        Param("dtype", str, "float32", "encoder weights dtype", choices=("float32", "float16", "bfloat16")),
+        Param("device", str, "auto", "cpu, cuda, ... (auto: cuda when available)", fingerprint=False),
+        Param("encoder_batch_size", int, 256, "names per encoder call", fingerprint=False),
+    ],
+    fields=[
+        Field("cues", "float16", (None,), "[frames, n_slots, dim] row-major (cue_arrays reshapes); 0 where masked"),
+        Field("cue_mask", "bool", (None,), "[frames, n_slots] row-major: slot holds a name"),
+        Field("cue_names", "str", (None,), "[frames, n_slots] row-major: the name in each slot, '' if masked"),
+        Field("n_slots", "int32", (), "slots per frame"),
+        Field("dim", "int32", (), "embedding width"),
+    ],
+    load=load,
+    process=process,
+    setup=TextEncoder,
+    default_batch_size=64,
+)
