@@ -1,0 +1,193 @@
+"""Executors: where the shards of a stage run — on this machine, or as SLURM array jobs.
+
+Both read what is left to do from the cache (clips not yet committed under the stage's
+fingerprint) and only run that: a relaunch of the same command submits only the shards that
+still miss clips, and a finished stage is skipped. After ``--wait`` the summary also comes from
+the cache, never from the scheduler's accounting.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import click
+
+from soundstage.cache.store import StageDir
+from soundstage.pipeline import slurm
+from soundstage.pipeline.runner import manifest_rows, plan_stage
+from soundstage.pipeline.shard import shard_of
+from soundstage.pipeline.stage import Stage
+from soundstage.stages import get_stage
+
+
+@dataclass
+class StageWork:
+    """One stage output to produce: where it goes and what of it is missing."""
+
+    stage: Stage
+    params: dict
+    upstream_select: dict
+    dir: StageDir
+    missing: list  # clip ids not committed yet (global stage: ["<result>"] until fitted)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    def missing_shards(self, num_shards: int) -> list[int]:
+        if self.stage.kind == "global":
+            return [0] if self.missing else []
+        return sorted({shard_of(cid, num_shards) for cid in self.missing})
+
+
+def stage_work(stage: Stage, params: dict, upstream_select: dict, stage_dir: StageDir, rows: list[dict]) -> StageWork:
+    if stage.kind == "global":
+        missing = [] if os.path.exists(stage_dir.result_path) else ["<result>"]
+    else:
+        done = stage_dir.committed_ids() if stage_dir.exists() else set()
+        missing = [r["clip_id"] for r in rows if r["clip_id"] not in done]
+    return StageWork(stage, params, upstream_select, stage_dir, missing)
+
+
+def cache_summary(work: StageWork, rows: list[dict]) -> tuple[str, bool]:
+    """How a stage output stands in the cache now: (text, complete without failures)."""
+    sd, stage = work.dir, work.stage
+    head = f"{stage.name} {os.path.basename(sd.path)}"
+    if stage.kind == "global":
+        ok = os.path.exists(sd.result_path)
+        return f"{head}: {'fitted' if ok else 'NOT fitted'}\n  output: {sd.path}", ok
+    done = sd.committed_ids() if sd.exists() else set()
+    ids = {r["clip_id"] for r in rows}
+    failed = {cid: rec for cid, rec in sd.failures().items() if cid in ids and cid not in done} if sd.exists() else {}
+    committed = len(ids & done)
+    missing = len(ids) - committed - len(failed)
+    lines = [f"{head}: {committed}/{len(ids)} clips committed, {len(failed)} failed, {missing} missing"]
+    for cid, rec in list(failed.items())[:10]:
+        lines.append(f"  failed {cid}: {rec['cause']}")
+    if len(failed) > 10:
+        lines.append(f"  ... and {len(failed) - 10} more (records in {sd.failures_dir})")
+    lines.append(f"  output: {sd.path}")
+    return "\n".join(lines), committed == len(ids)
+
+
+def slurm_job(work: StageWork, cli_args: list[str], num_shards: int, resources: dict) -> slurm.SlurmJob:
+    """The array job (or single job, for a whole-dataset stage) that finishes ``work``."""
+    stage = work.stage
+    array = stage.kind != "global"
+    shard_ids = work.missing_shards(num_shards) if array else None
+    what = (f"shards {slurm.array_spec(shard_ids)} of {num_shards} ({len(work.missing)} clips missing)" if array
+            else "one job: whole-dataset stage")
+    return slurm.SlurmJob(
+        name=f"soundstage-{stage.name}",
+        command=[*slurm.SOUNDSTAGE_COMMAND, stage.name, *cli_args],
+        log_dir=os.path.join(work.dir.path, "logs"),
+        workdir=os.getcwd(),
+        resources=slurm.Resources.merged(stage.resources, resources),
+        num_shards=num_shards if array else None,
+        shard_ids=shard_ids,
+        description=f"soundstage stage {stage.name}, output {work.dir.path}\n{what}",
+    )
+
+
+def submit_and_report(jobs: list, works: list[StageWork], rows: list[dict], wait: bool, dry_run: bool,
+                      cache: str, poll_seconds: float, out) -> int:
+    """Submit ``(job, needs)`` in order; with ``wait`` block, then summarise from the cache."""
+    if not jobs:
+        out("nothing to submit: every output is complete in the cache")
+        return report(works, rows, out) if wait else 0
+    submission = slurm.submit_jobs(jobs, dry_run=dry_run, out=out)
+    if dry_run:
+        return 0
+    ids = submission.all_ids()
+    if not wait:
+        out(f"follow with: squeue -j {','.join(ids)}   and   soundstage status --cache {cache}")
+        return 0
+    states = slurm.wait_for_jobs(ids, poll_seconds=poll_seconds, log=out)
+    bad = {t: s for t, s in states.items() if s != "COMPLETED"}
+    if bad:
+        out(f"{len(bad)} SLURM task(s) did not complete: " + ", ".join(f"{t} {s}" for t, s in sorted(bad.items())[:20])
+            + f" (logs: {', '.join(sorted({j.log_dir for j, _ in jobs}))})")
+    return report(works, rows, out)
+
+
+def report(works: list[StageWork], rows: list[dict], out) -> int:
+    ok = True
+    for work in works:
+        text, complete = cache_summary(work, rows)
+        out(text)
+        ok = ok and complete
+    return 0 if ok else 1
+
+
+def launch_stage(stage: Stage, cli_args: list[str], *, manifest: str, cache: str, params: dict, upstream_select: dict | None,
+                 executor: str, shards: int, wait: bool, dry_run: bool, resources: dict | None,
+                 poll_seconds: float | None = None, out=click.echo) -> int:
+    """Run one stage command on ``shards`` shards: locally, or as a SLURM array job (``cli_args``
+    are the stage command's own arguments; each array task adds ``--shard i/N``)."""
+    rows, _ = manifest_rows(manifest)
+    plan = plan_stage(stage, manifest, cache, params, upstream_select, log=out)
+    work = stage_work(stage, plan.params, upstream_select or {}, plan.dir, rows)
+    if executor == "local":
+        return _run_local([(work, shards)], manifest, cache, dry_run, {}, out)
+    job = slurm_job(work, cli_args, shards, resources or {})
+    jobs = [(job, [])] if not work.complete else []
+    return submit_and_report(jobs, [work], rows, wait, dry_run, cache, poll_seconds, out)
+
+
+def run_pipeline(pipe, targets: list[str] | None, *, executor: str = "local", shards: int | None = None, jobs: int = 1,
+                 workers: int | None = None, wait: bool = False, dry_run: bool = False, poll_seconds: float | None = None,
+                 out=click.echo) -> int:
+    """``soundstage run``: the target stages and their upstream stages, upstream first, each skipped
+    when the cache holds it complete. Locally a stage with failed clips stops the run (as
+    ``afterok`` stops the chain on SLURM)."""
+    from soundstage.pipeline.cli import stage_cli_args
+    from soundstage.pipeline.resolve import expected_fingerprint
+
+    if not pipe.manifest:
+        raise click.UsageError(f"{pipe.path} names no manifest")
+    cache = pipe.cache or "cache"
+    rows, _ = manifest_rows(pipe.manifest)
+    works = []
+    for name in pipe.order(targets):
+        stage = get_stage(name)
+        sd = StageDir.at(cache, name, expected_fingerprint(name, pipe.stages))
+        works.append(stage_work(stage, pipe.stages.get(name, {}), pipe.upstream_select(name), sd, rows))
+
+    if executor == "local":
+        plan = [(w, shards or jobs) for w in works]
+        return _run_local(plan, pipe.manifest, cache, dry_run, {"workers": workers}, out)
+
+    submit, job_names = [], {}
+    for w in works:
+        name = w.stage.name
+        if w.complete:
+            out(f"{name} {os.path.basename(w.dir.path)}: complete in the cache, skipped")
+            continue
+        args = stage_cli_args(w.stage, w.params, pipe.manifest, cache, w.upstream_select, {"workers": workers})
+        job = slurm_job(w, args, shards or pipe.shards.get(name) or 1, pipe.resources.get(name, {}))
+        needs = [job_names[up.stage] for up in w.stage.upstream if up.stage in job_names]
+        submit.append((job, needs))
+        job_names[name] = job.name
+    return submit_and_report(submit, works, rows, wait, dry_run, cache, poll_seconds, out)
+
+
+def _run_local(plan: list[tuple[StageWork, int]], manifest: str, cache: str, dry_run: bool, runner_kwargs: dict, out) -> int:
+    from soundstage.pipeline.local import run_local
+
+    runner_kwargs = {k: v for k, v in runner_kwargs.items() if v is not None}
+    for work, processes in plan:
+        name = work.stage.name
+        if work.complete:
+            out(f"{name} {os.path.basename(work.dir.path)}: complete in the cache, skipped")
+            continue
+        if dry_run:
+            out(f"would run {name} {os.path.basename(work.dir.path)} on {len(work.missing)} missing clip(s) "
+                f"in {processes} local process(es)")
+            continue
+        summary = run_local(work.stage, manifest, cache, work.params, work.upstream_select, jobs=processes, **runner_kwargs)
+        out(summary.format())
+        if not summary.ok:
+            out(f"stopping: {name} did not finish cleanly; stages after it were not run")
+            return summary.exit_code
+    return 0
