@@ -134,3 +134,21 @@ def test_template_shipped_and_from_file(tmp_path):
     bad.write_text("no placeholder")
     with pytest.raises(PromptError):
         load_template(str(bad))
+
+
+def test_print_prompt_option(tmp_path):
+    from click.testing import CliRunner
+
+    from soundstage.pipeline.cli import stage_command
+    from soundstage.stages import sources
+
+    command = stage_command(sources.STAGE)
+    if not any(p.name == "print_prompt" for p in command.params):  # until the CLI adds stage.cli_options
+        command.params.extend(sources.STAGE.cli_options)
+    shipped = CliRunner().invoke(command, ["--print-prompt"])
+    assert shipped.exit_code == 0 and shipped.output == load_template().text
+    custom = tmp_path / "mine.txt"
+    custom.write_text("Describe: {captions}")
+    assert CliRunner().invoke(command, ["--print-prompt", str(custom)]).output == "Describe: {captions}"
+    bad = CliRunner().invoke(command, ["--print-prompt", str(tmp_path / "absent.txt")])
+    assert bad.exit_code != 0 and "cannot read prompt file" in bad.output

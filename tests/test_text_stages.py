@@ -197,7 +197,7 @@ def _stand_in_sources():
 
 def _known_cache(tmp_path, models):
     manifest = tmp_path / "manifest.csv"
-    manifest.write_text("clip_id\n" + "".join(f"{c}\n" for c in KNOWN))
+    manifest.write_text("clip_id,vid\n" + "".join(f"{c},shared_vid\n" for c in KNOWN))
     cache = str(tmp_path / "cache")
     # stand-in upstreams: captions are not read by the stand-in sources, only needed to exist
     run_stage(dataclasses.replace(caption.STAGE, setup=None, load=lambda row, ctx: None,
@@ -257,3 +257,29 @@ def test_frame_names_from_vocabulary_mapping():
     assert textcues.frame_names(record, "vocab") == [["guitar"], [], []]
     with pytest.raises(ClipError, match="vocabulary"):
         textcues.frame_names({"status": ["ok"], "sources": ["[]"], "vocab_sources": ["null"]}, "vocab")
+
+
+def test_export_segpref_json(models, tmp_path):
+    from soundstage.cli import main
+
+    manifest, cache = _known_cache(tmp_path, models)
+    out = str(tmp_path / "segpref" / "text.json")
+    args = ["export", "segpref-json", "--manifest", manifest, "--cache", cache, "--out", out]
+    # SegPref looks texts up by vid; the two clips share one with different texts: refuse
+    shared = CliRunner().invoke(main, args)
+    assert shared.exit_code != 0 and "shared_vid" in shared.output and not os.path.exists(out)
+    result = CliRunner().invoke(main, args + ["--key", "clip_id"])
+    assert result.exit_code == 0, result.output
+    assert "2 without a usable answer" in result.output  # unparseable + error; [] is an answer
+    texts = json.loads(open(out).read())
+    assert texts["c1"] == {"f0": "guitar,man,None,None,", "f1": "None,None,None,None,", "f2": "None,None,None,None,",
+                           "f3": "None,None,None,None,", "f4": "guitar,man,dog,piano,"}
+    assert texts["c2"] == {"f0": "electric guitar,None,None,None,", "f1": "drum,guitar,None,None,"}
+    # read back as SegPref's loader does: append None, split at commas, first 4 slots
+    for cid, frames in KNOWN.items():
+        for i, (status, names) in enumerate(frames):
+            slots = (texts[cid][f"f{i}"] + "None").split(",")[:4]
+            kept = (names or [])[:4] if status == "ok" else []
+            assert slots == kept + ["None"] * (4 - len(kept))
+    unpadded = CliRunner().invoke(main, args + ["--key", "clip_id", "--n-slots", "0"])
+    assert unpadded.exit_code == 0 and json.loads(open(out).read())["c1"]["f0"] == "guitar,man,"

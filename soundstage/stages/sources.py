@@ -24,9 +24,11 @@ With ``--vocabulary label2idx.json`` each name is also mapped onto the dataset's
 import json
 import logging
 
+import click
+
 from soundstage.llm.backends import Generation, OpenAIChatEndpoint, TransformersChatLM, resolve_device
 from soundstage.llm.parse import ERROR, OK, Vocabulary, parse_answer
-from soundstage.llm.prompt import load_template, template_identity
+from soundstage.llm.prompt import PromptError, load_template, template_identity
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.stage import ClipError, Field, Param, Stage, Upstream
 
@@ -118,9 +120,22 @@ def _log_retries(answers) -> None:
                     len(retried), len(answers), sum(a.attempts - 1 for a in retried), len(failed))
 
 
-def print_prompt(prompt_file: str | None = None) -> str:
-    """The template the stage would use (for ``soundstage sources --print-prompt``)."""
-    return load_template(prompt_file or None).text
+def _print_prompt(ctx, _param, value):
+    if value is None:
+        return
+    try:
+        click.echo(load_template(value or None).text, nl=False)
+    except PromptError as e:
+        raise click.BadParameter(str(e)) from None
+    ctx.exit(0)
+
+
+#: ``--print-prompt [FILE]``: show the shipped template (or FILE's, as ``--prompt-file FILE`` would
+#: use it) and exit. An extra option of the generated ``soundstage sources`` command.
+PRINT_PROMPT = click.Option(
+    ["--print-prompt"], is_flag=False, flag_value="", default=None, expose_value=False, is_eager=True,
+    callback=_print_prompt, metavar="[FILE]",
+    help="print the prompt template (the shipped one, or FILE as --prompt-file FILE would use it) and exit")
 
 
 def _answer_fields(prefix: str, shape: tuple, what: str) -> list:
@@ -168,3 +183,6 @@ STAGE = Stage(
     setup=SourcesModel,
     default_batch_size=8,
 )
+
+# options of the generated CLI command beyond the parameters (added by soundstage.pipeline.cli)
+STAGE.cli_options = [PRINT_PROMPT]
