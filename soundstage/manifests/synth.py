@@ -75,11 +75,19 @@ def _band_noise(rng, n: int, sr: int, low: float, high: float) -> np.ndarray:
 
 
 def class_sound(name: str, seconds: int, sr: int, rng) -> np.ndarray:
-    """The class's sound for ``seconds`` at ``sr``, peak about 1."""
-    t = np.arange(seconds * sr) / sr
+    """The class's sound for ``seconds`` at ``sr``, peak about 1.
+
+    Every sound repeats exactly once per second (integer frequencies and rates), so one second
+    is synthesised and tiled.
+    """
+    return np.tile(_one_second(name, sr, rng), seconds)
+
+
+def _one_second(name: str, sr: int, rng) -> np.ndarray:
+    t = np.arange(sr) / sr
     kind = CLASSES[name][2]
     if kind == "pure tone":
-        return np.sin(2 * np.pi * 523.25 * t)
+        return np.sin(2 * np.pi * 523.0 * t)
     if kind == "harmonic stack":  # sin(k x) for k = 1..6 by the Chebyshev recurrence: one sin, one cos
         x = 2 * np.pi * 196.0 * t
         two_cos, previous, current = 2 * np.cos(x), np.zeros_like(x), np.sin(x)
