@@ -1,5 +1,6 @@
 """BEATs: official checkpoint format, numbers against a naive re-derivation, padding semantics."""
 
+import csv
 import math
 
 import numpy as np
@@ -9,8 +10,20 @@ import torch.nn.functional as F
 
 from soundstage.models.beats import BEATs, downsample_padding_mask, min_samples, tiny_config
 from soundstage.models.fbank import beats_fbank
+from soundstage.stages.tags import CLASS_LIST
 
 torch.set_num_threads(1)
+
+
+def csv_mids() -> list:
+    with open(CLASS_LIST, newline="", encoding="utf-8") as f:
+        return [row["mid"] for row in csv.DictReader(f)]
+
+
+def permuted_label_dict(classes: int) -> dict:
+    """Column i -> MID of csv row 7 i mod 527: names must go through MIDs, not row order."""
+    mids = csv_mids()
+    return {i: mids[(7 * i) % len(mids)] for i in range(classes)}
 
 
 def official_keys(cfg: dict) -> set:
@@ -51,7 +64,7 @@ def write_checkpoint(path, cfg, seed=0, label_dict=True):
                 state[k] = table
     ckpt = {"cfg": dict(cfg), "model": state}
     if label_dict and cfg["finetuned_model"]:
-        ckpt["label_dict"] = {i: f"/m/class{(i * 7) % cfg['predictor_class']}" for i in range(cfg["predictor_class"])}
+        ckpt["label_dict"] = permuted_label_dict(cfg["predictor_class"])
     torch.save(ckpt, path)
     return ckpt
 
@@ -170,7 +183,7 @@ def test_official_checkpoint_round_trips_with_strict_keys(finetuned):
     path, ckpt = finetuned
     model = BEATs.from_checkpoint(path)
     assert model.label_dict == ckpt["label_dict"]
-    assert model.class_mids[:3] == ["/m/class0", "/m/class7", "/m/class14"]
+    assert model.class_mids[:2] == ["/m/09x0r", "/m/0brhx"]  # csv rows 0 and 7
     state = model.state_dict()
     assert set(state) == set(ckpt["model"])
     for k, v in ckpt["model"].items():
@@ -265,3 +278,141 @@ def test_bfloat16_is_close_to_float32(finetuned):
         half, _ = model.to(torch.bfloat16).extract_features(x)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), full, atol=0.05, rtol=0)
+
+
+# ------------------------------------------------------------------------------- the stage
+
+
+def test_audioset_class_list_is_the_527_row_original():
+    import hashlib
+
+    with open(CLASS_LIST, "rb") as f:
+        data = f.read()
+    assert hashlib.sha256(data).hexdigest() == "cdd1049833c4b86127c2773ac0d14a2754b6a6d0d1798002ed5c66e699708429"
+    with open(CLASS_LIST, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 527 and [int(r["index"]) for r in rows] == list(range(527))
+    assert rows[0]["display_name"] == "Speech" and rows[1]["display_name"] == "Male speech, man speaking"
+
+
+def test_stage_setup_refuses_what_it_cannot_serve(tmp_path, finetuned):
+    from soundstage.stages.beats import STAGE
+
+    params = {"checkpoint": str(finetuned[0]), "device": "cpu", "dtype": "fp16"}
+    with pytest.raises(ValueError, match="GPU"):
+        STAGE.setup(params)
+    write_checkpoint(tmp_path / "pre.pt", tiny_config(finetuned_model=False))
+    with pytest.raises(ValueError, match="fine-tuned"):
+        STAGE.setup(dict(params, checkpoint=str(tmp_path / "pre.pt"), dtype="fp32"))
+
+
+def test_stage_batches_equal_one_at_a_time(finetuned):
+    from soundstage.stages.beats import STAGE, batch_key
+
+    model = STAGE.setup({"checkpoint": str(finetuned[0]), "device": "cpu", "dtype": "fp32"})
+    items = [{"wave": w.numpy(), "seconds": 2} for w in waves(batch=3, samples=2 * 16000 + 4000, seed=5)]
+    assert len({batch_key(i) for i in items}) == 1
+    batched = STAGE.process(model, items, {})
+    for item, out in zip(items, batched):
+        alone = STAGE.process(model, [item], {})[0]
+        for name in ("clip_probs", "second_probs", "second_embeddings"):
+            np.testing.assert_allclose(out[name].astype(np.float32), alone[name].astype(np.float32), atol=2e-3)
+
+
+def test_per_second_windows_line_up_with_frames(finetuned):
+    """Each second holds a different sound; second i's outputs are the model run on exactly
+    samples [16000 i, 16000 (i + 1)) alone; a short last second runs at its own length."""
+    from soundstage.stages.beats import STAGE, second_embeddings_of, second_probs_of
+
+    model = STAGE.setup({"checkpoint": str(finetuned[0]), "device": "cpu", "dtype": "fp32"})
+    t = np.arange(16000) / 16000
+    rng = np.random.default_rng(0)
+    seconds = [0.5 * np.sin(2 * np.pi * 300 * t), 0.3 * rng.standard_normal(16000),
+               0.5 * np.sign(np.sin(2 * np.pi * 5 * t)) * np.sin(2 * np.pi * 2000 * t), 0.4 * np.sin(2 * np.pi * 90 * t)]
+    wave = np.concatenate(seconds)[: 3 * 16000 + 9000].astype(np.float32)
+    out = STAGE.process(model, [{"wave": wave, "seconds": 4}], {})[0]
+    probs, embeddings = second_probs_of(out), second_embeddings_of(out)
+    assert probs.shape == (4, 527) and embeddings.shape == (4, 64)
+    with torch.no_grad():
+        for i in range(4):
+            window = torch.from_numpy(wave[16000 * i: 16000 * (i + 1)])[None]
+            ref_probs, _ = model.extract_features(window)
+            ref_feats, _ = model.encode(window)
+            np.testing.assert_allclose(probs[i], ref_probs[0].numpy(), atol=1e-3)
+            np.testing.assert_allclose(embeddings[i], ref_feats[0].mean(0).numpy(), atol=2e-3)
+        whole, _ = model.extract_features(torch.from_numpy(wave)[None])
+    np.testing.assert_allclose(out["clip_probs"], whole[0].numpy(), atol=1e-3)
+    # the seconds really differ, so a misaligned window could not pass the checks above
+    assert min(np.abs(embeddings[i] - embeddings[j]).max() for i in range(4) for j in range(i)) > 0.05
+
+
+def test_load_counts_seconds_by_frames_and_refuses_short_audio(tmp_path):
+    import soundfile as sf
+
+    from soundstage.pipeline.stage import ClipError, LoadContext
+    from soundstage.stages.beats import load
+
+    ctx = LoadContext(params={}, upstream={}, manifest_dir=str(tmp_path))
+    sf.write(tmp_path / "a.wav", np.zeros(16000 * 4 + 3000, np.float32), 16000)
+    item = load({"audio_path": "a.wav", "num_frames": "5"}, ctx)
+    assert item["seconds"] == 5 and len(item["wave"]) == 67000
+    assert load({"audio_path": "a.wav", "num_frames": ""}, ctx)["seconds"] == 5
+    assert load({"audio_path": "a.wav", "num_frames": "3"}, ctx)["seconds"] == 3
+    sf.write(tmp_path / "b.wav", np.zeros(16000 * 4 + 1000, np.float32), 16000)
+    assert load({"audio_path": "b.wav", "num_frames": ""}, ctx)["seconds"] == 4  # 1000 samples: no patch
+    with pytest.raises(ClipError, match="does not cover 5 frames"):
+        load({"audio_path": "b.wav", "num_frames": "5"}, ctx)
+    with pytest.raises(ClipError, match="missing audio"):
+        load({"audio_path": "nothere.wav", "num_frames": "5"}, ctx)
+
+
+def test_stage_end_to_end_on_synthetic_dataset_and_tags(tmp_path, finetuned):
+    from click.testing import CliRunner
+
+    from soundstage.audio import load_audio
+    from soundstage.cache import open_stage
+    from soundstage.cli import main
+    from soundstage.manifests.synth import make_synthetic_dataset
+    from soundstage.manifests.table import read_manifest
+    from soundstage.pipeline.runner import run_stage
+    from soundstage.stages.beats import STAGE, second_probs_of
+
+    manifest = make_synthetic_dataset(str(tmp_path / "data"), clips=5, seed=1, workers=0)
+    cache = str(tmp_path / "cache")
+    params = {"checkpoint": str(finetuned[0]), "device": "cpu"}
+    summary = run_stage(STAGE, manifest, cache, params, workers=0, batch_size=4, progress=False, log=lambda *_: None)
+    assert summary.ok and summary.done == 5, summary.format()
+    reader = open_stage(summary.path)
+    df = read_manifest(manifest)
+    model = BEATs.from_checkpoint(finetuned[0])
+    row = df.iloc[2]  # a v2 clip: 10 frames
+    wave = torch.from_numpy(load_audio(str(tmp_path / "data" / row["audio_path"])).wave)
+    record = reader[row["clip_id"]]
+    with torch.no_grad():
+        clip, _ = model.extract_features(wave[None])
+        last, _ = model.extract_features(wave[None, 16000 * 9: 16000 * 10])
+    assert second_probs_of(record).shape == (int(row["num_frames"]), 527)
+    np.testing.assert_allclose(record["clip_probs"], clip[0].numpy(), atol=1e-3)
+    np.testing.assert_allclose(second_probs_of(record)[9], last[0].numpy(), atol=1e-3)
+
+    # tags: names via the checkpoint's MIDs (column i is csv row 7 i mod 527)
+    names = [r["display_name"] for r in csv.DictReader(open(CLASS_LIST, newline="", encoding="utf-8"))]
+    column_name = [names[(7 * i) % 527] for i in range(527)]
+    probs = np.asarray(record["clip_probs"], np.float32)
+    best = int(np.argmax(probs))
+    result = CliRunner().invoke(main, ["tags", "show", row["clip_id"], "--cache", cache, "--top-k", "3"])
+    assert result.exit_code == 0, result.output
+    assert f"{probs[best]:.3f}  {column_name[best]}" in result.output
+
+    threshold = float(np.quantile(probs, 0.9))
+    result = CliRunner().invoke(main, ["tags", "summary", "--manifest", manifest, "--cache", cache,
+                                       "--threshold", str(threshold), "--top", "527"])
+    assert result.exit_code == 0, result.output
+    for subset, ids in df.groupby("subset")["clip_id"]:
+        counts = {}
+        for cid in ids:
+            for i in np.flatnonzero(np.asarray(reader[cid]["clip_probs"], np.float32) >= threshold):
+                counts[column_name[i]] = counts.get(column_name[i], 0) + 1
+        section = result.output.split(f"\n{subset}: {len(ids)} clips")[1].split("\n\n")[0]
+        listed = {line.split("%  ", 1)[1]: int(line.split()[0]) for line in section.strip().splitlines()[1:]}
+        assert listed == counts

@@ -1,0 +1,148 @@
+"""beats: AudioSet tag probabilities per clip and per second, and per-second BEATs embeddings.
+
+The audio half of the "active queries" preprocessing (REFERENCE.md §5), from an official
+fine-tuned BEATs checkpoint (``soundstage.models.beats``). Per clip:
+
+- ``clip_probs``: one pass over the whole clip;
+- ``second_probs``: one pass per 1 s window, second i = samples [16000 i, 16000 (i + 1)), so
+  second i lines up with video frame i (AVSBench frames are 1 per second);
+- ``second_embeddings``: the mean over that window's patches of the last encoder layer.
+
+The clip has ``num_frames`` seconds when the manifest says so (else as many as the audio
+holds, counting a trailing part that is long enough for one BEATs patch, 0.175 s). A window
+cut short by the end of the audio is run at its own length, never padded; audio too short for
+the frames it must cover is a recorded failure. Only clips of equal length share a batch, so
+batched results are those of one clip at a time.
+
+Storage: probabilities and embeddings are float16. Their widths depend on the checkpoint and a
+field's later axes must have a declared size, so the 2-D arrays are stored row-major as ragged
+vectors with their widths beside them; ``second_probs_of`` / ``second_embeddings_of`` give back
+``[S, C]`` / ``[S, D]``. Thresholded tags are derived from these by ``soundstage tags``; class
+names come from the checkpoint's ``label_dict`` (see ``soundstage.stages.tags``).
+"""
+
+import numpy as np
+import torch
+
+from soundstage.audio import TARGET_SR, load_audio
+from soundstage.llm.backends import resolve_device
+from soundstage.manifests.table import resolve_path
+from soundstage.models.beats import BEATs, min_samples
+from soundstage.models.hubert import parse_dtype
+from soundstage.pipeline.identity import model_identity
+from soundstage.pipeline.stage import ClipError, Field, Param, Stage
+
+SECOND = TARGET_SR  # samples per window
+
+
+def second_count(row: dict, num_samples: int) -> int:
+    """Seconds (= video frames) the clip covers: ``num_frames`` if given, else from the audio."""
+    value = str(row.get("num_frames", "")).strip()
+    if value:
+        return int(value)
+    full, rest = divmod(num_samples, SECOND)
+    return full + (1 if rest >= min_samples() else 0)
+
+
+def load(row, ctx):
+    wave = load_audio(resolve_path(row["audio_path"], ctx.manifest_dir)).wave
+    seconds = second_count(row, len(wave))
+    if seconds < 1 or len(wave) < min_samples():
+        raise ClipError(f"audio of {len(wave) / SECOND:.3f} s is too short for BEATs (needs {min_samples()} samples)")
+    last = len(wave) - (seconds - 1) * SECOND  # samples in the last window
+    if last < min_samples():
+        raise ClipError(f"audio of {len(wave) / SECOND:.3f} s does not cover {seconds} frames "
+                        f"(second {seconds - 1} has {max(last, 0)} samples, BEATs needs {min_samples()})")
+    return {"wave": wave, "seconds": seconds}
+
+
+def batch_key(item):
+    return len(item["wave"])  # only equal-length clips share a batch: no padding
+
+
+def setup(params):
+    device = resolve_device(params["device"])
+    dtype = parse_dtype(params["dtype"])
+    if dtype != torch.float32 and not device.startswith("cuda"):
+        raise ValueError(f"--dtype {params['dtype']} is meant for GPUs; use fp32 on {device}")
+    if not params["checkpoint"]:
+        raise ValueError("--checkpoint is required: an official fine-tuned BEATs .pt "
+                         "(e.g. BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt)")
+    model = BEATs.from_checkpoint(params["checkpoint"], map_location="cpu")
+    if model.predictor is None:
+        raise ValueError(f"{params['checkpoint']} is a pre-trained BEATs without a classifier; "
+                         "the beats stage needs a fine-tuned (AudioSet) checkpoint")
+    model.class_mids  # noqa: B018 - fails early when the checkpoint has no label_dict
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _run(model, waves: list) -> tuple[np.ndarray, np.ndarray]:
+    """(probs [N, C], mean patch features [N, D]) of equal-length waveforms, float32 numpy."""
+    batch = torch.from_numpy(np.stack(waves))
+    device = model.patch_embedding.weight.device
+    if device.type == "cuda":
+        batch = batch.pin_memory()  # lets the host-to-device copy run asynchronously
+    with torch.inference_mode():
+        features, _ = model.encode(batch.to(device, non_blocking=True))
+        probs = model.classify(features)
+        return probs.float().cpu().numpy(), features.mean(dim=1).float().cpu().numpy()
+
+
+def process(model, items, params):
+    clip_probs, _ = _run(model, [item["wave"] for item in items])
+    # every window of every clip; full seconds all have SECOND samples and share one pass
+    windows = [(i, s, item["wave"][s * SECOND:(s + 1) * SECOND])
+               for i, item in enumerate(items) for s in range(item["seconds"])]
+    probs = [np.zeros((item["seconds"], clip_probs.shape[1]), np.float32) for item in items]
+    embeddings = [np.zeros((item["seconds"], model.embed_dim), np.float32) for item in items]
+    for length in sorted({len(w) for _, _, w in windows}):
+        same = [(i, s, w) for i, s, w in windows if len(w) == length]
+        p, e = _run(model, [w for _, _, w in same])
+        for k, (i, s, _) in enumerate(same):
+            probs[i][s], embeddings[i][s] = p[k], e[k]
+    return [
+        {
+            "clip_probs": clip_probs[i].astype(np.float16),
+            "second_probs": probs[i].astype(np.float16).reshape(-1),
+            "second_embeddings": embeddings[i].astype(np.float16).reshape(-1),
+            "num_classes": probs[i].shape[1],
+            "dim": embeddings[i].shape[1],
+        }
+        for i in range(len(items))
+    ]
+
+
+def second_probs_of(record: dict) -> np.ndarray:
+    """A cached clip's per-second probabilities as ``[seconds, classes]``."""
+    return np.asarray(record["second_probs"]).reshape(-1, int(record["num_classes"]))
+
+
+def second_embeddings_of(record: dict) -> np.ndarray:
+    """A cached clip's per-second embeddings as ``[seconds, dim]``."""
+    return np.asarray(record["second_embeddings"]).reshape(-1, int(record["dim"]))
+
+
+STAGE = Stage(
+    name="beats",
+    version=1,
+    help="BEATs AudioSet tag probabilities per clip and per second, and per-second embeddings.",
+    params=[
+        Param("checkpoint", str, None, "official fine-tuned BEATs checkpoint .pt (cfg, model, label_dict)",
+              identity=model_identity),
+        Param("dtype", str, "fp32", "inference precision (fp16/bf16 only on GPUs)", choices=("fp32", "fp16", "bf16")),
+        Param("device", str, "auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)", fingerprint=False),
+    ],
+    fields=[
+        Field("clip_probs", "float16", (None,), "[classes] sigmoid probabilities, one pass over the whole clip"),
+        Field("second_probs", "float16", (None,), "[seconds, classes] row-major (second_probs_of reshapes)"),
+        Field("second_embeddings", "float16", (None,), "[seconds, dim] row-major mean patch features per second"),
+        Field("num_classes", "int32", (), "classes (columns of second_probs)"),
+        Field("dim", "int32", (), "embedding width"),
+    ],
+    load=load,
+    setup=setup,
+    process=process,
+    batch_key=batch_key,
+    default_batch_size=8,
+    resources={"gpus": 1, "cpus": 8, "mem": "32G"},
+)

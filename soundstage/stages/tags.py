@@ -1,0 +1,168 @@
+"""``soundstage tags``: AudioSet tags derived from the probabilities the beats stage stored.
+
+Nothing here runs BEATs: thresholds and top-k are applied to the cached ``clip_probs`` and
+``second_probs``, so trying another threshold costs a read. Class names go through the MIDs of
+the checkpoint's ``label_dict`` (column i of the output is ``label_dict[i]``) and the AudioSet
+class list shipped in ``soundstage/data/audioset`` — never by row order.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter
+
+import click
+import numpy as np
+
+DEFAULT_THRESHOLD = 0.4  # as in the active-queries work
+CLASS_LIST = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "audioset", "class_labels_indices.csv")
+
+
+def audioset_names() -> dict[str, str]:
+    """AudioSet MID -> display name, from the shipped ``class_labels_indices.csv``."""
+    with open(CLASS_LIST, newline="", encoding="utf-8") as f:
+        return {row["mid"]: row["display_name"] for row in csv.DictReader(f)}
+
+
+def class_mids_of_output(stage_dir, checkpoint: str | None = None) -> list[str]:
+    """The MID of each probability column of a beats output.
+
+    Read from the checkpoint's ``label_dict``: the one the output was made with (its path is
+    in stage.json) or ``checkpoint``; either must have the content hash in the fingerprint, so
+    a different checkpoint can never name the columns.
+    """
+    import torch
+
+    from soundstage.cache.store import StageDir
+    from soundstage.pipeline.identity import model_identity
+
+    sd = stage_dir if isinstance(stage_dir, StageDir) else StageDir(stage_dir)
+    meta = sd.meta()
+    stored = meta.get("metadata", {}).get("class_mids")
+    if stored:
+        return list(stored)
+    path = checkpoint or meta["params"].get("checkpoint")
+    if not path or not os.path.isfile(path):
+        raise click.ClickException(f"the checkpoint of {sd.path} ({path}) is not there; pass --checkpoint PATH")
+    if model_identity(path) != meta["fingerprint_payload"]["params"]["checkpoint"]:
+        raise click.ClickException(f"{path} is not the checkpoint {sd.path} was computed with (content differs)")
+    label_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("label_dict")
+    if not label_dict:
+        raise click.ClickException(f"{path} has no label_dict")
+    return [label_dict[i] for i in range(len(label_dict))]
+
+
+class TagNamer:
+    """Column index -> display name for one beats output."""
+
+    def __init__(self, mids: list[str]):
+        names = audioset_names()
+        self.names = [names.get(mid, mid) for mid in mids]  # an unknown MID shows as itself
+
+    def top(self, probs: np.ndarray, k: int) -> list[tuple[str, float]]:
+        order = np.argsort(-probs.astype(np.float32), kind="stable")[:k]
+        return [(self.names[i], float(probs[i])) for i in order]
+
+    def above(self, probs: np.ndarray, threshold: float) -> list[str]:
+        """Names of the classes at or above ``threshold``, most probable first."""
+        return [name for name, p in self.top(probs, len(probs)) if p >= threshold]
+
+
+def _open_beats(cache: str, selector: str | None):
+    from soundstage.cache import open_stage
+    from soundstage.pipeline.resolve import UpstreamError, choose
+    from soundstage.stages import get_stage
+
+    try:
+        sd = choose(cache, get_stage("beats"), selector, log=lambda msg: click.echo(msg, err=True))
+    except UpstreamError as e:
+        raise click.ClickException(str(e)) from None
+    return sd, open_stage(sd.path)
+
+
+def output_options(command):
+    """The options every tags command shares: where the beats output is and the threshold."""
+    options = [
+        click.option("--cache", type=click.Path(file_okay=False), envvar="SOUNDSTAGE_CACHE", default="cache",
+                     show_default=True, help="cache root"),
+        click.option("--beats", "selector", help="which beats output: fingerprint (prefix) or key=value,..."),
+        click.option("--checkpoint", type=click.Path(dir_okay=False),
+                     help="the output's checkpoint, if it moved (its label_dict names the classes)"),
+        click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
+                     help="a class is a tag when its probability is at least this"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@click.group()
+def tags():
+    """AudioSet tags from stored BEATs probabilities (nothing is recomputed)."""
+
+
+@tags.command()
+@click.argument("clip")
+@output_options
+@click.option("--top-k", type=int, default=5, show_default=True, help="most probable classes of the whole clip")
+def show(clip, cache, selector, checkpoint, threshold, top_k):
+    """The top classes of CLIP and its tags per second (= per video frame)."""
+    from soundstage.stages.beats import second_probs_of
+
+    sd, reader = _open_beats(cache, selector)
+    if clip not in reader:
+        raise click.ClickException(f"clip {clip!r} is not in {sd.path}")
+    record = reader[clip]
+    namer = TagNamer(class_mids_of_output(sd, checkpoint))
+    click.echo(f"{clip}  (beats {sd.meta()['fingerprint']})")
+    click.echo(f"top {top_k} over the clip:")
+    for name, p in namer.top(np.asarray(record["clip_probs"]), top_k):
+        click.echo(f"  {p:.3f}  {name}")
+    click.echo(f"tags per second (p >= {threshold:g}):")
+    for second, probs in enumerate(second_probs_of(record)):
+        click.echo(f"  {second:3d}  {', '.join(namer.above(probs, threshold)) or '-'}")
+
+
+def tag_counts(reader, clip_ids, namer: TagNamer, threshold: float) -> tuple[Counter, int]:
+    """How many of ``clip_ids`` have each class as a clip-level tag, and how many have any tag."""
+    counts, tagged = Counter(), 0
+    for cid in clip_ids:
+        names = namer.above(np.asarray(reader[cid]["clip_probs"]), threshold)
+        counts.update(names)
+        tagged += bool(names)
+    return counts, tagged
+
+
+@tags.command()
+@click.option("--manifest", type=click.Path(dir_okay=False), envvar="SOUNDSTAGE_MANIFEST",
+              help="count the clips of this manifest, per subset (default: every clip in the output)")
+@output_options
+@click.option("--top", type=int, default=10, show_default=True, help="classes listed per subset")
+def summary(manifest, cache, selector, checkpoint, threshold, top):
+    """Most frequent clip-level tags per subset, with counts: what the dataset sounds like."""
+    sd, reader = _open_beats(cache, selector)
+    namer = TagNamer(class_mids_of_output(sd, checkpoint))
+    groups: dict[str, list[str]] = {}
+    missing = 0
+    if manifest:
+        from soundstage.manifests.table import read_manifest
+
+        df = read_manifest(manifest)
+        subsets = df["subset"] if "subset" in df.columns else ["all"] * len(df)
+        for cid, subset in zip(df["clip_id"], subsets):
+            if cid in reader:
+                groups.setdefault(subset or "-", []).append(cid)
+            else:
+                missing += 1
+    else:
+        groups["all"] = sorted(reader)
+    click.echo(f"beats {sd.meta()['fingerprint']}: clip tags with p >= {threshold:g}")
+    for subset in sorted(groups):
+        ids = groups[subset]
+        counts, tagged = tag_counts(reader, ids, namer, threshold)
+        click.echo(f"\n{subset}: {len(ids)} clips, {tagged} with at least one tag")
+        for name, count in counts.most_common(top):
+            click.echo(f"  {count:6d}  {100 * count / len(ids):5.1f}%  {name}")
+    if missing:
+        click.echo(f"\n{missing} clip(s) of the manifest have no beats output yet")
