@@ -15,16 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from soundstage.manifests.synth import make_synthetic_dataset
-
-SMALL_CLIPS = 12  # every (subset, split) pair at least once
+from soundstage.manifests.synth import TEST_CLIPS, make_synthetic_dataset
 
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> str:
     """A 12-clip synthetic dataset, seed 0. Read-only: copy it (``copy_dataset``) to modify."""
     out = str(tmp_path_factory.mktemp("synth") / "avsbench")
-    make_synthetic_dataset(out, clips=SMALL_CLIPS, seed=0)
+    make_synthetic_dataset(out, clips=TEST_CLIPS, seed=0)
     return out
 
 

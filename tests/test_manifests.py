@@ -24,6 +24,7 @@ from soundstage.manifests.table import (
     annotated_frames,
     frame_path,
     label_path,
+    mask_kind,
     read_manifest,
     resolve_path,
 )
@@ -76,6 +77,7 @@ def test_synthetic_dataset_has_zero_problems_and_the_contract_columns(synth_dir)
         assert frame_path(row, n - 1, synth_dir) == os.path.join(clip_dir, "frames", f"{n - 1}.jpg")
         assert sorted(os.listdir(os.path.join(clip_dir, "labels_rgb"))) == sorted(f"{i}.png" for i in expected_annotated)
         assert label_path(row, 0, synth_dir, "rgb") == os.path.join(clip_dir, "labels_rgb", "0.png")
+        assert label_path(row, 0, synth_dir, mask_kind(row)) == os.path.join(clip_dir, "labels_semantic", "0.png")
         assert resolve_path(row.audio_path, synth_dir) == os.path.join(clip_dir, "audio.wav")
         assert row.audio_sample_rate in ("16000", "44100", "48000") and float(row.audio_seconds) == n
 
@@ -132,7 +134,7 @@ def test_injected_faults_yield_exactly_those_problems(synth_dir, tmp_path):
     relaxed = run_cli("avsbench", root, "-o", out)
     assert relaxed.exit_code == 0, relaxed.output
     assert "total" in relaxed.output and "most common problems" in relaxed.output
-    assert f"metadata row {bad_line}" in relaxed.output
+    assert f"metadata.csv row {bad_line}: clip missing-uid-row{bad_line}" in relaxed.output
     strict = run_cli("avsbench", root, "-o", out, "--strict")
     assert strict.exit_code == 1
     assert problems_of(read_manifest(out)) == problems_of(result.manifest)
@@ -219,6 +221,7 @@ def test_object_layout_maps_to_the_same_columns(synth_dir, tmp_path):
         else:
             assert frame_path(row, 0, "").endswith(f"/{row.clip_id}/{row.clip_id}.mp4_1.png")
         for i in annotated_frames(row):
+            assert mask_kind(row) == "binary"
             mask = np.asarray(Image.open(label_path(row, i, "", "binary"))) > 0
             semantic = np.asarray(Image.open(os.path.join(synth_dir, row.subset, row.clip_id, "labels_semantic", f"{i}.png"))) > 0
             assert np.array_equal(mask, semantic)

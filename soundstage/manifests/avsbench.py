@@ -47,6 +47,9 @@ MANIFEST_COLUMNS = (
 )
 
 
+METADATA_FILES = {"unified": "metadata.csv", "object-s4": "s4_meta_data.csv", "object-ms3": "ms3_meta_data.csv"}
+
+
 class MetadataError(ValueError):
     """A metadata file that cannot be read as a table; the message is one line naming file and row."""
 
@@ -364,7 +367,8 @@ def summarize(manifest: pd.DataFrame, most_common: int = 5, examples: int = 10) 
         lines.append("most common problems: " + ", ".join(f"{k} ({n})" for k, n in kinds.most_common(most_common)))
         metadata_rows = bad[bad["problem"].str.contains("bad metadata row")]
         for _, row in metadata_rows.iterrows():
-            lines.append(f"  {row['source_layout']} metadata row {row['metadata_row']}: clip {row['clip_id']}: {row['problem']}")
+            source = METADATA_FILES.get(row["source_layout"], "metadata")
+            lines.append(f"  {source} row {row['metadata_row']}: clip {row['clip_id']}: {row['problem']}")
         others = bad.drop(metadata_rows.index)
         for _, row in others.head(examples).iterrows():
             lines.append(f"  clip {row['clip_id']} ({row['subset']}/{row['split']}): {row['problem']}")

@@ -35,6 +35,8 @@ from soundstage.manifests.avsbench import FRAMES_PER_SUBSET, SPLITS, SUBSETS
 from soundstage.manifests.palette import class_index, index_to_colour, label2idx
 
 GENERATOR_VERSION = 1
+#: A count for tests: every (subset, split) pair, two clips per train pair, generated in about a second.
+TEST_CLIPS = 12
 MARKER = "SYNTHETIC.json"
 # What the generator owns in OUT; only these are replaced when it runs again.
 OWNED = ("metadata.csv", "label2idx.json", *SUBSETS, "manifest.csv", "synthetic_truth.json", MARKER)

@@ -92,6 +92,12 @@ def label_path(row, i: int, manifest_dir: str, kind: str = "semantic") -> str:
     return os.path.join(resolve_path(directory, manifest_dir), row["label_pattern"].format(i=i, i1=i + 1))
 
 
+def mask_kind(row) -> str:
+    """The label kind whose non-zero pixels are the sounding objects: "semantic" in the unified
+    release, "binary" in the AVSBench-object layout (pass it to ``label_path``)."""
+    return "semantic" if row["labels_semantic_dir"] else "binary"
+
+
 def annotated_frames(row) -> list[int]:
     """Indices of the frames that have labels, from the ``annotated_frames`` cell."""
     return [int(v) for v in str(row["annotated_frames"]).split(";") if v != ""]
