@@ -75,8 +75,11 @@ class _Clip:
 def read_metadata(path: str, required: tuple[str, ...]) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """(header, [(line number, cells)]) of a csv; raises ``MetadataError`` for non-UTF-8 bytes or
     a missing required column. Rows with a wrong cell count are returned as they are."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise MetadataError(f"{path}: row 1: cannot be read ({e.strerror})") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -88,14 +91,17 @@ def read_metadata(path: str, required: tuple[str, ...]) -> tuple[list[str], list
     header: list[str] | None = None
     rows: list[tuple[int, list[str]]] = []
     line = 1
-    for cells in reader:
-        if cells and any(c.strip() for c in cells):
-            if header is None:
-                header = [c.strip() for c in cells]
-                header_line = line
-            else:
-                rows.append((line, [c.strip() for c in cells]))
-        line = reader.line_num + 1
+    try:
+        for cells in reader:
+            if cells and any(c.strip() for c in cells):
+                if header is None:
+                    header = [c.strip() for c in cells]
+                    header_line = line
+                else:
+                    rows.append((line, [c.strip() for c in cells]))
+            line = reader.line_num + 1
+    except csv.Error as e:  # e.g. a NUL byte, or a quote left open at the end of the file
+        raise MetadataError(f"{path}: row {line}: not readable as CSV ({e})") from None
     if header is None:
         raise MetadataError(f"{path}: row 1: the file is empty (expected a header with {', '.join(required)})")
     missing = [c for c in required if c not in header]
@@ -114,7 +120,7 @@ def _record(header: list[str], cells: list[str]) -> tuple[dict, str]:
 
 
 def _is_folder_name(name: str) -> bool:
-    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+    return bool(name) and name.isprintable() and name not in (".", "..") and "/" not in name and "\\" not in name
 
 
 def _row_problems(record: dict, shape_problem: str, required, id_column: str, allowed: dict) -> list[str]:
