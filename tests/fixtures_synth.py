@@ -18,12 +18,18 @@ from PIL import Image
 from soundstage.manifests.synth import TEST_CLIPS, make_synthetic_dataset
 
 
+_GENERATED: dict[str, str] = {}  # one dataset per session even when several modules import the fixture
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> str:
     """A 12-clip synthetic dataset, seed 0. Read-only: copy it (``copy_dataset``) to modify."""
-    out = str(tmp_path_factory.mktemp("synth") / "avsbench")
-    make_synthetic_dataset(out, clips=TEST_CLIPS, seed=0)
-    return out
+    session = str(tmp_path_factory.getbasetemp())
+    if session not in _GENERATED:
+        out = str(tmp_path_factory.mktemp("synth") / "avsbench")
+        make_synthetic_dataset(out, clips=TEST_CLIPS, seed=0)
+        _GENERATED[session] = out
+    return _GENERATED[session]
 
 
 def copy_dataset(src: str, dst: str) -> str:
