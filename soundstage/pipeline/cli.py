@@ -56,6 +56,10 @@ def _make_option(name: str, spec: dict) -> click.Option:
     return click.Option([f"--{_flag_name(name)}", name], **spec)
 
 
+def _upstream_dest(stage_name: str) -> str:
+    return "upstream__" + stage_name.replace("-", "_")
+
+
 def _param_option(p: Param) -> click.Option:
     kwargs = dict(help=p.help, show_default=True, default=p.default)
     if p.is_flag:
@@ -76,7 +80,7 @@ def stage_command(stage: Stage) -> click.Command:
         raise ValueError(f"stage {stage.name}: parameter name(s) {sorted(clash)} are runner options")
     options = [_make_option(n, s) for n, s in RUNNER_OPTIONS.items()]
     options += [
-        click.Option([f"--{up.stage}", f"upstream__{up.stage}"], type=str,
+        click.Option([f"--{up.stage}", _upstream_dest(up.stage)], type=str,
                      help=f"which {up.stage} output to read: FINGERPRINT or key=value,... of its parameters")
         for up in stage.upstream
     ]
@@ -100,7 +104,7 @@ def invoke_stage(stage: Stage, values: dict, is_default) -> int:
     """Run a stage command with parsed option ``values``; returns the exit code."""
     from soundstage.pipeline.resolve import expected_fingerprint
 
-    upstream_select = {k[len("upstream__"):]: v for k, v in values.items() if k.startswith("upstream__") and v}
+    upstream_select = {up.stage: values[_upstream_dest(up.stage)] for up in stage.upstream if values[_upstream_dest(up.stage)]}
     params = {p.name: values[p.name] for p in stage.params}
     manifest, cache = values["manifest"], values["cache"]
     resources = {k: values[k] for k in EXECUTOR_OPTIONS if k not in ("executor", "shards", "wait", "dry_run") and values[k] is not None}

@@ -13,6 +13,16 @@ def sub_shards(shard: tuple[int, int], jobs: int) -> list[tuple[int, int]]:
     return [(i + n * j, n * jobs) for j in range(jobs)]
 
 
+def _run_shard(*args, **kwargs) -> Summary:
+    # loky workers report "loky" as the start method, which the runner's own decoding pool
+    # cannot use: give this process a standard one before the runner makes its pool.
+    import multiprocessing
+
+    if multiprocessing.get_start_method(allow_none=True) not in (None, "fork", "spawn", "forkserver"):
+        multiprocessing.set_start_method("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn", force=True)
+    return run_stage(*args, **kwargs)
+
+
 def run_local(stage: Stage, manifest: str, cache: str, params: dict, upstream_select: dict | None = None,
               shard: str | tuple | None = None, jobs: int = 1, **runner_kwargs) -> Summary:
     if isinstance(shard, str):
@@ -24,7 +34,7 @@ def run_local(stage: Stage, manifest: str, cache: str, params: dict, upstream_se
 
     runner_kwargs["progress"] = False  # N bars on one terminal are noise; the summary follows
     summaries = Parallel(n_jobs=jobs, backend="loky")(
-        delayed(run_stage)(stage, manifest, cache, params, upstream_select, shard=s, **runner_kwargs)
+        delayed(_run_shard)(stage, manifest, cache, params, upstream_select, shard=s, **runner_kwargs)
         for s in sub_shards(shard, jobs)
     )
     return Summary.merge(summaries)

@@ -14,10 +14,18 @@ STAGE_MODULES = {
 }
 
 
+def register_stage(name: str, module: str) -> None:
+    """Add a stage defined outside the package (a plugin, or a test's toy stage).
+
+    ``module`` is a module path whose ``STAGE`` is the declaration, or ``module:ATTRIBUTE``."""
+    STAGE_MODULES[name] = module
+
+
 def get_stage(name: str):
     """The ``Stage`` declaration registered under ``name``."""
     try:
         module = STAGE_MODULES[name]
     except KeyError:
         raise KeyError(f"unknown stage {name!r}; known: {', '.join(STAGE_MODULES)}") from None
-    return importlib.import_module(module).STAGE
+    module, _, attr = module.partition(":")
+    return getattr(importlib.import_module(module), attr or "STAGE")

@@ -1,0 +1,61 @@
+"""Toy stages for the engine tests (registered by the tests, not shipped as stages)."""
+
+import time
+
+import numpy as np
+
+from soundstage.audio import load_audio
+from soundstage.manifests.table import resolve_path
+from soundstage.pipeline.stage import ClipError, Field, Param, Stage, Upstream
+
+
+def load_wave(row, ctx):
+    return {"wave": load_audio(resolve_path(row["audio_path"], ctx.manifest_dir)).wave}
+
+
+def process_slow(model, items, params):
+    time.sleep(params["sleep"] * len(items))
+    out = []
+    for it in items:
+        w = it["wave"]
+        frames = w[: len(w) // 320 * 320].reshape(-1, 320)
+        out.append({"energy": (frames**2).mean(axis=1) * params["scale"], "peak": float(np.abs(w).max()),
+                    "label": f"n={len(w)}"})
+    return out
+
+
+SLOW = Stage(
+    name="toy-slow", version=1,
+    params=[Param("scale", float, 1.0), Param("sleep", float, 0.0, fingerprint=False)],
+    fields=[Field("energy", "float16", (None,)), Field("peak", "float32", ()), Field("label", "str", ())],
+    load=load_wave, process=process_slow, batch_key=lambda it: len(it["wave"]), default_batch_size=2,
+)
+
+
+def load_sum(row, ctx):
+    stats = ctx.upstream["stats"][row["clip_id"]]
+    if ctx.params["fail_on"] and row["clip_id"] == ctx.params["fail_on"]:
+        raise ClipError("asked to fail")
+    return {"total": float(np.sum(stats["rms_db"]))}
+
+
+SUM = Stage(
+    name="toy-sum", version=1,
+    params=[Param("fail_on", str, "")],
+    upstream=[Upstream("stats", "audio-stats")],
+    fields=[Field("total", "float64", ())],
+    load=load_sum, process=lambda model, items, params: items,
+)
+
+
+def process_breaks_on_long(model, items, params):
+    if any(len(it["wave"]) > 16000 * 6 for it in items):
+        raise RuntimeError("model exploded")
+    return [{"n": len(it["wave"])} for it in items]
+
+
+FRAGILE = Stage(
+    name="toy-fragile", version=1,
+    fields=[Field("n", "int64", ())],
+    load=load_wave, process=process_breaks_on_long, default_batch_size=4,
+)
