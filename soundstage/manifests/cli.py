@@ -18,7 +18,7 @@ def manifest():
 @manifest.command()
 @click.argument("root", type=click.Path(file_okay=False))
 @click.option("-o", "--output", default="manifests/avsbench.csv", show_default=True,
-              help="Manifest to write (.csv, or .parquet).")
+              help="Manifest to write: .csv, or .parquet (needs pyarrow).")
 @click.option("--subset", "subsets", multiple=True, type=click.Choice(SUBSETS),
               help="Keep only these subsets (repeatable); default all.")
 @click.option("--split", "splits", multiple=True, type=click.Choice(SPLITS),
@@ -46,7 +46,10 @@ def avsbench(root, output, subsets, splits, strict, workers, relative, decode):
     table = result.manifest
     if relative:
         table = relative_paths(table, os.path.dirname(os.path.abspath(output)))
-    write_manifest(table, output)
+    try:
+        write_manifest(table, output)
+    except ImportError:  # pandas needs pyarrow (or fastparquet) for .parquet
+        raise click.ClickException(f"{output}: cannot write Parquet without pyarrow; pip install pyarrow, or write .csv") from None
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"{result.layout} AVSBench layout at {os.path.abspath(root)}: {len(table)} clips checked "
