@@ -176,10 +176,14 @@ def _unified_clips(root: str, subsets, splits, warnings: list[str]) -> list[_Cli
     return clips
 
 
+def annotated_frame_indices(subset: str, split: str) -> list[int]:
+    """Frames with labels: all, except v1s (= S4) train, labelled on its first frame only."""
+    return [0] if (subset == "v1s" and split == "train") else list(range(FRAMES_PER_SUBSET[subset]))
+
+
 def _unified_files(clip_dir: str, subset: str, split: str, row: dict, check: ClipCheck) -> None:
     num_frames = FRAMES_PER_SUBSET[subset]
-    # v1s train (AVSBench-object S4) has a label for its first frame only.
-    annotated = [0] if (subset == "v1s" and split == "train") else list(range(num_frames))
+    annotated = annotated_frame_indices(subset, split)
     row.update(
         audio_path=os.path.join(clip_dir, "audio.wav"),
         frames_dir=os.path.join(clip_dir, "frames"), num_frames=str(num_frames), frame_pattern="{i}.jpg",
@@ -286,8 +290,7 @@ def _object_files(data_dir: str, key: str, name: str, split: str, category: str,
         where = (split, name)
         frame_pattern = pattern + ".mp4_{i1}.png"  # MS3 frames keep the video's file name
         audio = os.path.join(data_dir, "audio_wav", split, name + ".wav")
-    # S4 train has a mask for its first frame only; S4 val/test and all of MS3 have five.
-    annotated = [0] if (key == "s4" and split == "train") else list(range(5))
+    annotated = annotated_frame_indices("v1s" if key == "s4" else "v1m", split)
     row.update(
         audio_path=audio,
         frames_dir=os.path.join(data_dir, "visual_frames", *(where if key == "s4" else (name,))),

@@ -29,9 +29,10 @@ import shutil
 import string
 
 import numpy as np
+import soundfile as sf
 from PIL import Image
 
-from soundstage.manifests.avsbench import FRAMES_PER_SUBSET, SPLITS, SUBSETS
+from soundstage.manifests.avsbench import FRAMES_PER_SUBSET, SPLITS, SUBSETS, annotated_frame_indices
 from soundstage.manifests.palette import class_index, index_to_colour, label2idx
 
 GENERATOR_VERSION = 1
@@ -267,7 +268,7 @@ def _objects(subset: str, width: int, height: int, rng) -> list[dict]:
 def _write_clip(clip_dir: str, subset: str, split: str, objects, index: int, rng) -> dict:
     width, height = FRAME_SIZE[subset]
     seconds = FRAMES_PER_SUBSET[subset]
-    annotated = [0] if (subset == "v1s" and split == "train") else range(seconds)
+    annotated = annotated_frame_indices(subset, split)
     for folder in ("frames", "labels_rgb", "labels_semantic"):
         os.makedirs(os.path.join(clip_dir, folder))
     background = _background(width, height, rng)
@@ -279,8 +280,6 @@ def _write_clip(clip_dir: str, subset: str, split: str, objects, index: int, rng
             Image.fromarray(labels, mode="L").save(os.path.join(clip_dir, "labels_semantic", f"{frame}.png"))
     sr, channels = AUDIO_FORMATS[index % len(AUDIO_FORMATS)]
     audio = render_audio(objects, seconds, sr, channels, width, rng)
-    import soundfile as sf
-
     sf.write(os.path.join(clip_dir, "audio.wav"), audio, sr, subtype="PCM_16")
     return {"sample_rate": sr, "channels": channels, "width": width, "height": height}
 
@@ -308,6 +307,8 @@ def make_synthetic_dataset(out_dir: str, clips: int = 100, seed: int = 0, worker
     if clips < 1:
         raise ValueError("clips must be at least 1")
     _prepare(out_dir)
+    # The marker comes first, so a folder left by an interrupted run is still recognised as ours.
+    _write_json(os.path.join(out_dir, MARKER), {"generator_version": GENERATOR_VERSION, "clips": clips, "seed": seed})
     rng = np.random.default_rng(seed)
     plan = _allocate(clips)
     identities = _identities(plan, rng)
@@ -327,7 +328,6 @@ def make_synthetic_dataset(out_dir: str, clips: int = 100, seed: int = 0, worker
         writer.writerows(rows)
     _write_json(os.path.join(out_dir, "label2idx.json"), label2idx())
     _write_json(os.path.join(out_dir, "synthetic_truth.json"), {"classes": {k: list(v) for k, v in CLASSES.items()}, "clips": truth})
-    _write_json(os.path.join(out_dir, MARKER), {"generator_version": GENERATOR_VERSION, "clips": clips, "seed": seed})
 
     result = build_avsbench_manifest(out_dir, workers=workers)
     bad = result.manifest[result.manifest["problem"] != ""]
