@@ -1,3 +1,17 @@
-"""Building, validating and reading manifests (one row per clip)."""
+"""Building, validating and reading manifests (one row per clip).
 
-from soundstage.manifests.table import read_manifest, write_manifest  # noqa: F401
+Build: ``soundstage.manifests.avsbench.build_avsbench_manifest`` (CLI ``soundstage manifest
+avsbench``); generate the synthetic dataset: ``soundstage.manifests.synth.make_synthetic_dataset``
+(CLI ``soundstage manifest synth``). Read and locate files with the helpers below.
+"""
+
+from soundstage.manifests.table import (  # noqa: F401
+    annotated_frames,
+    frame_path,
+    good_clips,
+    label_path,
+    mask_kind,
+    read_manifest,
+    resolve_path,
+    write_manifest,
+)
