@@ -218,8 +218,10 @@ def offline(monkeypatch):
 
 
 def test_sources_stage_stores_every_outcome(tmp_path, server, offline, caplog):
+    vocabulary = tmp_path / "label2idx.json"
+    vocabulary.write_text(json.dumps({"background": 1, "dog": 2, "guitar": 3, "man": 4, "violin": 5}))
     with caplog.at_level(logging.WARNING, logger="soundstage.llm"):
-        summary, out = _run_sources(tmp_path, server)
+        summary, out = _run_sources(tmp_path, server, vocabulary=str(vocabulary))
     assert summary.ok and summary.done == 3
     for cid, captions in CLIPS.items():
         rec = out[cid]
@@ -234,6 +236,13 @@ def test_sources_stage_stores_every_outcome(tmp_path, server, offline, caplog):
             assert json.loads(rec["sources"][i]) == names, (cid, i)
             assert rec["attempts"][i] == attempts, (cid, i)
             assert rec["response"][i] == (ANSWERS.get(kind, "") if status != "error" else "")
+            if status == "ok":  # vocabulary mapping beside the raw names
+                mapped = [n if n in ("dog", "guitar", "man", "violin") else None for n in names]
+                assert json.loads(rec["vocab_sources"][i]) == mapped, (cid, i)
+                scores = json.loads(rec["vocab_scores"][i])
+                assert [s == 1.0 for s in scores] == [m is not None for m in mapped]
+            else:
+                assert rec["vocab_sources"][i] == rec["vocab_scores"][i] == "null"
         # the clip-level question saw every caption of the clip
         assert rec["clip_status"] in ("ok", "unparseable", "error")
     assert json.loads(out["clip_a"]["clip_sources"]) == ["guitar", "man"]  # first keyword WELL
