@@ -9,7 +9,7 @@ say the same thing whatever it is given, which would hide padding bugs).
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                          BlipProcessor, CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaForCausalLM,
+                          BlipProcessor, CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast, RobertaConfig, RobertaModel)
 
 from soundstage.llm.prompt import load_template
@@ -83,13 +83,18 @@ def build_roberta(out_dir, seed=0) -> str:
     return str(out_dir)
 
 
-def build_clip_text(out_dir, seed=0) -> str:
-    """A CLIP text tower (its pooler output is the final state at the end-of-text token)."""
+def build_clip(out_dir, seed=0) -> str:
+    """A CLIP dual encoder; textcues uses its text tower (its pooler output is the final state at
+    the end-of-text token) or its projected text embedding."""
     tokenizer = word_tokenizer([" ".join(SOURCE_WORDS + CAPTION_WORDS)], wrap=True)
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=40, pad_token_id=tokenizer.pad_token_id,
-                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    CLIPTextModel(config).save_pretrained(out_dir)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=40, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        projection_dim=8)
+    CLIPModel(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return str(out_dir)

@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from _text_models import build_blip, build_chat_lm, build_clip_text, build_roberta
+from _text_models import build_blip, build_chat_lm, build_clip, build_roberta
 from soundstage.cache import open_stage
 from soundstage.llm.parse import parse_answer
 from soundstage.llm.prompt import load_template
@@ -42,7 +42,7 @@ def one_thread():
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("text_models")
     return {"blip": build_blip(root / "blip"), "lm": build_chat_lm(root / "lm"),
-            "roberta": build_roberta(root / "roberta"), "clip": build_clip_text(root / "clip")}
+            "roberta": build_roberta(root / "roberta"), "clip": build_clip(root / "clip")}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def captions(models, dataset):
-    params = {"model": models["blip"], "num_beams": 2, "max_new_tokens": 8, "device": "cpu"}
+    params = {"model": models["blip"], "num_beams": 2, "max_new_tokens": 8, "device": "cpu", "frames_per_call": 7}
     summary = run_stage(caption.STAGE, dataset["manifest"], dataset["cache"], params, batch_size=2, **QUIET)
     assert summary.ok and summary.done == 3
     return summary, open_stage(summary.path)
@@ -213,12 +213,14 @@ def _alone(model_dir, name, pooling):
     tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
     ids = tokenizer(name, return_tensors="pt")
     with torch.no_grad():
-        hidden = model(**ids).last_hidden_state[0]
-    # mean over the name's tokens, or (CLIP) the state at its last token, the end-of-text token
-    return (hidden.mean(0) if pooling == "mean" else hidden[-1]).numpy()
+        hidden = getattr(model, "text_model", model)(input_ids=ids["input_ids"]).last_hidden_state[0]
+        if pooling == "mean":  # over the name's tokens
+            return hidden.mean(0).numpy()
+        # CLIP: the state at the last token (end of text), projected into the joint space or not
+        return (model.text_projection(hidden[-1]) if pooling == "projected" else hidden[-1]).numpy()
 
 
-@pytest.mark.parametrize("encoder,pooling", [("roberta", "mean"), ("clip", "pooler")])
+@pytest.mark.parametrize("encoder,pooling", [("roberta", "mean"), ("clip", "pooler"), ("clip", "projected")])
 def test_textcues_slots_masks_and_vectors(models, tmp_path, encoder, pooling):
     manifest, cache = _known_cache(tmp_path, models)
     params = {"encoder": models[encoder], "pooling": pooling, "n_slots": 3, "device": "cpu"}
@@ -236,6 +238,12 @@ def test_textcues_slots_masks_and_vectors(models, tmp_path, encoder, pooling):
             for j, name in enumerate(kept):
                 np.testing.assert_allclose(cues[i, j], _alone(models[encoder], name, pooling), rtol=2e-3, atol=2e-3)
             assert not cues[i, len(kept):].any()  # masked slots: exact zeros
+
+
+def test_textcues_projected_needs_a_dual_encoder(models):
+    with pytest.raises(ValueError, match="no projected text features"):
+        textcues.TextEncoder({"encoder": models["roberta"], "pooling": "projected", "dtype": "float32",
+                              "device": "cpu", "encoder_batch_size": 8})
 
 
 def test_textcues_vocab_names_and_cli(models, tmp_path):

@@ -53,10 +53,15 @@ class Captioner:
         self.model = AutoModelForImageTextToText.from_pretrained(
             params["model"], dtype=getattr(torch, params["dtype"])).to(self.device).eval()
         self.prompt = params["prompt"] or None
+        self.frames_per_call = params["frames_per_call"]
         self.generate_kwargs = dict(num_beams=params["num_beams"], max_new_tokens=params["max_new_tokens"],
                                     do_sample=False)
 
     def __call__(self, images: list) -> list[str]:
+        return [c for start in range(0, len(images), self.frames_per_call)
+                for c in self._caption(images[start:start + self.frames_per_call])]
+
+    def _caption(self, images: list) -> list[str]:
         import torch
 
         text = [self.prompt] * len(images) if self.prompt else None
@@ -104,6 +109,7 @@ STAGE = Stage(
         Param("max_new_tokens", int, 40, "longest caption in tokens"),
         Param("dtype", str, "float32", "model weights dtype", choices=("float32", "float16", "bfloat16")),
         Param("device", str, "auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)", fingerprint=False),
+        Param("frames_per_call", int, 64, "images per generate call (bounds memory)", fingerprint=False),
     ],
     fields=[Field("captions", "str", (None,), "caption of frame i")],
     load=load,

@@ -13,10 +13,11 @@ JSON list of singular lowercase names) and a ``status``:
 - ``unparseable``: the answer holds no list in the asked format (``sources`` is ``null``);
 - ``error``: no answer at all (server down after all retries, empty caption); ``detail`` says why.
 
-``attempts`` counts the requests each answer took (always 1 for a local model); retries are
-logged on the ``soundstage.llm`` logger. With ``--on-error store`` (default) an answer that could
-not be obtained is stored with status ``error`` and the clip is done; with ``--on-error fail``
-the clip fails instead (recorded by the runner, nothing stored), so a rerun asks again.
+``attempts`` counts the requests each answer took (1 for a local model; 0 for an empty caption,
+which is not asked about); retries are logged on the ``soundstage.llm`` logger. With
+``--on-error store`` (default) an answer that could not be obtained is stored with status
+``error`` and the clip is done; with ``--on-error fail`` the clip fails instead (recorded by the
+runner, nothing stored), so a rerun asks again.
 With ``--vocabulary label2idx.json`` each name is also mapped onto the dataset's classes
 (``vocab_sources``, ``null`` below ``--vocab-min-score``) with its score (``vocab_scores``).
 """

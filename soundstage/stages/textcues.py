@@ -10,7 +10,9 @@ fallback for a missing file), and never the embedding of the word "None".
 Each name is encoded alone by ``--encoder`` (any transformers text model: a CLIP text tower,
 ``distilbert/distilroberta-base`` as in Ref-AVS, ...) and pooled by ``--pooling``:
 ``mean`` (default) averages the last hidden states over the name's tokens (attention mask);
-``pooler`` takes the model's ``pooler_output`` (for CLIP: the final state at the end token).
+``pooler`` takes the model's ``pooler_output`` (for CLIP: the final state at the end token);
+``projected`` takes a dual encoder's text embedding (``get_text_features``: CLIP's pooler output
+through its text projection, the space its image embeddings live in).
 
 Stored row-major like the other stages' multi-dimensional outputs (the cache declares a ragged
 first axis only): ``cues`` is ``[frames, n_slots, dim]`` flattened, ``cue_mask`` is
@@ -65,10 +67,16 @@ class TextEncoder:
 
         self.device = resolve_device(params["device"])
         self.tokenizer = AutoTokenizer.from_pretrained(params["encoder"])
+        if self.tokenizer.pad_token is None:  # GPT-like tokenizers: padded positions are masked anyway
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         model = AutoModel.from_pretrained(params["encoder"], dtype=getattr(torch, params["dtype"]))
-        # a full CLIP-like checkpoint (image + text): use its text tower
-        self.model = getattr(model, "text_model", model).to(self.device).eval()
         self.pooling = params["pooling"]
+        if self.pooling == "projected" and not hasattr(model, "get_text_features"):
+            raise ValueError(f"{params['encoder']} has no projected text features; use --pooling mean or pooler")
+        if self.pooling != "projected":
+            # a full CLIP-like checkpoint (image + text): use its text tower
+            model = getattr(model, "text_model", model)
+        self.model = model.to(self.device).eval()
         self.batch_size = params["encoder_batch_size"]
 
     def __call__(self, names: list[str]) -> np.ndarray:
@@ -79,14 +87,21 @@ class TextEncoder:
             enc = self.tokenizer(names[start:start + self.batch_size], padding=True, truncation=True,
                                  max_length=32, return_tensors="pt").to(self.device)
             with torch.inference_mode():
-                out = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-            if self.pooling == "pooler":
-                pooled = out.pooler_output
-            else:
-                weights = enc["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
-                pooled = (out.last_hidden_state * weights).sum(1) / weights.sum(1).clamp(min=1)
+                pooled = self._pool(enc["input_ids"], enc["attention_mask"])
             vectors.append(pooled.float().cpu().numpy())
         return np.concatenate(vectors)
+
+    def _pool(self, input_ids, attention_mask):
+        import torch
+
+        if self.pooling == "projected":  # a tensor (transformers 4) or an output whose pooler is projected (5)
+            out = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+            return out if torch.is_tensor(out) else out.pooler_output
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        if self.pooling == "pooler":
+            return out.pooler_output
+        weights = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+        return (out.last_hidden_state * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
 def embed_frames(encode, items: list, n_slots: int) -> list[dict]:
@@ -120,8 +135,8 @@ STAGE = Stage(
     params=[
         Param("encoder", str, DEFAULT_ENCODER, "hub id or local directory of a transformers text model",
               identity=model_identity),
-        Param("pooling", str, "mean", "mean: masked mean of the last hidden states; pooler: pooler_output",
-              choices=("mean", "pooler")),
+        Param("pooling", str, "mean", "mean: masked mean of the last hidden states; pooler: pooler_output; "
+              "projected: a CLIP-like model's text embedding", choices=("mean", "pooler", "projected")),
         Param("n_slots", int, 4, "slots per frame; names beyond are cut, missing ones masked"),
         Param("names", str, "raw", "raw: the LLM's names; vocab: their mapping onto the dataset classes",
               choices=("raw", "vocab")),
