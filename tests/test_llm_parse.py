@@ -33,6 +33,11 @@ PARSED = [
     ('The dog barks.\n["dog"]', ["dog"]),
     # trailing chatter after the list
     ('ANSWER: ["horse"]. Hope this helps!', ["horse"]),
+    # a list over several lines, a trailing comma
+    ('ANSWER: [\n  "guitar",\n  "man"\n]', ["guitar", "man"]),
+    ('ANSWER: ["guitar", "man",]', ["guitar", "man"]),
+    # "answer:" mentioned in prose after the answer line
+    ('ANSWER: ["dog"]\n(Note: my answer: is based on the caption.)', ["dog"]),
     # escaped quotes inside a name are JSON
     ('ANSWER: ["12\\" vinyl", "tuba"]', ['12" vinyl', "tuba"]),
 ]
@@ -67,6 +72,7 @@ UNPARSEABLE_ANSWERS = [
     "ANSWER: [[\"dog\"]]",
     "ANSWER: [dog; cat!!]",
     '<think>The dog... ANSWER: ["dog"]',  # cut inside the reasoning: the draft is not an answer
+    'Draft ANSWER: ["dog"] then more thought.\nANSWER: [',  # the final answer was cut: not the draft
     "garbage tokens ] [ ,, ANSWER",
     'Some list ["dog"] in the middle of text, then more text.',
 ]

@@ -4,7 +4,8 @@ The prompt asks for reasoning followed by a final line ``ANSWER: ["guitar", "man
 models wrap it in code fences, bold the marker, run out of tokens mid-list, answer in Python
 quotes, repeat names or use plurals. ``parse_answer`` accepts those and nothing looser:
 
-- the list after the LAST ``ANSWER:`` marker (earlier ones are drafts in the reasoning);
+- the list after the LAST ``ANSWER:`` marker that is followed by one (earlier ones are drafts
+  in the reasoning; a later "the answer: ..." in prose is not an answer line);
 - with no marker, only a reply that is itself a list (or whose last line is one);
 - a list cut off by the token limit keeps its complete names (``note`` says it was truncated);
   an answer cut before any complete name is unparseable, not "no sources";
@@ -51,11 +52,15 @@ def parse_answer(text: str | None) -> ParsedAnswer:
     if lowered.rfind("<think>") > lowered.rfind("</think>"):
         return ParsedAnswer(UNPARSEABLE, None, "reply ended inside its <think> section")
     markers = list(_MARKER.finditer(text))
-    if markers:
-        candidate = _unfence(text[markers[-1].end():])
+    candidate = ""
+    # the last marker followed by a list (a later "the answer: is ..." in prose is not one)
+    for marker in reversed(markers):
+        candidate = _unfence(text[marker.end():])
         if candidate.split("\n", 1)[0].strip().lower().strip(".") in _NOTHING:
             return ParsedAnswer(OK, [], "answered in words that nothing sounds")
-    else:
+        if candidate.startswith("["):
+            break
+    if not markers:
         candidate = _unfence(text)
         if not candidate.startswith("["):
             # a reply whose last line is a list, after some reasoning without a marker
