@@ -1,0 +1,156 @@
+"""Throughput of the beats stage against a one-clip-at-a-time loop, and achieved FLOP/s.
+
+    python benchmarks/bench_beats.py [--clips 8] [--seconds 5] [--threads 2] [--size real|tiny]
+
+Both sides use the same model (random weights in the official checkpoint format, saved and
+loaded through ``BEATs.from_checkpoint``; ``--size real`` is the iter3+ shape: 12 layers, 768
+wide) and compute the same outputs per clip: one pass over the whole clip and one per 1 s window.
+
+- stage: ``STAGE.process`` on batches of ``--batch`` equal-length clips (what the runner calls;
+  all full 1 s windows of a batch share one forward pass);
+- loop: per clip, ``extract_features`` on the clip, then on each second, batch size 1.
+
+FLOPs of one clip are counted with ``torch.utils.flop_counter`` (matmuls, convolutions,
+attention); the matmul roofline is the best of a few float32 2048^3 ``torch.mm`` on the same
+threads. A third row runs the whole stage through the runner on the synthetic dataset (decode,
+batching, HDF5 commit included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from soundstage.models.beats import BEATs, tiny_config  # noqa: E402
+from soundstage.models.fbank import num_frames  # noqa: E402
+from soundstage.stages.beats import STAGE  # noqa: E402
+
+REAL = dict(embed_dim=512, encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072,
+            encoder_attention_heads=12, conv_pos=128, conv_pos_groups=16, num_buckets=320, max_distance=800)
+
+
+def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def attention_flops(model: BEATs, samples: int) -> float:
+    """q k^T and attention x v of every layer (the counter misses CPU SDPA with a bias mask)."""
+    patches = (num_frames(samples) // model.patch_size) * (128 // model.patch_size)
+    return 4 * patches**2 * model.embed_dim * len(model.encoder.layers)
+
+
+def clip_flops(model: BEATs, wave: np.ndarray) -> float:
+    """FLOPs the stage spends on one clip: the whole clip plus each 1 s window."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    seconds = len(wave) // 16000
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        STAGE.process(model, [{"wave": wave, "seconds": seconds}], {})
+    return counter.get_total_flops() + attention_flops(model, len(wave)) + seconds * attention_flops(model, 16000)
+
+
+def one_at_a_time(model: BEATs, items: list) -> None:
+    with torch.inference_mode():
+        for item in items:
+            wave = torch.from_numpy(item["wave"])[None]
+            model.extract_features(wave)
+            for s in range(item["seconds"]):
+                window = wave[:, s * 16000:(s + 1) * 16000]
+                features, _ = model.encode(window)
+                model.classify(features)
+                features.mean(dim=1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clips", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--size", choices=("real", "tiny"), default="real")
+    ap.add_argument("--runner-clips", type=int, default=8, help="clips of the synthetic dataset for the runner row (0: skip)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    tmp = tempfile.mkdtemp(prefix="bench_beats_")
+    cfg = tiny_config(**(REAL if args.size == "real" else {}))
+    model = BEATs(cfg)
+    model.label_dict = {i: f"/m/bench{i}" for i in range(cfg["predictor_class"])}
+    path = os.path.join(tmp, "beats.pt")
+    model.save_checkpoint(path)
+    model = STAGE.setup({"checkpoint": path, "device": "cpu", "dtype": "fp32"})
+
+    rng = np.random.default_rng(0)
+    items = [{"wave": (0.1 * rng.standard_normal(16000 * args.seconds)).astype(np.float32), "seconds": args.seconds}
+             for _ in range(args.clips)]
+    flops = clip_flops(model, items[0]["wave"])
+
+    # the machine may be shared: the roofline is the best of measurements around the timed runs
+    peaks = [matmul_flops_per_s()]
+    STAGE.process(model, items[:1], {})  # warm-up
+    cpu0 = time.process_time()
+    stage_s = _timed(lambda: [STAGE.process(model, items[i:i + args.batch], {})
+                              for i in range(0, len(items), args.batch)])
+    stage_cpu = time.process_time() - cpu0
+    peaks.append(matmul_flops_per_s())
+    cpu0 = time.process_time()
+    loop_s = _timed(lambda: one_at_a_time(model, items))
+    loop_cpu = time.process_time() - cpu0
+    peaks.append(matmul_flops_per_s())
+    peak = max(peaks)
+
+    rows = [("stage (process, batch %d)" % args.batch, stage_s, args.clips),
+            ("one clip at a time", loop_s, args.clips)]
+    if args.runner_clips:
+        from soundstage.manifests.synth import make_synthetic_dataset
+        from soundstage.pipeline.runner import run_stage
+
+        manifest = make_synthetic_dataset(os.path.join(tmp, "data"), clips=args.runner_clips, seed=0, workers=0)
+        summary = run_stage(STAGE, manifest, os.path.join(tmp, "cache"), {"checkpoint": path, "device": "cpu"},
+                            workers=1, batch_size=args.batch, progress=False, log=lambda *_: None)
+        assert summary.ok, summary.format()
+        audio_s = 0.0
+        from soundstage.manifests.table import read_manifest
+
+        audio_s = float(read_manifest(manifest)["num_frames"].astype(int).sum())
+        rows.append((f"runner, synthetic ({args.runner_clips} clips, {audio_s:.0f} s audio)", summary.seconds, None))
+
+    print(f"BEATs {args.size}: {cfg['encoder_layers']} layers x {cfg['encoder_embed_dim']}, "
+          f"{args.clips} clips of {args.seconds} s, fp32 CPU, {args.threads} threads")
+    print(f"FLOPs per {args.seconds} s clip (clip pass + {args.seconds} one-second passes): {flops / 1e9:.1f} GFLOP")
+    print(f"matmul roofline (float32 2048^3 torch.mm, best of {len(peaks)}): {peak / 1e9:.1f} GFLOP/s "
+          f"(measurements {', '.join(f'{p / 1e9:.1f}' for p in peaks)}); load average {os.getloadavg()[0]:.1f}")
+    print(f"CPU seconds / wall seconds: stage {stage_cpu / stage_s:.2f}, loop {loop_cpu / loop_s:.2f} "
+          f"(below {args.threads} means other processes took the cores)")
+    print(f"{'':44s} {'s':>8s} {'clips/s':>8s} {'x realtime':>10s} {'GFLOP/s':>8s} {'of matmul':>9s}")
+    for name, seconds, clips in rows:
+        if clips is None:
+            print(f"{name:44s} {seconds:8.2f}  (includes decoding, dataset-specific clip lengths, HDF5 commit)")
+            continue
+        rate = flops * clips / seconds
+        print(f"{name:44s} {seconds:8.2f} {clips / seconds:8.2f} {clips * args.seconds / seconds:10.1f} "
+              f"{rate / 1e9:8.1f} {rate / peak:9.0%}")
+    print(f"speed-up of the stage over the loop: {loop_s / stage_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
