@@ -257,6 +257,19 @@ def test_sources_stage_stores_every_outcome(tmp_path, server, offline, caplog):
 def test_sources_stage_on_error_fail_leaves_clip_for_rerun(tmp_path, server, offline):
     summary, out = _run_sources(tmp_path, server, on_error="fail")
     failed = dict(summary.failed)
-    assert set(failed) == {"clip_b", "clip_c"}  # DOWN, BADBODY / empty caption
+    assert set(failed) == {"clip_b", "clip_c"}  # DOWN, BADBODY (an empty caption alone would not fail)
     assert "frame 2" in failed["clip_b"] and "HTTP 500" in failed["clip_b"]
+    assert "frame 1" in failed["clip_c"] and "not a chat completion" in failed["clip_c"]
     assert "clip_b" not in out and json.loads(out["clip_a"]["sources"][0]) == ["guitar", "man"]
+
+
+def test_fail_mode_ignores_empty_captions():
+    from soundstage.pipeline.stage import ClipError
+    from soundstage.stages.sources import _fail_on_unanswered
+
+    result = {"status": ["ok", "error"], "attempts": [1, 0], "detail": ["", "empty caption: nothing to ask about"],
+              "clip_status": "ok", "clip_attempts": 1, "clip_detail": ""}
+    _fail_on_unanswered(result, 2)  # never asked: asking again would not help
+    result.update(clip_status="error", clip_attempts=3, clip_detail="HTTP 500")
+    with pytest.raises(ClipError, match="clip-level question: HTTP 500"):
+        _fail_on_unanswered(result, 2)

@@ -104,13 +104,21 @@ def process(model: SourcesModel, items, params):
         clip = model.record(answers[(k, "clip")])
         result = {name: [f[name] for f in frames] for name in ANSWER_FIELDS}
         result.update({f"clip_{name}": clip[name] for name in ANSWER_FIELDS})
-        if params["on_error"] == "fail" and ERROR in result["status"] + [result["clip_status"]]:
-            frame = (result["status"] + [result["clip_status"]]).index(ERROR)
-            where = f"frame {frame}" if frame < len(captions) else "the clip-level question"
-            detail = (result["detail"] + [result["clip_detail"]])[frame]
-            raise ClipError(f"no LLM answer for {where}: {detail}")
+        if params["on_error"] == "fail":
+            _fail_on_unanswered(result, len(captions))
         results.append(result)
     return results
+
+
+def _fail_on_unanswered(result: dict, frames: int) -> None:
+    """ClipError for the first question asked but not answered (an empty caption is no such case:
+    asking again would not change it)."""
+    rows = zip(result["status"] + [result["clip_status"]], result["attempts"] + [result["clip_attempts"]],
+               result["detail"] + [result["clip_detail"]])
+    for i, (status, attempts, detail) in enumerate(rows):
+        if status == ERROR and attempts > 0:
+            where = f"frame {i}" if i < frames else "the clip-level question"
+            raise ClipError(f"no LLM answer for {where}: {detail}")
 
 
 def _log_retries(answers) -> None:
