@@ -61,4 +61,7 @@ def colour_to_index(rgb: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarr
 
 def index_to_colour(indices: np.ndarray) -> np.ndarray:
     """``[H, W, 3]`` uint8 colour mask of an ``[H, W]`` array of palette indices."""
-    return palette()[indices]
+    return _PALETTE[indices]
+
+
+_PALETTE = palette()  # read-only use in index_to_colour; palette() hands out fresh copies

@@ -118,26 +118,26 @@ def _one_second(name: str, sr: int, rng) -> np.ndarray:
 
 
 def _gate(sounding: list[bool], sr: int) -> np.ndarray:
-    """1 in the seconds a source sounds, 0 elsewhere, with short linear ramps (running mean)."""
-    gate = np.repeat(np.asarray(sounding, dtype=np.float64), sr)
-    width = max(1, int(FADE_SECONDS * sr))
-    padded = np.concatenate([np.full(width, gate[0]), gate, np.full(width, gate[-1])])
-    cumulative = np.concatenate([[0.0], np.cumsum(padded)])
-    smooth = (cumulative[width:] - cumulative[:-width]) / width
-    return smooth[width // 2 : width // 2 + len(gate)]
+    """1 in the seconds a source sounds, 0 elsewhere, with a short linear ramp at each change."""
+    gate = np.repeat(np.asarray(sounding, dtype=np.float32), sr)
+    half = max(1, int(FADE_SECONDS * sr) // 2)
+    ramp = np.linspace(0.0, 1.0, 2 * half, dtype=np.float32)
+    for second in range(1, len(sounding)):
+        if sounding[second] != sounding[second - 1]:
+            gate[second * sr - half : second * sr + half] = ramp if sounding[second] else ramp[::-1]
+    return gate
 
 
 def render_audio(objects: list[dict], seconds: int, sr: int, channels: int, width: int, rng) -> np.ndarray:
-    """``[samples, channels]`` mix: each object's sound gated by its per-second schedule."""
-    mix = np.zeros((seconds * sr, channels))
+    """``[samples, channels]`` float32 mix: each object's sound gated by its per-second schedule."""
+    mix = NOISE_LEVEL * rng.standard_normal((seconds * sr, channels), dtype=np.float32)
     for obj in objects:
-        wave = SOUND_LEVEL * class_sound(obj["class"], seconds, sr, rng) * _gate(obj["sounding"], sr)
+        wave = (SOUND_LEVEL * class_sound(obj["class"], seconds, sr, rng)).astype(np.float32) * _gate(obj["sounding"], sr)
         if channels == 2:  # constant-power pan from the object's mean horizontal position
             angle = np.mean([c[0] for c in obj["centres"]]) / width * (np.pi / 2)
-            mix += wave[:, None] * np.array([np.cos(angle), np.sin(angle)])
+            mix += wave[:, None] * np.array([np.cos(angle), np.sin(angle)], dtype=np.float32)
         else:
             mix[:, 0] += wave
-    mix += NOISE_LEVEL * rng.standard_normal(mix.shape)
     return np.clip(mix, -1.0, 1.0)
 
 
@@ -167,7 +167,7 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, xx: np.ndarray, yy: n
 
 def render_frame(objects, frame: int, width: int, height: int, background: np.ndarray, rng):
     """(RGB frame, palette-index map of the sounding objects) for frame ``frame``."""
-    image = background + 4.0 * rng.standard_normal(background.shape, dtype=np.float32)
+    image = background + rng.integers(-7, 8, background.shape, dtype=np.int16)  # sensor-like grain
     labels = np.zeros((height, width), dtype=np.uint8)
     for obj in objects:
         shape, colour, _ = CLASSES[obj["class"]]
@@ -184,10 +184,10 @@ def render_frame(objects, frame: int, width: int, height: int, background: np.nd
 
 
 def _background(width: int, height: int, rng) -> np.ndarray:
-    """A smooth gradient between two muted colours (float32, ``[H, W, 3]``)."""
+    """A smooth gradient between two muted colours (int16, ``[H, W, 3]``)."""
     start, end = rng.uniform(60, 190, 3), rng.uniform(60, 190, 3)
     ramp = np.linspace(0, 1, width)[None, :, None] * 0.7 + np.linspace(0, 1, height)[:, None, None] * 0.3
-    return (start + (end - start) * ramp).astype(np.float32)
+    return np.rint(start + (end - start) * ramp).astype(np.int16)
 
 
 # ---------------------------------------------------------------- planning clips
