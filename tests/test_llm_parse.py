@@ -92,7 +92,7 @@ def test_think_section_then_answer():
 @pytest.mark.parametrize("word,single", [
     ("guitars", "guitar"), ("glasses", "glass"), ("bus", "bus"), ("watches", "watch"), ("wolves", "wolf"),
     ("firemen", "fireman"), ("women", "woman"), ("sheep", "sheep"), ("cellos", "cello"), ("cactus", "cactus"),
-    ("harmonicas", "harmonica"), ("bass", "bass"), ("specimen", "specimen"), ("children", "child"),
+    ("harmonicas", "harmonica"), ("bass", "bass"), ("specimen", "specimen"), ("children", "child"), ("lens", "lens"),
 ])
 def test_singular(word, single):
     assert singular(word) == single

@@ -148,7 +148,8 @@ _IRREGULAR = {
     "wolves": "wolf", "leaves": "leaf", "calves": "calf", "halves": "half", "buses": "bus",
     "gases": "gas", "lives": "life", "wives": "wife", "shelves": "shelf", "hooves": "hoof",
 }
-_INVARIANT = {"sheep", "deer", "fish", "series", "species", "news", "aircraft", "moose", "bison", "chassis"}
+_INVARIANT = {"sheep", "deer", "fish", "series", "species", "news", "aircraft", "moose", "bison", "chassis",
+              "lens", "scissors", "clothes", "pants", "jeans", "shorts", "trousers", "headquarters"}
 _NOT_MEN_PLURAL = {"specimen", "abdomen", "amen", "omen", "stamen", "semen"}
 
 
