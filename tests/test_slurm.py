@@ -6,6 +6,7 @@ The script tests need no SLURM. The cluster tests need ``sbatch`` on PATH and a 
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from soundstage.cache import StageDir, open_stage
+from soundstage.cache import open_stage, read_result
 from soundstage.cli import main
 from soundstage.manifests.synth import make_synthetic_dataset
 from soundstage.pipeline import slurm
@@ -150,7 +151,7 @@ def test_dry_run_prints_a_script_that_runs_its_shard(dataset, tmp_path):
     cache = tmp_path / "cache"
     result = CliRunner().invoke(main, ["audio-stats", "--manifest", dataset, "--cache", str(cache), "--executor", "slurm",
                                        "--shards", "4", "--dry-run", "--partition", "short", "--time", "0:10:00",
-                                       "--mem", "2G", "--max-parallel", "2", "--silence-db", "-50"])
+                                       "--mem", "2G", "--max-parallel", "2", "--silence-db", "-50", "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert not cache.exists()  # a dry run writes nothing
     out = result.output
@@ -213,6 +214,7 @@ stages:
   test-loudest:
     offset_db: 1.5
     resources: {{max_parallel: 2}}
+  test-mean: {{}}
 """)
     return str(path)
 
@@ -222,21 +224,27 @@ def test_pipeline_on_slurm_equals_local_run(dataset, tmp_path, slurm_env):
     on_slurm = _write_pipeline(tmp_path / "slurm.yaml", dataset, tmp_path / "cache-slurm")
     local = _write_pipeline(tmp_path / "local.yaml", dataset, tmp_path / "cache-local")
 
-    code, out = _invoke(["run", on_slurm, "test-loudest", "--executor", "slurm", "--wait"])
+    code, out = _invoke(["run", on_slurm, "--executor", "slurm", "--wait"])
     assert code == 0, out
-    assert "submitted soundstage-audio-stats as job" in out
     first = out.split("submitted soundstage-audio-stats as job ")[1].split(";")[0]
-    assert "submitted soundstage-test-loudest as job" in out and f"(after {first})" in out  # afterok chain
-    assert "0 failed, 0 missing" in out
+    for downstream in ("test-loudest", "test-mean"):  # both wait for audio-stats (afterok)
+        assert re.search(f"submitted soundstage-{downstream} as job \\d+ \\(after {first}\\)", out), out
+    assert out.count("0 failed, 0 missing") == 2 and "test-mean" in out and ": fitted" in out
 
     code, local_out = _invoke(["run", local, "--executor", "local"])
     assert code == 0, local_out
-    for stage in ("audio-stats", "test-loudest"):
+    for stage, logs in (("audio-stats", "*_*.out"), ("test-loudest", "*_*.out"), ("test-mean", "*.out")):
         (a,) = glob.glob(str(tmp_path / "cache-slurm" / stage / "*"))
         (b,) = glob.glob(str(tmp_path / "cache-local" / stage / "*"))
         assert os.path.basename(a) == os.path.basename(b)  # same fingerprints
-        _assert_same_outputs(a, b)
-        assert len(glob.glob(os.path.join(a, "logs", "*_*.out"))) == 3  # one log per array task, next to the output
+        if stage == "test-mean":
+            ra, rb = read_result(a), read_result(b)
+            for key in ("mean_rms_db", "clips"):
+                np.testing.assert_array_equal(ra[key], rb[key])
+        else:
+            _assert_same_outputs(a, b)
+        # logs next to the output: one per array task, one for the whole-dataset job
+        assert len(glob.glob(os.path.join(a, "logs", logs))) == (1 if stage == "test-mean" else 3)
 
     code, again = _invoke(["run", on_slurm, "--executor", "slurm", "--wait"])
     assert code == 0 and "nothing to submit" in again and "submitted" not in again

@@ -1,7 +1,8 @@
-"""Test stages for the executor and SLURM tests (not shipped): a cheap stage reading another.
+"""Test stages for the executor and SLURM tests (not shipped); both read ``audio-stats``.
 
-``loudest`` reads ``audio-stats`` and keeps each clip's loudest second, so a two-stage pipeline
-needs no model and its expected values are easy to compute from the upstream output.
+``test-loudest`` (per clip) keeps each clip's loudest second; ``test-mean`` (whole dataset, so
+SLURM runs it as one job, like a k-means fit) averages the loudness of all clips. Neither needs
+a model, and their values are easy to check against the upstream output.
 """
 
 import numpy as np
@@ -9,7 +10,7 @@ import numpy as np
 from soundstage.pipeline.stage import Field, Param, Stage, Upstream
 
 
-def load(row, ctx):
+def load_loudest(row, ctx):
     rms_db = np.asarray(ctx.upstream["stats"][row["clip_id"]]["rms_db"], dtype=np.float32)
     return {"second": int(np.argmax(rms_db)), "rms_db": float(rms_db.max()) + ctx.params["offset_db"]}
 
@@ -21,16 +22,31 @@ LOUDEST = Stage(
     params=[Param("offset_db", float, 0.0, "added to the stored level")],
     upstream=[Upstream("stats", "audio-stats")],
     fields=[Field("second", "int32", ()), Field("rms_db", "float32", ())],
-    load=load,
+    load=load_loudest,
     process=lambda model, items, params: items,
     default_batch_size=4,
 )
-STAGE = LOUDEST
+
+
+def fit_mean(ctx):
+    stats = ctx.upstream["stats"]
+    levels = [float(np.mean(stats[cid]["rms_db"])) for cid in ctx.clip_ids if cid in stats]
+    return {"mean_rms_db": np.asarray([np.mean(levels)], dtype=np.float64), "clips": np.asarray([len(levels)])}
+
+
+MEAN = Stage(
+    name="test-mean",
+    version=1,
+    kind="global",
+    help="Mean loudness over the dataset (test stage).",
+    upstream=[Upstream("stats", "audio-stats")],
+    fit=fit_mean,
+)
 
 
 def register() -> None:
     """Make the test stages known to this process (``soundstage test-loudest``, ``test-mean``)."""
     from soundstage.stages import register_stage
 
-    register_stage("test-loudest", __name__)
-    register_stage("test-mean", "soundstage_test_global")
+    register_stage("test-loudest", f"{__name__}:LOUDEST")
+    register_stage("test-mean", f"{__name__}:MEAN")
