@@ -339,3 +339,22 @@ def tiny_config(**overrides) -> dict:
     }
     cfg.update(overrides)
     return cfg
+
+
+def write_tiny_checkpoint(path, seed: int = 0, **overrides) -> str:
+    """A seeded random tiny fine-tuned BEATs in the official format, labelled with the AudioSet
+    MIDs in class-list order: a stand-in for the real checkpoint (demos, tests), loaded back
+    through the same ``from_checkpoint`` as a real one."""
+    import csv
+    import os
+
+    class_list = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "audioset",
+                              "class_labels_indices.csv")
+    with open(class_list, newline="", encoding="utf-8") as f:
+        mids = [row["mid"] for row in csv.DictReader(f)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BEATs(tiny_config(predictor_class=len(mids), **overrides))
+    model.label_dict = dict(enumerate(mids))
+    model.save_checkpoint(path)
+    return str(path)
