@@ -73,12 +73,12 @@ for _ in $(seq 1 20); do
 done
 munge -n | unmunge >/dev/null || { log "munge does not work"; exit 1; }
 
-# --- slurm.conf for this one host ---
+# --- slurm.conf for this one host (addresses given, so the host name need not resolve) ---
 mkdir -p "$CONF_DIR" "$LOG_DIR" /var/spool/slurmctld /var/spool/slurmd
 cat >"$CONF" <<EOF
 # Written by .ci/slurm/start.sh: a single-node test cluster on $HOST.
 ClusterName=soundstage-ci
-SlurmctldHost=$HOST
+SlurmctldHost=$HOST(127.0.0.1)
 AuthType=auth/munge
 CredType=cred/munge
 SlurmUser=root
@@ -103,7 +103,7 @@ MinJobAge=300
 # seconds between SIGTERM and SIGKILL when a job is cancelled or runs out of time
 KillWait=30
 MaxArraySize=1001
-NodeName=$HOST CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 # slurm 22+ wants a cgroup.conf even with proctrack/linuxproc on some builds; keep it inert
