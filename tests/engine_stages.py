@@ -1,5 +1,6 @@
 """Toy stages for the engine tests (registered by the tests, not shipped as stages)."""
 
+import os
 import time
 
 import numpy as np
@@ -15,6 +16,8 @@ def load_wave(row, ctx):
 
 def process_slow(model, items, params):
     time.sleep(params["sleep"] * len(items))
+    if params["marker_dir"]:  # lets a test see progress without waiting for a commit
+        open(os.path.join(params["marker_dir"], f"batch-{time.monotonic_ns()}"), "w").close()
     out = []
     for it in items:
         w = it["wave"]
@@ -26,7 +29,8 @@ def process_slow(model, items, params):
 
 SLOW = Stage(
     name="toy-slow", version=1,
-    params=[Param("scale", float, 1.0), Param("sleep", float, 0.0, fingerprint=False)],
+    params=[Param("scale", float, 1.0), Param("sleep", float, 0.0, fingerprint=False),
+            Param("marker_dir", str, "", fingerprint=False)],
     fields=[Field("energy", "float16", (None,)), Field("peak", "float32", ()), Field("label", "str", ())],
     load=load_wave, process=process_slow, batch_key=lambda it: len(it["wave"]), default_batch_size=2,
 )

@@ -233,13 +233,14 @@ def test_sigterm_commits_finished_clips_and_rerun_completes(wavs, tmp_path):
     cache = str(tmp_path / "c")
     script = KILL_SCRIPT.format(tests=HERE, manifest=manifest, cache=cache, workers=0).replace('"sleep": 0.15', '"sleep": 0.3')
     script = script.replace("commit_every=2", "commit_every=1000")
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    script = script.replace('"sleep": 0.3', f'"sleep": 0.3, "marker_dir": {str(markers)!r}')
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    locks = tmp_path / "c" / "toy-slow"
-    for _ in range(300):  # wait until the runner holds its shard, then let it work a little
-        if list(locks.glob("*/locks/*.lock")):
+    for _ in range(600):  # wait until two batches are finished (not committed: commit_every=1000)
+        if len(list(markers.iterdir())) >= 2:
             break
         time.sleep(0.1)
-    time.sleep(2.0)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert "INTERRUPTED" in out

@@ -1,9 +1,12 @@
 """Reading stage outputs: ``open_stage(stage_dir)`` -> read-only mapping clip_id -> {field: value}.
 
-Safe in DataLoader workers: the reader holds no open HDF5 handle when pickled; each process
-opens the part files it needs lazily and keeps at most ``max_open`` of them open (LRU), so
-memory stays bounded however many parts there are. libhdf5 serialises calls within a process,
-so parallel reading means processes (DataLoader workers), not threads.
+Safe in DataLoader workers: the reader holds no open file when pickled; each process opens the
+part files it needs lazily and keeps at most ``max_open`` of them open (LRU), so memory stays
+bounded however many parts there are.
+
+Numeric fields are read through a memory map of the (immutable, contiguous) dataset, located
+once when the index is built; a clip is one slice and a copy. Strings go through h5py, whose
+library calls are serialised within a process: parallel reading means processes, not threads.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import os
 from collections import OrderedDict
 from collections.abc import Mapping
 
+import numpy as np
+
 from soundstage.cache.store import StageDir, fields_from_schema, h5py  # h5py after the locking env var
 
 
 class StageReader(Mapping):
-    def __init__(self, stage_dir: str, fields: list[str] | None = None, max_open: int = 16):
+    def __init__(self, stage_dir: str, fields: list[str] | None = None, max_open: int = 128):
         self.dir = StageDir(stage_dir)
         if not self.dir.exists():
             raise FileNotFoundError(f"{stage_dir} is not a stage output (no stage.json)")
@@ -30,55 +35,53 @@ class StageReader(Mapping):
                 raise KeyError(f"{stage_dir} has no field(s) {missing}; it has {sorted(known)}")
             self.fields = [f for f in self.fields if f.name in fields]
         self.max_open = max_open
-        self._handles: OrderedDict = OrderedDict()
+        self._open_parts: OrderedDict = OrderedDict()
         self._pid = os.getpid()
         self.refresh()
 
-    # Index: clip id -> (part number, row). Built once here from the parts' clip_id columns.
     def refresh(self) -> None:
+        """(Re)build the index clip id -> (part, row) and each part's layout from the part files."""
         self.parts = self.dir.part_paths()
         self.index: dict[str, tuple[int, int]] = {}
         self.duplicates: list[tuple[str, str]] = []
-        self._offsets: dict[int, dict[str, object]] = {}
+        self._offsets: list[dict] = []  # per part: ragged field -> offsets array
+        self._layout: list[dict] = []  # per part: numeric field -> (byte offset, dtype, shape) or None
         for p, path in enumerate(self.parts):
             with h5py.File(path, "r") as h5:
                 ids = h5["clip_id"].asstr()[...]
-                self._offsets[p] = {f.name: h5[f"offsets/{f.name}"][...] for f in self.fields if f.ragged}
+                self._offsets.append({f.name: h5[f"offsets/{f.name}"][...] for f in self.fields if f.ragged})
+                self._layout.append({f.name: _mappable(h5[f.name]) for f in self.fields if f.dtype != "str"})
             for row, cid in enumerate(ids):
                 if cid in self.index:
                     self.duplicates.append((cid, os.path.basename(path)))
                 else:
                     self.index[cid] = (p, row)
 
-    def _handle(self, p: int) -> h5py.File:
+    def _open(self, p: int) -> "_OpenPart":
         if os.getpid() != self._pid:  # forked: never use the parent's handles
-            self._handles = OrderedDict()
+            self._open_parts = OrderedDict()
             self._pid = os.getpid()
-        h5 = self._handles.get(p)
-        if h5 is None:
-            h5 = h5py.File(self.parts[p], "r")
-            self._handles[p] = h5
-            while len(self._handles) > self.max_open:
-                _, old = self._handles.popitem(last=False)
+        part = self._open_parts.get(p)
+        if part is None:
+            part = _OpenPart(self.parts[p], self._layout[p])
+            self._open_parts[p] = part
+            while len(self._open_parts) > self.max_open:
+                _, old = self._open_parts.popitem(last=False)
                 old.close()
         else:
-            self._handles.move_to_end(p)
-        return h5
+            self._open_parts.move_to_end(p)
+        return part
 
     def __getitem__(self, clip_id: str) -> dict:
         p, row = self.index[clip_id]
-        h5 = self._handle(p)
+        part = self._open(p)
         out = {}
         for f in self.fields:
-            ds = h5[f.name]
-            if f.dtype == "str":
-                ds = ds.asstr()
             if f.ragged:
                 start, stop = self._offsets[p][f.name][row : row + 2]
-                value = ds[start:stop]
-                out[f.name] = list(value) if f.dtype == "str" else value
+                out[f.name] = part.read(f, slice(int(start), int(stop)))
             else:
-                out[f.name] = ds[row]
+                out[f.name] = part.read(f, row)
         return out
 
     def __iter__(self):
@@ -91,13 +94,13 @@ class StageReader(Mapping):
         return clip_id in self.index
 
     def close(self) -> None:
-        for h5 in self._handles.values():
-            h5.close()
-        self._handles.clear()
+        for part in self._open_parts.values():
+            part.close()
+        self._open_parts.clear()
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_handles"] = OrderedDict()
+        state["_open_parts"] = OrderedDict()
         return state
 
     def __del__(self):
@@ -108,6 +111,47 @@ class StageReader(Mapping):
 
     def __repr__(self):
         return f"StageReader({self.meta['stage']}/{self.meta['fingerprint']}, {len(self)} clips)"
+
+
+def _mappable(ds) -> tuple | None:
+    """Where a contiguous, unfiltered dataset's bytes are in its file (None: read via h5py)."""
+    if ds.chunks is not None or ds.compression is not None:
+        return None
+    offset = ds.id.get_offset()  # None for an empty dataset that has no storage
+    return None if offset is None else (offset, ds.dtype, ds.shape)
+
+
+class _OpenPart:
+    """One part file open in this process: a memory map for numbers, h5py only for the rest."""
+
+    def __init__(self, path: str, layout: dict):
+        self.path = path
+        self.views = {}
+        if any(v is not None for v in layout.values()):
+            mm = np.memmap(path, mode="r", dtype=np.uint8)
+            for name, where in layout.items():
+                if where is not None:
+                    offset, dtype, shape = where
+                    self.views[name] = np.ndarray(shape, dtype=dtype, buffer=mm, offset=offset)
+        self._h5 = None
+
+    def read(self, field, index):
+        view = self.views.get(field.name)
+        if view is not None:
+            return np.array(view[index])  # a copy: callers never hold the mapping open
+        if self._h5 is None:
+            self._h5 = h5py.File(self.path, "r")
+        ds = self._h5[field.name]
+        if field.dtype == "str":
+            value = ds.asstr()[index]
+            return list(value) if isinstance(index, slice) else value
+        return ds[index]
+
+    def close(self):
+        self.views = {}
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
 
 
 def read_result(stage_dir: str) -> dict:
@@ -121,7 +165,7 @@ def read_result(stage_dir: str) -> dict:
     return out
 
 
-def open_stage(stage_dir: str, fields: list[str] | None = None, max_open: int = 16):
+def open_stage(stage_dir: str, fields: list[str] | None = None, max_open: int = 128):
     """A reader for a stage output: a clip mapping for per-clip stages, a dict for global ones."""
     meta = StageDir(stage_dir).meta()
     if meta.get("kind") == "global":

@@ -45,7 +45,6 @@ from soundstage.pipeline.stage import Field  # noqa: E402
 
 PART_FORMAT = "soundstage-part/1"
 STR_DTYPE = h5py.string_dtype("utf-8")
-_COMPRESS_MIN_ELEMENTS = 4096
 
 
 class CacheError(RuntimeError):
@@ -127,9 +126,10 @@ def coerce_value(field: Field, value):
 
 
 def _create(h5: h5py.File, name: str, data) -> None:
-    if isinstance(data, np.ndarray) and data.dtype != object and data.size >= _COMPRESS_MIN_ELEMENTS:
-        h5.create_dataset(name, data=data, compression="lzf", shuffle=True)
-    elif isinstance(data, np.ndarray) and data.dtype != object:
+    # Numbers are stored contiguous and unfiltered: parts are immutable, so readers memory-map
+    # them and a clip is one slice (float16 features barely compress, and chunked+filtered
+    # datasets made random per-clip reads ~20x slower; see benchmarks/README.md).
+    if isinstance(data, np.ndarray) and data.dtype != object:
         h5.create_dataset(name, data=data)
     else:
         h5.create_dataset(name, data=np.array(list(data), dtype=object), dtype=STR_DTYPE)
