@@ -20,6 +20,7 @@ TOOL_COMMANDS = {
     "cache": "soundstage.cache.cli:cache",
     "tags": "soundstage.stages.tags:tags",
     "export": "soundstage.stages.export:export",
+    "demo": "soundstage.demo:demo",
 }
 
 
