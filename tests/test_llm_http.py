@@ -179,6 +179,7 @@ CLIPS = {  # clip id -> captions of its frames (one keyword per frame)
     "clip_a": ["a man with a guitar WELL", "dogs in a park RAMBLE", "a stage MALFORMED"],
     "clip_b": ["a trumpet SLOW", "an orchestra FLAKY", "a broken server DOWN"],
     "clip_c": ["an empty room NOTHING", "a bad proxy BADBODY", ""],
+    "clip_d": ["", " "],  # nothing to ask about, not even for the whole clip
 }
 
 
@@ -192,7 +193,7 @@ def _caption_stand_in():
 
 def _manifest(tmp_path):
     path = tmp_path / "manifest.csv"
-    path.write_text("clip_id,frames_dir,num_frames\n" + "".join(f"{c},frames/{c},3\n" for c in CLIPS))
+    path.write_text("clip_id,frames_dir,num_frames\n" + "".join(f"{c},frames/{c},{len(v)}\n" for c, v in CLIPS.items()))
     return str(path)
 
 
@@ -222,11 +223,11 @@ def test_sources_stage_stores_every_outcome(tmp_path, server, offline, caplog):
     vocabulary.write_text(json.dumps({"background": 1, "dog": 2, "guitar": 3, "man": 4, "violin": 5}))
     with caplog.at_level(logging.WARNING, logger="soundstage.llm"):
         summary, out = _run_sources(tmp_path, server, vocabulary=str(vocabulary))
-    assert summary.ok and summary.done == 3
+    assert summary.ok and summary.done == 4
     for cid, captions in CLIPS.items():
         rec = out[cid]
         for i, caption in enumerate(captions):
-            if not caption:  # nothing to ask about: recorded, never sent
+            if not caption.strip():  # nothing to ask about: recorded, never sent
                 assert (rec["status"][i], rec["attempts"][i], rec["sources"][i]) == ("error", 0, "null")
                 assert "empty caption" in rec["detail"][i]
                 continue
@@ -249,7 +250,9 @@ def test_sources_stage_stores_every_outcome(tmp_path, server, offline, caplog):
     # clip_b: SLOW is its first keyword, and the clip-level prompt is new to the server: slow once
     assert (json.loads(out["clip_b"]["clip_sources"]), out["clip_b"]["clip_attempts"]) == (["trumpet"], 2)
     assert json.loads(out["clip_c"]["clip_sources"]) == []
+    assert (out["clip_d"]["clip_status"], out["clip_d"]["clip_attempts"]) == ("error", 0)
     assert any("needed retries" in r.getMessage() for r in caplog.records)
+    # every request the server saw is counted in some stored attempts (clip_d's: none sent)
     assert sum(server.requests.values()) == sum(
         int(a) for rec in (out[c] for c in CLIPS) for a in list(rec["attempts"]) + [rec["clip_attempts"]])
 
@@ -261,6 +264,7 @@ def test_sources_stage_on_error_fail_leaves_clip_for_rerun(tmp_path, server, off
     assert "frame 2" in failed["clip_b"] and "HTTP 500" in failed["clip_b"]
     assert "frame 1" in failed["clip_c"] and "not a chat completion" in failed["clip_c"]
     assert "clip_b" not in out and json.loads(out["clip_a"]["sources"][0]) == ["guitar", "man"]
+    assert list(out["clip_d"]["status"]) == ["error", "error"]  # stored: asking again would not help
 
 
 def test_fail_mode_ignores_empty_captions():

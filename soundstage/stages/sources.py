@@ -92,8 +92,9 @@ def process(model: SourcesModel, items, params):
             if caption.strip():
                 conversations.append(model.template.messages([caption]))
                 slots.append((k, i))
-        conversations.append(model.template.messages(captions))
-        slots.append((k, "clip"))
+        if any(c.strip() for c in captions):
+            conversations.append(model.template.messages(captions))
+            slots.append((k, "clip"))
     answers = dict(zip(slots, model.backend.generate(conversations)))
     _log_retries(answers.values())
 
@@ -101,7 +102,7 @@ def process(model: SourcesModel, items, params):
     results = []
     for k, captions in enumerate(items):
         frames = [model.record(answers.get((k, i), no_caption)) for i in range(len(captions))]
-        clip = model.record(answers[(k, "clip")])
+        clip = model.record(answers.get((k, "clip"), no_caption))
         result = {name: [f[name] for f in frames] for name in ANSWER_FIELDS}
         result.update({f"clip_{name}": clip[name] for name in ANSWER_FIELDS})
         if params["on_error"] == "fail":
