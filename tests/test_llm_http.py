@@ -2,8 +2,8 @@
 
 The server (http.server in a thread) answers in the chat-completions format; what it does
 depends on a keyword in the prompt: well-formed, rambling, malformed answers, a first reply
-slower than the client's timeout, a 500 then success, always 500, a body that is not JSON.
-It counts requests per prompt itself, so the ``attempts`` the client reports are checked
+slower than the client's timeout, a 500 then success, always 500, a body that is not JSON, a 429
+with Retry-After. It counts requests per prompt itself, so the ``attempts`` the client reports are checked
 against an independent count.
 """
 
@@ -32,6 +32,7 @@ ANSWERS = {
     "NOTHING": "The scene is an empty room.\nANSWER: []",
     "SLOW": 'ANSWER: ["trumpet"]',
     "FLAKY": 'ANSWER: ["violins"]',
+    "BUSY": 'ANSWER: ["cellos"]',
 }
 EXPECTED = {  # keyword -> (status, sources, attempts)
     "WELL": ("ok", ["guitar", "man"], 1),
@@ -42,6 +43,7 @@ EXPECTED = {  # keyword -> (status, sources, attempts)
     "FLAKY": ("ok", ["violin"], 2),
     "DOWN": ("error", None, 3),
     "BADBODY": ("error", None, 1),
+    "BUSY": ("ok", ["cello"], 2),
 }
 KEYWORDS = list(EXPECTED)
 
@@ -57,6 +59,7 @@ class FakeLLMServer(ThreadingHTTPServer):
         self.in_flight = 0
         self.max_in_flight = 0
         self.delay = 0.0  # added to every reply (to observe concurrency)
+        self.headers = []
 
     @property
     def url(self):
@@ -78,6 +81,7 @@ class _Handler(BaseHTTPRequestHandler):
             srv.requests[prompt] += 1
             n = srv.requests[prompt]
             srv.bodies.append((self.path, body))
+            srv.headers.append(dict(self.headers))
             srv.in_flight += 1
             srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
         try:
@@ -88,6 +92,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(500, b'{"error": "internal"}')
             if kind == "BADBODY":
                 return self._send(200, b"<html>not json</html>")
+            if kind == "BUSY" and n == 1:
+                return self._send(429, b'{"error": "rate limited"}', {"Retry-After": "7"})
             reply = {"id": f"cmpl-{n}", "object": "chat.completion", "model": body["model"],
                      "choices": [{"index": 0, "finish_reason": "stop",
                                   "message": {"role": "assistant", "content": ANSWERS[kind]}}]}
@@ -96,9 +102,11 @@ class _Handler(BaseHTTPRequestHandler):
             with srv.lock:
                 srv.in_flight -= 1
 
-    def _send(self, code, payload):
+    def _send(self, code, payload, headers=None):
         try:
             self.send_response(code)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
@@ -129,11 +137,15 @@ def test_url_forms():
     assert chat_completions_url("http://h/x/v1/chat/completions") == "http://h/x/v1/chat/completions"
 
 
-def test_every_reply_kind_and_attempts(server, caplog):
+def test_every_reply_kind_and_attempts(server, caplog, monkeypatch):
     template = load_template()
     conversations = [template.messages([f"a caption {k}"]) for k in KEYWORDS]
+    backend = endpoint(server, backoff_max=30)
+    delays = []
+    backend.sleep = delays.append  # record the backoff instead of waiting
+    monkeypatch.setenv("SOUNDSTAGE_LLM_API_KEY", "secret-token")
     with caplog.at_level(logging.WARNING, logger="soundstage.llm"):
-        answers = endpoint(server).generate(conversations)
+        answers = backend.generate(conversations)
     for kind, conv, answer in zip(KEYWORDS, conversations, answers):
         served = server.requests[conv[-1]["content"]]
         assert answer.attempts == served, kind  # the client's count is the server's count
@@ -149,6 +161,10 @@ def test_every_reply_kind_and_attempts(server, caplog):
     retries = [r.getMessage() for r in caplog.records if "attempt" in r.getMessage()]
     assert sum("timed out" in m for m in retries) == 1
     assert sum("HTTP 500" in m for m in retries) == 3
+    # backoff: 0.01 s doubling, jitter within 25 %, and the 7 s the 429 asked for
+    assert sorted(delays)[-1] == 7 and len(delays) == 5
+    assert all(0.0075 <= d <= 0.025 for d in sorted(delays)[:-1])
+    assert all(h.get("Authorization") == "Bearer secret-token" for h in server.headers)
     # the requests are chat completions, greedy, with the model name and the prompt
     path, body = server.bodies[0]
     assert path == "/v1/chat/completions"

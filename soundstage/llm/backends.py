@@ -9,8 +9,10 @@ gets the same answer.
   between the prompt and the answer), sorted by length so a batch wastes little padding.
 - ``OpenAIChatEndpoint``: ``POST <url>/v1/chat/completions`` (vLLM, llama.cpp server, TGI, ...)
   with the standard library only, a bounded thread pool, a timeout per request and retries with
-  exponential backoff on timeouts, connection errors, HTTP 5xx and 429. Every ``Generation``
-  says how many attempts it took; each retry is logged on the ``soundstage.llm`` logger.
+  exponential backoff (at least the Retry-After a server sends) on timeouts, connection errors,
+  HTTP 5xx and 429. Every ``Generation`` says how many attempts it took; each retry is logged
+  on the ``soundstage.llm`` logger. A bearer token, if the server wants one, is read from the
+  environment variable ``SOUNDSTAGE_LLM_API_KEY`` (never stored or logged).
 """
 
 from __future__ import annotations
@@ -88,6 +90,10 @@ class TransformersChatLM:
 class _Retryable(Exception):
     """A failure worth another attempt (timeout, connection, 5xx, 429)."""
 
+    def __init__(self, message: str, retry_after: float = 0.0):
+        super().__init__(message)
+        self.retry_after = retry_after  # what the server asked for (Retry-After), in seconds
+
 
 class OpenAIChatEndpoint:
     """An OpenAI-compatible chat-completions server, asked with bounded concurrency and retries."""
@@ -102,6 +108,7 @@ class OpenAIChatEndpoint:
         self.concurrency = max(1, concurrency)
         self.backoff = backoff
         self.backoff_max = backoff_max
+        self.sleep = time.sleep  # replaceable, so tests can see the delays without waiting
 
     def generate(self, conversations: list) -> list[Generation]:
         with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(conversations)))) as pool:
@@ -119,10 +126,13 @@ class OpenAIChatEndpoint:
             except _Retryable as e:
                 if attempt == self.max_attempts:
                     return Generation(None, attempt, f"{e} (gave up after {attempt} attempts)")
-                delay = min(self.backoff_max, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.75, 1.25)
+                # exponential backoff with jitter (many threads must not retry in lockstep),
+                # at least what the server asked for
+                delay = self.backoff * 2 ** (attempt - 1) * random.uniform(0.75, 1.25)
+                delay = min(self.backoff_max, max(delay, e.retry_after))
                 log.warning("LLM request failed (%s); attempt %d/%d in %.2f s", e, attempt + 1,
                             self.max_attempts, delay)
-                time.sleep(delay)
+                self.sleep(delay)
             except ValueError as e:  # a definite answer that is not usable: retrying would repeat it
                 return Generation(None, attempt, str(e))
         raise AssertionError("unreachable")
@@ -135,7 +145,7 @@ class OpenAIChatEndpoint:
         except urllib.error.HTTPError as e:
             detail = e.read()[:200].decode("utf-8", "replace")
             if e.code >= 500 or e.code in (408, 429):
-                raise _Retryable(f"HTTP {e.code}: {detail}") from None
+                raise _Retryable(f"HTTP {e.code}: {detail}", _seconds(e.headers.get("Retry-After"))) from None
             raise ValueError(f"HTTP {e.code}: {detail}") from None
         except (TimeoutError, socket.timeout):
             raise _Retryable(f"timed out after {self.timeout:g} s") from None
@@ -150,6 +160,14 @@ class OpenAIChatEndpoint:
         except (ValueError, KeyError, IndexError, TypeError):
             raise ValueError(f"response is not a chat completion: {payload[:200]!r}") from None
         return content if isinstance(content, str) else ""
+
+
+def _seconds(retry_after: str | None) -> float:
+    """A Retry-After header in seconds (the HTTP-date form is rare for APIs: ignored)."""
+    try:
+        return max(0.0, float(retry_after)) if retry_after else 0.0
+    except ValueError:
+        return 0.0
 
 
 def chat_completions_url(url: str) -> str:
