@@ -168,8 +168,8 @@ STAGE = Stage(
     params=[
         Param("llm", str, DEFAULT_LLM, "chat LLM: hub id or local directory, or the model name served at --llm-endpoint",
               identity=model_identity),
-        Param("llm_endpoint", str, "", "URL of an OpenAI-compatible server (e.g. vLLM); empty: run --llm locally",
-              fingerprint=False),
+        Param("llm_endpoint", str, "", "URL of an OpenAI-compatible server (e.g. vLLM; bearer token from "
+              "$SOUNDSTAGE_LLM_API_KEY); empty: run --llm locally", fingerprint=False),
         Param("prompt_file", str, "", "prompt template file with {captions} (default: the shipped sources_v1)",
               identity=template_identity),
         Param("max_new_tokens", int, 512, "longest answer in tokens (reasoning included)"),
