@@ -297,3 +297,46 @@ def test_conv_layers_are_parsed_not_evaluated():
     )
     with pytest.raises(ValueError):
         parse_conv_layers("__import__('os').system('true')")
+
+
+# ------------------------------------------------------------------ the stage, through the runner
+
+
+@pytest.fixture(scope="module")
+def synth_manifest(tmp_path_factory):
+    from soundstage.manifests.synth import make_synthetic_dataset
+
+    # 5 s and 10 s clips at 16 / 44.1 / 48 kHz, mono and stereo
+    return make_synthetic_dataset(str(tmp_path_factory.mktemp("synth")), clips=6, seed=0, workers=1)
+
+
+def test_hubert_stage_equals_one_clip_forward(synth_manifest, tmp_path):
+    """Large-style model, last layer (no final norm), batched and one-by-one runs."""
+    from soundstage.audio import load_audio
+    from soundstage.cache import open_stage
+    from soundstage.manifests.table import read_manifest, resolve_path
+    from soundstage.pipeline.runner import run_stage
+    from soundstage.stages import get_stage
+    from soundstage.stages.hubert import features_of
+
+    model = _tiny_model(True, seed=21)
+    model.save_pretrained(tmp_path / "m")
+    params = {"model": str(tmp_path / "m"), "layer": 3, "device": "cpu"}
+    stage = get_stage("hubert")
+    outputs = {}
+    for batch_size in (4, 1):
+        summary = run_stage(stage, synth_manifest, str(tmp_path / f"cache{batch_size}"), params,
+                            workers=0, batch_size=batch_size, progress=False, log=lambda *_: None)
+        assert summary.ok and summary.done == 6
+        outputs[batch_size] = open_stage(summary.path)
+    rows = read_manifest(synth_manifest).to_dict("records")
+    lengths = set()
+    for row in rows:
+        wave = load_audio(resolve_path(row["audio_path"], os.path.dirname(synth_manifest))).wave
+        lengths.add(len(wave))
+        ref, _ = _reference(model, wave, 3, normalize=True)
+        for batch_size, reader in outputs.items():
+            feats = features_of(reader[row["clip_id"]])
+            assert feats.dtype == np.float16 and feats.shape == ref.shape
+            np.testing.assert_allclose(feats.astype(np.float32), ref, rtol=2e-3, atol=2e-3)
+    assert len(lengths) == 2 and len(rows) > len(lengths)  # equal-length clips really shared batches

@@ -254,16 +254,22 @@ def _allowed_globals() -> dict:
     for name in dir(torch):  # dtypes are pickled as globals (torch.float32, ...)
         if isinstance(getattr(torch, name, None), torch.dtype):
             allowed[("torch", name)] = getattr(torch, name)
-    # numpy scalars/arrays in optimizer history and training meters (data only)
+    allowed.update(numpy_data_globals())  # numpy scalars in optimizer history and training meters
+    return allowed
+
+
+def numpy_data_globals() -> dict:
+    """The globals that pickled numpy arrays and scalars need (they build data, run no code)."""
     try:
         import numpy._core.multiarray as npcore  # numpy >= 2
     except ImportError:  # numpy 1.x
         import numpy.core.multiarray as npcore
+    allowed = {("numpy", "dtype"): np.dtype, ("numpy", "ndarray"): np.ndarray}
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[(module, "scalar")] = npcore.scalar
         allowed[(module, "_reconstruct")] = npcore._reconstruct
-    allowed[("numpy", "dtype")] = np.dtype
-    allowed[("numpy", "ndarray")] = np.ndarray
+    for name in ("float64", "float32", "int64", "int32"):  # dtype classes (numpy >= 1.25 pickles them)
+        allowed[("numpy.dtypes", type(np.dtype(name)).__name__)] = type(np.dtype(name))
     return allowed
 
 

@@ -1,0 +1,77 @@
+"""hubert: one layer of HuBERT features per clip, as fairseq's ``dump_hubert_feature.py`` writes them.
+
+Audio is decoded and resampled to 16 kHz mono in the workers; clips of equal length share a
+batch (AVSBench clips are 5 s or 10 s, so batches need no padding and each clip's features are
+exactly what a one-clip forward gives). Layer semantics, waveform normalisation and 100 s
+chunking are those of fairseq (see ``soundstage.models.hubert``).
+
+Storage: ``features`` holds a clip's ``[frames, dim]`` array row-major as one ragged float16
+vector and ``dim`` its width, because a field's later axes must have a declared size and the
+width depends on the model; ``features_of(record)`` gives back the 2-D array.
+"""
+
+import numpy as np
+import torch
+
+from soundstage.audio import load_audio
+from soundstage.manifests.table import resolve_path
+from soundstage.pipeline.identity import model_identity
+from soundstage.pipeline.stage import Field, Param, Stage
+
+DEFAULT_MODEL = "facebook/hubert-base-ls960"
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def features_of(record: dict) -> np.ndarray:
+    """A cached clip's features as ``[frames, dim]`` (float16)."""
+    return np.asarray(record["features"]).reshape(-1, int(record["dim"]))
+
+
+def load(row, ctx):
+    return load_audio(resolve_path(row["audio_path"], ctx.manifest_dir)).wave
+
+
+def setup(params):
+    from soundstage.models.hubert import load_hubert
+
+    extractor = load_hubert(params["model"], device=resolve_device(params["device"]), dtype=params["dtype"])
+    extractor.check_layer(params["layer"])
+    return extractor
+
+
+def process(extractor, waves, params):
+    batch = torch.from_numpy(np.stack(waves))  # equal lengths: batch_key is the sample count
+    if extractor.device.type == "cuda":
+        batch = batch.pin_memory()  # lets the host-to-device copy run asynchronously
+    feats = extractor.extract_batch(batch, params["layer"], out_dtype=np.float16)
+    return [{"features": f.reshape(-1), "dim": f.shape[1]} for f in feats]
+
+
+STAGE = Stage(
+    name="hubert",
+    version=1,
+    help="HuBERT features of one transformer layer per clip (fairseq dump_hubert_feature semantics).",
+    params=[
+        Param("model", str, DEFAULT_MODEL, "hub id, transformers directory, or fairseq HuBERT checkpoint .pt",
+              identity=model_identity),
+        Param("layer", int, 7, "1-based transformer block whose output is stored (fairseq output_layer)"),
+        Param("dtype", str, "fp32", "inference precision (fp16/bf16 for GPUs)", choices=("fp32", "fp16", "bf16")),
+        Param("device", str, "auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)", fingerprint=False),
+    ],
+    fields=[
+        Field("features", "float16", (None,), "[frames, dim] row-major (features_of(record) reshapes); 50 frames/s"),
+        Field("dim", "int32", (), "feature width"),
+    ],
+    load=load,
+    setup=setup,
+    process=process,
+    batch_key=len,  # the sample count: only equal-length clips share a batch (no padding)
+    default_batch_size=16,
+    resources={"gpus": 1, "cpus": 8, "mem": "32G"},
+)

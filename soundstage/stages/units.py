@@ -1,0 +1,150 @@
+"""units: k-means unit ids per HuBERT frame, and their summary per video frame.
+
+For each clip: ``units`` is the nearest centroid of every 50 Hz feature frame (fairseq
+``dump_km_label.py``'s argmin, in float64). Video frames are one per second in AVSBench, so
+second ``i`` = feature frames ``50 i … 50 i + 49``; per second the stage stores the frame count,
+the majority unit, the ``--top-k`` most frequent units and the normalised histogram over the
+K units — the per-frame cluster ids that "active queries" are built from. The number of
+seconds is the clip's video frame count from the manifest (``num_frames``), else the audio's
+length; a second without audio frames has count 0, units -1 and an all-zero histogram.
+
+The work is cheap and runs in the decoding workers (centroids are read once per process).
+
+Storage: ``frame_topk`` ([seconds, top_k]) and ``frame_hist`` ([seconds, K]) are stored
+row-major as ragged vectors because a field's later axes need a declared size and these depend
+on ``--top-k`` and on K; ``unit_arrays(record)`` gives them back as 2-D arrays.
+
+``export_km`` / ``soundstage export km`` writes fairseq's ``.km`` text format: one line of
+space-separated unit ids per clip, with a file of the clip ids in the same order.
+"""
+
+import math
+import os
+
+import click
+import numpy as np
+
+from soundstage.cache.reader import read_result
+from soundstage.pipeline.stage import Field, Param, Stage, Upstream
+from soundstage.stages.hubert import features_of
+from soundstage.stages.kmeans import nearest_centroid
+
+FRAMES_PER_SECOND = 50  # HuBERT's frame rate at 16 kHz (hop 320)
+
+_CENTROIDS: dict = {}  # kmeans output dir -> centroids, per process
+
+
+def centroids_of(kmeans_dir: str) -> np.ndarray:
+    if kmeans_dir not in _CENTROIDS:
+        _CENTROIDS[kmeans_dir] = read_result(kmeans_dir)["centroids"]
+    return _CENTROIDS[kmeans_dir]
+
+
+def per_second(units: np.ndarray, num_units: int, seconds: int, top_k: int) -> dict:
+    """Count, majority, top-k (by count, ties to the lower id, -1 past the present units) and
+    normalised histogram of the units of each second."""
+    counts = np.zeros((seconds, num_units), dtype=np.int64)
+    for i in range(seconds):
+        segment = units[i * FRAMES_PER_SECOND : (i + 1) * FRAMES_PER_SECOND]
+        counts[i] = np.bincount(segment, minlength=num_units)
+    # stable sort of -count keeps equal counts in id order
+    order = np.argsort(-counts, axis=1, kind="stable")[:, :top_k]
+    topk = np.where(np.take_along_axis(counts, order, 1) > 0, order, -1)
+    totals = counts.sum(1)
+    hist = counts / np.maximum(totals, 1)[:, None]
+    return {
+        "frame_counts": totals.astype(np.int32),
+        "frame_majority": topk[:, 0].astype(np.int32),
+        "frame_topk": topk.astype(np.int32),
+        "frame_hist": hist.astype(np.float32),
+    }
+
+
+def unit_arrays(record: dict) -> dict:
+    """A cached clip's record with ``frame_topk`` and ``frame_hist`` as ``[seconds, ...]`` arrays."""
+    seconds = len(record["frame_majority"])
+    out = dict(record)
+    out["frame_topk"] = np.asarray(record["frame_topk"]).reshape(seconds, -1)
+    out["frame_hist"] = np.asarray(record["frame_hist"]).reshape(seconds, -1)
+    return out
+
+
+def video_seconds(row: dict, num_audio_frames: int) -> int:
+    try:
+        frames = int(float(row.get("num_frames") or 0))
+    except ValueError:
+        frames = 0
+    return frames if frames > 0 else max(1, math.ceil(num_audio_frames / FRAMES_PER_SECOND))
+
+
+def load(row, ctx):
+    centroids = centroids_of(ctx.upstream["kmeans"].dir.path)
+    feats = features_of(ctx.upstream["hubert"][row["clip_id"]])
+    units, _ = nearest_centroid(feats, centroids)
+    summary = per_second(units, len(centroids), video_seconds(row, len(units)), ctx.params["top_k"])
+    summary["frame_topk"] = summary["frame_topk"].reshape(-1)
+    summary["frame_hist"] = summary["frame_hist"].reshape(-1)
+    return {"units": units.astype(np.int32), **summary}
+
+
+def process(model, items, params):
+    return items  # computed in the workers
+
+
+STAGE = Stage(
+    name="units",
+    version=1,
+    help="k-means unit per HuBERT frame, and per video frame (second) the majority, top-k and histogram.",
+    upstream=[Upstream("hubert", "hubert"), Upstream("kmeans", "kmeans")],
+    params=[Param("top_k", int, 3, "most frequent units kept per second")],
+    fields=[
+        Field("units", "int32", (None,), "nearest centroid of each 50 Hz frame"),
+        Field("frame_counts", "int32", (None,), "feature frames in second i"),
+        Field("frame_majority", "int32", (None,), "most frequent unit in second i (-1: no frames)"),
+        Field("frame_topk", "int32", (None,), "[seconds, top_k] row-major (unit_arrays reshapes); -1 pads"),
+        Field("frame_hist", "float32", (None,), "[seconds, K] row-major (unit_arrays reshapes); rows sum to 1"),
+    ],
+    load=load,
+    process=process,
+    default_batch_size=64,
+)
+
+
+# ---------------------------------------------------------------------------- .km export
+
+
+def export_km(units_dir: str, km_path: str, ids_path: str | None = None, clip_ids=None) -> int:
+    """Write fairseq's ``.km`` (one line of space-separated units per clip) and the clip id list.
+
+    ``clip_ids`` fixes the order (e.g. the manifest's); default: sorted. Returns the clip count.
+    """
+    from soundstage.cache import open_stage
+
+    reader = open_stage(units_dir, fields=["units"])
+    ids = sorted(reader) if clip_ids is None else list(clip_ids)
+    missing = [cid for cid in ids if cid not in reader]
+    if missing:
+        raise KeyError(f"{len(missing)} clips have no units in {units_dir}, e.g. {missing[:3]}")
+    ids_path = ids_path or os.path.splitext(km_path)[0] + ".ids"
+    with open(km_path, "w") as km, open(ids_path, "w") as id_file:
+        for cid in ids:
+            km.write(" ".join(map(str, reader[cid]["units"].tolist())) + "\n")
+            id_file.write(cid + "\n")
+    return len(ids)
+
+
+@click.command("km")
+@click.argument("km_path", type=click.Path(dir_okay=False))
+@click.option("--cache", default="cache", show_default=True, envvar="SOUNDSTAGE_CACHE", help="cache root")
+@click.option("--units", "selector", help="which units output (fingerprint prefix or key=value,...)")
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False), help="write clips in this manifest's order")
+@click.option("--ids", "ids_path", type=click.Path(dir_okay=False), help="clip id list (default: KM_PATH with .ids)")
+def km_command(km_path, cache, selector, manifest, ids_path):
+    """Export cached units to fairseq's .km format (one line per clip) plus a clip id list."""
+    from soundstage.manifests.table import read_manifest
+    from soundstage.pipeline.resolve import choose
+
+    stage_dir = choose(cache, STAGE, selector).path
+    clip_ids = list(read_manifest(manifest)["clip_id"]) if manifest else None
+    n = export_km(stage_dir, km_path, ids_path, clip_ids)
+    click.echo(f"wrote {n} clips to {km_path}")
