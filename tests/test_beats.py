@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from soundstage.models.beats import BEATs, downsample_padding_mask, min_samples, tiny_config
 from soundstage.models.fbank import beats_fbank
-from soundstage.stages.tags import CLASS_LIST
+from soundstage.models.beats import AUDIOSET_CLASS_LIST as CLASS_LIST
 
 torch.set_num_threads(1)
 

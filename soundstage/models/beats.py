@@ -18,7 +18,9 @@ and left out.
 
 from __future__ import annotations
 
+import csv
 import math
+import os
 from typing import Optional
 
 import torch
@@ -341,17 +343,22 @@ def tiny_config(**overrides) -> dict:
     return cfg
 
 
+#: the AudioSet class list shipped with the package (index, mid, display_name; see ATTRIBUTION.md)
+AUDIOSET_CLASS_LIST = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "audioset",
+                                   "class_labels_indices.csv")
+
+
+def audioset_classes() -> list[tuple[str, str]]:
+    """(MID, display name) of the 527 AudioSet classes, in class-list order."""
+    with open(AUDIOSET_CLASS_LIST, newline="", encoding="utf-8") as f:
+        return [(row["mid"], row["display_name"]) for row in csv.DictReader(f)]
+
+
 def write_tiny_checkpoint(path, seed: int = 0, **overrides) -> str:
     """A seeded random tiny fine-tuned BEATs in the official format, labelled with the AudioSet
     MIDs in class-list order: a stand-in for the real checkpoint (demos, tests), loaded back
-    through the same ``from_checkpoint`` as a real one."""
-    import csv
-    import os
-
-    class_list = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "audioset",
-                              "class_labels_indices.csv")
-    with open(class_list, newline="", encoding="utf-8") as f:
-        mids = [row["mid"] for row in csv.DictReader(f)]
+    through the same ``from_checkpoint`` as a real one. Same seed and file name, same bytes."""
+    mids = [mid for mid, _ in audioset_classes()]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BEATs(tiny_config(predictor_class=len(mids), **overrides))

@@ -8,7 +8,6 @@ class list shipped in ``soundstage/data/audioset`` — never by row order.
 
 from __future__ import annotations
 
-import csv
 import os
 from collections import Counter
 
@@ -16,13 +15,6 @@ import click
 import numpy as np
 
 DEFAULT_THRESHOLD = 0.4  # as in the active-queries work
-CLASS_LIST = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "audioset", "class_labels_indices.csv")
-
-
-def audioset_names() -> dict[str, str]:
-    """AudioSet MID -> display name, from the shipped ``class_labels_indices.csv``."""
-    with open(CLASS_LIST, newline="", encoding="utf-8") as f:
-        return {row["mid"]: row["display_name"] for row in csv.DictReader(f)}
 
 
 def class_mids_of_output(stage_dir, checkpoint: str | None = None) -> list[str]:
@@ -57,7 +49,9 @@ class TagNamer:
     """Column index -> display name for one beats output."""
 
     def __init__(self, mids: list[str]):
-        names = audioset_names()
+        from soundstage.models.beats import audioset_classes
+
+        names = dict(audioset_classes())
         self.names = [names.get(mid, mid) for mid in mids]  # an unknown MID shows as itself
 
     def top(self, probs: np.ndarray, k: int) -> list[tuple[str, float]]:
