@@ -1,0 +1,330 @@
+"""``soundstage demo``: the whole pipeline on this machine, with no dataset and no network.
+
+Into ``--out`` (default ``./demo``) it writes
+
+- ``data/``: the synthetic AVSBench-layout dataset (``soundstage.manifests.synth``);
+- ``models/``: tiny models with seeded random weights (``soundstage.models.tiny``), saved the way
+  the real ones are distributed and loaded by the stages through the same code;
+- ``pipeline.yaml``: every stage with these models — a template to edit for real data and real
+  models (each model line names the real default in a comment);
+- ``cache/``: the stage outputs, produced by the pipeline runner (``soundstage run``).
+
+Each step is skipped when its result is already there, and the runner skips cached outputs, so
+a second ``soundstage demo`` computes nothing. The numbers are meaningless: the models are
+random stand-ins; the demo shows the pipeline working end to end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import click
+
+DEFAULT_CLIPS = 24
+
+#: stage -> [(parameter, demo value, comment)]. A value "model:NAME" is the tiny model NAME of
+#: ``soundstage.models.tiny.TINY_MODELS`` (its comment names the real model it stands in for).
+DEMO_STAGES = {
+    "audio-stats": [("silence_db", -60, "")],
+    "hubert": [
+        ("model", "model:hubert", "or a fairseq HuBERT .pt"),
+        ("layer", 2, "the tiny model has 2 layers; real: 9 for fairseq's hubert_base_ls960_L9_km500 units"),
+    ],
+    "kmeans": [
+        ("k", 16, "real: 100 or 500"),
+        ("percent", 1.0, "real: 0.1 (fit on 10% of the clips)"),
+        ("seed", 0, ""),
+    ],
+    "units": [("top_k", 3, "")],
+    "beats": [("checkpoint", "model:beats", "official fine-tuned checkpoint, downloaded from microsoft/unilm")],
+    "caption": [
+        ("model", "model:blip", ""),
+        ("num_beams", 1, "real: 3"),
+        ("max_new_tokens", 8, "real: 40"),
+    ],
+    "sources": [
+        ("llm", "model:chat_lm", "or llm_endpoint: http://HOST:8000 of a vLLM server"),
+        ("max_new_tokens", 16, "real: 512 (the LLM reasons before answering)"),
+        ("dtype", "float32", "real: bfloat16 on a GPU"),
+        ("vocabulary", "data/label2idx.json", "map the names onto the dataset's classes"),
+    ],
+    "textcues": [("encoder", "model:text_encoder", "")],
+}
+
+STAND_IN_WARNING = """\
+==============================================================================
+  soundstage demo — TINY RANDOM STAND-IN MODELS: every number is MEANINGLESS.
+  The whole pipeline runs on a small synthetic AVSBench-layout dataset with tiny
+  models built from configs shipped in the package (random weights, seeded), to
+  show it working end to end with no dataset and no network.
+=============================================================================="""
+
+TINY_OUTPUTS_NOTE = """\
+With the stand-ins the captions are random words of a tiny vocabulary, the LLM's answers are
+word salad (stored with status 'unparseable', so every text-cue slot is masked) and the BEATs
+tags and HuBERT units are noise: the outputs have the right form, not the right content."""
+
+
+def _model_value(value: str) -> str | None:
+    return value[len("model:"):] if isinstance(value, str) and value.startswith("model:") else None
+
+
+# ----------------------------------------------------------------------------- the inputs
+
+
+def prepare_dataset(data_dir: str, clips: int, seed: int, out=click.echo) -> str:
+    """The synthetic dataset's manifest; generated unless one with these settings is there."""
+    from soundstage.manifests.synth import MARKER, make_synthetic_dataset
+
+    manifest = os.path.join(data_dir, "manifest.csv")  # written last: its presence means complete
+    made = _read_json(os.path.join(data_dir, MARKER))
+    if os.path.exists(manifest) and (made.get("clips"), made.get("seed")) == (clips, seed):
+        out(f"dataset: {clips} synthetic clips already in {data_dir}")
+        return manifest
+    start = time.monotonic()
+    manifest = make_synthetic_dataset(data_dir, clips=clips, seed=seed, workers=1)
+    out(f"dataset: generated {clips} synthetic clips in {data_dir} ({time.monotonic() - start:.1f} s)")
+    return manifest
+
+
+MODELS_MARKER = "TINY_MODELS.json"
+
+
+def tiny_configs_digest() -> str:
+    """Hash of the shipped tiny configs: models built from other configs are rebuilt."""
+    from soundstage.models.tiny import TINY_CONFIG_DIR
+
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(TINY_CONFIG_DIR)):
+        with open(os.path.join(TINY_CONFIG_DIR, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()[:16]
+
+
+def prepare_models(models_dir: str, seed: int, out=click.echo) -> dict[str, str]:
+    """``{name: path}`` of the tiny models; built unless the same ones are there already."""
+    from soundstage.models.tiny import build_tiny_models
+
+    marker = os.path.join(models_dir, MODELS_MARKER)
+    wanted = {"seed": seed, "configs": tiny_configs_digest()}
+    have = _read_json(marker)
+    if {k: have.get(k) for k in wanted} == wanted and all(os.path.exists(p) for p in have.get("paths", {}).values()):
+        out(f"models: tiny stand-ins already in {models_dir}")
+        return have["paths"]
+    start = time.monotonic()
+    with _quiet_transformers():
+        paths = build_tiny_models(models_dir, seed=seed)
+    with open(marker, "w", encoding="utf-8") as f:  # written last: a half-built folder is rebuilt
+        json.dump({**wanted, "paths": paths}, f, indent=1)
+    out(f"models: built {len(paths)} tiny stand-ins in {models_dir} ({time.monotonic() - start:.1f} s)")
+    return paths
+
+
+def pipeline_text(out_dir: str, models: dict[str, str], stages: list[str]) -> str:
+    """The demo's pipeline file: relative paths, each model line commented with the real one."""
+    from soundstage.models.tiny import TINY_MODELS
+
+    lines = [
+        "# soundstage demo pipeline: TINY RANDOM STAND-IN models on a synthetic dataset (meaningless numbers).",
+        "# To use real data and real models, edit this file: point `manifest` at your manifest",
+        "# (soundstage manifest avsbench /path/to/AVSBench OUT) and each model line at the real model",
+        "# named in its comment (a hub id downloads once and then works offline), then",
+        "#   soundstage run pipeline.yaml                                  # on this machine",
+        "#   soundstage run pipeline.yaml --executor slurm --shards 64 --wait   # on a SLURM cluster",
+        "# Relative paths resolve against this file's folder.",
+        "",
+        "manifest: data/manifest.csv",
+        "cache: cache",
+        "",
+        "stages:",
+    ]
+    for stage in stages:
+        lines.append(f"  {stage}:")
+        for param, value, comment in DEMO_STAGES[stage]:
+            model = _model_value(value)
+            if model:
+                value = os.path.relpath(models[model], out_dir)
+                comment = f"real: {TINY_MODELS[model][2]}" + (f" ({comment})" if comment else "")
+            entry = f"    {param}: {json.dumps(value)}"
+            lines.append(f"{entry:<44}# {comment}" if comment else entry)
+    body = "\n".join(lines) + "\n"
+    return f"{GENERATED_MARK}{_digest(body)}\n{body}"
+
+
+#: first line of the pipeline file the demo writes; a file whose body no longer matches the
+#: checksum there was edited by someone, and the demo leaves it alone
+GENERATED_MARK = "# written by `soundstage demo`; checksum "
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def write_pipeline_file(path: str, text: str) -> None:
+    """Write the demo's pipeline file, unless the one there was edited (then stop: never lose edits)."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            first, _, body = f.read().partition("\n")
+        if not (first.startswith(GENERATED_MARK) and first[len(GENERATED_MARK):] == _digest(body)):
+            raise click.ClickException(
+                f"{path} was edited since the demo wrote it, and the demo leaves it alone. Run it with "
+                f"`soundstage run {path}`, or move it away to run the demo again.")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def available_stages(out=click.echo) -> list[str]:
+    """The demo's stages that are registered and import (and whose upstream stages do), in
+    pipeline order: a stage that is missing from an installation must not stop the others."""
+    from soundstage.stages import STAGE_MODULES, get_stage
+
+    found = []
+    for name in DEMO_STAGES:  # upstream stages come first in DEMO_STAGES
+        if name not in STAGE_MODULES:
+            continue
+        try:
+            stage = get_stage(name)
+        except Exception as e:
+            out(f"note: stage {name} left out: it does not import ({type(e).__name__}: {e})")
+            continue
+        missing = [up.stage for up in stage.upstream if up.stage not in found]
+        if missing:
+            out(f"note: stage {name} left out: it needs {', '.join(missing)}")
+            continue
+        found.append(name)
+    return found
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def stage_table(pipe, clip_ids: list[str]) -> list[dict]:
+    """Per stage of the pipeline: its output's fingerprint, and clips committed / failed / expected
+    (a whole-dataset stage counts as one item: its result)."""
+    from soundstage.cache.store import StageDir
+    from soundstage.pipeline.resolve import expected_fingerprint
+    from soundstage.stages import get_stage
+
+    rows, wanted = [], set(clip_ids)
+    for name in pipe.order():
+        sd = StageDir.at(pipe.cache, name, expected_fingerprint(name, pipe.stages))
+        row = {"stage": name, "fingerprint": os.path.basename(sd.path), "path": sd.path, "done": 0, "failed": 0,
+               "total": len(wanted), "global": get_stage(name).kind == "global"}
+        if row["global"]:
+            row.update(done=int(os.path.exists(sd.result_path)), total=1)
+        elif sd.exists():
+            done = sd.committed_ids() & wanted
+            row.update(done=len(done), failed=len(set(sd.failures()) & wanted - done))
+        rows.append(row)
+    return rows
+
+
+def format_table(before: list[dict], after: list[dict]) -> str:
+    lines = [f"{'stage':<12} {'fingerprint':<17} {'clips done':>10} {'failed':>7} {'new this run':>13}"]
+    for old, row in zip(before, after):
+        done = ("fitted" if row["done"] else "not fitted") if row["global"] else f"{row['done']}/{row['total']}"
+        lines.append(f"{row['stage']:<12} {row['fingerprint']:<17} {done:>10} {row['failed']:>7} "
+                     f"{row['done'] - old['done']:>13}")
+    return "\n".join(lines)
+
+
+def how_to_go_real(pipeline_path: str, stages: list[str]) -> str:
+    from soundstage.models.tiny import TINY_MODELS
+
+    lines = [f"To run on real data with real models, edit {pipeline_path}:",
+             "  manifest:  your dataset's manifest  (soundstage manifest avsbench /path/to/AVSBench OUT)"]
+    for stage in stages:
+        for param, value, _ in DEMO_STAGES[stage]:
+            model = _model_value(value)
+            if model:
+                lines.append(f"  {stage}.{param}:".ljust(24) + TINY_MODELS[model][2])
+    lines.append(f"then: soundstage run {pipeline_path}   (on SLURM: --executor slurm --shards 64 --wait)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@click.command("demo")
+@click.option("--out", "out_dir", default="demo", show_default=True, type=click.Path(file_okay=False),
+              help="folder for the dataset, models, pipeline file and cache")
+@click.option("--clips", default=DEFAULT_CLIPS, show_default=True, type=click.IntRange(min=1),
+              help="synthetic clips to generate")
+@click.option("--seed", default=0, show_default=True, help="seed of the dataset and of the tiny models' weights")
+@click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+              help="where the shards run (slurm: submit array jobs and wait for them)")
+@click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True,
+              help="shards of every per-clip stage (local: parallel processes)")
+def demo(out_dir, clips, seed, executor, shards):
+    """Run the whole pipeline on a synthetic dataset with TINY RANDOM STAND-IN models (no download).
+
+    Writes OUT/data, OUT/models, OUT/pipeline.yaml and OUT/cache; a second run computes nothing.
+    Edit OUT/pipeline.yaml to point the same pipeline at real data and real models."""
+    from soundstage.manifests.table import read_manifest
+    from soundstage.pipeline.executors import run_pipeline
+    from soundstage.pipeline.pipeline_file import load_pipeline
+
+    start = time.monotonic()
+    out_dir = os.path.abspath(out_dir)
+    click.echo(STAND_IN_WARNING)
+    stages = available_stages()
+    manifest = prepare_dataset(os.path.join(out_dir, "data"), clips, seed)
+    models = prepare_models(os.path.join(out_dir, "models"), seed)
+    pipeline_path = os.path.join(out_dir, "pipeline.yaml")
+    write_pipeline_file(pipeline_path, pipeline_text(out_dir, models, stages))
+    click.echo(f"pipeline: {pipeline_path} (stages: {', '.join(stages)})\n")
+
+    pipe = load_pipeline(pipeline_path)
+    clip_ids = read_manifest(manifest)["clip_id"].tolist()
+    before = stage_table(pipe, clip_ids)
+    with _quiet_transformers():
+        code = run_pipeline(pipe, None, executor=executor, shards=shards, wait=True)
+    after = stage_table(pipe, clip_ids)
+
+    click.echo("\n" + STAND_IN_WARNING)
+    click.echo(format_table(before, after))
+    failed = sum(row["failed"] for row in after)
+    incomplete = [row["stage"] for row in after if row["done"] < row["total"]]
+    if not incomplete and all(a["done"] == b["done"] for a, b in zip(after, before)):
+        click.echo("nothing new computed: every stage output was already in the cache")
+    click.echo(f"cache: {pipe.cache}   (each output in <stage>/<fingerprint>/)")
+    if incomplete:
+        click.echo(f"NOT FINISHED: {failed} clip(s) failed; stages not complete: {', '.join(incomplete)} "
+                   "(causes above and in each output's failures/)")
+    else:
+        click.echo(f"  list it:    soundstage status --cache {pipe.cache}\n"
+                   f"  one clip:   soundstage tags show --cache {pipe.cache} -- {clip_ids[0]}\n"
+                   f"  in Python:  soundstage.cache.open_stage('{after[-1]['path']}')['{clip_ids[0]}']")
+        click.echo(TINY_OUTPUTS_NOTE)
+    click.echo("\n" + how_to_go_real(pipeline_path, stages))
+    click.echo(f"\ndemo finished in {time.monotonic() - start:.1f} s")
+    click.get_current_context().exit(code or (1 if incomplete else 0))
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+class _quiet_transformers:
+    """Silence transformers' progress bars and advice while building/running the tiny models."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self._level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(self._level)
+        hf_logging.enable_progress_bar()

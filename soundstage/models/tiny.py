@@ -1,0 +1,199 @@
+"""Tiny random stand-ins for every model of the pipeline, built from configs shipped in the package.
+
+The configs are in ``soundstage/data/tiny/*.json`` (each says which real model it stands in
+for). A builder makes the model from its config with seeded random weights and saves it the
+way the real model is distributed — ``save_pretrained`` (weights, config, tokenizer/processor)
+for the transformers models, ``torch.save`` of the official ``{"cfg", "model", "label_dict"}``
+dict for BEATs — so the stages load it through the same code as a real checkpoint.
+
+Their outputs are meaningless: they exist so that the whole pipeline runs with no download
+(``soundstage demo``, tests, benchmarks). Same seed -> same weights.
+
+``build_tiny_models(out_dir, seed=0)`` builds all of them and returns ``{name: path}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+
+import torch
+
+TINY_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "tiny")
+
+
+def tiny_config(name: str) -> dict:
+    """The shipped config ``data/tiny/<name>.json`` (without its ``_comment``)."""
+    with open(os.path.join(TINY_CONFIG_DIR, f"{name}.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    config.pop("_comment", None)
+    return config
+
+
+@lru_cache(maxsize=None)
+def _words() -> dict:
+    return tiny_config("words")
+
+
+#: the only words the tiny captioner can write / the tiny text models know besides the prompt
+CAPTION_WORDS: tuple = tuple(_words()["caption_words"])
+SOURCE_WORDS: tuple = tuple(_words()["source_words"])
+
+
+def word_tokenizer(sentences, chat_template=None, wrap=False):
+    """A fast word-level tokenizer trained on ``sentences`` (split at whitespace and punctuation);
+    ``wrap``: encoding adds [BOS] ... [EOS] around the text, as CLIP's tokenizer does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()  # joins words with spaces
+    tok.train_from_iterator(sentences, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[BOS]", "[EOS]"]))
+    if wrap:
+        tok.post_processor = processors.TemplateProcessing(single="[BOS] $A [EOS]",
+                                                           special_tokens=[("[BOS]", 2), ("[EOS]", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]",
+                                   unk_token="[UNK]")
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def _seeded(seed: int, make):
+    """``make()`` under ``torch.manual_seed(seed)`` without disturbing the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
+
+
+# ------------------------------------------------------------------------------- audio models
+
+
+def build_hubert(out_dir, seed: int = 0) -> str:
+    """A transformers HuBERT directory (weights, config, preprocessor_config.json) like
+    ``facebook/hubert-base-ls960``'s."""
+    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+
+    spec = tiny_config("hubert")
+    model = _seeded(seed, lambda: HubertModel(HubertConfig(**spec["config"])))
+    model.save_pretrained(out_dir)
+    Wav2Vec2FeatureExtractor(**spec["feature_extractor"]).save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def beats_label_dict(display_names) -> dict:
+    """Column -> AudioSet MID for these display names of the shipped AudioSet class list."""
+    from soundstage.models.beats import audioset_classes
+
+    mid_of = {name: mid for mid, name in audioset_classes()}
+    unknown = [n for n in display_names if n not in mid_of]
+    if unknown:
+        raise ValueError(f"not AudioSet display names: {unknown}")
+    return {i: mid_of[name] for i, name in enumerate(display_names)}
+
+
+def build_beats(path, seed: int = 0) -> str:
+    """An official-format fine-tuned BEATs checkpoint file (``{"cfg", "model", "label_dict"}``)."""
+    from soundstage.models.beats import BEATs
+
+    spec = tiny_config("beats")
+    if spec["cfg"]["predictor_class"] != len(spec["classes"]):
+        raise ValueError("data/tiny/beats.json: predictor_class must equal the number of classes")
+    model = _seeded(seed, lambda: BEATs(spec["cfg"]))
+    model.label_dict = beats_label_dict(spec["classes"])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    model.save_checkpoint(path)
+    return str(path)
+
+
+# ------------------------------------------------------------------------- text/vision models
+
+
+def build_blip(out_dir, seed: int = 0) -> str:
+    """A BLIP captioner directory (model + processor) with a BERT word-piece tokenizer over
+    the caption words."""
+    from transformers import BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    spec = tiny_config("blip")
+    vocab = spec["special_tokens"] + list(CAPTION_WORDS)
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, bos_token="[DEC]")
+    size = spec["image_size"]
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": size, "width": size}),
+                              tokenizer=tokenizer)
+    text_config = dict(spec["config"]["text_config"], vocab_size=len(vocab), bos_token_id=vocab.index("[DEC]"),
+                       sep_token_id=vocab.index("[SEP]"), pad_token_id=vocab.index("[PAD]"))
+    config = BlipConfig(**{**spec["config"], "text_config": text_config})
+    _seeded(seed, lambda: BlipForConditionalGeneration(config)).save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def build_chat_lm(out_dir, seed: int = 0, **config_overrides) -> str:
+    """A Llama-architecture chat LM directory whose tokenizer (with a chat template) covers the
+    sources prompt template and the caption words. ``config_overrides``: e.g. ``hidden_size``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from soundstage.llm.prompt import load_template
+
+    spec = tiny_config("chat_lm")
+    tokenizer = word_tokenizer([load_template().text, " ".join(CAPTION_WORDS), " ".join(SOURCE_WORDS),
+                                spec["extra_text"]], spec["chat_template"])
+    settings = {**spec["config"], **config_overrides}
+    settings.setdefault("intermediate_size", 2 * settings["hidden_size"])
+    config = LlamaConfig(**settings, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    _seeded(seed, lambda: LlamaForCausalLM(config)).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def build_text_encoder(out_dir, seed: int = 0) -> str:
+    """A RoBERTa text encoder directory (the architecture of distilroberta-base)."""
+    from transformers import RobertaConfig, RobertaModel
+
+    tokenizer = word_tokenizer([" ".join(SOURCE_WORDS + CAPTION_WORDS)])
+    config = RobertaConfig(**tiny_config("text_encoder")["config"], vocab_size=len(tokenizer),
+                           pad_token_id=tokenizer.pad_token_id)
+    _seeded(seed, lambda: RobertaModel(config)).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def build_clip(out_dir, seed: int = 0) -> str:
+    """A CLIP dual encoder directory; textcues uses its text tower (pooler output: the final
+    state at the end-of-text token) or its projected text embedding."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer = word_tokenizer([" ".join(SOURCE_WORDS + CAPTION_WORDS)], wrap=True)
+    spec = tiny_config("clip")["config"]
+    text_config = dict(spec["text_config"], vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = CLIPConfig(**{**spec, "text_config": text_config})
+    _seeded(seed, lambda: CLIPModel(config)).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+# ----------------------------------------------------------------------------------- all of them
+
+#: name -> (builder, file name under out_dir, the real model it stands in for)
+TINY_MODELS = {
+    "hubert": (build_hubert, "hubert", "facebook/hubert-base-ls960"),
+    "beats": (build_beats, "beats_tiny.pt", "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"),
+    "blip": (build_blip, "blip", "Salesforce/blip-image-captioning-large"),
+    "chat_lm": (build_chat_lm, "chat_lm", "Qwen/Qwen2.5-7B-Instruct"),
+    "text_encoder": (build_text_encoder, "text_encoder", "distilbert/distilroberta-base"),
+}
+
+
+def build_tiny_models(out_dir, seed: int = 0, names=None) -> dict[str, str]:
+    """Build the tiny models ``names`` (default: all of ``TINY_MODELS``) under ``out_dir``;
+    returns ``{name: path}``."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for name in names or TINY_MODELS:
+        build, file_name, _real = TINY_MODELS[name]
+        paths[name] = build(os.path.join(out_dir, file_name), seed=seed)
+    return paths
