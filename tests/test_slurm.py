@@ -224,11 +224,16 @@ def test_pipeline_on_slurm_equals_local_run(dataset, tmp_path, slurm_env):
     on_slurm = _write_pipeline(tmp_path / "slurm.yaml", dataset, tmp_path / "cache-slurm")
     local = _write_pipeline(tmp_path / "local.yaml", dataset, tmp_path / "cache-local")
 
-    code, out = _invoke(["run", on_slurm, "--executor", "slurm", "--wait"])
+    code, out = _invoke(["run", on_slurm, "--executor", "slurm"])
     assert code == 0, out
     first = out.split("submitted soundstage-audio-stats as job ")[1].split(";")[0]
     for downstream in ("test-loudest", "test-mean"):  # both wait for audio-stats (afterok)
         assert re.search(f"submitted soundstage-{downstream} as job \\d+ \\(after {first}\\)", out), out
+
+    # launched again while those jobs are queued: nothing is submitted twice, --wait waits for them
+    code, out = _invoke(["run", on_slurm, "--executor", "slurm", "--wait"])
+    assert code == 0, out
+    assert "submitted soundstage-" not in out and "still queued or running; not submitted again" in out
     assert out.count("0 failed, 0 missing") == 2 and "test-mean" in out and ": fitted" in out
 
     code, local_out = _invoke(["run", local, "--executor", "local"])
@@ -247,7 +252,7 @@ def test_pipeline_on_slurm_equals_local_run(dataset, tmp_path, slurm_env):
         assert len(glob.glob(os.path.join(a, "logs", logs))) == (1 if stage == "test-mean" else 3)
 
     code, again = _invoke(["run", on_slurm, "--executor", "slurm", "--wait"])
-    assert code == 0 and "nothing to submit" in again and "submitted" not in again
+    assert code == 0 and "nothing to submit" in again and "submitted soundstage-" not in again
 
 
 def _parts(stage_dir):

@@ -71,6 +71,10 @@ def cache_summary(work: StageWork, rows: list[dict]) -> tuple[str, bool]:
     return "\n".join(lines), committed == len(ids)
 
 
+def job_name(stage_name: str) -> str:
+    return f"soundstage-{stage_name}"
+
+
 def slurm_job(work: StageWork, cli_args: list[str], num_shards: int, resources: dict) -> slurm.SlurmJob:
     """The array job (or single job, for a whole-dataset stage) that finishes ``work``."""
     stage = work.stage
@@ -79,7 +83,7 @@ def slurm_job(work: StageWork, cli_args: list[str], num_shards: int, resources: 
     what = (f"shards {slurm.array_spec(shard_ids)} of {num_shards} ({len(work.missing)} clips missing)" if array
             else "one job: whole-dataset stage")
     return slurm.SlurmJob(
-        name=f"soundstage-{stage.name}",
+        name=job_name(stage.name),
         command=[*slurm.SOUNDSTAGE_COMMAND, stage.name, *cli_args],
         log_dir=os.path.join(work.dir.path, "logs"),
         workdir=os.getcwd(),
@@ -90,13 +94,31 @@ def slurm_job(work: StageWork, cli_args: list[str], num_shards: int, resources: 
     )
 
 
-def submit_and_report(jobs: list, works: list[StageWork], rows: list[dict], wait: bool, dry_run: bool,
-                      cache: str, poll_seconds: float, out) -> int:
-    """Submit ``(job, needs)`` in order; with ``wait`` block, then summarise from the cache."""
-    if not jobs:
+def submit_and_report(planned: list[tuple[StageWork, slurm.SlurmJob | None]], rows: list[dict], wait: bool, dry_run: bool,
+                      cache: str, poll_seconds: float | None, out) -> int:
+    """Submit the jobs of the unfinished outputs (complete ones have no job), upstream first and chained with ``afterok``;
+    with ``wait`` block until they end, then summarise from the cache.
+
+    An output that still has jobs in the queue (an earlier launch) is not submitted again:
+    its dependants wait for those jobs, and so does ``wait``.
+    """
+    jobs, running = [], {}
+    for work, job in planned:
+        head = f"{work.stage.name} {os.path.basename(work.dir.path)}"
+        if work.complete:
+            out(f"{head}: complete in the cache, skipped")
+            continue
+        queued = slurm.active_jobs(job.log_dir)
+        if queued:
+            out(f"{head}: job(s) {','.join(queued)} of an earlier launch still queued or running; not submitted again")
+            running[job.name] = queued
+            continue
+        jobs.append((job, [job_name(up.stage) for up in work.stage.upstream]))
+    works = [work for work, _ in planned]
+    if not jobs and not running:
         out("nothing to submit: every output is complete in the cache")
         return report(works, rows, out) if wait else 0
-    submission = slurm.submit_jobs(jobs, dry_run=dry_run, out=out)
+    submission = slurm.submit_jobs(jobs, dry_run=dry_run, out=out, running=running)
     if dry_run:
         return 0
     ids = submission.all_ids()
@@ -107,7 +129,7 @@ def submit_and_report(jobs: list, works: list[StageWork], rows: list[dict], wait
     bad = {t: s for t, s in states.items() if s != "COMPLETED"}
     if bad:
         out(f"{len(bad)} SLURM task(s) did not complete: " + ", ".join(f"{t} {s}" for t, s in sorted(bad.items())[:20])
-            + f" (logs: {', '.join(sorted({j.log_dir for j, _ in jobs}))})")
+            + f" (logs: {', '.join(sorted({job.log_dir for _, job in planned if job}))})")
     return report(works, rows, out)
 
 
@@ -130,9 +152,8 @@ def launch_stage(stage: Stage, cli_args: list[str], *, manifest: str, cache: str
     work = stage_work(stage, plan.params, upstream_select or {}, plan.dir, rows)
     if executor == "local":
         return _run_local([(work, shards)], manifest, cache, dry_run, {}, out)
-    job = slurm_job(work, cli_args, shards, resources or {})
-    jobs = [(job, [])] if not work.complete else []
-    return submit_and_report(jobs, [work], rows, wait, dry_run, cache, poll_seconds, out)
+    planned = [(work, None if work.complete else slurm_job(work, cli_args, shards, resources or {}))]
+    return submit_and_report(planned, rows, wait, dry_run, cache, poll_seconds, out)
 
 
 def run_pipeline(pipe, targets: list[str] | None, *, executor: str = "local", shards: int | None = None, jobs: int = 1,
@@ -158,18 +179,13 @@ def run_pipeline(pipe, targets: list[str] | None, *, executor: str = "local", sh
         plan = [(w, shards or jobs) for w in works]
         return _run_local(plan, pipe.manifest, cache, dry_run, {"workers": workers}, out)
 
-    submit, job_names = [], {}
+    planned = []
     for w in works:
         name = w.stage.name
-        if w.complete:
-            out(f"{name} {os.path.basename(w.dir.path)}: complete in the cache, skipped")
-            continue
         args = stage_cli_args(w.stage, w.params, pipe.manifest, cache, w.upstream_select, {"workers": workers})
-        job = slurm_job(w, args, shards or pipe.shards.get(name) or 1, pipe.resources.get(name, {}))
-        needs = [job_names[up.stage] for up in w.stage.upstream if up.stage in job_names]
-        submit.append((job, needs))
-        job_names[name] = job.name
-    return submit_and_report(submit, works, rows, wait, dry_run, cache, poll_seconds, out)
+        job = None if w.complete else slurm_job(w, args, shards or pipe.shards.get(name) or 1, pipe.resources.get(name, {}))
+        planned.append((w, job))
+    return submit_and_report(planned, rows, wait, dry_run, cache, poll_seconds, out)
 
 
 def _run_local(plan: list[tuple[StageWork, int]], manifest: str, cache: str, dry_run: bool, runner_kwargs: dict, out) -> int:

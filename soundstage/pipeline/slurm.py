@@ -18,6 +18,7 @@ many clusters and all test installs lack); waiting polls ``squeue``.
 from __future__ import annotations
 
 import dataclasses
+import getpass
 import os
 import re
 import shlex
@@ -215,14 +216,16 @@ def submit_script(script_path: str, after: Sequence[str] = ()) -> str:
 
 
 def submit_jobs(jobs: list[tuple[SlurmJob, list[str]]], dry_run: bool = False, out: Callable = print,
-                max_array: int | None = None) -> Submission:
+                max_array: int | None = None, running: Mapping[str, list] | None = None) -> Submission:
     """Submit ``(job, names of jobs it needs)`` in the given (dependency) order.
 
-    A needed job that is not in this submission (already complete) adds no dependency. With
-    ``dry_run`` the scripts and their sbatch lines are printed and nothing is written or run.
+    ``running`` maps names of jobs already in the queue (not submitted again) to their ids:
+    dependants wait for them as for new ones. A needed job that is neither (complete) adds no
+    dependency. With ``dry_run`` the scripts and their sbatch lines are printed and nothing is
+    written or run.
     """
     max_array = max_array or (DEFAULT_MAX_ARRAY_SIZE if dry_run else max_array_size())
-    sub = Submission()
+    sub = Submission(job_ids={name: list(ids) for name, ids in (running or {}).items()})
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for job, needs in jobs:
         after = [j for name in needs for j in sub.job_ids.get(name, [])]
@@ -230,9 +233,8 @@ def submit_jobs(jobs: list[tuple[SlurmJob, list[str]]], dry_run: bool = False, o
         scripts = render_scripts(job, max_array)
         for k, text in enumerate(scripts):
             path = os.path.join(job.log_dir, f"{job.name}-{stamp}" + (f"-{k}" if len(scripts) > 1 else "") + ".sbatch")
-            if dry_run:
-                placeholders = [f"<{name}>" for name in needs if name in sub.job_ids]
-                out(f"# --- {job.name}: " + _shell_command(sbatch_argv(path, placeholders)))
+            if dry_run:  # jobs of this dry run appear as <name> in the dependency
+                out(f"# --- {job.name}: " + _shell_command(sbatch_argv(path, after)))
                 out(text)
                 ids.append(f"<{job.name}>")
                 continue
@@ -246,6 +248,22 @@ def submit_jobs(jobs: list[tuple[SlurmJob, list[str]]], dry_run: bool = False, o
         sub.job_ids[job.name] = [f"<{job.name}>"] if dry_run else ids
         sub.scripts[job.name] = paths
     return sub
+
+
+def active_jobs(script_dir: str) -> list[str]:
+    """Ids of this user's queued or running jobs whose script lies in ``script_dir`` (a stage
+    output's logs folder), so a relaunch does not submit the same work twice."""
+    try:
+        proc = _run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%F|%T|%o"], check=False)
+    except SlurmError:
+        return []
+    ids = []
+    for line in proc.stdout.splitlines():
+        job, _, rest = line.strip().partition("|")
+        state, _, script = rest.partition("|")
+        if script.startswith(script_dir.rstrip(os.sep) + os.sep) and state not in FINISHED_STATES and job not in ids:
+            ids.append(job)
+    return ids
 
 
 def job_states(job_ids: Sequence[str]) -> dict[str, str] | None:
