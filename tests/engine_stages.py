@@ -22,8 +22,9 @@ def process_slow(model, items, params):
     for it in items:
         w = it["wave"]
         frames = w[: len(w) // 320 * 320].reshape(-1, 320)
-        out.append({"energy": (frames**2).mean(axis=1) * params["scale"], "peak": float(np.abs(w).max()),
-                    "label": f"n={len(w)}"})
+        energy = (frames**2).mean(axis=1) * params["scale"]
+        out.append({"energy": energy, "peak": float(np.abs(w).max()), "label": f"n={len(w)}",
+                    "pairs": energy[: len(energy) // 2 * 2].reshape(-1, 2)})
     return out
 
 
@@ -31,8 +32,9 @@ SLOW = Stage(
     name="toy-slow", version=1,
     params=[Param("scale", float, 1.0), Param("sleep", float, 0.0, fingerprint=False),
             Param("marker_dir", str, "", fingerprint=False)],
-    fields=[Field("energy", "float16", (None,)), Field("peak", "float32", ()), Field("label", "str", ())],
-    load=load_wave, process=process_slow, batch_key=lambda it: len(it["wave"]), default_batch_size=2,
+    fields=[Field("energy", "float16", (None,)), Field("peak", "float32", ()), Field("label", "str", ()),
+            Field("pairs", "float32", (None, None))],  # second axis: fixed at run time
+    load=load_wave, process=process_slow, warn=lambda v: "loud" if v["peak"] > 0.12 else None, batch_key=lambda it: len(it["wave"]), default_batch_size=2,
 )
 
 

@@ -151,6 +151,8 @@ def test_fingerprint_ignores_runtime_options_but_not_parameters(wavs, tmp_path):
     b = run_local(SLOW, manifest, str(tmp_path / "b"), {"sleep": 0.001}, jobs=2, batch_size=3, workers=1, progress=False)
     c = run_stage(SLOW, manifest, str(tmp_path / "c"), {"scale": 2.0}, progress=False)
     assert a.fingerprint == b.fingerprint != c.fingerprint
+    loud = {r["clip_id"] for r in rows[:4] if r["amp"] > 0.12}
+    assert loud and {cid for cid, _ in a.warnings} == loud and "2 done clip(s) with warnings" in a.format()
     assert b.done == 4
     assert_same(read_all(a.path), read_all(b.path))
     energy_a = read_all(a.path)[rows[0]["clip_id"]]["energy"].astype(np.float32)
@@ -341,13 +343,14 @@ def test_part_files_are_packed_columns_readable_by_plain_h5py(wavs, tmp_path):
     reader = open_stage(summary.path)
     (part,) = StageDir(summary.path).part_paths()
     with h5py.File(part, "r") as h5:
-        assert set(h5.keys()) == {"clip_id", "energy", "peak", "label", "offsets"}
+        assert set(h5.keys()) == {"clip_id", "energy", "peak", "label", "pairs", "offsets"}
         assert h5["energy"].dtype == np.float16 and h5["energy"].ndim == 1
         ids = h5["clip_id"].asstr()[...]
         off = h5["offsets/energy"][...]
         k = 5
         np.testing.assert_array_equal(h5["energy"][off[k]:off[k + 1]], reader[ids[k]]["energy"])
         assert h5["label"].asstr()[k] == reader[ids[k]]["label"]
+        assert h5["pairs"].shape[1] == 2 and reader[ids[k]]["pairs"].shape[1] == 2
         assert json.loads(h5.attrs["fields"])[0]["name"] == "energy"
 
 

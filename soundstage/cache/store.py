@@ -145,13 +145,14 @@ def pack_columns(fields: list[Field], rows: list[tuple[str, dict]]) -> dict:
             columns[f"offsets/{f.name}"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
             if f.dtype == "str":
                 columns[f.name] = [s for v in values for s in v]
+            elif values:
+                columns[f.name] = np.concatenate(values, axis=0).astype(f.dtype, copy=False)
             else:
-                empty = np.zeros((0, *f.shape[1:]), dtype=f.dtype)
-                columns[f.name] = np.concatenate([empty, *values], axis=0) if values else empty
+                columns[f.name] = np.zeros((0, *(d or 0 for d in f.shape[1:])), dtype=f.dtype)
         elif f.dtype == "str":
             columns[f.name] = values
         else:
-            columns[f.name] = np.stack(values).astype(f.dtype) if values else np.zeros((0, *f.shape), f.dtype)
+            columns[f.name] = np.stack(values).astype(f.dtype) if values else np.zeros((0, *(d or 0 for d in f.shape)), f.dtype)
     return columns
 
 

@@ -86,6 +86,7 @@ def stage_command(stage: Stage) -> click.Command:
     ]
     options += [_param_option(p) for p in stage.params]
     options += [_make_option(n, s) for n, s in EXECUTOR_OPTIONS.items()]
+    options += list(stage.cli_options)
 
     def callback(**values):
         ctx = click.get_current_context()

@@ -19,6 +19,8 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from soundstage import __version__
 from soundstage.cache.reader import StageReader
 from soundstage.cache.store import StageDir, atomic_write_text, coerce_value, commit_file, field_schema, write_part_file
@@ -39,6 +41,7 @@ class Summary:
     done: int = 0  # computed and committed by this run
     cached: int = 0  # already committed before this run
     failed: list = field(default_factory=list)  # (clip_id, cause) of this run
+    warnings: list = field(default_factory=list)  # (clip_id, note) of done clips worth a look
     seconds: float = 0.0
     interrupted: bool = False
 
@@ -57,6 +60,9 @@ class Summary:
             f"{self.stage} {self.fingerprint}{shard}: done {self.done}, already cached {self.cached}, "
             f"failed {len(self.failed)}, {self.seconds:.1f} s" + (" — INTERRUPTED, rerun to finish" if self.interrupted else "")
         ]
+        if self.warnings:
+            lines.append(f"  {len(self.warnings)} done clip(s) with warnings, e.g.:")
+            lines += [f"    {cid}: {note}" for cid, note in self.warnings[:3]]
         for cid, cause in self.failed[:max_failures]:
             lines.append(f"  failed {cid}: {cause}")
         if len(self.failed) > max_failures:
@@ -78,6 +84,7 @@ class Summary:
             done=sum(s.done for s in summaries),
             cached=sum(s.cached for s in summaries),
             failed=[f for s in summaries for f in s.failed],
+            warnings=[w for s in summaries for w in s.warnings],
             seconds=max(s.seconds for s in summaries),
             interrupted=any(s.interrupted for s in summaries),
         )
@@ -238,6 +245,7 @@ class _PartBuffer:
         self.plan, self.writer_id = plan, writer_id
         self.commit_every, self.commit_seconds = commit_every, commit_seconds
         self.rows: list = []
+        self.sizes: dict = {}  # field -> trailing shape fixed at run time
         self.seq = 0
         self.committed = 0
         self.last_commit = time.monotonic()
@@ -246,6 +254,16 @@ class _PartBuffer:
         self.rows.append((clip_id, values))
         if len(self.rows) >= self.commit_every or time.monotonic() - self.last_commit >= self.commit_seconds:
             self.commit()
+
+    def check_run_time_sizes(self, values: dict) -> None:
+        """Sizes declared None past the first axis are fixed by the first clip, for every clip."""
+        for f in self.plan.stage.fields:
+            if f.dtype == "str" or not any(d is None for d in f.shape[1:]):
+                continue
+            got = tuple(np.shape(values[f.name])[1:])
+            want = self.sizes.setdefault(f.name, got)
+            if got != want:
+                raise ValueError(f"field {f.name}: trailing shape {got} differs from {want} of earlier clips")
 
     def commit(self) -> None:
         if self.rows:
@@ -340,7 +358,15 @@ def _process_clips(plan, todo, summary, writer_id, stop, workers, batch_size, co
             fail(batch[0][0], cause, traceback.format_exc(limit=5))
             return
         for (cid, _), v in zip(batch, values):
+            try:
+                buffer.check_run_time_sizes(v)
+            except ValueError as e:
+                fail(cid, str(e))
+                continue
             buffer.add(cid, v)
+            note = stage.warn(v) if stage.warn else None
+            if note:
+                summary.warnings.append((cid, note))
             bar.update(1)
 
     try:

@@ -56,7 +56,12 @@ class Param:
 
 @dataclass(frozen=True)
 class Field:
-    """One output field: dtype and per-clip shape. ``None`` in the first axis = ragged length."""
+    """One output field: dtype and per-clip shape.
+
+    ``None`` in the first axis: the length varies per clip (ragged, e.g. frames). ``None`` in a
+    later axis: a size known only at run time (e.g. the model's hidden size), the same for every
+    clip of an output.
+    """
 
     name: str
     dtype: str
@@ -66,8 +71,6 @@ class Field:
     def __post_init__(self):
         if self.dtype not in FIELD_DTYPES:
             raise ValueError(f"field {self.name}: unknown dtype {self.dtype!r}; use one of {FIELD_DTYPES}")
-        if any(d is None for d in self.shape[1:]):
-            raise ValueError(f"field {self.name}: only the first axis may be ragged (None)")
 
     @property
     def ragged(self) -> bool:
@@ -97,10 +100,15 @@ class Stage:
     setup: Callable | None = None
     batch_key: Callable | None = None
     default_batch_size: int = 8
+    # (values of one clip) -> a short note worth counting in the summary, e.g. "2 frames
+    # unparseable"; the clip is still done. For outcomes a user should see but that are data.
+    warn: Callable | None = None
     # global stages
     fit: Callable | None = None
     # resources a scheduler should ask for by default (cpus, gpus, mem, time)
     resources: Mapping[str, Any] = field(default_factory=dict)
+    # extra click options that act and exit (e.g. --print-prompt); not parameters
+    cli_options: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.kind not in ("per_clip", "global"):
