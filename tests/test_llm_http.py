@@ -239,8 +239,9 @@ def test_sources_stage_stores_every_outcome(tmp_path, server, offline, caplog):
     vocabulary = tmp_path / "label2idx.json"
     vocabulary.write_text(json.dumps({"background": 1, "dog": 2, "guitar": 3, "man": 4, "violin": 5}))
     with caplog.at_level(logging.WARNING, logger="soundstage.llm"):
-        summary, out = _run_sources(tmp_path, server, vocabulary=str(vocabulary))
+        summary, out = _run_sources(tmp_path, server, vocabulary=str(vocabulary), on_error="store")
     assert summary.ok and summary.done == 4
+    assert any("unparseable" in note for _, note in summary.warnings)  # counted in the run summary
     for cid, captions in CLIPS.items():
         rec = out[cid]
         for i, caption in enumerate(captions):

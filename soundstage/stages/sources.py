@@ -15,9 +15,11 @@ JSON list of singular lowercase names) and a ``status``:
 
 ``attempts`` counts the requests each answer took (1 for a local model; 0 for an empty caption,
 which is not asked about); retries are logged on the ``soundstage.llm`` logger. With
-``--on-error store`` (default) an answer that could not be obtained is stored with status
-``error`` and the clip is done; with ``--on-error fail`` the clip fails instead (recorded by the
-runner, nothing stored), so a rerun asks again.
+``--on-error fail`` (default) a clip with a question that got no answer after all retries fails
+(recorded by the runner with the cause, nothing stored, exit status nonzero), so a rerun asks
+again; with ``--on-error store`` it is stored with status ``error`` and the clip is done.
+Unparseable answers are data (the LLM's deterministic reply) and are stored; the run summary
+counts the clips that have any.
 With ``--vocabulary label2idx.json`` each name is also mapped onto the dataset's classes
 (``vocab_sources``, ``null`` below ``--vocab-min-score``) with its score (``vocab_scores``).
 """
@@ -148,6 +150,13 @@ PRINT_PROMPT = click.Option(
     help="print the prompt template (the shipped one, or FILE as --prompt-file FILE would use it) and exit")
 
 
+def _not_ok_note(values: dict) -> str | None:
+    """For the run summary: how many of a clip's answers are not usable lists."""
+    statuses = list(values["status"]) + [values["clip_status"]]
+    bad = {s: statuses.count(s) for s in set(statuses) if s != OK}
+    return ", ".join(f"{n} answer(s) {s}" for s, n in sorted(bad.items())) or None
+
+
 def _answer_fields(prefix: str, shape: tuple, what: str) -> list:
     return [
         Field(prefix + "response", "str", shape, f"raw LLM answer ({what})"),
@@ -183,8 +192,8 @@ STAGE = Stage(
         Param("max_attempts", int, 4, "HTTP attempts per answer (timeouts, connection errors, 5xx, 429)",
               fingerprint=False),
         Param("concurrency", int, 8, "HTTP requests in flight at once", fingerprint=False),
-        Param("on_error", str, "store", "an answer that could not be obtained: store it as status error, "
-              "or fail the clip so a rerun asks again", choices=("store", "fail"), fingerprint=False),
+        Param("on_error", str, "fail", "an answer that could not be obtained: fail the clip so a rerun asks "
+              "again, or store it as status error", choices=("fail", "store"), fingerprint=False),
         Param("backoff", float, 1.0, "seconds before the first retry; doubles per retry", fingerprint=False),
     ],
     fields=_answer_fields("", (None,), "per frame") + _answer_fields("clip_", (), "all captions of the clip"),
@@ -192,7 +201,6 @@ STAGE = Stage(
     process=process,
     setup=SourcesModel,
     default_batch_size=8,
+    warn=_not_ok_note,
+    cli_options=[PRINT_PROMPT],
 )
-
-# options of the generated CLI command beyond the parameters (added by soundstage.pipeline.cli)
-STAGE.cli_options = [PRINT_PROMPT]
