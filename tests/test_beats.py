@@ -322,7 +322,7 @@ def test_stage_batches_equal_one_at_a_time(finetuned):
 def test_per_second_windows_line_up_with_frames(finetuned):
     """Each second holds a different sound; second i's outputs are the model run on exactly
     samples [16000 i, 16000 (i + 1)) alone; a short last second runs at its own length."""
-    from soundstage.stages.beats import STAGE, second_embeddings_of, second_probs_of
+    from soundstage.stages.beats import STAGE
 
     model = STAGE.setup({"checkpoint": str(finetuned[0]), "device": "cpu", "dtype": "fp32"})
     t = np.arange(16000) / 16000
@@ -331,7 +331,7 @@ def test_per_second_windows_line_up_with_frames(finetuned):
                0.5 * np.sign(np.sin(2 * np.pi * 5 * t)) * np.sin(2 * np.pi * 2000 * t), 0.4 * np.sin(2 * np.pi * 90 * t)]
     wave = np.concatenate(seconds)[: 3 * 16000 + 9000].astype(np.float32)
     out = STAGE.process(model, [{"wave": wave, "seconds": 4}], {})[0]
-    probs, embeddings = second_probs_of(out), second_embeddings_of(out)
+    probs, embeddings = out["second_probs"], out["second_embeddings"]
     assert probs.shape == (4, 527) and embeddings.shape == (4, 64)
     with torch.no_grad():
         for i in range(4):
@@ -375,7 +375,7 @@ def test_stage_end_to_end_on_synthetic_dataset_and_tags(tmp_path, finetuned):
     from soundstage.manifests.synth import make_synthetic_dataset
     from soundstage.manifests.table import read_manifest
     from soundstage.pipeline.runner import run_stage
-    from soundstage.stages.beats import STAGE, second_probs_of
+    from soundstage.stages.beats import STAGE
 
     manifest = make_synthetic_dataset(str(tmp_path / "data"), clips=5, seed=1, workers=0)
     cache = str(tmp_path / "cache")
@@ -391,9 +391,11 @@ def test_stage_end_to_end_on_synthetic_dataset_and_tags(tmp_path, finetuned):
     with torch.no_grad():
         clip, _ = model.extract_features(wave[None])
         last, _ = model.extract_features(wave[None, 16000 * 9: 16000 * 10])
-    assert second_probs_of(record).shape == (int(row["num_frames"]), 527)
+    assert record["second_probs"].shape == (int(row["num_frames"]), 527) == (10, 527)
+    assert record["second_embeddings"].shape == (10, 64) and record["clip_probs"].shape == (527,)
+    assert record["second_probs"].dtype == record["clip_probs"].dtype == np.float16
     np.testing.assert_allclose(record["clip_probs"], clip[0].numpy(), atol=1e-3)
-    np.testing.assert_allclose(second_probs_of(record)[9], last[0].numpy(), atol=1e-3)
+    np.testing.assert_allclose(record["second_probs"][9], last[0].numpy(), atol=1e-3)
 
     # tags: names via the checkpoint's MIDs (column i is csv row 7 i mod 527)
     names = [r["display_name"] for r in csv.DictReader(open(CLASS_LIST, newline="", encoding="utf-8"))]

@@ -14,11 +14,10 @@ cut short by the end of the audio is run at its own length, never padded; audio 
 the frames it must cover is a recorded failure. Only clips of equal length share a batch, so
 batched results are those of one clip at a time.
 
-Storage: probabilities and embeddings are float16. Their widths depend on the checkpoint and a
-field's later axes must have a declared size, so the 2-D arrays are stored row-major as ragged
-vectors with their widths beside them; ``second_probs_of`` / ``second_embeddings_of`` give back
-``[S, C]`` / ``[S, D]``. Thresholded tags are derived from these by ``soundstage tags``; class
-names come from the checkpoint's ``label_dict`` (see ``soundstage.stages.tags``).
+Storage: probabilities and embeddings are float16; the class count C and width D are the
+checkpoint's (527 and 768 for the official AudioSet models). Thresholded tags are derived from
+these by ``soundstage tags``; class names come from the checkpoint's ``label_dict`` (see
+``soundstage.stages.tags``).
 """
 
 import numpy as np
@@ -100,26 +99,8 @@ def process(model, items, params):
         p, e = _run(model, [w for _, _, w in same])
         for k, (i, s, _) in enumerate(same):
             probs[i][s], embeddings[i][s] = p[k], e[k]
-    return [
-        {
-            "clip_probs": clip_probs[i].astype(np.float16),
-            "second_probs": probs[i].astype(np.float16).reshape(-1),
-            "second_embeddings": embeddings[i].astype(np.float16).reshape(-1),
-            "num_classes": probs[i].shape[1],
-            "dim": embeddings[i].shape[1],
-        }
-        for i in range(len(items))
-    ]
-
-
-def second_probs_of(record: dict) -> np.ndarray:
-    """A cached clip's per-second probabilities as ``[seconds, classes]``."""
-    return np.asarray(record["second_probs"]).reshape(-1, int(record["num_classes"]))
-
-
-def second_embeddings_of(record: dict) -> np.ndarray:
-    """A cached clip's per-second embeddings as ``[seconds, dim]``."""
-    return np.asarray(record["second_embeddings"]).reshape(-1, int(record["dim"]))
+    return [{"clip_probs": clip_probs[i], "second_probs": probs[i], "second_embeddings": embeddings[i]}
+            for i in range(len(items))]
 
 
 STAGE = Stage(
@@ -134,10 +115,8 @@ STAGE = Stage(
     ],
     fields=[
         Field("clip_probs", "float16", (None,), "[classes] sigmoid probabilities, one pass over the whole clip"),
-        Field("second_probs", "float16", (None,), "[seconds, classes] row-major (second_probs_of reshapes)"),
-        Field("second_embeddings", "float16", (None,), "[seconds, dim] row-major mean patch features per second"),
-        Field("num_classes", "int32", (), "classes (columns of second_probs)"),
-        Field("dim", "int32", (), "embedding width"),
+        Field("second_probs", "float16", (None, None), "[seconds, classes] one pass per 1 s window (= video frame)"),
+        Field("second_embeddings", "float16", (None, None), "[seconds, dim] mean last-layer patch features per second"),
     ],
     load=load,
     setup=setup,

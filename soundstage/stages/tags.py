@@ -102,8 +102,6 @@ def tags():
 @click.option("--top-k", type=int, default=5, show_default=True, help="most probable classes of the whole clip")
 def show(clip, cache, selector, checkpoint, threshold, top_k):
     """The top classes of CLIP and its tags per second (= per video frame)."""
-    from soundstage.stages.beats import second_probs_of
-
     sd, reader = _open_beats(cache, selector)
     if clip not in reader:
         raise click.ClickException(f"clip {clip!r} is not in {sd.path}")
@@ -114,7 +112,7 @@ def show(clip, cache, selector, checkpoint, threshold, top_k):
     for name, p in namer.top(np.asarray(record["clip_probs"]), top_k):
         click.echo(f"  {p:.3f}  {name}")
     click.echo(f"tags per second (p >= {threshold:g}):")
-    for second, probs in enumerate(second_probs_of(record)):
+    for second, probs in enumerate(np.asarray(record["second_probs"])):
         click.echo(f"  {second:3d}  {', '.join(namer.above(probs, threshold)) or '-'}")
 
 
