@@ -55,10 +55,14 @@ stages:
     assert pipe.resources["audio-stats"] == pipe.resources["kmeans"] == {"time": "01:00:00", "partition": "cpu"}
     assert (pipe.shards["hubert"], pipe.shards["audio-stats"], pipe.shards["beats"]) == (8, 4, 4)
 
-    # a model name that is not a path next to the file is a hub id and stays as written
-    path.write_text("stages:\n  hubert: {model: facebook/hubert-base-ls960}\n")
+    # a model name that is not a path next to the file is a hub id and stays as written;
+    # any other parameter naming a file next to the pipeline file resolves like the models
+    (exp / "label2idx.json").write_text("{}")
+    path.write_text("stages:\n  hubert: {model: facebook/hubert-base-ls960}\n"
+                    "  sources: {vocabulary: label2idx.json, llm_endpoint: 'http://gpu7:8000'}\n")
     pipe = load_pipeline(str(path))
     assert pipe.stages["hubert"]["model"] == "facebook/hubert-base-ls960" and pipe.manifest is None
+    assert pipe.stages["sources"] == {"vocabulary": str(exp / "label2idx.json"), "llm_endpoint": "http://gpu7:8000"}
 
 
 @pytest.mark.parametrize("text, message", [
@@ -148,4 +152,6 @@ def test_example_pipeline_file_loads():
     here = os.path.dirname(os.path.abspath(__file__))
     pipe = load_pipeline(os.path.join(here, "..", "examples", "pipeline.yaml"))
     assert pipe.declared and all(name in pipe.stages for name in pipe.order())
-    assert pipe.manifest.endswith(os.path.join("manifests", "synth", "manifest.csv"))
+    assert pipe.manifest.endswith(os.path.join("demo", "data", "manifest.csv"))
+    assert {"audio-stats", "hubert", "kmeans", "units"} <= set(pipe.declared)
+    assert all(r.get("gpus") == 0 for r in pipe.resources.values())

@@ -11,7 +11,7 @@
       audio-stats:
         silence_db: -60                 # stage parameters (dashes or underscores)
       hubert:
-        model: models/tiny-hubert       # a local model path resolves against this folder too
+        model: models/tiny-hubert       # a file or folder next to this file: resolved here too
         layer: 6
         shards: 8                       # this stage's own shard count
         resources: {gpus: 1, cpus: 4, mem: 16G}
@@ -95,6 +95,15 @@ def _resolve(base: str, path):
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
 
 
+def _local_path(base: str, value):
+    """A relative path that exists next to the file, made absolute; any other value as given
+    (a hub id such as ``facebook/hubert-base-ls960``, a name, a number)."""
+    if not isinstance(value, str) or not value or os.path.isabs(value) or "://" in value:
+        return value
+    local = os.path.join(base, os.path.expanduser(value))
+    return os.path.normpath(local) if os.path.exists(local) else value
+
+
 def _stage_params(name: str, entry: dict, base: str) -> dict:
     stage = get_stage(name)
     params = {}
@@ -105,12 +114,7 @@ def _stage_params(name: str, entry: dict, base: str) -> dict:
         except KeyError:
             known = ", ".join(p.name for p in stage.params) or "none"
             raise PipelineError(f"stage {name}: no parameter {key!r} (parameters: {known})") from None
-        # a model given as a path relative to the file, when it exists there (else a hub id)
-        if param.identity is not None and isinstance(value, str) and not os.path.isabs(value):
-            local = os.path.join(base, os.path.expanduser(value))
-            if os.path.exists(local):
-                value = os.path.normpath(local)
-        params[key] = value
+        params[key] = _local_path(base, value) if param.type is str and not param.choices else value
     return params
 
 
