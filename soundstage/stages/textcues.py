@@ -14,9 +14,8 @@ Each name is encoded alone by ``--encoder`` (any transformers text model: a CLIP
 ``projected`` takes a dual encoder's text embedding (``get_text_features``: CLIP's pooler output
 through its text projection, the space its image embeddings live in).
 
-Stored row-major like the other stages' multi-dimensional outputs (the cache declares a ragged
-first axis only): ``cues`` is ``[frames, n_slots, dim]`` flattened, ``cue_mask`` is
-``[frames, n_slots]`` flattened; ``cue_arrays(record)`` gives both back in shape.
+Stored in shape: ``cues [frames, n_slots, dim]`` float16 and ``cue_mask [frames, n_slots]``;
+``cue_names`` (strings) is ``[frames, n_slots]`` row-major, '' where masked.
 """
 
 import json
@@ -32,9 +31,7 @@ DEFAULT_ENCODER = "distilbert/distilroberta-base"
 
 def cue_arrays(record: dict) -> tuple[np.ndarray, np.ndarray]:
     """A cached clip's ``cues [frames, n_slots, dim]`` (float16) and ``cue_mask [frames, n_slots]``."""
-    n_slots, dim = int(record["n_slots"]), int(record["dim"])
-    mask = np.asarray(record["cue_mask"], dtype=bool).reshape(-1, n_slots)
-    return np.asarray(record["cues"]).reshape(len(mask), n_slots, dim), mask
+    return np.asarray(record["cues"]), np.asarray(record["cue_mask"], dtype=bool)
 
 
 def frame_names(record: dict, which: str) -> list[list[str]]:
@@ -117,7 +114,7 @@ def embed_frames(encode, items: list, n_slots: int) -> list[dict]:
         for i, names in enumerate(frames):
             for j, name in enumerate(names[:n_slots]):
                 cues[i, j], mask[i, j], slot_names[i][j] = table[name], True, name
-        results.append({"cues": cues.astype(np.float16).ravel(), "cue_mask": mask.ravel(),
+        results.append({"cues": cues.astype(np.float16), "cue_mask": mask,
                         "cue_names": [n for names in slot_names for n in names],
                         "n_slots": n_slots, "dim": dim})
     return results
@@ -145,8 +142,8 @@ STAGE = Stage(
         Param("encoder_batch_size", int, 256, "names per encoder call", fingerprint=False),
     ],
     fields=[
-        Field("cues", "float16", (None,), "[frames, n_slots, dim] row-major (cue_arrays reshapes); 0 where masked"),
-        Field("cue_mask", "bool", (None,), "[frames, n_slots] row-major: slot holds a name"),
+        Field("cues", "float16", (None, None, None), "[frames, n_slots, dim]; 0 where masked"),
+        Field("cue_mask", "bool", (None, None), "[frames, n_slots]: slot holds a name"),
         Field("cue_names", "str", (None,), "[frames, n_slots] row-major: the name in each slot, '' if masked"),
         Field("n_slots", "int32", (), "slots per frame"),
         Field("dim", "int32", (), "embedding width"),
