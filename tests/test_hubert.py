@@ -317,7 +317,6 @@ def test_hubert_stage_equals_one_clip_forward(synth_manifest, tmp_path):
     from soundstage.manifests.table import read_manifest, resolve_path
     from soundstage.pipeline.runner import run_stage
     from soundstage.stages import get_stage
-    from soundstage.stages.hubert import features_of
 
     model = _tiny_model(True, seed=21)
     model.save_pretrained(tmp_path / "m")
@@ -336,7 +335,7 @@ def test_hubert_stage_equals_one_clip_forward(synth_manifest, tmp_path):
         lengths.add(len(wave))
         ref, _ = _reference(model, wave, 3, normalize=True)
         for batch_size, reader in outputs.items():
-            feats = features_of(reader[row["clip_id"]])
+            feats = reader[row["clip_id"]]["features"]
             assert feats.dtype == np.float16 and feats.shape == ref.shape
             np.testing.assert_allclose(feats.astype(np.float32), ref, rtol=2e-3, atol=2e-3)
     assert len(lengths) == 2 and len(rows) > len(lengths)  # equal-length clips really shared batches

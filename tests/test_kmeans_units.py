@@ -156,8 +156,7 @@ def test_units_pipeline_and_refit_reuses_features(hubert_cache, tmp_path):
     from soundstage.cache import open_stage, read_result
     from soundstage.cli import main
     from soundstage.manifests.table import read_manifest
-    from soundstage.stages.hubert import features_of
-    from soundstage.stages.units import km_command, unit_arrays
+    from soundstage.stages.units import km_command
 
     manifest, cache, hubert_params, hubert_dir = hubert_cache
     before = _snapshot(hubert_dir)
@@ -166,7 +165,7 @@ def test_units_pipeline_and_refit_reuses_features(hubert_cache, tmp_path):
     centroids = result["centroids"]
     assert centroids.shape == (4, 32)
     feats = open_stage(hubert_dir)
-    all_frames = np.concatenate([features_of(feats[c]).astype(np.float32) for c in sorted(feats)])
+    all_frames = np.concatenate([feats[c]["features"].astype(np.float32) for c in sorted(feats)])
     assert result["sample_frames"][0] == len(all_frames)
     assert result["inertia_per_frame"][0] == pytest.approx(_brute_force_argmin(all_frames, centroids)[1].mean(), rel=1e-6)
 
@@ -174,8 +173,8 @@ def test_units_pipeline_and_refit_reuses_features(hubert_cache, tmp_path):
     reader = open_stage(units.path)
     rows = {r["clip_id"]: r for r in read_manifest(manifest).to_dict("records")}
     for cid in rows:
-        record = unit_arrays(reader[cid])
-        x = features_of(feats[cid])
+        record = reader[cid]
+        x = feats[cid]["features"]
         np.testing.assert_array_equal(record["units"], _brute_force_argmin(x, centroids)[0])
         seconds = int(rows[cid]["num_frames"])
         assert record["frame_hist"].shape == (seconds, 4) and record["frame_topk"].shape == (seconds, 2)

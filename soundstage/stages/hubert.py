@@ -4,14 +4,9 @@ Audio is decoded and resampled to 16 kHz mono in the workers; clips of equal len
 batch (AVSBench clips are 5 s or 10 s, so batches need no padding and each clip's features are
 exactly what a one-clip forward gives). Layer semantics, waveform normalisation and 100 s
 chunking are those of fairseq (see ``soundstage.models.hubert``).
-
-Storage: ``features`` holds a clip's ``[frames, dim]`` array row-major as one ragged float16
-vector and ``dim`` its width, because a field's later axes must have a declared size and the
-width depends on the model; ``features_of(record)`` gives back the 2-D array.
 """
 
 import numpy as np
-import torch
 
 from soundstage.audio import load_audio
 from soundstage.manifests.table import resolve_path
@@ -23,14 +18,11 @@ DEFAULT_MODEL = "facebook/hubert-base-ls960"
 
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch  # not at module level: decoding workers import this module and need no torch
+
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def features_of(record: dict) -> np.ndarray:
-    """A cached clip's features as ``[frames, dim]`` (float16)."""
-    return np.asarray(record["features"]).reshape(-1, int(record["dim"]))
 
 
 def load(row, ctx):
@@ -46,11 +38,13 @@ def setup(params):
 
 
 def process(extractor, waves, params):
+    import torch
+
     batch = torch.from_numpy(np.stack(waves))  # equal lengths: batch_key is the sample count
     if extractor.device.type == "cuda":
         batch = batch.pin_memory()  # lets the host-to-device copy run asynchronously
     feats = extractor.extract_batch(batch, params["layer"], out_dtype=np.float16)
-    return [{"features": f.reshape(-1), "dim": f.shape[1]} for f in feats]
+    return [{"features": f} for f in feats]
 
 
 STAGE = Stage(
@@ -65,8 +59,7 @@ STAGE = Stage(
         Param("device", str, "auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)", fingerprint=False),
     ],
     fields=[
-        Field("features", "float16", (None,), "[frames, dim] row-major (features_of(record) reshapes); 50 frames/s"),
-        Field("dim", "int32", (), "feature width"),
+        Field("features", "float16", (None, None), "[frames, dim], 50 frames/s; dim is the model's width"),
     ],
     load=load,
     setup=setup,

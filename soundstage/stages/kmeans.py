@@ -23,7 +23,6 @@ import numpy as np
 
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.stage import Param, Stage, Upstream
-from soundstage.stages.hubert import features_of
 
 #: fairseq examples/hubert/simple_kmeans/learn_kmeans.py defaults
 SKLEARN_FAIRSEQ_SETTINGS = dict(
@@ -171,7 +170,7 @@ def _load_joblib_restricted(path: str):
 
 def read_sample(reader, clip_ids) -> np.ndarray:
     """All frames of ``clip_ids`` from a hubert cache, as one float32 array."""
-    return np.concatenate([features_of(reader[cid]).astype(np.float32) for cid in clip_ids])
+    return np.concatenate([np.asarray(reader[cid]["features"], dtype=np.float32) for cid in clip_ids])
 
 
 def fit(ctx):

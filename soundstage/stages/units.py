@@ -10,10 +10,6 @@ length; a second without audio frames has count 0, units -1 and an all-zero hist
 
 The work is cheap and runs in the decoding workers (centroids are read once per process).
 
-Storage: ``frame_topk`` ([seconds, top_k]) and ``frame_hist`` ([seconds, K]) are stored
-row-major as ragged vectors because a field's later axes need a declared size and these depend
-on ``--top-k`` and on K; ``unit_arrays(record)`` gives them back as 2-D arrays.
-
 ``export_km`` / ``soundstage export km`` writes fairseq's ``.km`` text format: one line of
 space-separated unit ids per clip, with a file of the clip ids in the same order.
 """
@@ -26,7 +22,6 @@ import numpy as np
 
 from soundstage.cache.reader import read_result
 from soundstage.pipeline.stage import Field, Param, Stage, Upstream
-from soundstage.stages.hubert import features_of
 from soundstage.stages.kmeans import nearest_centroid
 
 FRAMES_PER_SECOND = 50  # HuBERT's frame rate at 16 kHz (hop 320)
@@ -60,15 +55,6 @@ def per_second(units: np.ndarray, num_units: int, seconds: int, top_k: int) -> d
     }
 
 
-def unit_arrays(record: dict) -> dict:
-    """A cached clip's record with ``frame_topk`` and ``frame_hist`` as ``[seconds, ...]`` arrays."""
-    seconds = len(record["frame_majority"])
-    out = dict(record)
-    out["frame_topk"] = np.asarray(record["frame_topk"]).reshape(seconds, -1)
-    out["frame_hist"] = np.asarray(record["frame_hist"]).reshape(seconds, -1)
-    return out
-
-
 def video_seconds(row: dict, num_audio_frames: int) -> int:
     try:
         frames = int(float(row.get("num_frames") or 0))
@@ -79,11 +65,9 @@ def video_seconds(row: dict, num_audio_frames: int) -> int:
 
 def load(row, ctx):
     centroids = centroids_of(ctx.upstream["kmeans"].dir.path)
-    feats = features_of(ctx.upstream["hubert"][row["clip_id"]])
+    feats = ctx.upstream["hubert"][row["clip_id"]]["features"]
     units, _ = nearest_centroid(feats, centroids)
     summary = per_second(units, len(centroids), video_seconds(row, len(units)), ctx.params["top_k"])
-    summary["frame_topk"] = summary["frame_topk"].reshape(-1)
-    summary["frame_hist"] = summary["frame_hist"].reshape(-1)
     return {"units": units.astype(np.int32), **summary}
 
 
@@ -101,8 +85,8 @@ STAGE = Stage(
         Field("units", "int32", (None,), "nearest centroid of each 50 Hz frame"),
         Field("frame_counts", "int32", (None,), "feature frames in second i"),
         Field("frame_majority", "int32", (None,), "most frequent unit in second i (-1: no frames)"),
-        Field("frame_topk", "int32", (None,), "[seconds, top_k] row-major (unit_arrays reshapes); -1 pads"),
-        Field("frame_hist", "float32", (None,), "[seconds, K] row-major (unit_arrays reshapes); rows sum to 1"),
+        Field("frame_topk", "int32", (None, None), "[seconds, top_k] most frequent units, -1 past the present ones"),
+        Field("frame_hist", "float32", (None, None), "[seconds, K] share of each unit; rows sum to 1 (0 without frames)"),
     ],
     load=load,
     process=process,
