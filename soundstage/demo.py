@@ -106,19 +106,19 @@ def tiny_configs_digest() -> str:
 
 def prepare_models(models_dir: str, seed: int, out=click.echo) -> dict[str, str]:
     """``{name: path}`` of the tiny models; built unless the same ones are there already."""
-    from soundstage.models.tiny import build_tiny_models
+    from soundstage.models.tiny import TINY_MODELS, build_tiny_models, tiny_model_path
 
     marker = os.path.join(models_dir, MODELS_MARKER)
-    wanted = {"seed": seed, "configs": tiny_configs_digest()}
-    have = _read_json(marker)
-    if {k: have.get(k) for k in wanted} == wanted and all(os.path.exists(p) for p in have.get("paths", {}).values()):
+    wanted = {"seed": seed, "configs": tiny_configs_digest(), "models": sorted(TINY_MODELS)}
+    paths = {name: tiny_model_path(models_dir, name) for name in TINY_MODELS}
+    if _read_json(marker) == wanted and all(os.path.exists(p) for p in paths.values()):
         out(f"models: tiny stand-ins already in {models_dir}")
-        return have["paths"]
+        return paths
     start = time.monotonic()
     with _quiet_transformers():
         paths = build_tiny_models(models_dir, seed=seed)
     with open(marker, "w", encoding="utf-8") as f:  # written last: a half-built folder is rebuilt
-        json.dump({**wanted, "paths": paths}, f, indent=1)
+        json.dump(wanted, f, indent=1)
     out(f"models: built {len(paths)} tiny stand-ins in {models_dir} ({time.monotonic() - start:.1f} s)")
     return paths
 
@@ -138,6 +138,9 @@ def pipeline_text(out_dir: str, models: dict[str, str], stages: list[str]) -> st
         "",
         "manifest: data/manifest.csv",
         "cache: cache",
+        "# what each SLURM task asks for (--executor slurm): the tiny models need no GPU. Real models:",
+        "# leave this out and each stage asks for its own defaults (e.g. hubert: 1 GPU, 8 CPUs, 32G).",
+        "resources: {gpus: 0, cpus: 1, mem: 2G, time: \"00:20:00\"}",
         "",
         "stages:",
     ]
@@ -281,7 +284,10 @@ def demo(out_dir, clips, seed, executor, shards):
     clip_ids = read_manifest(manifest)["clip_id"].tolist()
     before = stage_table(pipe, clip_ids)
     with _quiet_transformers():
-        code = run_pipeline(pipe, None, executor=executor, shards=shards, wait=True)
+        try:
+            code = run_pipeline(pipe, None, executor=executor, shards=shards, wait=True)
+        except (RuntimeError, OSError, KeyError, ValueError) as e:  # as `soundstage run` reports them
+            raise click.ClickException(str(e)) from None
     after = stage_table(pipe, clip_ids)
 
     click.echo("\n" + STAND_IN_WARNING)

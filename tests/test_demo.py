@@ -101,7 +101,7 @@ def test_demo_hubert_features_equal_the_transformers_forward(first_run):
     np.testing.assert_allclose(cached, expected, rtol=2e-3, atol=2e-3)
 
 
-def test_rerun_computes_nothing_and_an_edited_pipeline_file_is_left_alone(first_run):
+def test_rerun_computes_nothing_and_an_edited_pipeline_file_is_left_alone(first_run, tmp_path):
     out_dir, _ = first_run
     parts = part_files(out_dir)
     again = run_demo(out_dir)
@@ -109,6 +109,14 @@ def test_rerun_computes_nothing_and_an_edited_pipeline_file_is_left_alone(first_
     assert "nothing new computed" in again.output
     assert "dataset: 3 synthetic clips already in" in again.output and "models: tiny stand-ins already in" in again.output
     assert part_files(out_dir) == parts
+
+    # the folder moved elsewhere: same fingerprints (content hashes, no paths), nothing to compute
+    moved = tmp_path / "moved"
+    shutil.copytree(out_dir, moved)
+    elsewhere = run_demo(moved)
+    assert elsewhere.exit_code == 0 and "nothing new computed" in elsewhere.output, elsewhere.output
+    fingerprints = [sorted(os.path.basename(d) for d in sum(stage_outputs(folder).values(), [])) for folder in (moved, out_dir)]
+    assert fingerprints[0] == fingerprints[1]
 
     pipeline = out_dir / "pipeline.yaml"
     edited = pipeline.read_text().replace("k: 16", "k: 8")

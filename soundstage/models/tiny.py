@@ -192,8 +192,9 @@ def build_tiny_models(out_dir, seed: int = 0, names=None) -> dict[str, str]:
     """Build the tiny models ``names`` (default: all of ``TINY_MODELS``) under ``out_dir``;
     returns ``{name: path}``."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = {}
-    for name in names or TINY_MODELS:
-        build, file_name, _real = TINY_MODELS[name]
-        paths[name] = build(os.path.join(out_dir, file_name), seed=seed)
-    return paths
+    return {name: TINY_MODELS[name][0](tiny_model_path(out_dir, name), seed=seed) for name in names or TINY_MODELS}
+
+
+def tiny_model_path(out_dir, name: str) -> str:
+    """Where ``build_tiny_models(out_dir)`` puts the model ``name``."""
+    return os.path.join(out_dir, TINY_MODELS[name][1])
