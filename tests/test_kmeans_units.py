@@ -195,7 +195,7 @@ def test_units_pipeline_and_refit_reuses_features(hubert_cache, tmp_path):
 
     # fairseq .km export, in manifest order
     km_path = str(tmp_path / "train.km")
-    result = CliRunner().invoke(km_command, [km_path, "--cache", cache, "--manifest", manifest])
+    result = CliRunner().invoke(km_command, ["--out", km_path, "--cache", cache, "--manifest", manifest])
     assert result.exit_code == 0, result.output
     lines = open(km_path).read().splitlines()
     ids = open(str(tmp_path / "train.ids")).read().splitlines()

@@ -10,7 +10,7 @@ length; a second without audio frames has count 0, units -1 and an all-zero hist
 
 The work is cheap and runs in the decoding workers (centroids are read once per process).
 
-``export_km`` / ``soundstage export km`` writes fairseq's ``.km`` text format: one line of
+``export_km`` (and the click command ``km_command``, meant for ``soundstage export km``) writes fairseq's ``.km`` text format: one line of
 space-separated unit ids per clip, with a file of the clip ids in the same order.
 """
 
@@ -118,13 +118,14 @@ def export_km(units_dir: str, km_path: str, ids_path: str | None = None, clip_id
 
 
 @click.command("km")
-@click.argument("km_path", type=click.Path(dir_okay=False))
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False), envvar="SOUNDSTAGE_MANIFEST",
+              help="export this manifest's clips, in its order (default: every cached clip, sorted)")
 @click.option("--cache", default="cache", show_default=True, envvar="SOUNDSTAGE_CACHE", help="cache root")
-@click.option("--units", "selector", help="which units output (fingerprint prefix or key=value,...)")
-@click.option("--manifest", type=click.Path(exists=True, dir_okay=False), help="write clips in this manifest's order")
-@click.option("--ids", "ids_path", type=click.Path(dir_okay=False), help="clip id list (default: KM_PATH with .ids)")
-def km_command(km_path, cache, selector, manifest, ids_path):
-    """Export cached units to fairseq's .km format (one line per clip) plus a clip id list."""
+@click.option("--units", "selector", help="which units output: FINGERPRINT or key=value,... (default: the only one)")
+@click.option("--out", "km_path", required=True, type=click.Path(dir_okay=False), help=".km file to write")
+@click.option("--ids", "ids_path", type=click.Path(dir_okay=False), help="clip id list (default: --out with .ids)")
+def km_command(manifest, cache, selector, km_path, ids_path):
+    """Units in fairseq's .km format (one line of unit ids per clip) plus the clip id list."""
     from soundstage.manifests.table import read_manifest
     from soundstage.pipeline.resolve import choose
 
