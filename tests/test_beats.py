@@ -402,9 +402,13 @@ def test_stage_end_to_end_on_synthetic_dataset_and_tags(tmp_path, finetuned):
     column_name = [names[(7 * i) % 527] for i in range(527)]
     probs = np.asarray(record["clip_probs"], np.float32)
     best = int(np.argmax(probs))
-    result = CliRunner().invoke(main, ["tags", "show", row["clip_id"], "--cache", cache, "--top-k", "3"])
+    result = CliRunner().invoke(main, ["tags", "show", row["clip_id"], "--cache", cache, "--top-k", "3",
+                                       "--threshold", "0"])
     assert result.exit_code == 0, result.output
     assert f"{probs[best]:.3f}  {column_name[best]}" in result.output
+    ninth = np.asarray(record["second_probs"][9], np.float32)
+    line = next(line for line in result.output.splitlines() if line.strip().startswith("9  "))
+    assert line.strip().split("  ", 1)[1].split("; ")[0] == column_name[int(np.argmax(ninth))]
 
     threshold = float(np.quantile(probs, 0.9))
     result = CliRunner().invoke(main, ["tags", "summary", "--manifest", manifest, "--cache", cache,

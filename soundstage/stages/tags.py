@@ -99,7 +99,8 @@ def tags():
 @tags.command()
 @click.argument("clip")
 @output_options
-@click.option("--top-k", type=int, default=5, show_default=True, help="most probable classes of the whole clip")
+@click.option("--top-k", type=int, default=5, show_default=True,
+              help="most probable classes of the whole clip, and most tags shown per second")
 def show(clip, cache, selector, checkpoint, threshold, top_k):
     """The top classes of CLIP and its tags per second (= per video frame)."""
     sd, reader = _open_beats(cache, selector)
@@ -111,9 +112,11 @@ def show(clip, cache, selector, checkpoint, threshold, top_k):
     click.echo(f"top {top_k} over the clip:")
     for name, p in namer.top(np.asarray(record["clip_probs"]), top_k):
         click.echo(f"  {p:.3f}  {name}")
-    click.echo(f"tags per second (p >= {threshold:g}):")
+    click.echo(f"tags per second (p >= {threshold:g}, at most {top_k} shown):")
     for second, probs in enumerate(np.asarray(record["second_probs"])):
-        click.echo(f"  {second:3d}  {', '.join(namer.above(probs, threshold)) or '-'}")
+        names = namer.above(probs, threshold)
+        more = f"  (+{len(names) - top_k} more)" if len(names) > top_k else ""
+        click.echo(f"  {second:3d}  {'; '.join(names[:top_k]) or '-'}{more}")
 
 
 def tag_counts(reader, clip_ids, namer: TagNamer, threshold: float) -> tuple[Counter, int]:
