@@ -296,12 +296,13 @@ class BEATs(nn.Module):
         """Normalised Kaldi fbank [B, frames, 128] of waveforms [B, samples] (float32)."""
         return beats_fbank(source, fbank_mean, fbank_std)
 
-    def encode(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+    def encode(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+               fbank_mean: float = FBANK_MEAN, fbank_std: float = FBANK_STD):
         """Patch features [B, P, D] and the patch padding mask (None without a sample mask)."""
         if source.size(1) < min_samples(self.patch_size):
             raise ValueError(f"BEATs needs at least {min_samples(self.patch_size)} samples, got {source.size(1)}")
         dtype = self.patch_embedding.weight.dtype
-        fbank = self.preprocess(source)
+        fbank = self.preprocess(source, fbank_mean, fbank_std)
         if padding_mask is not None:
             padding_mask = downsample_padding_mask(padding_mask, fbank.size(1))
         patches = self.patch_embedding(fbank.to(dtype).unsqueeze(1))  # [B, E, T/16, 128/16]
@@ -322,9 +323,10 @@ class BEATs(nn.Module):
             logits = logits.mean(dim=1)
         return torch.sigmoid(logits)
 
-    def extract_features(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+    def extract_features(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                         fbank_mean: float = FBANK_MEAN, fbank_std: float = FBANK_STD):
         """As the original: ``(probs [B, C], mask)`` if fine-tuned, else ``(features [B, P, D], mask)``."""
-        features, padding_mask = self.encode(source, padding_mask)
+        features, padding_mask = self.encode(source, padding_mask, fbank_mean, fbank_std)
         if self.predictor is None:
             return features, padding_mask
         return self.classify(features, padding_mask), padding_mask
