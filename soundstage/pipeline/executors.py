@@ -128,8 +128,10 @@ def submit_and_report(planned: list[tuple[StageWork, slurm.SlurmJob | None]], ro
     states = slurm.wait_for_jobs(ids, poll_seconds=poll_seconds, log=out)
     bad = {t: s for t, s in states.items() if s != "COMPLETED"}
     if bad:
+        log_dirs = {jid: job.log_dir for _, job in planned if job for jid in submission.job_ids.get(job.name, [])}
+        logs = sorted({log_dirs[t.split("_")[0]] for t in bad if t.split("_")[0] in log_dirs})
         out(f"{len(bad)} SLURM task(s) did not complete: " + ", ".join(f"{t} {s}" for t, s in sorted(bad.items())[:20])
-            + f" (logs: {', '.join(sorted({job.log_dir for _, job in planned if job}))})")
+            + (f" (logs: {', '.join(logs)})" if logs else ""))
     return report(works, rows, out)
 
 
