@@ -190,8 +190,12 @@ def test_units_pipeline_and_refit_reuses_features(hubert_cache, tmp_path):
     assert _snapshot(hubert_dir) == before
     again = _run("hubert", manifest, cache, hubert_params)
     assert again.done == 0 and again.cached == 5
-    km_dirs = os.listdir(os.path.join(cache, "kmeans"))
-    assert len(km_dirs) == 2
+    # imported centroids instead of a fit
+    imported = np.random.default_rng(5).standard_normal((7, 32)).astype(np.float32)
+    np.save(tmp_path / "c.npy", imported)
+    km_imported = _run("kmeans", manifest, cache, {"import_centroids": str(tmp_path / "c.npy"), "percent": 1.0})
+    np.testing.assert_array_equal(read_result(km_imported.path)["centroids"], imported)
+    assert len(os.listdir(os.path.join(cache, "kmeans"))) == 3
 
     # fairseq .km export, in manifest order
     km_path = str(tmp_path / "train.km")
