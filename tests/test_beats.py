@@ -370,7 +370,7 @@ def test_stage_end_to_end_on_synthetic_dataset_and_tags(tmp_path, finetuned):
     from click.testing import CliRunner
 
     from soundstage.audio import load_audio
-    from soundstage.cache import open_stage
+    from soundstage.cache import StageDir, open_stage
     from soundstage.cli import main
     from soundstage.manifests.synth import make_synthetic_dataset
     from soundstage.manifests.table import read_manifest
@@ -388,6 +388,8 @@ def test_stage_end_to_end_on_synthetic_dataset_and_tags(tmp_path, finetuned):
     row = df.iloc[2]  # a v2 clip: 10 frames
     wave = torch.from_numpy(load_audio(str(tmp_path / "data" / row["audio_path"])).wave)
     record = reader[row["clip_id"]]
+    # the column MIDs are kept with the output, so tags never need the checkpoint again
+    assert StageDir(summary.path).meta()["metadata"] == {"class_mids": list(model.class_mids)}
     with torch.no_grad():
         clip, _ = model.extract_features(wave[None])
         last, _ = model.extract_features(wave[None, 16000 * 9: 16000 * 10])

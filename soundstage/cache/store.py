@@ -236,6 +236,13 @@ class StageDir:
             return
         atomic_write_text(self.meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
+    def set_metadata(self, metadata: dict) -> None:
+        """Record facts about the model beside the fingerprint (idempotent; shards agree)."""
+        meta = self.meta()
+        if meta.get("metadata") != metadata:
+            meta["metadata"] = metadata
+            atomic_write_text(self.meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
     # -- parts
     def part_paths(self) -> list[str]:
         if not os.path.isdir(self.parts_dir):

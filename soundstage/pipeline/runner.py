@@ -333,6 +333,8 @@ def _process_clips(plan, todo, summary, writer_id, stop, workers, batch_size, co
     ctx = LoadContext(params=params, upstream={a: StageReader(sd.path) for a, sd in plan.upstream.items()},
                       manifest_dir=plan.manifest_dir)
     model = stage.setup(params) if stage.setup else None
+    if stage.metadata:
+        plan.dir.set_metadata(stage.metadata(model, params))
     buffer = _PartBuffer(plan, writer_id, commit_every, commit_seconds)
     buckets: dict = {}
     bar = _progress_bar(len(todo), f"{stage.name} {summary.shard[0]}/{summary.shard[1]}", progress)

@@ -103,6 +103,9 @@ class Stage:
     # (values of one clip) -> a short note worth counting in the summary, e.g. "2 frames
     # unparseable"; the clip is still done. For outcomes a user should see but that are data.
     warn: Callable | None = None
+    # (model, params) -> dict of facts about the loaded model worth keeping with the output
+    # (e.g. the class ids its columns stand for); stored in stage.json under "metadata"
+    metadata: Callable | None = None
     # global stages
     fit: Callable | None = None
     # resources a scheduler should ask for by default (cpus, gpus, mem, time)

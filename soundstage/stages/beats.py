@@ -75,6 +75,11 @@ def setup(params):
     return model.to(device=device, dtype=dtype).eval()
 
 
+def metadata(model, params) -> dict:
+    """The AudioSet MIDs of the probability columns, so tags never need the checkpoint again."""
+    return {"class_mids": list(model.class_mids)}
+
+
 def _run(model, waves: list) -> tuple[np.ndarray, np.ndarray]:
     """(probs [N, C], mean patch features [N, D]) of equal-length waveforms, float32 numpy."""
     batch = torch.from_numpy(np.stack(waves))
@@ -120,6 +125,7 @@ STAGE = Stage(
     ],
     load=load,
     setup=setup,
+    metadata=metadata,
     process=process,
     batch_key=batch_key,
     default_batch_size=8,
