@@ -295,7 +295,7 @@ def test_cancelled_tasks_are_completed_by_a_relaunch_of_only_the_missing_clips(d
     subprocess.run(["scancel", f"{job}_{shard_a}"], check=True)
     _wait_until(lambda: set(by_shard[shard_b][:2]) <= committed(), "shard B's first two clips")
     subprocess.run(["scancel", "--batch", "--signal=USR1", f"{job}_{shard_b}"], check=True)
-    time.sleep(1)  # let the signal land before the gate opens
+    time.sleep(2)  # let the signal land (slurmctld -> slurmd -> the task) before the gate opens
     with open(fifo[gate_b], "wb"):
         pass  # opening the gate lets shard B decode its 3rd clip; it commits it and stops
     states = slurm.wait_for_jobs([job], poll_seconds=1, log=lambda *_: None)
