@@ -37,7 +37,7 @@ def captions(n: int, seed: int = 0) -> list[str]:
 
 
 def time_local(model_dir: str, conversations: list, batch_size: int, new_tokens: int):
-    lm = TransformersChatLM(model_dir, device="cpu", dtype="float32", max_new_tokens=new_tokens, batch_size=batch_size)
+    lm = TransformersChatLM(model_dir, device="cpu", dtype="fp32", max_new_tokens=new_tokens, batch_size=batch_size)
     lm.generate(conversations[:2])  # warm-up
     start = time.perf_counter()
     answers = lm.generate(conversations)

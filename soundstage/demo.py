@@ -48,7 +48,7 @@ DEMO_STAGES = {
     "sources": [
         ("llm", "model:chat_lm", "or llm_endpoint: http://HOST:8000 of a vLLM server"),
         ("max_new_tokens", 16, "real: 512 (the LLM reasons before answering)"),
-        ("dtype", "float32", "real: bfloat16 on a GPU"),
+        ("dtype", "fp32", "real: bf16 on a GPU"),
         ("vocabulary", "data/label2idx.json", "map the names onto the dataset's classes"),
     ],
     "textcues": [("encoder", "model:text_encoder", "")],

@@ -124,7 +124,7 @@ def test_missing_and_corrupt_frames_fail_their_clip_only(models, dataset, tmp_pa
 def test_sources_with_tiny_lm_garbage_is_unparseable_not_a_crash(models, dataset, captions):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    params = {"llm": models["lm"], "dtype": "float32", "device": "cpu", "max_new_tokens": 10, "llm_batch_size": 4}
+    params = {"llm": models["lm"], "dtype": "fp32", "device": "cpu", "max_new_tokens": 10, "llm_batch_size": 4}
     summary = run_stage(sources.STAGE, dataset["manifest"], dataset["cache"], params, batch_size=2, **QUIET)
     assert summary.ok and summary.done == 3
     out = open_stage(summary.path)
@@ -242,7 +242,7 @@ def test_textcues_slots_masks_and_vectors(models, tmp_path, encoder, pooling):
 
 def test_textcues_projected_needs_a_dual_encoder(models):
     with pytest.raises(ValueError, match="no projected text features"):
-        textcues.TextEncoder({"encoder": models["roberta"], "pooling": "projected", "dtype": "float32",
+        textcues.TextEncoder({"encoder": models["roberta"], "pooling": "projected", "dtype": "fp32",
                               "device": "cpu", "encoder_batch_size": 8})
 
 

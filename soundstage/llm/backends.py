@@ -45,10 +45,11 @@ class Generation:
 class TransformersChatLM:
     """A local causal LM (hub id or directory), greedy, batched with left padding."""
 
-    def __init__(self, source: str, device: str = "cpu", dtype: str = "float32",
+    def __init__(self, source: str, device: str = "cpu", dtype: str = "fp32",
                  max_new_tokens: int = 256, batch_size: int = 16):
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from soundstage.models.device import torch_dtype
 
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         if not self.tokenizer.chat_template:
@@ -56,7 +57,7 @@ class TransformersChatLM:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype)).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(dtype)).to(device).eval()
         self.device = device
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
@@ -176,12 +177,3 @@ def chat_completions_url(url: str) -> str:
     if url.endswith("/chat/completions"):
         return url
     return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else unchanged."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from soundstage.audio import TARGET_SR, load_audio
-from soundstage.llm.backends import resolve_device
+from soundstage.models.device import resolve_device
 from soundstage.manifests.table import resolve_path
 from soundstage.models.beats import BEATs, min_samples
 from soundstage.models.hubert import parse_dtype

@@ -13,7 +13,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from soundstage.llm.backends import resolve_device
+from soundstage.models.device import DTYPE_CHOICES, resolve_device, torch_dtype
 from soundstage.manifests.table import resolve_path
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.stage import ClipError, Field, Param, Stage
@@ -51,7 +51,7 @@ class Captioner:
         self.device = resolve_device(params["device"])
         self.processor = AutoProcessor.from_pretrained(params["model"])
         self.model = AutoModelForImageTextToText.from_pretrained(
-            params["model"], dtype=getattr(torch, params["dtype"])).to(self.device).eval()
+            params["model"], dtype=torch_dtype(params["dtype"])).to(self.device).eval()
         self.prompt = params["prompt"] or None
         self.frames_per_call = params["frames_per_call"]
         self.generate_kwargs = dict(num_beams=params["num_beams"], max_new_tokens=params["max_new_tokens"],
@@ -107,7 +107,7 @@ STAGE = Stage(
         Param("prompt", str, "", "optional text the caption starts from, e.g. 'a picture of'"),
         Param("num_beams", int, 3, "beam search width (1 = greedy)"),
         Param("max_new_tokens", int, 40, "longest caption in tokens"),
-        Param("dtype", str, "float32", "model weights dtype", choices=("float32", "float16", "bfloat16")),
+        Param("dtype", str, "fp32", "model weights dtype", choices=DTYPE_CHOICES),
         Param("device", str, "auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)", fingerprint=False),
         Param("frames_per_call", int, 64, "images per generate call (bounds memory)", fingerprint=False),
     ],

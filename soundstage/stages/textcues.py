@@ -22,7 +22,7 @@ import json
 
 import numpy as np
 
-from soundstage.llm.backends import resolve_device
+from soundstage.models.device import DTYPE_CHOICES, resolve_device, torch_dtype
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.stage import ClipError, Field, Param, Stage, Upstream
 
@@ -66,7 +66,7 @@ class TextEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(params["encoder"])
         if self.tokenizer.pad_token is None:  # GPT-like tokenizers: padded positions are masked anyway
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = AutoModel.from_pretrained(params["encoder"], dtype=getattr(torch, params["dtype"]))
+        model = AutoModel.from_pretrained(params["encoder"], dtype=torch_dtype(params["dtype"]))
         self.pooling = params["pooling"]
         if self.pooling == "projected" and not hasattr(model, "get_text_features"):
             raise ValueError(f"{params['encoder']} has no projected text features; use --pooling mean or pooler")
@@ -137,7 +137,7 @@ STAGE = Stage(
         Param("n_slots", int, 4, "slots per frame; names beyond are cut, missing ones masked"),
         Param("names", str, "raw", "raw: the LLM's names; vocab: their mapping onto the dataset classes",
               choices=("raw", "vocab")),
-        Param("dtype", str, "float32", "encoder weights dtype", choices=("float32", "float16", "bfloat16")),
+        Param("dtype", str, "fp32", "encoder weights dtype", choices=DTYPE_CHOICES),
         Param("device", str, "auto", "cpu, cuda, ... (auto: cuda when available)", fingerprint=False),
         Param("encoder_batch_size", int, 256, "names per encoder call", fingerprint=False),
     ],

@@ -1,0 +1,28 @@
+"""Device and precision names shared by every model stage (``--device``, ``--dtype``)."""
+
+from __future__ import annotations
+
+#: the ``--dtype`` choices of every model stage, and the torch dtype each stands for
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPE_CHOICES = tuple(DTYPES)
+
+
+def torch_dtype(name):
+    """``fp32``/``fp16``/``bf16`` (or a torch dtype, or its torch name) -> ``torch.dtype``."""
+    import torch  # not at module level: decoding workers import stage modules and need no torch
+
+    if isinstance(name, torch.dtype):
+        return name
+    torch_name = DTYPES.get(str(name), str(name))
+    if torch_name not in DTYPES.values():
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return getattr(torch, torch_name)
+
+
+def resolve_device(device: str | None) -> str:
+    """``auto`` (or empty) -> ``cuda`` when a GPU is visible, else ``cpu``; anything else unchanged."""
+    if device not in (None, "", "auto"):
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
