@@ -95,7 +95,7 @@ class HubertExtractor:
 
     def num_frames(self, num_samples: int) -> int:
         """Frames of a whole waveform, chunked as fairseq does."""
-        return sum(self.chunk_frames(len(c)) for c in _chunks(range(num_samples)))
+        return sum(self.chunk_frames(min(MAX_CHUNK, num_samples - start)) for start in range(0, num_samples, MAX_CHUNK))
 
     def check_layer(self, layer: int) -> int:
         layer = int(layer)
@@ -140,10 +140,6 @@ class HubertExtractor:
             feats = torch.cat(outputs, dim=1)
             torch_out = {np.float32: torch.float32, np.float16: torch.float16}[np.dtype(out_dtype).type]
             return feats.to(torch_out).cpu().numpy()
-
-
-def _chunks(seq):
-    return [seq[i : i + MAX_CHUNK] for i in range(0, len(seq), MAX_CHUNK)] or [seq]
 
 
 @contextmanager
