@@ -96,3 +96,12 @@ def segpref_json(manifest, cache, selector, out_path, n_slots, names, key, allow
     click.echo(f"wrote {out_path}: {report['clips']} clips, {report['frames']} frames "
                f"({report['frames_without_answer']} without a usable answer: written as no sources)"
                + (f"; left out {len(report['missing'])} clips without a sources record" if report["missing"] else ""))
+
+
+def _add_exporters_of_other_stages() -> None:
+    from soundstage.stages.units import km_command  # fairseq's .km format
+
+    export.add_command(km_command)
+
+
+_add_exporters_of_other_stages()
