@@ -180,25 +180,16 @@ def write_pipeline_file(path: str, text: str) -> None:
 
 
 def available_stages(out=click.echo) -> list[str]:
-    """The demo's stages that are registered and import (and whose upstream stages do), in
-    pipeline order: a stage that is missing from an installation must not stop the others."""
-    from soundstage.stages import STAGE_MODULES, get_stage
+    """The demo's stages, in pipeline order; each must import (a broken install is an error,
+    not a smaller demo)."""
+    from soundstage.stages import get_stage
 
-    found = []
-    for name in DEMO_STAGES:  # upstream stages come first in DEMO_STAGES
-        if name not in STAGE_MODULES:
-            continue
+    for name in DEMO_STAGES:
         try:
-            stage = get_stage(name)
+            get_stage(name)
         except Exception as e:
-            out(f"note: stage {name} left out: it does not import ({type(e).__name__}: {e})")
-            continue
-        missing = [up.stage for up in stage.upstream if up.stage not in found]
-        if missing:
-            out(f"note: stage {name} left out: it needs {', '.join(missing)}")
-            continue
-        found.append(name)
-    return found
+            raise click.ClickException(f"stage {name} does not import ({type(e).__name__}: {e})") from None
+    return list(DEMO_STAGES)
 
 
 # ----------------------------------------------------------------------------- the report

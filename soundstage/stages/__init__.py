@@ -12,6 +12,8 @@ STAGE_MODULES = {
     "sources": "soundstage.stages.sources",
     "textcues": "soundstage.stages.textcues",
 }
+#: the stages shipped in the package (``register_stage`` adds others beside them)
+BUILTIN_STAGES = tuple(STAGE_MODULES)
 
 
 def register_stage(name: str, module: str) -> None:
