@@ -65,3 +65,16 @@ FRAGILE = Stage(
     fields=[Field("n", "int64", ())],
     load=load_wave, process=process_breaks_on_long, default_batch_size=4,
 )
+
+
+def fit_mean(ctx):
+    stats = ctx.upstream["stats"]
+    values = np.concatenate([stats[cid]["rms_db"] for cid in ctx.clip_ids if cid in stats])
+    return {"mean_db": np.array([values.mean()]), "clips": np.array([len(ctx.clip_ids)])}
+
+
+MEAN = Stage(
+    name="toy-mean", version=1, kind="global",
+    upstream=[Upstream("stats", "audio-stats")],
+    fit=fit_mean,
+)

@@ -385,3 +385,29 @@ def test_dataset_joins_manifest_and_caches_in_dataloader_workers(wavs, tmp_path)
     with pytest.raises(KeyError, match="missing from the cache"):
         CachedClips(extra, {"stats": stats.path})
     assert len(CachedClips(extra, {"stats": stats.path}, missing="drop", log=lambda *_: None)) == len(rows)
+
+
+def test_global_stage_result_is_cached_and_verified(wavs, tmp_path):
+    register_stage("toy-mean", "engine_stages:MEAN")
+    try:
+        root, rows = wavs
+        manifest = write_manifest(root, rows)
+        cache = str(tmp_path / "c")
+        stats = run_stage(AUDIO_STATS, manifest, cache, progress=False)
+        first = run_stage(get_stage("toy-mean"), manifest, cache, progress=False)
+        again = run_stage(get_stage("toy-mean"), manifest, cache, progress=False)
+        assert (first.done, again.done, again.cached) == (1, 0, 1)
+        result = open_stage(first.path)
+        reader = open_stage(stats.path)
+        expected = np.concatenate([reader[c]["rms_db"] for c in reader]).mean()
+        assert result["mean_db"][0] == pytest.approx(expected)
+        assert verify_stage(StageDir(first.path))[0] == []
+        path = StageDir(first.path).result_path
+        with h5py.File(path, "r") as h5:
+            offset = h5["mean_db"].id.get_offset()
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(b"\x01\x02\x03\x04")
+        assert any("checksum mismatch in mean_db" in p for p in verify_stage(StageDir(first.path))[0])
+    finally:
+        STAGE_MODULES.pop("toy-mean", None)

@@ -33,8 +33,8 @@ def stage_status(sd: StageDir) -> dict:
     }
 
 
-def verify_part(path: str, fields) -> tuple[list[str], list[str]]:
-    """Problems of one part file and its clip ids."""
+def verify_part(path: str, fields, per_clip: bool = True) -> tuple[list[str], list[str]]:
+    """Problems of one part file (or, ``per_clip=False``, a whole-dataset result) and its clip ids."""
     name = os.path.basename(path)
     try:
         h5 = h5py.File(path, "r")
@@ -42,11 +42,11 @@ def verify_part(path: str, fields) -> tuple[list[str], list[str]]:
         return [f"{name}: does not open ({e})"], []
     problems = []
     with h5:
-        if h5.attrs.get("format") != PART_FORMAT:
+        if per_clip and h5.attrs.get("format") != PART_FORMAT:
             problems.append(f"{name}: format attribute is {h5.attrs.get('format')!r}, not {PART_FORMAT}")
         try:
             checksums = json.loads(h5.attrs["checksums"])
-            ids = h5["clip_id"].asstr()[...].tolist()
+            ids = h5["clip_id"].asstr()[...].tolist() if per_clip else []
         except Exception as e:
             return [f"{name}: unreadable index ({e})"], []
         if len(set(ids)) != len(ids):
@@ -84,7 +84,7 @@ def verify_stage(sd: StageDir) -> tuple[list[str], list[str], int]:
     if meta.get("kind") == "global":
         if not os.path.exists(sd.result_path):
             return [], ["not computed yet"], 0
-        problems, _ = verify_part(sd.result_path, [])
+        problems, _ = verify_part(sd.result_path, [], per_clip=False)
         return problems, notes, 1
     problems, seen = [], {}
     for path in sd.part_paths():
