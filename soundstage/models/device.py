@@ -26,3 +26,17 @@ def resolve_device(device: str | None) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_param(help: str = "cpu, cuda, cuda:1, ... (auto: cuda when available)"):
+    """The ``--device`` parameter of a model stage (not in the fingerprint)."""
+    from soundstage.pipeline.stage import Param
+
+    return Param("device", str, "auto", help, fingerprint=False)
+
+
+def dtype_param(default: str = "fp32", help: str = "inference precision (fp16/bf16 are for GPUs)"):
+    """The ``--dtype`` parameter of a model stage (in the fingerprint: it changes the numbers)."""
+    from soundstage.pipeline.stage import Param
+
+    return Param("dtype", str, default, help, choices=DTYPE_CHOICES)

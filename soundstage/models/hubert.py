@@ -38,24 +38,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from soundstage.models.device import torch_dtype
+
 SAMPLE_RATE = 16000
 #: fairseq's ``--max_chunk``: samples per forward pass (100 s at 16 kHz)
 MAX_CHUNK = 1_600_000
 #: fairseq's waveform layer_norm eps (``F.layer_norm`` default)
 WAVE_NORM_EPS = 1e-5
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def parse_dtype(dtype) -> torch.dtype:
-    """``torch.float16`` or one of ``fp32``/``fp16``/``bf16``."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[str(dtype)]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}") from None
-
 
 # ---------------------------------------------------------------------------------- extractor
 
@@ -65,7 +54,7 @@ class HubertExtractor:
 
     def __init__(self, model, normalize: bool, device="cpu", dtype=torch.float32):
         self.device = torch.device(device)
-        self.dtype = parse_dtype(dtype)
+        self.dtype = torch_dtype(dtype)
         self.model = model.eval().to(device=self.device, dtype=self.dtype)
         self.normalize = bool(normalize)
         config = model.config

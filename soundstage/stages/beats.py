@@ -24,10 +24,9 @@ import numpy as np
 import torch
 
 from soundstage.audio import TARGET_SR, load_audio
-from soundstage.models.device import resolve_device
+from soundstage.models.device import device_param, dtype_param, resolve_device, torch_dtype
 from soundstage.manifests.table import resolve_path
 from soundstage.models.beats import BEATs, min_samples
-from soundstage.models.hubert import parse_dtype
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.stage import ClipError, Field, Param, Stage
 
@@ -61,7 +60,7 @@ def batch_key(item):
 
 def setup(params):
     device = resolve_device(params["device"])
-    dtype = parse_dtype(params["dtype"])
+    dtype = torch_dtype(params["dtype"])
     if dtype != torch.float32 and not device.startswith("cuda"):
         raise ValueError(f"--dtype {params['dtype']} is meant for GPUs; use fp32 on {device}")
     if not params["checkpoint"]:
@@ -115,8 +114,8 @@ STAGE = Stage(
     params=[
         Param("checkpoint", str, None, "official fine-tuned BEATs checkpoint .pt (cfg, model, label_dict)",
               identity=model_identity),
-        Param("dtype", str, "fp32", "inference precision (fp16/bf16 only on GPUs)", choices=("fp32", "fp16", "bf16")),
-        Param("device", str, "auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)", fingerprint=False),
+        dtype_param(),
+        device_param(),
     ],
     fields=[
         Field("clip_probs", "float16", (None,), "[classes] sigmoid probabilities, one pass over the whole clip"),

@@ -13,7 +13,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from soundstage.models.device import DTYPE_CHOICES, resolve_device, torch_dtype
+from soundstage.models.device import device_param, dtype_param, resolve_device, torch_dtype
 from soundstage.manifests.table import resolve_path
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.stage import ClipError, Field, Param, Stage
@@ -107,8 +107,8 @@ STAGE = Stage(
         Param("prompt", str, "", "optional text the caption starts from, e.g. 'a picture of'"),
         Param("num_beams", int, 3, "beam search width (1 = greedy)"),
         Param("max_new_tokens", int, 40, "longest caption in tokens"),
-        Param("dtype", str, "fp32", "model weights dtype", choices=DTYPE_CHOICES),
-        Param("device", str, "auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)", fingerprint=False),
+        dtype_param(help="model weights dtype"),
+        device_param(),
         Param("frames_per_call", int, 64, "images per generate call (bounds memory)", fingerprint=False),
     ],
     fields=[Field("captions", "str", (None,), "caption of frame i")],

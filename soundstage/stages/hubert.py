@@ -10,19 +10,11 @@ import numpy as np
 
 from soundstage.audio import load_audio
 from soundstage.manifests.table import resolve_path
+from soundstage.models.device import device_param, dtype_param, resolve_device
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.stage import Field, Param, Stage
 
 DEFAULT_MODEL = "facebook/hubert-base-ls960"
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
-    import torch  # not at module level: decoding workers import this module and need no torch
-
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def load(row, ctx):
@@ -55,8 +47,8 @@ STAGE = Stage(
         Param("model", str, DEFAULT_MODEL, "hub id, transformers directory, or fairseq HuBERT checkpoint .pt",
               identity=model_identity),
         Param("layer", int, 7, "1-based transformer block whose output is stored (fairseq output_layer)"),
-        Param("dtype", str, "fp32", "inference precision (fp16/bf16 for GPUs)", choices=("fp32", "fp16", "bf16")),
-        Param("device", str, "auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)", fingerprint=False),
+        dtype_param(),
+        device_param(),
     ],
     fields=[
         Field("features", "float16", (None, None), "[frames, dim], 50 frames/s; dim is the model's width"),

@@ -21,6 +21,7 @@ import pickle
 
 import numpy as np
 
+from soundstage.models.device import device_param
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.stage import Param, Stage, Upstream
 
@@ -174,7 +175,7 @@ def read_sample(reader, clip_ids) -> np.ndarray:
 
 
 def fit(ctx):
-    from soundstage.stages.hubert import resolve_device
+    from soundstage.models.device import resolve_device
 
     params, reader = ctx.params, ctx.upstream["hubert"]
     cached = [cid for cid in ctx.clip_ids if cid in reader]
@@ -218,7 +219,7 @@ STAGE = Stage(
               "scikit-learn k-means (.bin, needs --trust-pickle)", identity=model_identity),
         Param("trust_pickle", bool, False, "allow reading --import-centroids from a pickle", fingerprint=False,
               is_flag=True),
-        Param("device", str, "auto", "where faiss runs: auto (GPU when present) or cpu", fingerprint=False),
+        device_param("where faiss runs: auto (GPU when present) or cpu"),
     ],
     fit=fit,
     resources={"gpus": 1, "cpus": 8, "mem": "64G"},

@@ -30,7 +30,7 @@ import logging
 import click
 
 from soundstage.llm.backends import Generation, OpenAIChatEndpoint, TransformersChatLM
-from soundstage.models.device import DTYPE_CHOICES, resolve_device
+from soundstage.models.device import device_param, dtype_param, resolve_device
 from soundstage.llm.parse import ERROR, OK, Vocabulary, parse_answer
 from soundstage.llm.prompt import PromptError, load_template, template_identity
 from soundstage.pipeline.identity import model_identity
@@ -186,8 +186,8 @@ STAGE = Stage(
         Param("vocabulary", str, "", "label2idx.json whose class names the sources are mapped onto (optional)",
               identity=model_identity),
         Param("vocab_min_score", float, 0.8, "a mapping scoring below this is stored as null"),
-        Param("dtype", str, "bf16", "local LLM weights dtype", choices=DTYPE_CHOICES),
-        Param("device", str, "auto", "local LLM device (auto: cuda when available)", fingerprint=False),
+        dtype_param("bf16", "local LLM weights dtype"),
+        device_param("local LLM device (auto: cuda when available)"),
         Param("llm_batch_size", int, 16, "prompts per generate call of a local LLM", fingerprint=False),
         Param("timeout", float, 120.0, "seconds before an HTTP request counts as timed out", fingerprint=False),
         Param("max_attempts", int, 4, "HTTP attempts per answer (timeouts, connection errors, 5xx, 429)",

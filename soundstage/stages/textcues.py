@@ -22,7 +22,7 @@ import json
 
 import numpy as np
 
-from soundstage.models.device import DTYPE_CHOICES, resolve_device, torch_dtype
+from soundstage.models.device import device_param, dtype_param, resolve_device, torch_dtype
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.stage import ClipError, Field, Param, Stage, Upstream
 
@@ -137,8 +137,8 @@ STAGE = Stage(
         Param("n_slots", int, 4, "slots per frame; names beyond are cut, missing ones masked"),
         Param("names", str, "raw", "raw: the LLM's names; vocab: their mapping onto the dataset classes",
               choices=("raw", "vocab")),
-        Param("dtype", str, "fp32", "encoder weights dtype", choices=DTYPE_CHOICES),
-        Param("device", str, "auto", "cpu, cuda, ... (auto: cuda when available)", fingerprint=False),
+        dtype_param(help="encoder weights dtype"),
+        device_param(),
         Param("encoder_batch_size", int, 256, "names per encoder call", fingerprint=False),
     ],
     fields=[
