@@ -339,3 +339,14 @@ def test_hubert_stage_equals_one_clip_forward(synth_manifest, tmp_path):
             assert feats.dtype == np.float16 and feats.shape == ref.shape
             np.testing.assert_allclose(feats.astype(np.float32), ref, rtol=2e-3, atol=2e-3)
     assert len(lengths) == 2 and len(rows) > len(lengths)  # equal-length clips really shared batches
+
+
+def test_reduced_precision_stays_close(tmp_path):
+    """--dtype bf16: the same features up to bf16 rounding (a wrong cast would be far off)."""
+    model = _tiny_model(False, seed=8)
+    model.save_pretrained(tmp_path / "m")
+    wave = _waves(1, 8000, seed=9)[0]
+    full = load_hubert(str(tmp_path / "m")).extract(wave, 3)
+    low = load_hubert(str(tmp_path / "m"), dtype="bf16").extract(wave, 3)
+    assert low.dtype == np.float32 and low.shape == full.shape
+    assert np.linalg.norm(low - full) / np.linalg.norm(full) < 0.05
