@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from soundstage import __version__
-from soundstage.cache.reader import StageReader
+from soundstage.cache.reader import open_stage
 from soundstage.cache.store import StageDir, atomic_write_text, coerce_value, commit_file, field_schema, write_part_file
 from soundstage.manifests.table import read_manifest
 from soundstage.pipeline.fingerprint import fingerprint, fingerprint_payload, normalise_params
@@ -330,7 +330,7 @@ def select_shard_pairs(pairs, shard):
 
 def _process_clips(plan, todo, summary, writer_id, stop, workers, batch_size, commit_every, commit_seconds, progress):
     stage, params = plan.stage, plan.params
-    ctx = LoadContext(params=params, upstream={a: StageReader(sd.path) for a, sd in plan.upstream.items()},
+    ctx = LoadContext(params=params, upstream={a: open_stage(sd.path) for a, sd in plan.upstream.items()},
                       manifest_dir=plan.manifest_dir)
     model = stage.setup(params) if stage.setup else None
     if stage.metadata:
@@ -411,7 +411,7 @@ def _run_global(plan: Plan, summary: Summary, start: float, log) -> Summary:
             summary.cached = summary.selected = 1
         else:
             rows, _ = manifest_rows(plan.manifest_path)
-            ctx = FitContext(params=plan.params, upstream={a: StageReader(u.path) for a, u in plan.upstream.items()},
+            ctx = FitContext(params=plan.params, upstream={a: open_stage(u.path) for a, u in plan.upstream.items()},
                              clip_ids=[r["clip_id"] for r in rows], rows=rows, device=str(plan.params.get("device", "cpu")), log=log)
             arrays = plan.stage.fit(ctx)
             tmp = sd.result_path + f".tmp-{uuid.uuid4().hex[:8]}"

@@ -145,7 +145,8 @@ class LoadContext:
     """What ``load`` sees besides the manifest row (in a worker process)."""
 
     params: dict
-    #: alias -> read-only mapping clip_id -> {field: value} of the chosen upstream output
+    #: alias -> the chosen upstream output as ``open_stage`` gives it: a read-only mapping
+    #: clip_id -> {field: value} (per-clip stages), or a dict of arrays (whole-dataset stages)
     upstream: dict
     #: directory of the manifest file, to resolve relative paths in it
     manifest_dir: str

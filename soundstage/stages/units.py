@@ -20,20 +20,10 @@ import os
 import click
 import numpy as np
 
-from soundstage.cache.reader import read_result
 from soundstage.pipeline.stage import Field, Param, Stage, Upstream
 from soundstage.stages.kmeans import nearest_centroid
 
 FRAMES_PER_SECOND = 50  # HuBERT's frame rate at 16 kHz (hop 320)
-
-_CENTROIDS: dict = {}  # kmeans output dir -> centroids, per process
-
-
-def centroids_of(kmeans_dir: str) -> np.ndarray:
-    if kmeans_dir not in _CENTROIDS:
-        _CENTROIDS[kmeans_dir] = read_result(kmeans_dir)["centroids"]
-    return _CENTROIDS[kmeans_dir]
-
 
 def per_second(units: np.ndarray, num_units: int, seconds: int, top_k: int) -> dict:
     """Count, majority, top-k (by count, ties to the lower id, -1 past the present units) and
@@ -64,7 +54,7 @@ def video_seconds(row: dict, num_audio_frames: int) -> int:
 
 
 def load(row, ctx):
-    centroids = centroids_of(ctx.upstream["kmeans"].dir.path)
+    centroids = ctx.upstream["kmeans"]["centroids"]
     feats = ctx.upstream["hubert"][row["clip_id"]]["features"]
     units, _ = nearest_centroid(feats, centroids)
     summary = per_second(units, len(centroids), video_seconds(row, len(units)), ctx.params["top_k"])
