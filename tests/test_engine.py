@@ -411,3 +411,13 @@ def test_global_stage_result_is_cached_and_verified(wavs, tmp_path):
         assert any("checksum mismatch in mean_db" in p for p in verify_stage(StageDir(first.path))[0])
     finally:
         STAGE_MODULES.pop("toy-mean", None)
+
+
+def test_a_clip_missing_upstream_fails_with_a_clear_cause(wavs, tmp_path, toy_registered):
+    root, rows = wavs
+    cache = str(tmp_path / "c")
+    run_stage(AUDIO_STATS, write_manifest(root, rows[:3], "three.csv"), cache, progress=False)
+    summary = run_stage(get_stage("toy-sum"), write_manifest(root, rows[:4], "four.csv"), cache, progress=False)
+    assert summary.done == 3
+    ((cid, cause),) = summary.failed
+    assert cid == rows[3]["clip_id"] and cause.startswith(f"MissingClip: no audio-stats output for clip {cid}")

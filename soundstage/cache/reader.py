@@ -21,6 +21,13 @@ import numpy as np
 from soundstage.cache.store import StageDir, fields_from_schema, h5py  # h5py after the locking env var
 
 
+class MissingClip(KeyError):
+    """A clip that is not in a stage output (not computed yet, or failed there)."""
+
+    def __str__(self):
+        return str(self.args[0])
+
+
 class StageReader(Mapping):
     def __init__(self, stage_dir: str, fields: list[str] | None = None, max_open: int = 128):
         self.dir = StageDir(stage_dir)
@@ -73,7 +80,12 @@ class StageReader(Mapping):
         return part
 
     def __getitem__(self, clip_id: str) -> dict:
-        p, row = self.index[clip_id]
+        try:
+            p, row = self.index[clip_id]
+        except KeyError:
+            meta = self.meta
+            raise MissingClip(f"no {meta['stage']} output for clip {clip_id} in {meta['fingerprint']} "
+                              "(not computed yet, or it failed there)") from None
         part = self._open(p)
         out = {}
         for f in self.fields:
