@@ -23,11 +23,11 @@ import numpy as np
 
 from soundstage import __version__
 from soundstage.cache.reader import open_stage
-from soundstage.cache.store import StageDir, atomic_write_text, coerce_value, commit_file, field_schema, write_part_file
+from soundstage.cache.store import StageDir, coerce_value, commit_file, field_schema, write_part_file
 from soundstage.manifests.table import read_manifest
 from soundstage.pipeline.fingerprint import fingerprint, fingerprint_payload, normalise_params
 from soundstage.pipeline.resolve import resolve_upstreams
-from soundstage.pipeline.shard import select_shard, shard_from_env
+from soundstage.pipeline.shard import select_shard, shard_from_env, shard_of
 from soundstage.pipeline.stage import ClipError, FitContext, LoadContext, Stage
 
 
@@ -314,7 +314,9 @@ def run_stage(
         done_ids = plan.dir.committed_ids()
         todo = [r for r in mine if r["clip_id"] not in done_ids]
         summary.cached = len(mine) - len(todo)
-        for cid, cause in select_shard_pairs(bad_rows, shard):
+        for cid, cause in bad_rows:  # unusable manifest rows: each reported by the shard of its id
+            if shard[1] > 1 and shard_of(cid, shard[1]) != shard[0]:
+                continue
             plan.dir.record_failure(writer_id, cid, cause)
             summary.failed.append((cid, cause))
         if todo:
@@ -322,10 +324,6 @@ def run_stage(
                            commit_every, commit_seconds, progress)
     summary.seconds = time.monotonic() - start
     return summary
-
-
-def select_shard_pairs(pairs, shard):
-    return [p for p in pairs if select_shard([{"clip_id": p[0]}], *shard)]
 
 
 def _process_clips(plan, todo, summary, writer_id, stop, workers, batch_size, commit_every, commit_seconds, progress):
@@ -422,4 +420,4 @@ def _run_global(plan: Plan, summary: Summary, start: float, log) -> Summary:
     return summary
 
 
-__all__ = ["run_stage", "plan_stage", "pending_clips", "Summary", "Plan", "atomic_write_text"]
+__all__ = ["run_stage", "plan_stage", "pending_clips", "Summary", "Plan"]
