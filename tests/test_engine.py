@@ -421,3 +421,28 @@ def test_a_clip_missing_upstream_fails_with_a_clear_cause(wavs, tmp_path, toy_re
     assert summary.done == 3
     ((cid, cause),) = summary.failed
     assert cid == rows[3]["clip_id"] and cause.startswith(f"MissingClip: no audio-stats output for clip {cid}")
+
+
+def test_model_identity_follows_content_not_path(tmp_path, monkeypatch):
+    from soundstage.pipeline.identity import model_identity
+
+    ckpt = tmp_path / "a" / "model.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"weights-1")
+    first = model_identity(str(ckpt))
+    moved = tmp_path / "b" / "renamed.pt"
+    moved.parent.mkdir()
+    shutil.copy(ckpt, moved)
+    assert model_identity(str(moved)) == first
+    moved.write_bytes(b"weights-2")
+    assert model_identity(str(moved)) != first
+    model_dir = tmp_path / "dir"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "model.safetensors").write_bytes(b"w")
+    copy = tmp_path / "dir2"
+    shutil.copytree(model_dir, copy)
+    assert model_identity(str(model_dir)) == model_identity(str(copy))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
+    assert model_identity("org/not-cached-model") == {"hub_id": "org/not-cached-model", "revision": None}

@@ -100,6 +100,6 @@ def _hub_revision(repo_id: str) -> str | None:
     try:
         from huggingface_hub import HfApi
 
-        return HfApi().model_info(repo_id).sha
+        return HfApi().model_info(repo_id, timeout=10).sha  # compute nodes are often offline
     except Exception:
         return None
