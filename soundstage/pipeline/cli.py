@@ -119,6 +119,8 @@ def invoke_stage(stage: Stage, values: dict, is_default) -> int:
         from_file = dict(pipe.stages.get(stage.name, {}))
         params.update({k: v for k, v in from_file.items() if is_default(k)})
         resources = {**pipe.resources.get(stage.name, {}), **resources}
+        if values["shards"] is None and (values["executor"] == "slurm" or values["dry_run"]):
+            values = {**values, "shards": pipe.shards.get(stage.name)}
         for up in stage.upstream:  # the file knows the upstream's parameters: select exactly
             if up.stage not in upstream_select and up.stage in pipe.stages:
                 upstream_select[up.stage] = expected_fingerprint(up.stage, pipe.stages)
