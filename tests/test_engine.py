@@ -114,6 +114,10 @@ def test_failures_are_recorded_and_nothing_else_is_lost(wavs, tmp_path):
     # the CLI says so too, with a nonzero exit status
     result = CliRunner().invoke(main, ["audio-stats", "--manifest", manifest, "--cache", str(tmp_path / "cache"), "--workers", "0"])
     assert result.exit_code == 1 and "failed zero: zero-byte audio" in result.output
+    # pipeline jobs: recorded clip failures alone do not fail the job (the stages below go on)
+    result = CliRunner().invoke(main, ["audio-stats", "--manifest", manifest, "--cache", str(tmp_path / "cache"),
+                                       "--workers", "0", "--allow-failed-clips"])
+    assert result.exit_code == 0 and "failed zero: zero-byte audio" in result.output
 
 
 def test_a_failing_batch_is_split_to_find_the_culprit(wavs, tmp_path):

@@ -26,6 +26,9 @@ RUNNER_OPTIONS = {
     "batch_size": dict(type=int, help="clips per model call (default: the stage's)"),
     "commit_every": dict(type=int, default=256, show_default=True, help="clips per committed part file"),
     "progress": dict(default=True, show_default=True, help="show a progress bar"),
+    "allow_failed_clips": dict(is_flag=True, help="exit 0 when every clip was tried and the only problems are "
+                               "recorded clip failures (pipeline jobs use this, so one bad clip does not stop "
+                               "the stages below; they record it as failed too)"),
 }
 
 # Options that say where and how to run, passed to the executors rather than the runner.
@@ -141,6 +144,8 @@ def invoke_stage(stage: Stage, values: dict, is_default) -> int:
                         shard=values["shard"], jobs=values["shards"] or values["jobs"], workers=values["workers"],
                         batch_size=values["batch_size"], commit_every=values["commit_every"], progress=values["progress"])
     click.echo(summary.format())
+    if values["allow_failed_clips"] and not summary.interrupted:
+        return 0
     return summary.exit_code
 
 
@@ -150,7 +155,7 @@ def stage_cli_args(stage: Stage, params: dict, manifest: str, cache: str, upstre
     for name in ("workers", "batch_size", "commit_every"):
         if values.get(name) is not None:
             args += [f"--{_flag_name(name)}", str(values[name])]
-    args.append("--no-progress")
+    args += ["--no-progress", "--allow-failed-clips"]  # failures are in the cache; --wait reports them
     for up_stage, selector in upstream_select.items():
         args += [f"--{up_stage}", selector if isinstance(selector, str) else ",".join(f"{k}={v}" for k, v in selector.items())]
     for p in stage.params:

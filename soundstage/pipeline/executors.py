@@ -162,8 +162,10 @@ def run_pipeline(pipe, targets: list[str] | None, *, executor: str = "local", sh
                  workers: int | None = None, wait: bool = False, dry_run: bool = False, poll_seconds: float | None = None,
                  out=click.echo) -> int:
     """``soundstage run``: the target stages and their upstream stages, upstream first, each skipped
-    when the cache holds it complete. Locally a stage with failed clips stops the run (as
-    ``afterok`` stops the chain on SLURM)."""
+    when the cache holds it complete. A stage whose clips failed (recorded in the cache) does not
+    stop the stages below: they record those clips as failed too and the exit status says so; an
+    interrupted or crashed stage does stop them (``afterok`` on SLURM, where array tasks run with
+    ``--allow-failed-clips``)."""
     from soundstage.pipeline.cli import stage_cli_args
     from soundstage.pipeline.resolve import expected_fingerprint
 
@@ -194,6 +196,7 @@ def _run_local(plan: list[tuple[StageWork, int]], manifest: str, cache: str, dry
     from soundstage.pipeline.local import run_local
 
     runner_kwargs = {k: v for k, v in runner_kwargs.items() if v is not None}
+    code = 0
     for work, processes in plan:
         name = work.stage.name
         if work.complete:
@@ -205,7 +208,10 @@ def _run_local(plan: list[tuple[StageWork, int]], manifest: str, cache: str, dry
             continue
         summary = run_local(work.stage, manifest, cache, work.params, work.upstream_select, jobs=processes, **runner_kwargs)
         out(summary.format())
-        if not summary.ok:
-            out(f"stopping: {name} did not finish cleanly; stages after it were not run")
+        if summary.interrupted:
+            out(f"stopping: {name} was interrupted; stages after it were not run")
             return summary.exit_code
-    return 0
+        if summary.failed:
+            out(f"note: {len(summary.failed)} clip(s) failed in {name}; the stages below record them as failed too")
+            code = summary.exit_code
+    return code
