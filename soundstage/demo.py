@@ -179,7 +179,7 @@ def write_pipeline_file(path: str, text: str) -> None:
         f.write(text)
 
 
-def available_stages(out=click.echo) -> list[str]:
+def available_stages() -> list[str]:
     """The demo's stages, in pipeline order; each must import (a broken install is an error,
     not a smaller demo)."""
     from soundstage.stages import get_stage

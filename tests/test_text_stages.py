@@ -161,7 +161,7 @@ def test_sources_with_tiny_lm_garbage_is_unparseable_not_a_crash(models, dataset
     assert cues.ok and cues.done == 3
     cue_out = open_stage(cues.path)
     for cid in cue_out:
-        arrays, mask = textcues.cue_arrays(cue_out[cid])
+        arrays, mask = cue_out[cid]["cues"], cue_out[cid]["cue_mask"]
         expected = [[j < len(json.loads(n) or []) for j in range(4)] if s == "ok" else [False] * 4
                     for s, n in zip(out[cid]["status"], out[cid]["sources"])]
         assert mask.tolist() == expected
@@ -228,7 +228,7 @@ def test_textcues_slots_masks_and_vectors(models, tmp_path, encoder, pooling):
     assert summary.ok and summary.done == 2
     out = open_stage(summary.path)
     for cid, frames in KNOWN.items():
-        cues, mask = textcues.cue_arrays(out[cid])
+        cues, mask = out[cid]["cues"], out[cid]["cue_mask"]
         names = np.array(out[cid]["cue_names"]).reshape(len(frames), 3)
         assert cues.dtype == np.float16 and cues.shape[:2] == (len(frames), 3)
         for i, (status, frame_sources) in enumerate(frames):

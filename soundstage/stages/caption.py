@@ -45,7 +45,6 @@ def load(row, ctx):
 
 class Captioner:
     def __init__(self, params):
-        import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.device = resolve_device(params["device"])

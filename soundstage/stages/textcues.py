@@ -29,11 +29,6 @@ from soundstage.pipeline.stage import ClipError, Field, Param, Stage, Upstream
 DEFAULT_ENCODER = "distilbert/distilroberta-base"
 
 
-def cue_arrays(record: dict) -> tuple[np.ndarray, np.ndarray]:
-    """A cached clip's ``cues [frames, n_slots, dim]`` (float16) and ``cue_mask [frames, n_slots]``."""
-    return np.asarray(record["cues"]), np.asarray(record["cue_mask"], dtype=bool)
-
-
 def frame_names(record: dict, which: str) -> list[list[str]]:
     """The source names of each frame of a ``sources`` record; [] where the status is not ok."""
     column = "sources" if which == "raw" else "vocab_sources"
@@ -59,7 +54,6 @@ class TextEncoder:
     """A transformers text model turning names into one vector each."""
 
     def __init__(self, params):
-        import torch
         from transformers import AutoModel, AutoTokenizer
 
         self.device = resolve_device(params["device"])
@@ -115,8 +109,7 @@ def embed_frames(encode, items: list, n_slots: int) -> list[dict]:
             for j, name in enumerate(names[:n_slots]):
                 cues[i, j], mask[i, j], slot_names[i][j] = table[name], True, name
         results.append({"cues": cues.astype(np.float16), "cue_mask": mask,
-                        "cue_names": [n for names in slot_names for n in names],
-                        "n_slots": n_slots, "dim": dim})
+                        "cue_names": [n for names in slot_names for n in names]})
     return results
 
 
@@ -145,8 +138,6 @@ STAGE = Stage(
         Field("cues", "float16", (None, None, None), "[frames, n_slots, dim]; 0 where masked"),
         Field("cue_mask", "bool", (None, None), "[frames, n_slots]: slot holds a name"),
         Field("cue_names", "str", (None,), "[frames, n_slots] row-major: the name in each slot, '' if masked"),
-        Field("n_slots", "int32", (), "slots per frame"),
-        Field("dim", "int32", (), "embedding width"),
     ],
     load=load,
     process=process,
