@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from soundstage.cache.reader import StageReader
-from soundstage.manifests.table import read_manifest
+from soundstage.cache.table import read_manifest
 
 
 class CachedClips(torch.utils.data.Dataset):

@@ -41,7 +41,7 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
 from soundstage import __version__  # noqa: E402
-from soundstage.pipeline.stage import Field  # noqa: E402
+from soundstage.cache.schema import Field, field_schema, fields_from_schema  # noqa: E402,F401
 
 PART_FORMAT = "soundstage-part/1"
 STR_DTYPE = h5py.string_dtype("utf-8")
@@ -88,14 +88,6 @@ def array_checksum(values) -> str:
             digest.update((v.decode() if isinstance(v, bytes) else str(v)).encode("utf-8"))
             digest.update(b"\0")
     return digest.hexdigest()
-
-
-def field_schema(fields: list[Field]) -> list[dict]:
-    return [{"name": f.name, "dtype": f.dtype, "shape": list(f.shape), "help": f.help} for f in fields]
-
-
-def fields_from_schema(schema: list[dict]) -> list[Field]:
-    return [Field(d["name"], d["dtype"], tuple(d["shape"]), d.get("help", "")) for d in schema]
 
 
 # ------------------------------------------------------------------------------ conversion

@@ -1,6 +1,7 @@
 """Reading and writing manifest tables (CSV or Parquet, chosen by the file suffix).
 
-A manifest has one row per clip and at least a ``clip_id`` column. Paths in it may be absolute
+A manifest has one row per clip and at least a ``clip_id`` column; ``read_manifest`` is the
+engine's plain reader (``soundstage.cache.table``), re-exported here. Paths in it may be absolute
 or relative to the manifest's own directory (``resolve_path``).
 
 Columns written by ``soundstage manifest avsbench`` / ``synth`` (all cells are strings):
@@ -26,27 +27,10 @@ import os
 
 import pandas as pd
 
-REQUIRED_COLUMNS = ("clip_id",)
+from soundstage.cache.table import REQUIRED_COLUMNS, ManifestError, read_manifest  # noqa: F401 (the engine's reader)
+
 PATH_COLUMNS = ("audio_path", "frames_dir", "labels_rgb_dir", "labels_semantic_dir", "labels_binary_dir", "label2idx_path")
 LABEL_KINDS = {"rgb": "labels_rgb_dir", "semantic": "labels_semantic_dir", "binary": "labels_binary_dir"}
-
-
-class ManifestError(ValueError):
-    """A manifest that cannot be used at all (missing file, missing columns)."""
-
-
-def read_manifest(path: str) -> pd.DataFrame:
-    """The manifest at ``path`` with every column as string (empty cells as "")."""
-    if not os.path.exists(path):
-        raise ManifestError(f"manifest {path} does not exist")
-    if str(path).endswith(".parquet"):
-        df = pd.read_parquet(path)
-    else:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise ManifestError(f"manifest {path} lacks column(s) {', '.join(missing)}")
-    return df.fillna("").astype(str)
 
 
 def write_manifest(df: pd.DataFrame, path: str) -> None:

@@ -14,6 +14,8 @@ import click
 from click.core import ParameterSource
 
 from soundstage.pipeline.stage import Param, Stage
+from soundstage.pipeline.task_args import flag_name as _flag_name
+from soundstage.pipeline.task_args import stage_cli_args
 
 # The runner's own options, shared by every stage: name -> click option arguments.
 RUNNER_OPTIONS = {
@@ -46,10 +48,6 @@ EXECUTOR_OPTIONS = {
 }
 
 RESERVED = set(RUNNER_OPTIONS) | set(EXECUTOR_OPTIONS)
-
-
-def _flag_name(name: str) -> str:
-    return name.replace("_", "-")
 
 
 def _make_option(name: str, spec: dict) -> click.Option:
@@ -147,26 +145,3 @@ def invoke_stage(stage: Stage, values: dict, is_default) -> int:
     if values["allow_failed_clips"] and not summary.interrupted:
         return 0
     return summary.exit_code
-
-
-def stage_cli_args(stage: Stage, params: dict, manifest: str, cache: str, upstream_select: dict, values: dict) -> list[str]:
-    """The command-line arguments that rerun this stage with these exact settings (for array tasks)."""
-    args = ["--manifest", os.path.abspath(manifest), "--cache", os.path.abspath(cache)]
-    for name in ("workers", "batch_size", "commit_every"):
-        if values.get(name) is not None:
-            args += [f"--{_flag_name(name)}", str(values[name])]
-    args += ["--no-progress", "--allow-failed-clips"]  # failures are in the cache; --wait reports them
-    for up_stage, selector in upstream_select.items():
-        args += [f"--{up_stage}", selector if isinstance(selector, str) else ",".join(f"{k}={v}" for k, v in selector.items())]
-    for p in stage.params:
-        value = params.get(p.name)
-        if value is None:
-            continue
-        if p.is_flag:
-            args.append(p.option if value else f"--no-{_flag_name(p.name)}")
-        elif p.multiple:
-            for v in value:
-                args += [p.option, str(v)]
-        else:
-            args += [p.option, str(value)]
-    return args

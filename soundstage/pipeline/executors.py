@@ -15,10 +15,11 @@ import click
 
 from soundstage.cache.store import StageDir
 from soundstage.pipeline import slurm
+from soundstage.pipeline.registry import get_stage
 from soundstage.pipeline.runner import manifest_rows, plan_stage
 from soundstage.pipeline.shard import shard_of
 from soundstage.pipeline.stage import Stage
-from soundstage.stages import get_stage
+from soundstage.pipeline.task_args import stage_cli_args
 
 
 @dataclass
@@ -166,7 +167,6 @@ def run_pipeline(pipe, targets: list[str] | None, *, executor: str = "local", sh
     stop the stages below: they record those clips as failed too and the exit status says so; an
     interrupted or crashed stage does stop them (``afterok`` on SLURM, where array tasks run with
     ``--allow-failed-clips``)."""
-    from soundstage.pipeline.cli import stage_cli_args
     from soundstage.pipeline.resolve import expected_fingerprint
 
     if not pipe.manifest:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import click
 
-from soundstage.stages import STAGE_MODULES, get_stage
+from soundstage.pipeline.registry import STAGE_MODULES, get_stage
 
 TOP_LEVEL_KEYS = {"manifest", "cache", "executor", "shards", "resources", "stages"}
 #: keys of a stage entry that are not stage parameters

@@ -12,6 +12,7 @@ import json
 
 from soundstage.cache.store import StageDir, iter_stage_dirs
 from soundstage.pipeline.fingerprint import fingerprint, normalise_params
+from soundstage.pipeline.registry import get_stage
 from soundstage.pipeline.stage import Stage
 
 
@@ -87,16 +88,12 @@ def choose(cache_root: str, stage: Stage, selector=None, log=print) -> StageDir:
 
 def resolve_upstreams(stage: Stage, cache_root: str, select: dict | None = None, log=print) -> dict[str, StageDir]:
     """alias -> chosen StageDir for each upstream of ``stage``; ``select`` is keyed by stage name."""
-    from soundstage.stages import get_stage
-
     select = select or {}
     return {up.alias: choose(cache_root, get_stage(up.stage), select.get(up.stage), log) for up in stage.upstream}
 
 
 def expected_fingerprint(stage_name: str, params_by_stage: dict[str, dict]) -> str:
     """The fingerprint ``stage_name`` has under a pipeline's parameters (recursing upstream)."""
-    from soundstage.stages import get_stage
-
     stage = get_stage(stage_name)
     ups = {up.alias: expected_fingerprint(up.stage, params_by_stage) for up in stage.upstream}
     return fingerprint(stage, params_by_stage.get(stage_name, {}), ups)

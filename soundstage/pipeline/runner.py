@@ -24,7 +24,7 @@ import numpy as np
 from soundstage import __version__
 from soundstage.cache.reader import open_stage
 from soundstage.cache.store import StageDir, coerce_value, commit_file, field_schema, write_part_file
-from soundstage.manifests.table import read_manifest
+from soundstage.cache.table import read_manifest
 from soundstage.pipeline.fingerprint import fingerprint, fingerprint_payload, normalise_params
 from soundstage.pipeline.resolve import resolve_upstreams
 from soundstage.pipeline.shard import select_shard, shard_from_env, shard_of

@@ -25,8 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-#: dtypes a field may have; "str" is variable-length UTF-8.
-FIELD_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool", "str")
+from soundstage.cache.schema import FIELD_DTYPES, Field  # noqa: F401 (declared with stages; stored by the cache)
 
 
 @dataclass(frozen=True)
@@ -52,29 +51,6 @@ class Param:
     @property
     def option(self) -> str:
         return "--" + self.name.replace("_", "-")
-
-
-@dataclass(frozen=True)
-class Field:
-    """One output field: dtype and per-clip shape.
-
-    ``None`` in the first axis: the length varies per clip (ragged, e.g. frames). ``None`` in a
-    later axis: a size known only at run time (e.g. the model's hidden size), the same for every
-    clip of an output.
-    """
-
-    name: str
-    dtype: str
-    shape: tuple = ()
-    help: str = ""
-
-    def __post_init__(self):
-        if self.dtype not in FIELD_DTYPES:
-            raise ValueError(f"field {self.name}: unknown dtype {self.dtype!r}; use one of {FIELD_DTYPES}")
-
-    @property
-    def ragged(self) -> bool:
-        return bool(self.shape) and self.shape[0] is None
 
 
 @dataclass(frozen=True)

@@ -1,33 +1,12 @@
-"""One module per stage; each defines ``STAGE``. This table is the registry (name -> module)."""
+"""soundstage's own stages: one module per stage, each defining ``STAGE``.
 
-import importlib
+They are registered like any plugin's, as entry points of the group ``soundstage.stages`` in
+``setup.cfg`` (the engine's registry, ``soundstage.pipeline.registry``, reads them).
+TO ADD A STAGE: add a line ``name = soundstage.stages.module:STAGE`` under
+``[options.entry_points] soundstage.stages`` in setup.cfg, then ``pip install -e . --no-deps``.
+"""
 
-STAGE_MODULES = {
-    "audio-stats": "soundstage.stages.audio_stats",
-    "hubert": "soundstage.stages.hubert",
-    "kmeans": "soundstage.stages.kmeans",
-    "units": "soundstage.stages.units",
-    "beats": "soundstage.stages.beats",
-    "caption": "soundstage.stages.caption",
-    "sources": "soundstage.stages.sources",
-    "textcues": "soundstage.stages.textcues",
-}
-#: the stages shipped in the package (``register_stage`` adds others beside them)
-BUILTIN_STAGES = tuple(STAGE_MODULES)
+from soundstage.pipeline.registry import STAGE_MODULES, get_stage, register_stage, stages_of  # noqa: F401
 
-
-def register_stage(name: str, module: str) -> None:
-    """Add a stage defined outside the package (a plugin, or a test's toy stage).
-
-    ``module`` is a module path whose ``STAGE`` is the declaration, or ``module:ATTRIBUTE``."""
-    STAGE_MODULES[name] = module
-
-
-def get_stage(name: str):
-    """The ``Stage`` declaration registered under ``name``."""
-    try:
-        module = STAGE_MODULES[name]
-    except KeyError:
-        raise KeyError(f"unknown stage {name!r}; known: {', '.join(STAGE_MODULES)}") from None
-    module, _, attr = module.partition(":")
-    return getattr(importlib.import_module(module), attr or "STAGE")
+#: the stages shipped in the package (plugins and ``register_stage`` add others beside them)
+BUILTIN_STAGES = stages_of("soundstage")

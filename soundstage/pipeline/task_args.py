@@ -1,0 +1,34 @@
+"""The command line of one array task: the stage command with exactly the settings planned."""
+
+from __future__ import annotations
+
+import os
+
+from soundstage.pipeline.stage import Stage
+
+
+def flag_name(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def stage_cli_args(stage: Stage, params: dict, manifest: str, cache: str, upstream_select: dict, values: dict) -> list[str]:
+    """The command-line arguments that rerun this stage with these exact settings (for array tasks)."""
+    args = ["--manifest", os.path.abspath(manifest), "--cache", os.path.abspath(cache)]
+    for name in ("workers", "batch_size", "commit_every"):
+        if values.get(name) is not None:
+            args += [f"--{flag_name(name)}", str(values[name])]
+    args += ["--no-progress", "--allow-failed-clips"]  # failures are in the cache; --wait reports them
+    for up_stage, selector in upstream_select.items():
+        args += [f"--{up_stage}", selector if isinstance(selector, str) else ",".join(f"{k}={v}" for k, v in selector.items())]
+    for p in stage.params:
+        value = params.get(p.name)
+        if value is None:
+            continue
+        if p.is_flag:
+            args.append(p.option if value else f"--no-{flag_name(p.name)}")
+        elif p.multiple:
+            for v in value:
+                args += [p.option, str(v)]
+        else:
+            args += [p.option, str(value)]
+    return args
