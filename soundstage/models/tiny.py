@@ -4,7 +4,7 @@ The configs are in ``soundstage/data/tiny/*.json`` (each says which real model i
 for). A builder makes the model from its config with seeded random weights and saves it the
 way the real model is distributed — ``save_pretrained`` (weights, config, tokenizer/processor)
 for the transformers models, ``torch.save`` of the official ``{"cfg", "model", "label_dict"}``
-dict for BEATs — so the stages load it through the same code as a real checkpoint.
+dict for BEATs, a plain state dict for VGGish — so the stages load it through the same code as a real checkpoint.
 
 Their outputs are meaningless: they exist so that the whole pipeline runs with no download
 (``soundstage demo``, tests, benchmarks). Same seed -> same weights.
@@ -108,6 +108,18 @@ def build_beats(path, seed: int = 0) -> str:
     return str(path)
 
 
+def build_vggish(path, seed: int = 0) -> str:
+    """A torchvggish-layout state dict ``.pth`` (``features.N.*``, ``embeddings.N.*``) of a
+    narrow VGGish, as ``vggish-10086976.pth`` is distributed."""
+    from soundstage.models.vggish import VGGish
+
+    spec = tiny_config("vggish")
+    model = _seeded(seed, lambda: VGGish(spec["layers"], spec["hidden"]))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
 # ------------------------------------------------------------------------- text/vision models
 
 
@@ -182,6 +194,7 @@ def build_clip(out_dir, seed: int = 0) -> str:
 TINY_MODELS = {
     "hubert": (build_hubert, "hubert", "facebook/hubert-base-ls960"),
     "beats": (build_beats, "beats_tiny.pt", "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"),
+    "vggish": (build_vggish, "vggish_tiny.pth", "vggish-10086976.pth (torchvggish release v0.1)"),
     "blip": (build_blip, "blip", "Salesforce/blip-image-captioning-large"),
     "chat_lm": (build_chat_lm, "chat_lm", "Qwen/Qwen2.5-7B-Instruct"),
     "text_encoder": (build_text_encoder, "text_encoder", "distilbert/distilroberta-base"),
