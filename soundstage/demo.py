@@ -40,6 +40,10 @@ DEMO_STAGES = {
     ],
     "units": [("top_k", 3, "")],
     "beats": [("checkpoint", "model:beats", "official fine-tuned checkpoint, downloaded from microsoft/unilm")],
+    "vggish": [
+        ("checkpoint", "model:vggish", "download from github.com/harritaylor/torchvggish/releases"),
+        ("pad", "repeat-last", "rows = video frames; AVSBench repeats the last example"),
+    ],
     "caption": [
         ("model", "model:blip", ""),
         ("num_beams", 1, "real: 3"),
