@@ -21,6 +21,7 @@ TOOL_COMMANDS = {
     "tags": "soundstage.stages.tags:tags",
     "export": "soundstage.stages.export:export",
     "demo": "soundstage.demo:demo",
+    "evaluate": "soundstage.evaluate:evaluate",
 }
 
 

@@ -347,14 +347,14 @@ class Accumulator:
         if "mask" in self.kinds_seen:
             out["fscore_of_mask"], out["fscore"] = fscore, None
             out["notes"].append(
-                f"{self.protocol.name}: F needs scores (logits or probabilities) for its threshold sweep; "
-                "binary masks were given, so fscore is None (fscore_of_mask: the sweep run on the 0/1 mask)"
+                "F needs scores (logits or probabilities) for its threshold sweep and got binary masks: "
+                "fscore is None; fscore_of_mask = the sweep run on the 0/1 mask"
             )
         elif self.options.get("two_channel") and self.kinds_seen != {"logits"}:
             out["fscore"] = None
             out["notes"].append(
-                f"{self.protocol.name}: F needs the two-channel logits (sigmoid(2·l1 − l0)); "
-                "with probabilities IoU uses p > 0.5 and fscore is None"
+                "F needs the two-channel logits (sigmoid(2·l1 − l0)): fscore is None; "
+                "IoU used p > 0.5"
             )
         return out
 

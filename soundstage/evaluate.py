@@ -1,0 +1,221 @@
+"""``soundstage evaluate``: score predicted masks against a manifest's ground truth by every
+named protocol of ``soundstage.metrics``.
+
+Predictions (``--pred DIR``) use the Stepping Stones layout ``DIR/<subset>/<clip_id>/<i>.png``
+(``<subset>`` = v1s / v1m / v2, ``<i>`` = 0-based frame index), or ``<i>.npy``:
+
+- PNG, single channel: 0/255 (or 0/1) = a binary mask; any other values = a probability map
+  p = value / 255 (``--png labels`` reads them as class indices instead; RGB PNGs are read as
+  AVSBench palette colours and always give class indices).
+- ``.npy``: ``[H, W]`` float = foreground scores (``--scores probabilities|logits``);
+  ``[2, H, W]`` = two-channel logits (background, sounding) as Stepping Stones outputs;
+  ``[C, H, W]`` with C > 2 = per-class logits; integer ``[H, W]`` = class indices.
+
+Only annotated frames are scored; a missing prediction is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+import numpy as np
+import torch
+from PIL import Image
+
+from soundstage.manifests import (
+    annotated_frames,
+    good_clips,
+    label_path,
+    mask_kind,
+    read_manifest,
+)
+from soundstage.manifests.palette import NUM_CLASSES, colour_to_index
+from soundstage.metrics import PROTOCOLS, Accumulator
+from soundstage.metrics.inputs import resize_labels, resize_scores
+
+MISSING_SHOWN = 10
+
+
+def read_prediction(path: str, png: str, scores: str) -> tuple[np.ndarray, str]:
+    """``(array, kind)`` with kind in mask / probabilities / logits / two-channel / class-logits / labels."""
+    if path.endswith(".npy"):
+        array = np.load(path, allow_pickle=False)
+        if array.ndim == 3:
+            return array.astype(np.float32), ("two-channel" if array.shape[0] == 2 else "class-logits")
+        if not np.issubdtype(array.dtype, np.floating):
+            return array.astype(np.int64), "labels"
+        return array.astype(np.float32), scores
+    image = Image.open(path)
+    array = np.asarray(image.convert("RGB") if image.mode in ("RGB", "RGBA") else image)
+    if array.ndim == 3:
+        return colour_to_index(array).astype(np.int64), "labels"
+    if png == "labels":
+        return array.astype(np.int64), "labels"
+    values = np.unique(array)
+    if np.isin(values, (0, 255)).all() or np.isin(values, (0, 1)).all():
+        return (array > 0).astype(np.uint8), "mask"
+    return array.astype(np.float32) / 255.0, "probabilities"
+
+
+def read_truth(path: str, kind: str) -> np.ndarray:
+    """Class indices (semantic labels) or 0/1 (binary masks) of one annotated frame."""
+    array = np.asarray(Image.open(path))
+    if array.ndim == 3:
+        array = colour_to_index(array[..., :3])
+    return (array > 0).astype(np.int64) if kind == "binary" else array.astype(np.int64)
+
+
+def prediction_path(pred_dir: str, row, i: int) -> str | None:
+    base = os.path.join(pred_dir, str(row["subset"]), str(row["clip_id"]), str(i))
+    for ext in (".png", ".npy"):
+        if os.path.isfile(base + ext):
+            return base + ext
+    return None
+
+
+def _size(name: str, eval_size: str, native: tuple[int, int]) -> tuple[int, int]:
+    if eval_size == "native":
+        return native
+    if eval_size == "paper":
+        side = PROTOCOLS[name].paper_eval_size
+        return native if side is None else (side, side)
+    return (int(eval_size), int(eval_size))
+
+
+def protocol_inputs(name: str, pred: np.ndarray, kind: str, truth: np.ndarray, size) -> tuple | str:
+    """``(pred tensor, gt tensor, pred_kind, extra options)`` for one protocol, or why it cannot
+    be computed from these predictions."""
+    proto = PROTOCOLS[name]
+    frames = torch.from_numpy(pred)
+    semantic_pred = kind in ("labels", "class-logits")
+    if proto.kind == "semantic" and not semantic_pred:
+        return "needs class predictions (class-index PNGs or per-class logits)"
+    if proto.kind in ("binary", "null") and semantic_pred:  # foreground = any class but background
+        if kind == "class-logits":
+            frames = frames.argmax(1)
+        frames, kind, semantic_pred = (frames > 0).to(torch.uint8), "mask", False
+    if kind == "two-channel" and not (proto.kind == "binary" and proto.defaults["two_channel"]):
+        frames, kind = frames[:, 1] - frames[:, 0], "logits"  # p(sounding) = sigmoid(l1 − l0)
+    if kind in ("mask", "labels"):
+        frames = resize_labels(frames, size)
+    else:
+        frames = resize_scores(frames, size)
+    gt = resize_labels(torch.from_numpy(truth), size)
+    if proto.kind in ("binary", "null") or (proto.kind == "confusion" and not semantic_pred):
+        gt = (gt > 0).long()
+    pred_kind = {"two-channel": "logits", "class-logits": "logits"}.get(kind, kind)
+    options = {}
+    if proto.kind in ("semantic", "confusion"):
+        options["num_classes"] = NUM_CLASSES if semantic_pred else 2
+    return frames, gt, pred_kind, options
+
+
+def evaluate_prediction_dir(
+    pred_dir: str, manifest_path: str, names: list[str], split: str | None, subsets: tuple[str, ...],
+    png: str = "auto", scores: str = "probabilities", eval_size: str = "paper",
+) -> dict[str, dict]:
+    """Every protocol in ``names`` over the annotated frames of the manifest's clips."""
+    manifest = read_manifest(manifest_path)
+    manifest_dir = os.path.dirname(os.path.abspath(manifest_path))
+    rows = good_clips(manifest)
+    if split:
+        rows = rows[rows["split"] == split]
+    if subsets:
+        rows = rows[rows["subset"].isin(subsets)]
+    if rows.empty:
+        raise click.ClickException(f"{manifest_path}: no usable clips with split={split} subsets={','.join(subsets) or 'all'}")
+    plan, missing = [], []
+    for _, row in rows.iterrows():
+        frames = annotated_frames(row)
+        paths = [prediction_path(pred_dir, row, i) for i in frames]
+        missing += [f"{row['subset']}/{row['clip_id']}/{i}" for i, p in zip(frames, paths) if p is None]
+        plan.append((row, frames, paths))
+    if missing:
+        shown = ", ".join(missing[:MISSING_SHOWN]) + (f" (+{len(missing) - MISSING_SHOWN} more)" if len(missing) > MISSING_SHOWN else "")
+        raise click.ClickException(f"{len(missing)} predictions missing under {pred_dir} (.png or .npy): {shown}")
+
+    accumulators: dict[str, Accumulator] = {}
+    unavailable: dict[str, str] = {}
+    for row, frames, paths in plan:
+        kind = mask_kind(row)
+        truth = np.stack([read_truth(label_path(row, i, manifest_dir, kind), kind) for i in frames])
+        loaded = [read_prediction(p, png, scores) for p in paths]
+        kinds = sorted({k for _, k in loaded})
+        if len(kinds) > 1:
+            raise click.ClickException(f"{os.path.dirname(paths[0])}: frames mix prediction kinds ({', '.join(kinds)})")
+        pred, native = np.stack([a for a, _ in loaded]), tuple(truth.shape[-2:])
+        for name in names:
+            if name in unavailable:
+                continue
+            prepared = protocol_inputs(name, pred, kinds[0], truth, _size(name, eval_size, native))
+            if isinstance(prepared, str):
+                unavailable[name] = prepared
+                continue
+            frames_t, gt_t, pred_kind, options = prepared
+            acc = accumulators.setdefault(name, Accumulator(name, pred_kind=pred_kind, **options))
+            if acc.options["pred_kind"] != pred_kind:
+                raise click.ClickException(f"{os.path.dirname(paths[0])}: {pred_kind} predictions, earlier clips had {acc.options['pred_kind']}")
+            acc.update(frames_t, gt_t, videos=[row["clip_id"]] * len(frames))
+    results = {}
+    for name in names:
+        if name in unavailable:
+            results[name] = {"protocol": name, "unavailable": unavailable[name], "notes": [unavailable[name]]}
+            continue
+        result = accumulators[name].compute()
+        result["eval_size"] = eval_size if eval_size != "paper" else PROTOCOLS[name].paper_eval_size or "native"
+        results[name] = result
+    return results
+
+
+def _number(value) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def format_table(results: dict[str, dict]) -> str:
+    header = f"{'protocol':18s} {'mIoU':>8s} {'F':>8s} {'other':>18s} {'frames':>7s} {'size':>7s}  notes"
+    lines = [header, "-" * len(header)]
+    for name, r in results.items():
+        other = f"null S {r['null_score']:.4f}" if "null_score" in r else (
+            f"present {r['miou_present']:.4f}" if "miou_present" in r else "")
+        lines.append(
+            f"{name:18s} {_number(r.get('miou')):>8s} {_number(r.get('fscore')):>8s} {other:>18s} "
+            f"{r.get('frames', r.get('pixels', '')) if 'unavailable' not in r else '':>7} "
+            f"{r.get('eval_size', '')!s:>7s}  {'; '.join(r.get('notes', []))}"
+        )
+    return "\n".join(lines)
+
+
+@click.command("evaluate")
+@click.option("--pred", "pred_dir", type=click.Path(file_okay=False), help="Predicted masks: DIR/<subset>/<clip_id>/<i>.png|.npy.")
+@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), help="Manifest with the ground truth.")
+@click.option("--protocol", "protocol_name", default="all", show_default=True,
+              type=click.Choice([*PROTOCOLS, "all"]), help="A protocol, or all of them side by side.")
+@click.option("--split", default="test", show_default=True, help="Manifest split to score ('' = all).")
+@click.option("--subset", "subsets", multiple=True, type=click.Choice(["v1s", "v1m", "v2"]), help="Only these subsets (repeatable).")
+@click.option("--png", default="auto", show_default=True, type=click.Choice(["auto", "labels"]),
+              help="auto: 0/255 PNGs are masks, other values probabilities ×255; labels: class indices.")
+@click.option("--scores", default="probabilities", show_default=True, type=click.Choice(["probabilities", "logits"]),
+              help="What float [H, W] .npy predictions hold.")
+@click.option("--eval-size", default="paper", show_default=True,
+              help="paper: each protocol's size (224 or 256); native: the label size; or a side length.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def evaluate(pred_dir, manifest_path, protocol_name, split, subsets, png, scores, eval_size, as_json):
+    """Score predicted masks against the manifest's ground truth by named protocols."""
+    if eval_size not in ("paper", "native") and not eval_size.isdigit():
+        raise click.ClickException(f"--eval-size must be paper, native or a number, not {eval_size!r}")
+    if pred_dir is None or manifest_path is None:
+        raise click.ClickException("give --pred DIR and --manifest FILE")
+    if not os.path.isdir(pred_dir):
+        raise click.ClickException(f"--pred {pred_dir}: no such directory")
+    names = list(PROTOCOLS) if protocol_name == "all" else [protocol_name]
+    results = evaluate_prediction_dir(pred_dir, manifest_path, names, split or None, subsets, png, scores, eval_size)
+    report(results, as_json)
+
+
+def report(results: dict[str, dict], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        click.echo(format_table(results))
