@@ -44,13 +44,17 @@ def _imports() -> dict[str, set[str]]:
                         target = ".".join(parent + ([node.module] if node.module else []))
                     else:
                         target = node.module
-                    found.add(target)
-                    # `from soundstage.x import y` may name a submodule y
-                    found.update(f"{target}.{a.name}" for a in node.names)
-            out[module] = {m for m in found if m == "soundstage" or m.startswith("soundstage.")}
-    modules = set(out)
-    # keep only names that are modules (drop `from pkg import function`)
-    return {m: {i for i in imps if i in modules} - {m} for m, imps in out.items()}
+                    # `from pkg import name`: the submodule pkg.name when there is one, else pkg
+                    found.update(f"{target}.{a.name}" if _is_module(f"{target}.{a.name}") else target for a in node.names)
+            out[module] = {m for m in found if _is_module(m)} - {module}
+    return out
+
+
+def _is_module(name: str) -> bool:
+    if name != "soundstage" and not name.startswith("soundstage."):
+        return False
+    path = os.path.join(os.path.dirname(ROOT), *name.split("."))
+    return os.path.isfile(path + ".py") or os.path.isfile(os.path.join(path, "__init__.py"))
 
 
 def _layer(module: str) -> str:

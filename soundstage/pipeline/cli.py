@@ -28,6 +28,8 @@ RUNNER_OPTIONS = {
     "batch_size": dict(type=int, help="clips per model call (default: the stage's)"),
     "commit_every": dict(type=int, default=256, show_default=True, help="clips per committed part file"),
     "progress": dict(default=True, show_default=True, help="show a progress bar"),
+    "fingerprint": dict(type=str, help="the output planned when the run was submitted (array tasks): its stage.json "
+                        "is checked against these options instead of hashing the models again"),
     "allow_failed_clips": dict(is_flag=True, help="exit 0 when every clip was tried and the only problems are "
                                "recorded clip failures (pipeline jobs use this, so one bad clip does not stop "
                                "the stages below; they record it as failed too)"),
@@ -140,7 +142,8 @@ def invoke_stage(stage: Stage, values: dict, is_default) -> int:
 
     summary = run_local(stage, manifest, cache, params, upstream_select,
                         shard=values["shard"], jobs=values["shards"] or values["jobs"], workers=values["workers"],
-                        batch_size=values["batch_size"], commit_every=values["commit_every"], progress=values["progress"])
+                        batch_size=values["batch_size"], commit_every=values["commit_every"], progress=values["progress"],
+                        fingerprint=values["fingerprint"])
     click.echo(summary.format())
     if values["allow_failed_clips"] and not summary.interrupted:
         return 0

@@ -31,6 +31,7 @@ class StageWork:
     upstream_select: dict
     dir: StageDir
     missing: list  # clip ids not committed yet (global stage: ["<result>"] until fitted)
+    meta: dict | None = None  # the planned stage.json: written before tasks run, which check it
 
     @property
     def complete(self) -> bool:
@@ -42,13 +43,14 @@ class StageWork:
         return sorted({shard_of(cid, num_shards) for cid in self.missing})
 
 
-def stage_work(stage: Stage, params: dict, upstream_select: dict, stage_dir: StageDir, rows: list[dict]) -> StageWork:
+def stage_work(stage: Stage, params: dict, upstream_select: dict, stage_dir: StageDir, rows: list[dict],
+               meta: dict | None = None) -> StageWork:
     if stage.kind == "global":
         missing = [] if os.path.exists(stage_dir.result_path) else ["<result>"]
     else:
         done = stage_dir.committed_ids() if stage_dir.exists() else set()
         missing = [r["clip_id"] for r in rows if r["clip_id"] not in done]
-    return StageWork(stage, params, upstream_select, stage_dir, missing)
+    return StageWork(stage, params, upstream_select, stage_dir, missing, meta)
 
 
 def cache_summary(work: StageWork, rows: list[dict]) -> tuple[str, bool]:
@@ -119,6 +121,10 @@ def submit_and_report(planned: list[tuple[StageWork, slurm.SlurmJob | None]], ro
     if not jobs and not running:
         out("nothing to submit: every output is complete in the cache")
         return report(works, rows, out) if wait else 0
+    if not dry_run:  # the tasks find the planned fingerprint's stage.json and check it
+        for work, job in planned:
+            if job is not None and work.meta is not None:
+                work.dir.initialise(work.meta)
     submission = slurm.submit_jobs(jobs, dry_run=dry_run, out=out, running=running)
     if dry_run:
         return 0
@@ -152,9 +158,10 @@ def launch_stage(stage: Stage, cli_args: list[str], *, manifest: str, cache: str
     are the stage command's own arguments; each array task adds ``--shard i/N``)."""
     rows, _ = manifest_rows(manifest)
     plan = plan_stage(stage, manifest, cache, params, upstream_select, log=out)
-    work = stage_work(stage, plan.params, upstream_select or {}, plan.dir, rows)
+    work = stage_work(stage, plan.params, upstream_select or {}, plan.dir, rows, plan.meta)
     if executor == "local":
         return _run_local([(work, shards)], manifest, cache, dry_run, {}, out)
+    cli_args = [*cli_args, "--fingerprint", plan.fingerprint]
     planned = [(work, None if work.complete else slurm_job(work, cli_args, shards, resources or {}))]
     return submit_and_report(planned, rows, wait, dry_run, cache, poll_seconds, out)
 
@@ -167,7 +174,7 @@ def run_pipeline(pipe, targets: list[str] | None, *, executor: str = "local", sh
     stop the stages below: they record those clips as failed too and the exit status says so; an
     interrupted or crashed stage does stop them (``afterok`` on SLURM, where array tasks run with
     ``--allow-failed-clips``)."""
-    from soundstage.pipeline.resolve import expected_fingerprint
+    from soundstage.pipeline.resolve import expected_meta
 
     if not pipe.manifest:
         raise click.UsageError(f"{pipe.path} names no manifest")
@@ -176,8 +183,9 @@ def run_pipeline(pipe, targets: list[str] | None, *, executor: str = "local", sh
     works = []
     for name in pipe.order(targets):
         stage = get_stage(name)
-        sd = StageDir.at(cache, name, expected_fingerprint(name, pipe.stages))
-        works.append(stage_work(stage, pipe.stages.get(name, {}), pipe.upstream_select(name), sd, rows))
+        meta = expected_meta(name, pipe.stages)
+        sd = StageDir.at(cache, name, meta["fingerprint"])
+        works.append(stage_work(stage, pipe.stages.get(name, {}), pipe.upstream_select(name), sd, rows, meta))
 
     if executor == "local":
         plan = [(w, shards or jobs) for w in works]
@@ -186,7 +194,8 @@ def run_pipeline(pipe, targets: list[str] | None, *, executor: str = "local", sh
     planned = []
     for w in works:
         name = w.stage.name
-        args = stage_cli_args(w.stage, w.params, pipe.manifest, cache, w.upstream_select, {"workers": workers})
+        args = stage_cli_args(w.stage, w.params, pipe.manifest, cache, w.upstream_select, {"workers": workers},
+                              fingerprint=w.meta["fingerprint"])
         job = None if w.complete else slurm_job(w, args, shards or pipe.shards.get(name) or 1, pipe.resources.get(name, {}))
         planned.append((w, job))
     return submit_and_report(planned, rows, wait, dry_run, cache, poll_seconds, out)
@@ -206,7 +215,12 @@ def _run_local(plan: list[tuple[StageWork, int]], manifest: str, cache: str, dry
             out(f"would run {name} {os.path.basename(work.dir.path)} on {len(work.missing)} missing clip(s) "
                 f"in {processes} local process(es)")
             continue
-        summary = run_local(work.stage, manifest, cache, work.params, work.upstream_select, jobs=processes, **runner_kwargs)
+        fingerprint = None
+        if work.meta is not None:  # planned: the run checks it instead of hashing the models again
+            work.dir.initialise(work.meta)
+            fingerprint = work.meta["fingerprint"]
+        summary = run_local(work.stage, manifest, cache, work.params, work.upstream_select, jobs=processes,
+                            fingerprint=fingerprint, **runner_kwargs)
         out(summary.format())
         if summary.interrupted:
             out(f"stopping: {name} was interrupted; stages after it were not run")

@@ -7,8 +7,23 @@ worker or shard counts.
 
 from __future__ import annotations
 
-from soundstage.pipeline.identity import stable_hash
+from soundstage import __version__
+from soundstage.cache.schema import field_schema
+from soundstage.pipeline.identity import canonical_json, stable_hash
 from soundstage.pipeline.stage import Stage
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_bool(value, what: str) -> bool:
+    """A bool, or its spelling in a selector or a file ("false" is False, not a non-empty string)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise ValueError(f"{what}: {value!r} is not a boolean (use true or false)")
+    return bool(value)
 
 
 def normalise_params(stage: Stage, params: dict) -> dict:
@@ -19,7 +34,9 @@ def normalise_params(stage: Stage, params: dict) -> dict:
     out = {}
     for p in stage.params:
         value = params.get(p.name, p.default)
-        if value is not None and p.type in (int, float, bool, str) and not p.multiple:
+        if value is not None and p.type is bool and not p.multiple:
+            value = parse_bool(value, f"stage {stage.name}: parameter {p.name}")
+        elif value is not None and p.type in (int, float, str) and not p.multiple:
             value = p.type(value)
         if p.multiple and value is not None:
             value = list(value)
@@ -35,6 +52,8 @@ def fingerprint_payload(stage: Stage, params: dict, upstream_fingerprints: dict)
         if not p.fingerprint:
             continue
         value = params[p.name]
+        if p.omit_default and value == p.default:
+            continue
         keyed[p.name] = p.identity(value) if p.identity is not None else value
     return {
         "stage": stage.name,
@@ -46,3 +65,40 @@ def fingerprint_payload(stage: Stage, params: dict, upstream_fingerprints: dict)
 
 def fingerprint(stage: Stage, params: dict, upstream_fingerprints: dict) -> str:
     return stable_hash(fingerprint_payload(stage, params, upstream_fingerprints))
+
+
+def shown_params(stage: Stage, params: dict) -> dict:
+    """The fingerprinted parameters as given (paths, not content hashes): stage.json's ``params``."""
+    params = normalise_params(stage, params)
+    return {p.name: params[p.name] for p in stage.params if p.fingerprint}
+
+
+def stage_meta(stage: Stage, params: dict, upstream: dict[str, tuple[str, str]]) -> dict:
+    """What stage.json holds for ``stage`` under ``params``; ``upstream``: alias -> (stage, fingerprint).
+
+    The fingerprint is computed here, once, when a run is planned (model identities hashed,
+    hub revisions resolved); array tasks are handed it and check ``same_plan`` instead."""
+    up_fps = {alias: fp for alias, (_, fp) in upstream.items()}
+    payload = fingerprint_payload(stage, params, up_fps)
+    return {
+        "stage": stage.name,
+        "version": stage.version,
+        "kind": stage.kind,
+        "fingerprint": stable_hash(payload),
+        "fingerprint_payload": payload,
+        "params": shown_params(stage, params),
+        "upstream": {alias: {"stage": name, "fingerprint": fp} for alias, (name, fp) in upstream.items()},
+        "fields": field_schema(stage.fields),
+        "soundstage_version": __version__,
+    }
+
+
+def plan_mismatch(stage: Stage, params: dict, meta: dict) -> str | None:
+    """Why ``params`` are not what the planned output (its stage.json ``meta``) was made with; None if they are."""
+    if (meta.get("stage"), meta.get("version")) != (stage.name, stage.version):
+        return f"it belongs to {meta.get('stage')} version {meta.get('version')}, not {stage.name} version {stage.version}"
+    shown = shown_params(stage, params)
+    if canonical_json(shown) != canonical_json(meta.get("params", {})):
+        diff = {k: (meta.get("params", {}).get(k), v) for k, v in shown.items() if canonical_json(v) != canonical_json(meta.get("params", {}).get(k))}
+        return "planned with other parameters: " + ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in diff.items())
+    return None

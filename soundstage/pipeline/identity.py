@@ -50,16 +50,45 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-# content hashes of big checkpoints are cached per (path, size, mtime) for the process
+# Content hashes of checkpoints are kept per (real path, size, mtime): in memory for the process,
+# and on disk for the machine, so a 15 GB model directory is read once, not by every task.
 _FILE_HASHES: dict = {}
+
+
+def digest_cache_dir() -> str:
+    """Where this machine keeps file digests: $SOUNDSTAGE_DIGEST_CACHE, else
+    $XDG_CACHE_HOME/soundstage/digests (default ~/.cache/soundstage/digests)."""
+    explicit = os.environ.get("SOUNDSTAGE_DIGEST_CACHE")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "soundstage", "digests")
 
 
 def cached_file_sha256(path: str) -> str:
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-    if key not in _FILE_HASHES:
-        _FILE_HASHES[key] = file_sha256(path)
-    return _FILE_HASHES[key]
+    if key in _FILE_HASHES:
+        return _FILE_HASHES[key]
+    record = os.path.join(digest_cache_dir(), hashlib.sha256(repr(key).encode()).hexdigest() + ".json")
+    try:
+        with open(record, encoding="utf-8") as f:
+            stored = json.load(f)
+        if tuple(stored["key"]) == key:
+            _FILE_HASHES[key] = stored["sha256"]
+            return stored["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not recorded yet (or unreadable): hash the file
+    digest = _FILE_HASHES[key] = file_sha256(path)
+    try:
+        os.makedirs(os.path.dirname(record), exist_ok=True)
+        tmp = f"{record}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"key": list(key), "sha256": digest}, f)
+        os.replace(tmp, record)
+    except OSError:
+        pass  # a read-only home: the digest is still right, only not remembered
+    return digest
 
 
 def model_identity(source) -> dict | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from soundstage.pipeline.runner import Summary, run_stage
+from soundstage.pipeline.runner import Summary, plan_stage, run_stage
 from soundstage.pipeline.shard import parse_shard, shard_from_env
 from soundstage.pipeline.stage import Stage
 
@@ -31,6 +31,11 @@ def run_local(stage: Stage, manifest: str, cache: str, params: dict, upstream_se
     if jobs <= 1 or stage.kind == "global":
         return run_stage(stage, manifest, cache, params, upstream_select, shard=shard, **runner_kwargs)
     from joblib import Parallel, delayed
+
+    if not runner_kwargs.get("fingerprint"):  # plan once here; the shard processes check, not recompute
+        plan = plan_stage(stage, manifest, cache, params, upstream_select, log=runner_kwargs.get("log", print))
+        plan.dir.initialise(plan.meta)
+        runner_kwargs["fingerprint"] = plan.fingerprint
 
     runner_kwargs["progress"] = False  # N bars on one terminal are noise; the summary follows
     summaries = Parallel(n_jobs=jobs, backend="loky")(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from soundstage.cache.store import StageDir, iter_stage_dirs
-from soundstage.pipeline.fingerprint import fingerprint, normalise_params
+from soundstage.pipeline.fingerprint import normalise_params, stage_meta
 from soundstage.pipeline.registry import get_stage
 from soundstage.pipeline.stage import Stage
 
@@ -92,8 +92,13 @@ def resolve_upstreams(stage: Stage, cache_root: str, select: dict | None = None,
     return {up.alias: choose(cache_root, get_stage(up.stage), select.get(up.stage), log) for up in stage.upstream}
 
 
+def expected_meta(stage_name: str, params_by_stage: dict[str, dict]) -> dict:
+    """The stage.json ``stage_name`` has under a pipeline's parameters (recursing upstream)."""
+    stage = get_stage(stage_name)
+    ups = {up.alias: (up.stage, expected_fingerprint(up.stage, params_by_stage)) for up in stage.upstream}
+    return stage_meta(stage, params_by_stage.get(stage_name, {}), ups)
+
+
 def expected_fingerprint(stage_name: str, params_by_stage: dict[str, dict]) -> str:
     """The fingerprint ``stage_name`` has under a pipeline's parameters (recursing upstream)."""
-    stage = get_stage(stage_name)
-    ups = {up.alias: expected_fingerprint(up.stage, params_by_stage) for up in stage.upstream}
-    return fingerprint(stage, params_by_stage.get(stage_name, {}), ups)
+    return expected_meta(stage_name, params_by_stage)["fingerprint"]

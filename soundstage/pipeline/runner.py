@@ -23,9 +23,9 @@ import numpy as np
 
 from soundstage import __version__
 from soundstage.cache.reader import open_stage
-from soundstage.cache.store import StageDir, coerce_value, commit_file, field_schema, write_part_file
+from soundstage.cache.store import StageDir, coerce_value, commit_file, write_part_file
 from soundstage.cache.table import read_manifest
-from soundstage.pipeline.fingerprint import fingerprint, fingerprint_payload, normalise_params
+from soundstage.pipeline.fingerprint import normalise_params, plan_mismatch, stage_meta
 from soundstage.pipeline.resolve import resolve_upstreams
 from soundstage.pipeline.shard import select_shard, shard_from_env, shard_of
 from soundstage.pipeline.stage import ClipError, FitContext, LoadContext, Stage
@@ -110,24 +110,32 @@ class Plan:
         return os.path.dirname(os.path.abspath(self.manifest_path))
 
 
-def plan_stage(stage: Stage, manifest_path: str, cache_root: str, params: dict, upstream_select=None, log=print) -> Plan:
+class PlanError(RuntimeError):
+    """An array task does not match the output planned for it."""
+
+
+def plan_stage(stage: Stage, manifest_path: str, cache_root: str, params: dict, upstream_select=None, log=print,
+               fingerprint: str | None = None) -> Plan:
+    """Where ``stage`` under ``params`` goes. With ``fingerprint`` (an array task of a planned
+    run) the output planned at submission is used as its stage.json says, checked against
+    ``params`` instead of recomputed: no model is hashed again, no hub revision re-resolved."""
     params = normalise_params(stage, params)
+    if fingerprint and StageDir.at(cache_root, stage.name, fingerprint).exists():
+        sd = StageDir.at(cache_root, stage.name, fingerprint)
+        meta = sd.meta()
+        mismatch = plan_mismatch(stage, params, meta)
+        if mismatch:
+            raise PlanError(f"{sd.meta_path}: {mismatch}")
+        upstream = {alias: StageDir.at(cache_root, u["stage"], u["fingerprint"]) for alias, u in meta["upstream"].items()}
+        return Plan(stage, params, upstream, fingerprint, sd, meta, manifest_path)
+    # not planned yet (a dry run's script run by hand): plan here, and only into the fingerprint handed
     upstream = resolve_upstreams(stage, cache_root, upstream_select, log=log)
-    up_fps = {alias: sd.meta()["fingerprint"] for alias, sd in upstream.items()}
-    fp = fingerprint(stage, params, up_fps)
-    shown = {p.name: params[p.name] for p in stage.params if p.fingerprint}
-    meta = {
-        "stage": stage.name,
-        "version": stage.version,
-        "kind": stage.kind,
-        "fingerprint": fp,
-        "fingerprint_payload": fingerprint_payload(stage, params, up_fps),
-        "params": shown,
-        "upstream": {alias: {"stage": sd.meta()["stage"], "fingerprint": up_fps[alias]} for alias, sd in upstream.items()},
-        "fields": field_schema(stage.fields),
-        "soundstage_version": __version__,
-    }
-    return Plan(stage, params, upstream, fp, StageDir.at(cache_root, stage.name, fp), meta, manifest_path)
+    meta = stage_meta(stage, params, {alias: (sd.meta()["stage"], sd.meta()["fingerprint"]) for alias, sd in upstream.items()})
+    if fingerprint and meta["fingerprint"] != fingerprint:
+        raise PlanError(f"the run was planned as {stage.name} {fingerprint}, but here its inputs give {meta['fingerprint']} "
+                        "(a model file or hub revision differs on this machine?); nothing was written")
+    return Plan(stage, params, upstream, meta["fingerprint"], StageDir.at(cache_root, stage.name, meta["fingerprint"]), meta,
+                manifest_path)
 
 
 def manifest_rows(manifest_path: str) -> tuple[list[dict], list[tuple[str, str]]]:
@@ -294,11 +302,12 @@ def run_stage(
     commit_seconds: float = 120.0,
     progress: bool = True,
     log=print,
+    fingerprint: str | None = None,
 ) -> Summary:
     """Run ``stage`` on one shard of a manifest; returns the summary (never raises for a clip)."""
     start = time.monotonic()
     shard = shard or shard_from_env() or (0, 1)
-    plan = plan_stage(stage, manifest_path, cache_root, params or {}, upstream_select, log=log)
+    plan = plan_stage(stage, manifest_path, cache_root, params or {}, upstream_select, log=log, fingerprint=fingerprint)
     plan.dir.initialise(plan.meta)
     summary = Summary(stage.name, plan.fingerprint, plan.dir.path, shard)
     if stage.kind == "global":
@@ -420,4 +429,4 @@ def _run_global(plan: Plan, summary: Summary, start: float, log) -> Summary:
     return summary
 
 
-__all__ = ["run_stage", "plan_stage", "pending_clips", "Summary", "Plan"]
+__all__ = ["Plan", "PlanError", "Summary", "pending_clips", "plan_stage", "run_stage"]

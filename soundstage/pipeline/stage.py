@@ -35,7 +35,9 @@ class Param:
     ``fingerprint=False`` marks parameters that do not change the output (batch size,
     device): they are options but stay out of the cache key. ``identity`` maps a value to
     what goes into the fingerprint instead of the value itself — e.g. a checkpoint path to
-    the hash of its content, so the key survives moving the file.
+    the hash of its content, so the key survives moving the file. ``omit_default=True`` keeps
+    the default value out of the key: for a parameter added to the key later, so outputs made
+    before it (all with the default) keep their fingerprint.
     """
 
     name: str
@@ -47,6 +49,7 @@ class Param:
     choices: Sequence[str] | None = None
     multiple: bool = False
     is_flag: bool = False
+    omit_default: bool = False
 
     @property
     def option(self) -> str:

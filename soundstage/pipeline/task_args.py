@@ -11,9 +11,13 @@ def flag_name(name: str) -> str:
     return name.replace("_", "-")
 
 
-def stage_cli_args(stage: Stage, params: dict, manifest: str, cache: str, upstream_select: dict, values: dict) -> list[str]:
-    """The command-line arguments that rerun this stage with these exact settings (for array tasks)."""
+def stage_cli_args(stage: Stage, params: dict, manifest: str, cache: str, upstream_select: dict, values: dict,
+                   fingerprint: str | None = None) -> list[str]:
+    """The command-line arguments that rerun this stage with these exact settings (for array
+    tasks); with ``fingerprint`` the task writes to that planned output, checking it."""
     args = ["--manifest", os.path.abspath(manifest), "--cache", os.path.abspath(cache)]
+    if fingerprint:
+        args += ["--fingerprint", fingerprint]
     for name in ("workers", "batch_size", "commit_every"):
         if values.get(name) is not None:
             args += [f"--{flag_name(name)}", str(values[name])]

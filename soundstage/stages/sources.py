@@ -158,6 +158,12 @@ def _not_ok_note(values: dict) -> str | None:
     return ", ".join(f"{n} answer(s) {s}" for s, n in sorted(bad.items())) or None
 
 
+def _backend_identity(endpoint: str) -> str:
+    """In the key: that an endpoint served the answers (another engine than local transformers);
+    not its URL, so moving the server keeps the key."""
+    return "openai-compatible endpoint" if endpoint else "local transformers"
+
+
 def _answer_fields(prefix: str, shape: tuple, what: str) -> list:
     return [
         Field(prefix + "response", "str", shape, f"raw LLM answer ({what})"),
@@ -179,7 +185,8 @@ STAGE = Stage(
         Param("llm", str, DEFAULT_LLM, "chat LLM: hub id or local directory, or the model name served at --llm-endpoint",
               identity=model_identity),
         Param("llm_endpoint", str, "", "URL of an OpenAI-compatible server (e.g. vLLM; bearer token from "
-              "$SOUNDSTAGE_LLM_API_KEY); empty: run --llm locally", fingerprint=False),
+              "$SOUNDSTAGE_LLM_API_KEY); empty: run --llm locally",
+              identity=_backend_identity, omit_default=True),
         Param("prompt_file", str, "", "prompt template file with {captions} (default: the shipped sources_v1)",
               identity=template_identity),
         Param("max_new_tokens", int, 512, "longest answer in tokens (reasoning included)"),
@@ -194,7 +201,7 @@ STAGE = Stage(
               fingerprint=False),
         Param("concurrency", int, 8, "HTTP requests in flight at once", fingerprint=False),
         Param("on_error", str, "fail", "an answer that could not be obtained: fail the clip so a rerun asks "
-              "again, or store it as status error", choices=("fail", "store"), fingerprint=False),
+              "again, or store it as status error", choices=("fail", "store"), omit_default=True),
         Param("backoff", float, 1.0, "seconds before the first retry; doubles per retry", fingerprint=False),
     ],
     fields=_answer_fields("", (None,), "per frame") + _answer_fields("clip_", (), "all captions of the clip"),
