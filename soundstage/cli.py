@@ -22,6 +22,7 @@ TOOL_COMMANDS = {
     "export": "soundstage.stages.export:export",
     "demo": "soundstage.demo:demo",
     "evaluate": "soundstage.evaluate:evaluate",
+    "train": "soundstage.train.cli:train",
 }
 
 

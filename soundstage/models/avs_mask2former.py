@@ -1,0 +1,193 @@
+"""Audio-conditioned Mask2Former: transformers' ``Mask2FormerForUniversalSegmentation`` plus a
+module that adds the audio (and text) cues to the decoder queries.
+
+Composition, not a copy of transformers' modelling code: ``AVSMask2Former`` holds the unchanged
+transformers model and a ``QueryConditioner``; a forward pre-hook on the masked-attention
+decoder (``model.transformer_module.decoder``) rewrites its ``inputs_embeds`` — the learned
+query features ``[queries, images, hidden]`` — before the first layer, so the initial mask
+prediction and every layer see the conditioned queries. One image is one video frame; its cue
+is the cue of that frame's second.
+
+Conditioning modes (``QueryConditioner.mode``):
+
+- ``add``: the frame's audio vector, projected by an MLP (128 -> 512 -> hidden in the audio
+  priming bias work), is added to every query; with active queries (a multi-hot weight per
+  query, clamped to [1e-6, 1 - 1e-6] as that work does) each query gets it scaled by its weight.
+- ``cosine``: each query q gets ``cos(q, a) * a`` added (a: the projected audio), the adaptive
+  audio queries of Stepping Stones.
+- ``none``: no audio (a visual-only baseline).
+
+Text cues (``text_dim`` set): the queries also attend to the frame's text-cue slots (projected
+to the hidden size) with multi-head attention, masked slots ignored; a frame whose slots are
+all masked gets nothing added. This follows the segmentation-preference work, whose queries
+attend to cue tokens.
+
+Saving: ``save_pretrained(dir)`` writes the transformers model with its own
+``save_pretrained`` (config.json + safetensors) and the conditioner as ``avs_conditioning.json``
++ ``avs_conditioning.pt`` (a plain state dict, loadable with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+CONDITIONING_CONFIG = "avs_conditioning.json"
+CONDITIONING_WEIGHTS = "avs_conditioning.pt"
+MODES = ("add", "cosine", "none")
+ACTIVE_CLAMP = 1e-6
+
+
+class QueryConditioner(nn.Module):
+    def __init__(self, hidden_dim: int, num_queries: int, mode: str = "add", audio_dim: int | None = None,
+                 audio_hidden: int = 512, text_dim: int | None = None, text_heads: int = 1):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"conditioning mode must be one of {MODES}, not {mode!r}")
+        if mode != "none" and not audio_dim:
+            raise ValueError(f"conditioning mode {mode!r} needs the audio cue's width (audio_dim)")
+        self.config = {"hidden_dim": hidden_dim, "num_queries": num_queries, "mode": mode, "audio_dim": audio_dim,
+                       "audio_hidden": audio_hidden, "text_dim": text_dim, "text_heads": text_heads}
+        self.mode = mode
+        self.num_queries = num_queries
+        self.audio_proj = None
+        if mode != "none":
+            self.audio_proj = nn.Sequential(nn.Linear(audio_dim, audio_hidden), nn.ReLU(), nn.Linear(audio_hidden, hidden_dim))
+        self.text_proj = self.text_attention = None
+        if text_dim:
+            self.text_proj = nn.Linear(text_dim, hidden_dim)
+            self.text_attention = nn.MultiheadAttention(hidden_dim, text_heads)
+
+    def forward(self, queries, audio=None, active=None, text=None, text_mask=None):
+        """``queries [Q, N, C]``; ``audio [N, D]``; ``active [N, Q]``; ``text [N, S, Dt]`` with
+        ``text_mask [N, S]`` (True = a real slot). Returns the conditioned queries."""
+        if self.audio_proj is not None:
+            if audio is None:
+                raise ValueError(f"conditioning mode {self.mode!r} needs an audio cue per frame")
+            a = self.audio_proj(audio.to(queries.dtype))[None]  # [1, N, C]
+            if self.mode == "add":
+                delta = a.expand_as(queries)
+                if active is not None:
+                    weights = active.to(queries.dtype).clamp(ACTIVE_CLAMP, 1 - ACTIVE_CLAMP)
+                    delta = delta * weights.transpose(0, 1)[..., None]
+            else:  # cosine
+                delta = F.cosine_similarity(queries, a, dim=-1)[..., None] * a
+            queries = queries + delta
+        if self.text_attention is not None:
+            if text is None or text_mask is None:
+                raise ValueError("the model was built with text cues: pass text and text_mask per frame")
+            slots = self.text_proj(text.to(queries.dtype)).transpose(0, 1)  # [S, N, C]
+            any_slot = text_mask.any(dim=1)
+            # a frame without any slot attends to all (zero-weighted below) instead of producing NaN
+            ignore = ~text_mask & any_slot[:, None]
+            attended, _ = self.text_attention(queries, slots, slots, key_padding_mask=ignore, need_weights=False)
+            queries = queries + attended * any_slot[None, :, None].to(queries.dtype)
+        return queries
+
+
+class AVSMask2Former(nn.Module):
+    """``mask2former`` (transformers, unchanged) + ``conditioner`` applied to the decoder queries."""
+
+    def __init__(self, mask2former, conditioner: QueryConditioner):
+        super().__init__()
+        self.mask2former = mask2former
+        self.conditioner = conditioner
+        self._cues = None
+        decoder = mask2former.model.transformer_module.decoder
+        decoder.register_forward_pre_hook(self._condition_queries, with_kwargs=True)
+
+    @property
+    def config(self):
+        return self.mask2former.config
+
+    def _condition_queries(self, module, args, kwargs):
+        if self._cues is None:
+            raise RuntimeError("AVSMask2Former's decoder ran outside AVSMask2Former.forward (no cues)")
+        kwargs["inputs_embeds"] = self.conditioner(kwargs["inputs_embeds"], **self._cues)
+        return args, kwargs
+
+    def forward(self, pixel_values, audio=None, active=None, text=None, text_mask=None, mask_labels=None,
+                class_labels=None):
+        """One image per frame: ``pixel_values [N, 3, H, W]`` and the cues of the same N frames.
+        With ``mask_labels``/``class_labels`` the output carries transformers' Mask2Former loss."""
+        self._cues = {"audio": audio, "active": active, "text": text, "text_mask": text_mask}
+        try:
+            return self.mask2former(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels)
+        finally:
+            self._cues = None
+
+    # ------------------------------------------------------------------ saving and loading
+
+    def save_pretrained(self, out_dir: str) -> None:
+        os.makedirs(out_dir, exist_ok=True)
+        self.mask2former.save_pretrained(out_dir)
+        with open(os.path.join(out_dir, CONDITIONING_CONFIG), "w", encoding="utf-8") as f:
+            json.dump(self.conditioner.config, f, indent=1)
+        torch.save(self.conditioner.state_dict(), os.path.join(out_dir, CONDITIONING_WEIGHTS))
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> AVSMask2Former:
+        from transformers import Mask2FormerForUniversalSegmentation
+
+        conditioning = os.path.join(path, CONDITIONING_CONFIG)
+        if not os.path.exists(conditioning):
+            raise FileNotFoundError(f"{path} holds no audio conditioning ({CONDITIONING_CONFIG}); "
+                                    "it is not a model saved by AVSMask2Former.save_pretrained")
+        with open(conditioning, encoding="utf-8") as f:
+            conditioner = QueryConditioner(**json.load(f))
+        conditioner.load_state_dict(torch.load(os.path.join(path, CONDITIONING_WEIGHTS), weights_only=True))
+        return cls(Mask2FormerForUniversalSegmentation.from_pretrained(path), conditioner)
+
+
+def build_model(base: str | None, num_labels: int, mode: str, audio_dim: int | None, text_dim: int | None = None,
+                num_queries: int | None = None, loss_weights: dict | None = None, seed: int = 0) -> AVSMask2Former:
+    """A new AVS model: ``base`` is a transformers Mask2Former (hub id or folder), whose class
+    head is replaced to predict ``num_labels`` classes, or None for the tiny config shipped in
+    ``soundstage/data/tiny/mask2former.json`` (random weights, seeded). ``loss_weights``:
+    ``class_weight``/``mask_weight``/``dice_weight``/``no_object_weight``."""
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        SwinConfig,
+    )
+
+    overrides = {"num_labels": num_labels, **(loss_weights or {})}
+    if num_queries:
+        overrides["num_queries"] = num_queries
+    labels = {"id2label": {i: str(i) for i in range(num_labels)}, "label2id": {str(i): i for i in range(num_labels)}}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if base is None:
+            spec = tiny_mask2former_spec()
+            settings = dict(spec["config"])
+            backbone = dict(settings.pop("backbone_config"))
+            backbone.pop("model_type", None)
+            config = Mask2FormerConfig(backbone_config=SwinConfig(**backbone), **{**settings, **overrides}, **labels)
+            mask2former = Mask2FormerForUniversalSegmentation(config)
+        else:
+            mask2former = Mask2FormerForUniversalSegmentation.from_pretrained(
+                base, ignore_mismatched_sizes=True, **overrides, **labels)
+        config = mask2former.config
+        conditioner = QueryConditioner(config.hidden_dim, config.num_queries, mode=mode, audio_dim=audio_dim,
+                                       text_dim=text_dim, text_heads=config.num_attention_heads)
+    return AVSMask2Former(mask2former, conditioner)
+
+
+def tiny_mask2former_spec() -> dict:
+    """The shipped tiny config: ``{"image_size": S, "config": Mask2FormerConfig arguments}``."""
+    from soundstage.models.tiny import tiny_config
+
+    return tiny_config("mask2former")
+
+
+def class_scores(outputs, size) -> torch.Tensor:
+    """Per-pixel class scores ``[N, C, H, W]`` at ``size`` (Mask2Former's semantic inference:
+    softmax over classes without "no object", times sigmoid of each query's mask, summed over
+    queries)."""
+    classes = outputs.class_queries_logits.float().softmax(-1)[..., :-1]  # [N, Q, C]
+    masks = F.interpolate(outputs.masks_queries_logits.float(), size=size, mode="bilinear", align_corners=False)
+    return torch.einsum("nqc,nqhw->nchw", classes, masks.sigmoid())

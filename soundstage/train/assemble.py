@@ -1,0 +1,134 @@
+"""Putting a run together from its settings: the cues it reads, its datasets, its model.
+
+Shared by the training loop and by ``soundstage evaluate --run`` (which reopens exactly the cache
+outputs the run recorded in ``provenance.json``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from soundstage import __version__
+from soundstage.models.avs_mask2former import (
+    AVSMask2Former,
+    build_model,
+    tiny_mask2former_spec,
+)
+from soundstage.train.config import TrainConfig
+from soundstage.train.cues import (
+    CueError,
+    active_cue,
+    audio_cue,
+    open_cue,
+    pipeline_output,
+    provenance,
+    text_cue,
+)
+from soundstage.train.data import TASKS, AVSClips
+from soundstage.train.probes import silence_cue
+from soundstage.train.run_dir import RunDir, file_sha256
+
+REAL_IMAGE_SIZE = 384  # the seed methods' Mask2Former input size
+
+
+def cue_specs(cfg: TrainConfig) -> dict:
+    specs = {}
+    if cfg.audio:
+        specs["audio"] = audio_cue(cfg.audio, cfg.audio_select)
+    if cfg.active:
+        specs["active"] = active_cue(cfg.active, cfg.active_select)
+    if cfg.text_cues:
+        specs["text"] = text_cue(cfg.text_select)
+    return specs
+
+
+def open_cues(cfg: TrainConfig, recorded: dict | None = None, log=print) -> dict:
+    """role -> (CueSpec, StageReader). ``recorded``: a run's provenance (reopen those outputs);
+    else a pipeline file selects by its parameters (for the stages it declares), the selector
+    of each cue otherwise."""
+    cues = {}
+    for role, spec in cue_specs(cfg).items():
+        stage_dir = None
+        if recorded is not None:
+            if role not in recorded:
+                raise CueError(f"the run recorded no {role} cue")
+            stage_dir = recorded[role]["path"]
+            if not os.path.isdir(stage_dir):
+                raise CueError(f"the {role} cache the run was trained on is gone: {stage_dir}")
+        elif cfg.pipeline and spec.selector is None and _declares(cfg.pipeline, spec.stage):
+            stage_dir = pipeline_output(cfg.pipeline, spec.stage).path
+        cues[role] = (spec, open_cue(spec, cache=cfg.cache, stage_dir=stage_dir, log=log))
+        if recorded is not None and cues[role][1].meta["fingerprint"] != recorded[role]["fingerprint"]:
+            raise CueError(f"{stage_dir} is not the {role} cache the run was trained on")
+    return cues
+
+
+def _declares(pipeline_file: str, stage: str) -> bool:
+    from soundstage.pipeline.pipeline_file import load_pipeline
+
+    return stage in load_pipeline(pipeline_file).stages
+
+
+def image_size(cfg: TrainConfig) -> int:
+    if cfg.image_size:
+        return cfg.image_size
+    return tiny_mask2former_spec()["image_size"] if cfg.model is None else REAL_IMAGE_SIZE
+
+
+def cue_width(cues: dict, role: str) -> int | None:
+    if role not in cues:
+        return None
+    spec, reader = cues[role]
+    first = next(iter(reader), None)
+    if first is None:
+        raise CueError(f"the {role} cache {reader.dir.path} holds no clips")
+    return int(np.asarray(reader[first][spec.field]).shape[-1])
+
+
+def new_model(cfg: TrainConfig, cues: dict) -> AVSMask2Former:
+    weights = {k: getattr(cfg, k) for k in ("class_weight", "mask_weight", "dice_weight", "no_object_weight")}
+    model = build_model(cfg.model, TASKS[cfg.task], cfg.conditioning, cue_width(cues, "audio"),
+                        text_dim=cue_width(cues, "text"), num_queries=cfg.num_queries, loss_weights=weights,
+                        seed=cfg.seed)
+    if cfg.freeze_backbone:
+        for p in model.mask2former.model.pixel_level_module.encoder.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def silence_for(run: RunDir, cues: dict, seconds: int, device: str = "cpu") -> np.ndarray:
+    """The muted cue (digital silence through the audio cue's own model), kept in the run dir."""
+    spec, reader = cues["audio"]
+    meta = reader.meta
+    path = run.file("silence", f"{meta['stage']}-{meta['fingerprint']}-{spec.field}-{seconds}s.npy")
+    if os.path.exists(path):
+        return np.load(path)
+    values = silence_cue(reader.dir.path, spec.field, seconds, device=device)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.save(path + ".tmp.npy", values)
+    os.replace(path + ".tmp.npy", path)
+    return values
+
+
+def dataset(cfg: TrainConfig, cues: dict, split: str, variant: str = "real", silence=None,
+            num_queries: int | None = None) -> AVSClips:
+    return AVSClips(cfg.manifest, split, cues, image_size(cfg), cfg.mask_size, task=cfg.task,
+                    unlabelled=cfg.unlabelled, audio_variant=variant, silence=silence, num_queries=num_queries)
+
+
+def max_frames(data: AVSClips) -> int:
+    return max(int(r["num_frames"]) for r in data.rows)
+
+
+def run_provenance(cfg: TrainConfig, cues: dict) -> dict:
+    import torch
+    import transformers
+
+    return {
+        "cues": {role: {**spec.to_dict(), **provenance(reader)} for role, (spec, reader) in cues.items()},
+        "manifest": {"path": cfg.manifest, "sha256": file_sha256(cfg.manifest)},
+        "model": cfg.model or "tiny (soundstage/data/tiny/mask2former.json)",
+        "versions": {"soundstage": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+    }

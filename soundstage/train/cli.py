@@ -1,0 +1,84 @@
+"""``soundstage train``: train (or resume) an audio-visual segmentation model from the caches."""
+
+from __future__ import annotations
+
+import click
+
+from soundstage.cache.reader import MissingClip
+
+
+def _settings(**options) -> dict:
+    return {k: v for k, v in options.items() if v is not None}
+
+
+@click.command("train")
+@click.option("--config", "pipeline_file", type=click.Path(exists=True, dir_okay=False),
+              help="pipeline file: manifest, cache, the stages' parameters and a train: section")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="run directory (runs/NAME); rerun to resume")
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False), help="manifest (default: the pipeline file's)")
+@click.option("--cache", type=click.Path(file_okay=False), help="cache root (default: the pipeline file's)")
+@click.option("--model", help="transformers Mask2Former to start from, e.g. facebook/mask2former-swin-base-ade-semantic "
+              "(default: the tiny stand-in config shipped in the package)")
+@click.option("--audio", help="audio cue: vggish | beats | beats-probs | units | STAGE:FIELD | none")
+@click.option("--audio-select", help="which output of the audio stage: FINGERPRINT or key=value,...")
+@click.option("--active", help="active queries per frame: units | STAGE:FIELD (query ids)")
+@click.option("--text-cues/--no-text-cues", default=None, help="queries also attend to the textcues stage's slots")
+@click.option("--conditioning", type=click.Choice(["add", "cosine", "none"]), help="how audio enters the queries")
+@click.option("--task", type=click.Choice(["binary", "semantic"]))
+@click.option("--epochs", type=click.IntRange(min=1))
+@click.option("--max-steps", type=click.IntRange(min=1), help="stop after this many optimizer steps")
+@click.option("--batch-size", type=click.IntRange(min=1), help="clips per micro-batch")
+@click.option("--accumulate", type=click.IntRange(min=1), help="micro-batches per optimizer step")
+@click.option("--lr", type=float)
+@click.option("--weight-decay", type=float)
+@click.option("--warmup-steps", type=click.IntRange(min=0))
+@click.option("--schedule", type=click.Choice(["cosine", "poly", "constant"]))
+@click.option("--clip-grad", type=float, help="max gradient norm (0: no clipping)")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--freeze-backbone/--train-backbone", default=None)
+@click.option("--image-size", type=click.IntRange(min=32))
+@click.option("--mask-size", type=click.IntRange(min=8))
+@click.option("--unlabelled", type=click.Choice(["first", "repeat"]),
+              help="frames without labels (v1s train): train on frame 0 only, or repeat frame 0 per second")
+@click.option("--device", help="cpu, cuda, cuda:1, ... (default auto)")
+@click.option("--workers", type=click.IntRange(min=0), help="DataLoader worker processes")
+@click.option("--seed", type=int)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), help="optimizer steps between checkpoints")
+@click.option("--protocol", help="evaluation protocol (default: avsbench-binary / avsbench-semantic)")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def train(pipeline_file, out, quiet, clip_grad, **options):
+    """Train an audio-conditioned Mask2Former on the manifest's frames and the cached cues.
+
+    The run directory holds config.json, provenance.json, checkpoints/, metrics/*.jsonl,
+    curves.png and model/. Rerunning the same command resumes from the last checkpoint;
+    SIGTERM/SIGUSR1 checkpoint and exit with status 75."""
+    from soundstage.pipeline.pipeline_file import PipelineError
+    from soundstage.train.config import ConfigError, resolve_config
+    from soundstage.train.cues import CueError
+    from soundstage.train.loop import Stopped
+    from soundstage.train.loop import train as run_training
+
+    if clip_grad is not None:
+        options["clip_grad"] = clip_grad or None
+    try:
+        cfg = resolve_config(pipeline_file, _settings(out=out, **options))
+        result = run_training(cfg, log=click.echo, progress=not quiet)
+    except Stopped as e:
+        click.echo(str(e), err=True)
+        click.get_current_context().exit(75)
+    except (ConfigError, CueError, MissingClip, PipelineError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    if result:
+        click.echo(f"run: {cfg.out}")
+        click.echo(audio_table(result))
+
+
+def audio_table(record: dict) -> str:
+    """The last evaluation, one line per audio variant."""
+    lines = [f"{'audio':<10} {'mIoU':>8} {'F':>8}   ({record.get('split')}, epoch {record.get('epoch')})"]
+    for variant, result in record.get("eval", {}).items():
+        lines.append(f"{variant:<10} {result.get('miou', float('nan')):>8.4f} {result.get('fscore', float('nan')):>8.4f}")
+    gap = record.get("gap_real_muted")
+    if gap and gap.get("miou") is not None:
+        lines.append(f"{'real-muted':<10} {gap['miou']:>8.4f} {gap['fscore']:>8.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""The settings of one training run, and where they come from.
+
+Precedence: command-line options over the pipeline file's ``train:`` section over the defaults
+below. The resolved settings are written to the run directory as ``config.json``; resuming a
+run requires the same settings (a different run needs a different ``--out``). Keys of the
+``train:`` section are the field names below (dashes or underscores)::
+
+    train:
+      audio: vggish            # vggish | beats | beats-probs | units | STAGE:FIELD | none
+      conditioning: add        # add | cosine | none
+      task: binary             # binary | semantic
+      epochs: 20
+      batch_size: 2            # clips per micro-batch (every frame of a clip is one image)
+      lr: 1.0e-4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+SCHEDULES = ("cosine", "poly", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/run"
+    manifest: str | None = None
+    cache: str | None = None
+    pipeline: str | None = None  # the pipeline file the settings came from, if any
+    # model
+    model: str | None = None  # transformers Mask2Former hub id or folder; None: the shipped tiny config
+    task: str = "binary"
+    conditioning: str = "add"
+    num_queries: int | None = None  # None: the model's
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+    freeze_backbone: bool = False
+    # cues
+    audio: str | None = "vggish"
+    audio_select: str | None = None  # which output of the audio stage (fingerprint or key=value,...)
+    active: str | None = None  # active queries: units | STAGE:FIELD
+    active_select: str | None = None
+    text_cues: bool = False
+    text_select: str | None = None
+    # data
+    train_split: str = "train"
+    eval_split: str = "val"
+    image_size: int | None = None  # None: 384 for a real model, the tiny config's for the tiny one
+    mask_size: int | None = None  # None: image_size
+    unlabelled: str = "first"  # first | repeat (frames without annotation, e.g. v1s train)
+    workers: int = 0
+    # optimisation
+    epochs: int = 10
+    max_steps: int | None = None  # stop after this many optimizer steps (None: all epochs)
+    batch_size: int = 2
+    accumulate: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    poly_power: float = 0.9
+    clip_grad: float | None = 1.0
+    precision: str = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    deterministic: bool = True
+    # bookkeeping
+    checkpoint_every: int = 50  # optimizer steps (and at every epoch end)
+    eval_every: int = 1  # epochs
+    log_every: int = 1  # steps
+    protocol: str | None = None  # None: avsbench-binary / avsbench-semantic by task
+    probes: list = field(default_factory=lambda: ["muted", "zeroed", "swapped", "noise:10"])
+    eval_batch_size: int = 4
+
+    def validate(self) -> TrainConfig:
+        from soundstage.models.avs_mask2former import MODES
+        from soundstage.train.data import TASKS, UNLABELLED_POLICIES, parse_variant
+
+        choices = {"task": TASKS, "conditioning": MODES, "schedule": SCHEDULES, "precision": PRECISIONS,
+                   "unlabelled": UNLABELLED_POLICIES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not self.manifest:
+            raise ConfigError("no manifest: give --manifest or --config PIPELINE.yaml")
+        if not self.cache and (self.audio or self.active or self.text_cues):
+            raise ConfigError("no cache: give --cache or --config PIPELINE.yaml")
+        if self.conditioning != "none" and not self.audio:
+            raise ConfigError(f"conditioning {self.conditioning!r} needs an audio cue (--audio), or use --conditioning none")
+        for name in ("epochs", "batch_size", "accumulate", "checkpoint_every", "eval_every", "log_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        for probe in self.probes:
+            try:
+                parse_variant(probe)
+            except ValueError as e:
+                raise ConfigError(f"probes: {e}") from None
+        if self.probes and not self.audio:
+            self.probes = []
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+def resolve_config(pipeline_file: str | None, options: dict) -> TrainConfig:
+    """Defaults <- the pipeline file's ``train:`` section (and its manifest/cache) <- ``options``
+    (None values are "not given")."""
+    values: dict = {}
+    if pipeline_file:
+        from soundstage.pipeline.pipeline_file import load_pipeline
+
+        pipe = load_pipeline(pipeline_file)
+        values.update(manifest=pipe.manifest, cache=pipe.cache, pipeline=pipe.path)
+        section = dict(getattr(pipe, "train", None) or {})
+        values.update({k.replace("-", "_"): v for k, v in section.items()})
+    values.update({k: v for k, v in options.items() if v is not None})
+    for key in ("manifest", "cache", "out"):
+        if values.get(key):
+            values[key] = os.path.abspath(os.path.expanduser(values[key]))
+    if isinstance(values.get("audio"), str) and values["audio"].lower() == "none":
+        values["audio"] = None
+    return TrainConfig.from_dict(values).validate()
+
+
+def same_settings(saved: dict, current: dict) -> list[str]:
+    """Settings that differ between a saved run and this invocation (what resuming forbids)."""
+    ignored = {"workers", "device", "checkpoint_every", "log_every"}  # do not change the result
+    keys = (set(saved) | set(current)) - ignored
+    return sorted(k for k in keys if json.dumps(saved.get(k)) != json.dumps(current.get(k)))

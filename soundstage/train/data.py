@@ -1,0 +1,223 @@
+"""The training data: frames and ground-truth masks from the manifest, cues from the caches.
+
+``AVSClips`` is a torch ``Dataset`` with one item per clip (a manifest row of the chosen
+split): the clip's frames as Mask2Former input and its masks, and for every frame the cue of
+that frame's second (AVSBench frames are one per second; frame i goes with second i)::
+
+    {"clip_id": str, "frames": int64 [T] (frame indices),
+     "pixel_values": float32 [T, 3, S, S], "labels": int64 [T, M, M],
+     "audio": float32 [T, D], "active": float32 [T, Q], "text": float32 [T, slots, Dt],
+     "text_mask": bool [T, slots]}                       # cue keys only when configured
+
+Images are processed as ``Mask2FormerImageProcessor`` does with ``size={"height": S, "width":
+S}``: RGB, bilinear resize to S x S, scaled by 1/255 and normalised with the ImageNet mean and
+std. Masks come from ``labels_semantic`` (palette index per pixel; the AVSBench-object layout's
+binary masks as 0/1), resized to M x M with nearest neighbour. ``task="binary"``: label 1 where
+any object sounds, else 0; ``task="semantic"``: the palette index = class id (0 background,
+71 classes).
+
+Frames without annotation: AVSBench v1s *train* clips have only frame 0 labelled. The policy
+``unlabelled="first"`` (default) trains on the labelled frames only (frame 0 of those clips);
+``"repeat"`` uses frame 0's image and mask for every second of the clip, each with its own
+second's cue, as the Stepping Stones trainer does.
+
+Cues: a cue with one row fewer than the clip's frames gets its last row repeated (AVSBench's
+own VGGish preprocessing pads the 5th second that way); more rows are cut; anything shorter is
+an error naming the clip. A clip missing from a cue's cache is an error at construction.
+
+Audio replacement (``audio_variant``) for the sensitivity probes — only the ``audio`` cue
+changes, active queries and text cues stay: ``real``; ``muted``: the cue the same audio model
+gives for digital silence (``silence`` array, ``[seconds, D]``, see ``soundstage.train.probes``);
+``zeroed``: zeros; ``swapped``: the cue of the next clip of the dataset (clip i + 1, cyclic; its
+rows cut or cycled to this clip's length); ``noise:SNR_DB``: the real cue plus Gaussian noise
+whose power is the cue's mean power / 10^(SNR/10), per clip from a generator seeded by the
+clip's position, so every evaluation sees the same noise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from soundstage.manifests.table import (
+    annotated_frames,
+    frame_path,
+    label_path,
+    mask_kind,
+    read_manifest,
+)
+from soundstage.train.cues import CueError, CueSpec, check_clips
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+TASKS = {"binary": 2, "semantic": 71}  # task -> class count (background included)
+UNLABELLED_POLICIES = ("first", "repeat")
+
+
+def parse_variant(variant: str) -> tuple[str, float | None]:
+    """``"noise:10"`` -> ("noise", 10.0); the other variants have no argument."""
+    name, _, arg = variant.partition(":")
+    if name not in ("real", "muted", "zeroed", "swapped", "noise"):
+        raise ValueError(f"audio variant {variant!r}: use real, muted, zeroed, swapped or noise:SNR_DB")
+    if name == "noise":
+        try:
+            return name, float(arg)
+        except ValueError:
+            raise ValueError(f"audio variant {variant!r}: noise needs an SNR in dB, e.g. noise:10") from None
+    if arg:
+        raise ValueError(f"audio variant {variant!r} takes no argument")
+    return name, None
+
+
+def load_image(path: str, size: int) -> np.ndarray:
+    """``[3, S, S]`` float32: the Mask2Former image processor's resize, rescale and normalise."""
+    with Image.open(path) as im:
+        image = im.convert("RGB").resize((size, size), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return ((array - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+
+
+def load_label(row: dict, frame: int, manifest_dir: str, size: int, task: str) -> np.ndarray:
+    """``[M, M]`` int64 class ids of one annotated frame (see the module docstring)."""
+    kind = mask_kind(row)
+    with Image.open(label_path(row, frame, manifest_dir, kind)) as im:
+        if im.mode not in ("L", "P", "1", "I;16", "I"):
+            raise CueError(f"clip {row['clip_id']} frame {frame}: label image mode {im.mode} is not single-channel")
+        labels = np.asarray(im.resize((size, size), Image.NEAREST)).astype(np.int64)
+    if task == "binary" or kind == "binary":
+        return (labels != 0).astype(np.int64)
+    return labels
+
+
+class AVSClips(torch.utils.data.Dataset):
+    def __init__(self, manifest: str, split: str | list | None, cues: dict, image_size: int, mask_size: int | None = None,
+                 task: str = "binary", unlabelled: str = "first", audio_variant: str = "real",
+                 silence: np.ndarray | None = None, num_queries: int | None = None):
+        """``cues``: role -> (CueSpec, StageReader) (see ``soundstage.train.cues``);
+        ``num_queries``: the model's, for active query ids."""
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
+        if unlabelled not in UNLABELLED_POLICIES:
+            raise ValueError(f"unlabelled-frame policy must be one of {UNLABELLED_POLICIES}, not {unlabelled!r}")
+        self.variant, self.snr_db = parse_variant(audio_variant)
+        if self.variant == "muted" and silence is None:
+            raise ValueError("the muted variant needs the silence cue (soundstage.train.probes.silence_cue)")
+        if self.variant != "real" and "audio" not in cues:
+            raise ValueError(f"audio variant {audio_variant!r} needs an audio cue")
+        df = read_manifest(manifest)
+        if "problem" in df.columns:
+            bad = df[df["problem"] != ""]
+            if len(bad):
+                row = bad.iloc[0]
+                raise CueError(f"manifest {manifest}: {len(bad)} clip(s) with problems, e.g. {row['clip_id']}: "
+                               f"{row['problem']} (fix or remove them)")
+        if split is not None:
+            splits = [split] if isinstance(split, str) else list(split)
+            df = df[df["split"].isin(splits)]
+            if df.empty:
+                raise CueError(f"manifest {manifest} has no clips of split {', '.join(splits)}")
+        self.manifest_dir = os.path.dirname(os.path.abspath(manifest))
+        self.rows = df.to_dict("records")
+        self.clip_ids = [r["clip_id"] for r in self.rows]
+        self.cues = cues
+        for role, (spec, reader) in cues.items():
+            check_clips(reader, self.clip_ids, f"{role} cue {spec.stage}:{spec.field}")
+        self.image_size, self.mask_size = image_size, mask_size or image_size
+        self.task, self.unlabelled = task, unlabelled
+        self.silence = silence
+        self.num_queries = num_queries
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def frame_plan(self, row: dict) -> tuple[list[int], list[int]]:
+        """(image/mask frame, cue second) pairs of a clip, by the unlabelled-frame policy."""
+        labelled = annotated_frames(row)
+        seconds = int(row["num_frames"])
+        if not labelled:
+            raise CueError(f"clip {row['clip_id']} has no annotated frame")
+        if len(labelled) == seconds or self.unlabelled == "first":
+            return labelled, labelled
+        return [labelled[0]] * seconds, list(range(seconds))
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        frames, seconds = self.frame_plan(row)
+        images = {f: load_image(frame_path(row, f, self.manifest_dir), self.image_size) for f in set(frames)}
+        labels = {f: load_label(row, f, self.manifest_dir, self.mask_size, self.task) for f in set(frames)}
+        item = {
+            "clip_id": row["clip_id"],
+            "frames": torch.tensor(frames, dtype=torch.int64),
+            "pixel_values": torch.from_numpy(np.stack([images[f] for f in frames])),
+            "labels": torch.from_numpy(np.stack([labels[f] for f in frames])),
+        }
+        need = int(row["num_frames"])
+        for role, (spec, reader) in self.cues.items():
+            values = reader[row["clip_id"]]
+            cue = self._rows(values[spec.field], need, row["clip_id"], spec)
+            if role == "audio":
+                cue = self._audio_variant(cue, index, need)
+            if role == "active":
+                cue = self._active_weights(cue, row["clip_id"])
+            item[role] = torch.from_numpy(np.ascontiguousarray(cue[seconds], dtype=np.float32))
+            if spec.mask_field:
+                mask = self._rows(values[spec.mask_field], need, row["clip_id"], spec)
+                item[f"{role}_mask"] = torch.from_numpy(np.ascontiguousarray(mask[seconds]).astype(bool))
+        return item
+
+    @staticmethod
+    def _rows(values: np.ndarray, need: int, clip_id: str, spec: CueSpec) -> np.ndarray:
+        values = np.asarray(values)
+        if len(values) >= need:
+            return values[:need]
+        if len(values) == need - 1 and len(values) > 0:
+            return np.concatenate([values, values[-1:]])
+        raise CueError(f"clip {clip_id}: {spec.stage}:{spec.field} has {len(values)} rows for {need} frames")
+
+    def _audio_variant(self, cue: np.ndarray, index: int, need: int) -> np.ndarray:
+        cue = cue.astype(np.float32)
+        if self.variant == "real":
+            return cue
+        if self.variant == "zeroed":
+            return np.zeros_like(cue)
+        if self.variant == "muted":
+            if len(self.silence) < need:
+                raise CueError(f"silence cue has {len(self.silence)} rows for {need} frames")
+            return np.asarray(self.silence[:need], dtype=np.float32)
+        if self.variant == "swapped":
+            spec, reader = self.cues["audio"]
+            other = self.rows[(index + 1) % len(self.rows)]
+            values = np.asarray(reader[other["clip_id"]][spec.field], dtype=np.float32)
+            return values[np.arange(need) % len(values)]
+        rng = np.random.default_rng([index, round(self.snr_db * 1000) & 0xFFFFFFFF])
+        noise_power = float(np.mean(cue**2)) / 10 ** (self.snr_db / 10)
+        return cue + rng.standard_normal(cue.shape).astype(np.float32) * np.float32(np.sqrt(noise_power))
+
+    def _active_weights(self, cue: np.ndarray, clip_id: str) -> np.ndarray:
+        """Query ids ``[T, k]`` (-1 = none) -> multi-hot ``[T, Q]``; float weights pass through."""
+        if np.issubdtype(cue.dtype, np.floating):
+            return cue
+        num_queries = self.num_queries
+        if cue.max(initial=-1) >= num_queries:
+            raise CueError(f"clip {clip_id}: active query id {int(cue.max())} is outside the model's "
+                           f"{num_queries} queries (ids must lie in [0, {num_queries}))")
+        ids = cue.reshape(len(cue), -1)
+        weights = np.zeros((len(cue), num_queries), dtype=np.float32)
+        rows, cols = np.nonzero(ids >= 0)
+        weights[rows, ids[rows, cols]] = 1.0
+        return weights
+
+
+def collate_frames(items: list[dict]) -> dict:
+    """A batch of clips as one batch of frames: tensors concatenated along frames, plus
+    ``clip_ids`` and ``clip_index [N]`` (which clip each frame belongs to)."""
+    batch = {"clip_ids": [it["clip_id"] for it in items],
+             "clip_index": torch.cat([torch.full((len(it["frames"]),), i) for i, it in enumerate(items)])}
+    for key in items[0]:
+        if key == "clip_id":
+            continue
+        batch[key] = torch.cat([it[key] for it in items])
+    return batch

@@ -1,0 +1,89 @@
+"""Scoring a model on a split, with the real audio cue and with it replaced (the probes).
+
+Predictions are the Mask2Former semantic inference (``class_scores``) at the dataset's mask
+size; binary tasks give the foreground logit log(s_sounding) − log(s_background) (two-channel
+protocols get both log-scores), semantic tasks per-class log-scores. Scores come from the
+named protocols of ``soundstage.metrics`` (Accumulator, per batch), with the frames of a clip
+marked as one video.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from soundstage.metrics import PROTOCOLS, Accumulator
+from soundstage.models.avs_mask2former import class_scores
+from soundstage.train.data import collate_frames
+
+EPS = 1e-6
+DEFAULT_PROTOCOL = {"binary": "avsbench-binary", "semantic": "avsbench-semantic"}
+
+
+def model_inputs(batch: dict, device) -> dict:
+    """The model's keyword arguments from a collated batch."""
+    names = {"pixel_values": "pixel_values", "audio": "audio", "active": "active", "text": "text",
+             "text_mask": "text_mask"}
+    return {arg: batch[key].to(device, non_blocking=True) for key, arg in names.items() if key in batch}
+
+
+def predictions(outputs, size, task: str, two_channel: bool) -> torch.Tensor:
+    scores = class_scores(outputs, size).clamp_min(EPS).log()
+    if task == "semantic" or two_channel:
+        return scores
+    return scores[:, 1] - scores[:, 0]
+
+
+@torch.no_grad()
+def evaluate(model, dataset, task: str, protocol: str | None = None, device="cpu", autocast=None,
+             batch_size: int = 4, workers: int = 0) -> dict:
+    """The protocol's result dict (``miou``, ``fscore``, ...) plus ``clips`` and ``frames``."""
+    protocol = protocol or DEFAULT_PROTOCOL[task]
+    proto = PROTOCOLS[protocol]
+    two_channel = bool(proto.defaults.get("two_channel"))
+    if proto.kind == "semantic" and task != "semantic":
+        raise ValueError(f"protocol {protocol} scores class predictions; this model is binary")
+    options = {"pred_kind": "logits"}
+    if proto.kind == "semantic":
+        options["num_classes"] = model.config.num_labels
+    accumulator = Accumulator(protocol, **options)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         collate_fn=collate_frames, generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    model.eval()
+    frames = 0
+    try:
+        for batch in loader:
+            with autocast() if autocast else _null():
+                outputs = model(**model_inputs(batch, device))
+            labels = batch["labels"]
+            pred = predictions(outputs, tuple(labels.shape[-2:]), task, two_channel).float().cpu()
+            videos = [batch["clip_ids"][i] for i in batch["clip_index"].tolist()]
+            accumulator.update(pred, labels, videos=videos)
+            frames += len(labels)
+    finally:
+        model.train(was_training)
+    result = accumulator.compute()
+    result.update(clips=len(dataset), frames=frames)
+    return _plain(result)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _plain(value):
+    """Numbers and lists JSON can hold (numpy scalars and arrays converted)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

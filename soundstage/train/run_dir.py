@@ -1,0 +1,133 @@
+"""The run directory: everything a training run writes, in one documented layout::
+
+    runs/NAME/
+      config.json            the resolved settings (soundstage.train.config.TrainConfig)
+      provenance.json        what it was trained on: per cue role the cache output read (path,
+                             stage, version, fingerprint, stage.json parameters and upstream
+                             fingerprints), the manifest (path, sha256), the base model, versions
+      checkpoints/latest.pt  the last checkpoint (soundstage.train.checkpoint; weights_only-loadable)
+      metrics/steps.jsonl    one JSON object per optimizer step: step, epoch, loss (+ its parts),
+                             lr, step_seconds
+      metrics/epochs.jsonl   one per evaluation: epoch, step, train_loss, and per audio variant
+                             (real, muted, zeroed, swapped, noise:SNR) the protocol's result;
+                             ``gap_real_muted`` = real − muted mIoU and F
+      silence/<stage>-<fingerprint>-<field>.npy   the muted cue, computed once
+      curves.png             loss, validation mIoU/F and audio sensitivity per epoch
+      model/                 the final model: transformers save_pretrained + avs_conditioning.*
+      DONE                   written when the run finished every epoch
+
+A rerun with the same settings resumes from ``checkpoints/latest.pt``; metric lines written after
+that checkpoint are dropped first, so each step and epoch appears once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+
+class RunDir:
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+
+    def file(self, *parts: str) -> str:
+        return os.path.join(self.path, *parts)
+
+    @property
+    def checkpoint(self) -> str:
+        return self.file("checkpoints", "latest.pt")
+
+    @property
+    def model_dir(self) -> str:
+        return self.file("model")
+
+    @property
+    def done(self) -> bool:
+        return os.path.exists(self.file("DONE"))
+
+    def config(self) -> dict | None:
+        return read_json(self.file("config.json"))
+
+    def write_json(self, name: str, value) -> None:
+        write_json(self.file(name), value)
+
+    def append(self, name: str, record: dict) -> None:
+        path = self.file("metrics", name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=False) + "\n")
+            f.flush()
+
+    def records(self, name: str) -> list[dict]:
+        path = self.file("metrics", name)
+        if not os.path.exists(path):
+            return []
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def keep_records(self, name: str, keep) -> None:
+        """Rewrite a metrics file with only the records ``keep(record)`` accepts (atomically)."""
+        records = [r for r in self.records(name) if keep(r)]
+        path = self.file("metrics", name)
+        if not os.path.exists(path):
+            return
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(tmp, path)
+
+
+def read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def write_json(path: str, value) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def plot_curves(run: RunDir) -> str:
+    """``curves.png``: training loss per step; validation mIoU and F per audio variant per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    steps, epochs = run.records("steps.jsonl"), run.records("epochs.jsonl")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8)
+    axes[0].set(title="training loss", xlabel="step", ylabel="loss")
+    variants = list(epochs[-1]["eval"]) if epochs else []
+    for variant in variants:
+        xs = [r["epoch"] for r in epochs if variant in r["eval"]]
+        axes[1].plot(xs, [r["eval"][variant].get("miou") for r in epochs if variant in r["eval"]], marker="o", label=variant)
+        axes[2].plot(xs, [r["eval"][variant].get("fscore") for r in epochs if variant in r["eval"]], marker="o", label=variant)
+    split = epochs[-1].get("split", "") if epochs else ""
+    axes[1].set(title=f"{split} mIoU by audio", xlabel="epoch")
+    axes[2].set(title=f"{split} F-score by audio", xlabel="epoch")
+    for ax in axes[1:]:
+        if variants:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = run.file("curves.png")
+    fig.savefig(path + ".tmp.png", dpi=90)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path
