@@ -3,6 +3,7 @@ torch.nn reconstruction of the torchvggish layout, PCA + quantisation against th
 stage's row rule (num_frames, padding, too-short audio)."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -303,3 +304,98 @@ def test_stage_end_to_end_with_pca(tmp_path, tiny_checkpoint):
         np.testing.assert_allclose(raw_record["embeddings"], emb.numpy()[: int(row["num_frames"])], atol=1e-6)
         quantised = vggish.postprocess(emb, eigen.astype(np.float32), means.astype(np.float32)).numpy()
         np.testing.assert_array_equal(record["embeddings"], quantised[: int(row["num_frames"])])
+
+
+# ------------------------------------------------------------------------------ vggish-npy export
+
+
+@pytest.fixture(scope="module")
+def vggish_cache(tmp_path_factory, tiny_checkpoint):
+    """A synthetic dataset plus a clip too short for VGGish (a recorded failure), embedded raw and
+    with PCA (two outputs in one cache), and a pipeline file naming the raw one."""
+    import pandas as pd
+
+    from soundstage.cache.table import read_manifest
+    from soundstage.manifests.synth import make_synthetic_dataset
+    from soundstage.pipeline.runner import run_stage
+    from soundstage.stages.vggish import STAGE
+
+    root = tmp_path_factory.mktemp("vggish_export")
+    manifest = make_synthetic_dataset(str(root / "data"), clips=6, seed=4, workers=0)
+    sf.write(root / "data" / "short.wav", np.zeros(8000, np.float32), 16000)
+    rows = read_manifest(manifest)
+    short = dict(rows.iloc[0], clip_id="short_clip", audio_path="short.wav", num_frames="5")
+    pd.concat([rows, pd.DataFrame([short])]).to_csv(manifest, index=False)
+    write_pca(root / "pca.pth")
+    cache = str(root / "cache")
+    outputs = {}
+    for kind, pca in (("raw", None), ("pca", str(root / "pca.pth"))):
+        params = {"checkpoint": str(tiny_checkpoint), "pca_params": pca, "device": "cpu"}
+        summary = run_stage(STAGE, manifest, cache, params, workers=0, progress=False, log=lambda *_: None)
+        assert summary.done == 6 and [cid for cid, _ in summary.failed] == ["short_clip"]
+        outputs[kind] = summary.path
+    (root / "pipeline.yaml").write_text(f"manifest: data/manifest.csv\ncache: cache\nstages:\n  vggish:\n"
+                                        f"    checkpoint: {tiny_checkpoint}\n")
+    return root, manifest, outputs
+
+
+def invoke(*args):
+    from click.testing import CliRunner
+
+    from soundstage.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_vggish_npy_round_trip_names_missing_clips(vggish_cache, tmp_path):
+    import pandas as pd
+
+    from soundstage.cache import open_stage
+    from soundstage.cache.table import read_manifest
+
+    root, manifest, outputs = vggish_cache
+    ghost = tmp_path / "with_ghost.csv"
+    rows = read_manifest(manifest)
+    pd.concat([rows, pd.DataFrame([dict(rows.iloc[1], clip_id="ghost_clip")])]).to_csv(ghost, index=False)
+    result = invoke("export", "vggish-npy", "--config", root / "pipeline.yaml", "--manifest", ghost, "--out", tmp_path / "a")
+    assert result.exit_code == 1
+    assert "short_clip: audio of 0.500 s is too short" in result.output and "ghost_clip: not computed" in result.output
+    assert not (tmp_path / "a").exists()  # nothing written
+
+    result = invoke("export", "vggish-npy", "--config", root / "pipeline.yaml", "--manifest", ghost,
+                    "--out", tmp_path / "a", "--allow-missing")
+    assert result.exit_code == 0 and "ghost_clip" in result.output and "short_clip" in result.output
+    reader = open_stage(outputs["raw"])  # the pipeline file's parameters pick the raw output
+    written = sorted(p.stem for p in (tmp_path / "a").iterdir())
+    assert written == sorted(reader) and len(written) == 6
+    for cid in written:
+        loaded = np.load(tmp_path / "a" / f"{cid}.npy")  # as GAVS / bias_in_AVS read feat_aud
+        assert loaded.dtype == np.float32 and loaded.shape[1] == 128
+        np.testing.assert_array_equal(loaded, reader[cid]["embeddings"])
+
+    result = invoke("export", "vggish-npy", "--config", root / "pipeline.yaml", "--out", tmp_path / "a", "--allow-missing")
+    assert result.exit_code == 1 and "not empty" in result.output
+    result = invoke("export", "vggish-npy", "--manifest", manifest, "--cache", root / "cache", "--out", tmp_path / "b")
+    assert result.exit_code == 1 and "2 vggish outputs" in result.output  # raw and PCA: must choose
+
+
+def test_vggish_npy_avsbench_object_layout(vggish_cache, tmp_path):
+    from soundstage.cache import open_stage
+    from soundstage.cache.table import read_manifest
+
+    root, manifest, outputs = vggish_cache
+    rows = read_manifest(manifest)
+    v1 = rows[rows["subset"].isin(["v1s", "v1m"]) & (rows["clip_id"] != "short_clip")]
+    v1.to_csv(tmp_path / "v1.csv", index=False)
+    fingerprint = os.path.basename(outputs["pca"])
+    result = invoke("export", "vggish-npy", "--manifest", tmp_path / "v1.csv", "--cache", root / "cache",
+                    "--vggish", fingerprint, "--layout", "avsbench-object", "--out", tmp_path / "obj")
+    assert result.exit_code == 0, result.output
+    reader = open_stage(outputs["pca"])
+    for row in v1.to_dict("records"):
+        where = ([row["split"], row["a_obj"].replace("-", "_")] if row["subset"] == "v1s" else [row["split"]])
+        loaded = np.load(os.path.join(tmp_path, "obj", *where, row["clip_id"] + ".npy"))
+        np.testing.assert_array_equal(loaded, reader[row["clip_id"]]["embeddings"])
+    result = invoke("export", "vggish-npy", "--manifest", manifest, "--cache", root / "cache", "--vggish", fingerprint,
+                    "--layout", "avsbench-object", "--out", tmp_path / "obj2", "--allow-missing")
+    assert result.exit_code == 1 and "no place in the AVSBench-object layout" in result.output

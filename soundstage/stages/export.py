@@ -4,6 +4,17 @@
 Preference?" (SegPref, REFERENCE.md §3): ``{"<vid>": {"f0": "guitar,man,None,None,", ...}}``,
 comma-terminated source names per frame from the ``sources`` stage, cut or padded with "None"
 to ``--n-slots`` (SegPref's own loader pads the same way, so padded and unpadded files read alike).
+
+``vggish-npy``: ``OUT/<uid>.npy`` float32 ``[T, 128]`` per clip (the files GAVS and bias_in_AVS
+load with ``np.load``), or the AVSBench-object folder layout (``--layout avsbench-object``).
+
+``active-queries``: ``OUT/<uid>.pth`` per clip, a list of T lists of query ids (what bias_in_AVS
+loads with ``torch.load`` and iterates per frame), plus ``OUT/mapping.json`` (the mapping, threshold
+and cluster rule they were made with). ``query-mapping`` writes the default mapping the
+``active-queries`` stage takes.
+
+Every per-clip export takes ``--config PIPELINE.yaml`` or ``--manifest``/``--cache``, refuses a
+non-empty ``--out`` without ``--overwrite`` and names the manifest clips that have no record.
 """
 
 from __future__ import annotations
@@ -105,3 +116,200 @@ def _add_exporters_of_other_stages() -> None:
 
 
 _add_exporters_of_other_stages()
+
+
+# ------------------------------------------------------------------ exports of per-clip arrays
+#
+# Each reads one output of a stage, picked like a stage picks its upstream (``--config
+# PIPELINE.yaml``: the output that pipeline's parameters give; else ``--<stage> SELECTOR`` or the
+# only one in ``--cache``), writes one file per manifest clip, refuses a non-empty ``--out``
+# unless ``--overwrite``, and names every manifest clip without a record (with the cause the stage
+# recorded) instead of skipping it.
+
+
+def output_options(stage_name: str):
+    """--config / --manifest / --cache / --<stage> selector / --out / --overwrite / --allow-missing."""
+    def decorate(command):
+        for option in reversed([
+            click.option("--config", type=click.Path(exists=True, dir_okay=False),
+                         help="pipeline YAML: its manifest, cache and the exact output its parameters give"),
+            click.option("--manifest", type=click.Path(exists=True, dir_okay=False), envvar="SOUNDSTAGE_MANIFEST",
+                         help="clips to export (default with --config: the pipeline's)"),
+            click.option("--cache", envvar="SOUNDSTAGE_CACHE", help="cache root (default: the pipeline's, else ./cache)"),
+            click.option(f"--{stage_name}", "selector", help=f"which {stage_name} output: FINGERPRINT or key=value,..."),
+            click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="folder to write"),
+            click.option("--overwrite", is_flag=True, help="write into a non-empty --out, replacing files of the same names"),
+            click.option("--allow-missing", is_flag=True, help="write the clips that have a record; still name the others"),
+        ]):
+            command = option(command)
+        return command
+    return decorate
+
+
+def chosen_output(stage_name: str, config, manifest, cache, selector):
+    """(manifest rows, StageDir) the export options pick."""
+    from soundstage.cache.table import read_manifest
+    from soundstage.pipeline.resolve import UpstreamError, choose, expected_fingerprint
+    from soundstage.stages import get_stage
+
+    if config:
+        from soundstage.pipeline.pipeline_file import load_pipeline
+
+        pipe = load_pipeline(config)
+        manifest, cache = manifest or pipe.manifest, cache or pipe.cache
+        if selector is None and stage_name in pipe.stages:
+            selector = expected_fingerprint(stage_name, pipe.stages)
+    if not manifest:
+        raise click.UsageError("give --manifest (or --config with a manifest)")
+    try:
+        stage_dir = choose(cache or "cache", get_stage(stage_name), selector, log=lambda m: click.echo(m, err=True))
+    except UpstreamError as e:
+        raise click.ClickException(str(e)) from None
+    return read_manifest(manifest).to_dict("records"), stage_dir
+
+
+def clips_to_write(rows: list, reader, stage_dir, allow_missing: bool) -> tuple[list, list]:
+    """(rows with a record, lines naming the manifest clips without one and why)."""
+    failures = stage_dir.failures()
+    missing = [row["clip_id"] for row in rows if row["clip_id"] not in reader]
+    named = [f"{cid}: " + (failures[cid]["cause"] if cid in failures else "not computed") for cid in missing]
+    if named and not allow_missing:
+        more = f"\n  ... and {len(named) - 20} more" if len(named) > 20 else ""
+        raise click.ClickException(f"not written: {len(named)} clip(s) have no record in {stage_dir.path} "
+                                   "(compute them, or --allow-missing):\n  " + "\n  ".join(named[:20]) + more)
+    return [row for row in rows if row["clip_id"] in reader], named
+
+
+def prepare_out_dir(out_dir: str, overwrite: bool) -> None:
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise click.ClickException(f"{out_dir} is not empty; choose another --out or pass --overwrite")
+    os.makedirs(out_dir, exist_ok=True)
+
+
+def report_written(count: int, out_dir: str, named: list) -> None:
+    click.echo(f"wrote {count} clips to {out_dir}")
+    if named:
+        click.echo(f"left out {len(named)} clip(s) without a record:\n  " + "\n  ".join(named), err=True)
+
+
+def _replace_with(path: str, write) -> None:
+    """``write(tmp_path)`` then rename: a killed export never leaves a half-written file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_npy(path: str, array) -> None:
+    import numpy as np
+
+    with open(path, "wb") as f:  # a file object: np.save would append .npy to the temporary name
+        np.save(f, array)
+
+
+def avsbench_object_path(row: dict) -> str:
+    """Where AVSBench-object keeps this clip's audio, as a relative path without extension:
+    S4 (v1s) ``<split>/<category>/<uid>``, MS3 (v1m) ``<split>/<uid>``."""
+    if row.get("subset") == "v1s":
+        return os.path.join(row["split"], row["a_obj"].replace("-", "_"), row["clip_id"])
+    if row.get("subset") == "v1m":
+        return os.path.join(row["split"], row["clip_id"])
+    raise click.ClickException(f"clip {row['clip_id']} (subset {row.get('subset')!r}) has no place in the "
+                               "AVSBench-object layout (only v1s/S4 and v1m/MS3); use --layout flat")
+
+
+@export.command("vggish-npy")
+@output_options("vggish")
+@click.option("--layout", type=click.Choice(["flat", "avsbench-object"]), default="flat", show_default=True,
+              help="flat: OUT/<uid>.npy (GAVS, bias_in_AVS); avsbench-object: OUT/<split>/<category>/<uid>.npy "
+                   "(S4) and OUT/<split>/<uid>.npy (MS3), as AVSBench-object lays out audio_wav/")
+def vggish_npy(config, manifest, cache, selector, out_dir, overwrite, allow_missing, layout):
+    """VGGish embeddings as one float32 [T, 128] .npy per clip."""
+    import numpy as np
+
+    from soundstage.cache import open_stage
+
+    rows, stage_dir = chosen_output("vggish", config, manifest, cache, selector)
+    reader = open_stage(stage_dir.path, fields=["embeddings"])
+    present, named = clips_to_write(rows, reader, stage_dir, allow_missing)
+    places = {row["clip_id"]: row["clip_id"] if layout == "flat" else avsbench_object_path(row) for row in present}
+    prepare_out_dir(out_dir, overwrite)
+    for row in present:
+        embeddings = np.asarray(reader[row["clip_id"]]["embeddings"], np.float32)
+        _replace_with(os.path.join(out_dir, places[row["clip_id"]] + ".npy"), lambda tmp, e=embeddings: _save_npy(tmp, e))
+    report_written(len(present), out_dir, named)
+
+
+@export.command("active-queries")
+@output_options("active-queries")
+def active_queries(config, manifest, cache, selector, out_dir, overwrite, allow_missing):
+    """bias_in_AVS active queries: OUT/<uid>.pth (a list of T lists of query ids) and OUT/mapping.json."""
+    import torch
+
+    from soundstage.cache import open_stage
+    from soundstage.cache.store import atomic_write_text
+    from soundstage.stages.active_queries import (
+        frame_lists,
+        mapping_json,
+        parse_mapping,
+    )
+
+    rows, stage_dir = chosen_output("active-queries", config, manifest, cache, selector)
+    reader = open_stage(stage_dir.path)
+    present, named = clips_to_write(rows, reader, stage_dir, allow_missing)
+    prepare_out_dir(out_dir, overwrite)
+    meta, single = stage_dir.meta(), 0
+    for row in present:
+        lists = frame_lists(reader[row["clip_id"]])
+        single += sum(len(ids) == 1 for ids in lists)
+        _replace_with(os.path.join(out_dir, row["clip_id"] + ".pth"), lambda tmp, v=lists: torch.save(v, tmp))
+    record = {"_threshold": meta["params"]["threshold"], "_clusters": meta["params"]["clusters"],
+              "_active_queries_output": meta["fingerprint"], **mapping_json(parse_mapping(meta["metadata"]["mapping"]))}
+    atomic_write_text(os.path.join(out_dir, "mapping.json"), json.dumps(record, indent=1) + "\n")
+    report_written(len(present), out_dir, named)
+    if single:
+        click.echo(f"note: {single} frame(s) have exactly one query id; bias_in_AVS's trainer activates only "
+                   "query 0 for a list of length 1", err=True)
+
+
+@export.command("query-mapping")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), help="pipeline YAML (manifest, cache, outputs)")
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False), envvar="SOUNDSTAGE_MANIFEST",
+              help="the clips whose tags are counted (with --split)")
+@click.option("--cache", envvar="SOUNDSTAGE_CACHE", help="cache root (default: the pipeline's, else ./cache)")
+@click.option("--units", "units_selector", help="which units output (its cluster count K)")
+@click.option("--beats", "beats_selector", help="which beats output (its tags)")
+@click.option("--split", default="train", show_default=True, help="count tags on the clips of this split")
+@click.option("--threshold", default=0.4, show_default=True, help="a frame has a tag when its probability is at least this")
+@click.option("--queries", default=100, show_default=True, help="Q: query ids are 0 .. Q-1")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="mapping JSON to write")
+def query_mapping(config, manifest, cache, units_selector, beats_selector, split, threshold, queries, out_path):
+    """The default active-queries mapping: clusters c -> c, then the most frequent tags of --split -> K, K+1, ..."""
+    from soundstage.cache import open_stage
+    from soundstage.cache.store import atomic_write_text
+    from soundstage.stages.active_queries import (
+        MappingError,
+        default_mapping,
+        mapping_json,
+        tag_ranking,
+    )
+
+    if os.path.exists(out_path):
+        raise click.ClickException(f"{out_path} exists; the mapping keys the active-queries output, so it is not replaced")
+    rows, units_dir = chosen_output("units", config, manifest, cache, units_selector)
+    _, beats_dir = chosen_output("beats", config, manifest, cache, beats_selector)
+    units, beats = open_stage(units_dir.path, fields=["frame_hist"]), open_stage(beats_dir.path, fields=["second_probs"])
+    counted = [row["clip_id"] for row in rows if row.get("split") == split and row["clip_id"] in beats]
+    if not counted or not len(units):
+        raise click.ClickException(f"no {split} clip of the manifest has beats tags (or no units are cached)")
+    num_clusters = units[next(iter(units))]["frame_hist"].shape[1]
+    mids = tag_ranking((beats[cid]["second_probs"] for cid in counted), beats.meta["metadata"]["class_mids"], threshold)
+    try:
+        mapping = default_mapping(num_clusters, mids, queries)
+    except MappingError as e:
+        raise click.ClickException(str(e)) from None
+    text = {"_comment": f"clusters c -> c (K = {num_clusters}); then the {len(mapping['classes'])} most frequent "
+                        f"tags (p >= {threshold:g}) of {len(counted)} {split} clips -> {num_clusters}, ...",
+            **mapping_json(mapping)}
+    atomic_write_text(out_path, json.dumps(text, indent=1) + "\n")
+    click.echo(f"wrote {out_path}: {num_clusters} clusters and {len(mapping['classes'])} classes onto {queries} queries")

@@ -1,0 +1,96 @@
+"""``soundstage evaluate`` on the synthetic dataset: ground truth as prediction, emptied masks,
+class-index predictions, missing files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from fixtures_synth import synth_dir  # noqa: F401  (pytest fixture)
+from PIL import Image
+
+from soundstage.cli import main
+
+BINARY = ("avsbench-binary", "bias-in-avs", "stepping-stones", "segpref")
+
+
+def annotated_test_frames(root):
+    """``[(subset, clip_id, frame, class-index label)]`` of the annotated test frames, read directly."""
+    import csv
+
+    out = []
+    with open(os.path.join(root, "metadata.csv")) as f:
+        for row in csv.DictReader(f):
+            if row["split"] != "test":
+                continue
+            label_dir = os.path.join(root, row["label"], row["uid"], "labels_semantic")
+            for name in sorted(os.listdir(label_dir)):
+                out.append((row["label"], row["uid"], name[:-4], np.asarray(Image.open(os.path.join(label_dir, name)))))
+    return out
+
+
+def write_predictions(root, out, transform):
+    for subset, uid, frame, label in annotated_test_frames(root):
+        os.makedirs(os.path.join(out, subset, uid), exist_ok=True)
+        Image.fromarray(transform(label).astype(np.uint8)).save(os.path.join(out, subset, uid, f"{frame}.png"))
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["evaluate", *args])
+
+
+def scores(synth_dir, pred, *extra):  # noqa: F811
+    result = run("--pred", pred, "--manifest", os.path.join(synth_dir, "manifest.csv"), "--json", *extra)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_ground_truth_as_prediction_scores_one(synth_dir, tmp_path):  # noqa: F811
+    pred = str(tmp_path / "gt")
+    write_predictions(synth_dir, pred, lambda label: (label > 0) * 255)
+    results = scores(synth_dir, pred)
+    for name in BINARY:
+        assert results[name]["miou"] == pytest.approx(1.0, abs=1e-6)
+        assert results[name]["fscore"] is None and "binary masks" in results[name]["notes"][0]
+        assert results[name]["frames"] == len(annotated_test_frames(synth_dir))
+    assert results["cavp-dataset"]["miou"] == pytest.approx(1.0, abs=1e-6)
+    assert "needs class predictions" in results["avsbench-semantic"]["unavailable"]
+
+
+def test_emptied_masks(synth_dir, tmp_path):  # noqa: F811
+    pred = str(tmp_path / "empty")
+    write_predictions(synth_dir, pred, lambda label: label * 0)
+    results = scores(synth_dir, pred, "--eval-size", "native")
+    labels = [label for *_, label in annotated_test_frames(synth_dir)]
+    empty_share = np.mean([not label.any() for label in labels])  # empty frames score 1 (true negatives)
+    for name in BINARY:
+        assert results[name]["miou"] == pytest.approx(empty_share, abs=1e-6)
+    assert results["refavs-null"]["null_score"] == 0.0
+
+
+def test_class_predictions_and_probability_maps(synth_dir, tmp_path):  # noqa: F811
+    classes = str(tmp_path / "classes")
+    write_predictions(synth_dir, classes, lambda label: label)
+    results = scores(synth_dir, classes, "--png", "labels")
+    assert results["avsbench-semantic"]["miou_present"] == pytest.approx(1.0, abs=1e-6)
+    assert results["avsbench-binary"]["miou"] == pytest.approx(1.0, abs=1e-6)  # foreground = any class
+    probability = str(tmp_path / "prob")
+    write_predictions(synth_dir, probability, lambda label: np.where(label > 0, 230, 20))
+    results = scores(synth_dir, probability, "--protocol", "avsbench-binary", "--eval-size", "native")
+    assert results["avsbench-binary"]["miou"] == pytest.approx(1.0, abs=1e-6)
+    assert results["avsbench-binary"]["fscore"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_table_and_missing_predictions(synth_dir, tmp_path):  # noqa: F811
+    pred = str(tmp_path / "gt")
+    write_predictions(synth_dir, pred, lambda label: (label > 0) * 255)
+    table = run("--pred", pred, "--manifest", os.path.join(synth_dir, "manifest.csv"))
+    assert table.exit_code == 0 and all(name in table.output for name in BINARY)
+    subset, uid, frame, _ = annotated_test_frames(synth_dir)[0]
+    os.remove(os.path.join(pred, subset, uid, f"{frame}.png"))
+    missing = run("--pred", pred, "--manifest", os.path.join(synth_dir, "manifest.csv"))
+    assert missing.exit_code == 1
+    assert "1 predictions missing" in missing.output and f"{subset}/{uid}/{frame}" in missing.output
