@@ -72,6 +72,8 @@ def binary_gt(gt, size) -> torch.Tensor:
     """Ground truth of a binary protocol as float32 (the reference multiplies float masks);
     0/255 masks become 0/1."""
     tensor = as_tensor(gt, "gt")
+    if tensor.dim() == 4 and tensor.shape[1] == 1:  # [N, 1, H, W]
+        tensor = tensor[:, 0]
     if tensor.dtype == torch.bool:
         tensor = tensor.to(torch.uint8)
     if tensor.numel() and float(tensor.max()) > 1:

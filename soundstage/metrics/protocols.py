@@ -193,6 +193,8 @@ class Accumulator:
         opts = self.options
         kind = opts["pred_kind"] or _default_kind(pred, "mask")
         two_channel = opts.get("two_channel", False)
+        if pred.dim() == 4 and pred.shape[1] == 1:  # [N, 1, H, W], as models output
+            pred = pred[:, 0]
         if kind == "logits" and two_channel:
             check_frames(pred, pred[:, 0], channels=True)
             if pred.shape[1] != 2:
