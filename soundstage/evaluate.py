@@ -201,8 +201,17 @@ def format_table(results: dict[str, dict]) -> str:
 @click.option("--eval-size", default="paper", show_default=True,
               help="paper: each protocol's size (224 or 256); native: the label size; or a side length.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def evaluate(pred_dir, manifest_path, protocol_name, split, subsets, png, scores, eval_size, as_json):
-    """Score predicted masks against the manifest's ground truth by named protocols."""
+@click.option("--run", "run_dir", type=click.Path(file_okay=False),
+              help="Instead of --pred: evaluate a training run's model (runs/NAME) on --split.")
+@click.option("--audio", default="real", show_default=True,
+              help="--run: the audio cue as trained (real), or replaced: muted | zeroed | swapped | noise:SNR_DB.")
+@click.option("--device", default="auto", show_default=True, help="--run: cpu, cuda, ... (auto: cuda when available).")
+def evaluate(pred_dir, manifest_path, protocol_name, split, subsets, png, scores, eval_size, as_json, run_dir, audio,
+             device):
+    """Score predicted masks (--pred) or a trained run (--run) against the manifest's ground truth."""
+    if run_dir is not None:
+        return _evaluate_run(run_dir, split or None, audio, None if protocol_name == "all" else protocol_name, device,
+                             as_json)
     if eval_size not in ("paper", "native") and not eval_size.isdigit():
         raise click.ClickException(f"--eval-size must be paper, native or a number, not {eval_size!r}")
     if pred_dir is None or manifest_path is None:
@@ -219,3 +228,23 @@ def report(results: dict[str, dict], as_json: bool) -> None:
         click.echo(json.dumps(results, indent=2))
     else:
         click.echo(format_table(results))
+
+
+def _evaluate_run(run_dir, split, audio, protocol_name, device, as_json):
+    """``--run``: one JSON object (miou, fscore, protocol, split, audio, clips, ...) or a line."""
+    from soundstage.cache.reader import MissingClip
+    from soundstage.train.config import ConfigError
+    from soundstage.train.cues import CueError
+    from soundstage.train.data import parse_variant
+    from soundstage.train.run_eval import evaluate_saved_run
+
+    try:
+        parse_variant(audio)
+        result = evaluate_saved_run(run_dir, split, audio, protocol_name, device, log=lambda *_: None)
+    except (ConfigError, CueError, MissingClip, ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{result['run']}  {result['split']}  audio={result['audio']}  {result['protocol']}: "
+                   f"mIoU {result['miou']:.4f}  F {result['fscore']:.4f}  ({result['clips']} clips)")
