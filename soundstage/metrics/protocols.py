@@ -172,10 +172,16 @@ class Accumulator:
         kind = self.protocol.kind
         if kind in ("binary", "null"):
             self.batcher = binary.FrameBatcher(self.options["batch_size"], self.options["frames_per_video"])
-        elif kind == "semantic":
-            self.sums = None  # created on the first update, when the class count is known
+        elif kind == "semantic":  # with num_classes unknown, created on the first update
+            self.sums = None if self.options["num_classes"] is None else self._empty_sums(self.options["num_classes"])
         else:
-            self.matrix = None
+            classes = self.options["num_classes"]
+            self.matrix = None if classes is None else np.zeros((classes, classes), dtype=np.int64)
+
+    @staticmethod
+    def _empty_sums(classes: int) -> dict:
+        zeros = np.zeros(classes)
+        return {"frames": 0, "num_classes": classes, "iou_sum": zeros, "f_sum": zeros.copy(), "class_frames": zeros.copy()}
 
     # -- feeding ------------------------------------------------------------------------------
     def update(self, pred, gt=None, videos=None) -> None:
@@ -264,10 +270,7 @@ class Accumulator:
         check_frames(labels, target, channels=False)
         classes = self._num_classes(pred, labels, target)
         if self.sums is None:
-            self.sums = {
-                "frames": 0, "num_classes": classes,
-                "iou_sum": np.zeros(classes), "f_sum": np.zeros(classes), "class_frames": np.zeros(classes),
-            }
+            self.sums = self._empty_sums(classes)
         ious, fscores, counted = semantic.frame_class_scores(labels, target, classes, self.options["beta2"])
         self.sums["frames"] += labels.shape[0]
         self.sums["iou_sum"] += ious.double().sum(0).numpy()

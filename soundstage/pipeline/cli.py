@@ -28,6 +28,9 @@ RUNNER_OPTIONS = {
     "batch_size": dict(type=int, help="clips per model call (default: the stage's)"),
     "commit_every": dict(type=int, default=256, show_default=True, help="clips per committed part file"),
     "progress": dict(default=True, show_default=True, help="show a progress bar"),
+    "max_consecutive_errors": dict(type=int, default=20, show_default=True,
+                                   help="stop when this many clips in a row fail with errors that are not about their "
+                                   "input (a broken model or GPU, not a bad clip); 0: never stop"),
     "fingerprint": dict(type=str, help="the output planned when the run was submitted (array tasks): its stage.json "
                         "is checked against these options instead of hashing the models again"),
     "allow_failed_clips": dict(is_flag=True, help="exit 0 when every clip was tried and the only problems are "
@@ -143,7 +146,7 @@ def invoke_stage(stage: Stage, values: dict, is_default) -> int:
     summary = run_local(stage, manifest, cache, params, upstream_select,
                         shard=values["shard"], jobs=values["shards"] or values["jobs"], workers=values["workers"],
                         batch_size=values["batch_size"], commit_every=values["commit_every"], progress=values["progress"],
-                        fingerprint=values["fingerprint"])
+                        fingerprint=values["fingerprint"], max_consecutive_errors=values["max_consecutive_errors"])
     click.echo(summary.format())
     if values["allow_failed_clips"] and not summary.interrupted:
         return 0

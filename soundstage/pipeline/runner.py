@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from soundstage import __version__
-from soundstage.cache.reader import open_stage
+from soundstage.cache.reader import MissingClip, open_stage
 from soundstage.cache.store import StageDir, coerce_value, commit_file, write_part_file
 from soundstage.cache.table import read_manifest
 from soundstage.pipeline.fingerprint import normalise_params, plan_mismatch, stage_meta
@@ -176,13 +176,24 @@ def _worker_init(load, ctx):
 
 
 def _load_guarded(load, ctx, row):
-    """Run ``load`` for one row; an exception becomes a failure record, never a crash."""
+    """Run ``load`` for one row; an exception becomes a failure record, never a crash.
+    Returns (ok, item or cause, detail, whether the error is not about this clip's input)."""
     try:
-        return True, load(row, ctx), ""
+        return True, load(row, ctx), "", False
     except ClipError as e:
-        return False, str(e), ""
+        return False, str(e), "", False
     except Exception as e:  # an unexpected error is still this clip's failure
-        return False, f"{type(e).__name__}: {e}", traceback.format_exc(limit=5)
+        return False, f"{type(e).__name__}: {e}", traceback.format_exc(limit=5), not _is_input_error(e)
+
+
+def _is_input_error(error: Exception) -> bool:
+    """A problem with one clip's input: raised as such, or the clip missing from an upstream output."""
+    return isinstance(error, (ClipError, MissingClip))
+
+
+class SystemicFailure(RuntimeError):
+    """Many clips in a row failed with errors that are not about their input: the model or the
+    environment is broken (CUDA error, out of memory, a library bug), so the run stops."""
 
 
 def _worker_load(row):
@@ -190,7 +201,7 @@ def _worker_load(row):
 
 
 def prefetch(load, ctx, rows, workers: int, depth: int):
-    """Yield (row, ok, item_or_cause, detail) in order, keeping ``depth`` loads in flight."""
+    """Yield (row, ok, item_or_cause, detail, systemic) in order, keeping ``depth`` loads in flight."""
     if workers <= 0:
         for row in rows:
             yield (row, *_load_guarded(load, ctx, row))
@@ -303,8 +314,12 @@ def run_stage(
     progress: bool = True,
     log=print,
     fingerprint: str | None = None,
+    max_consecutive_errors: int = 20,
 ) -> Summary:
-    """Run ``stage`` on one shard of a manifest; returns the summary (never raises for a clip)."""
+    """Run ``stage`` on one shard of a manifest; returns the summary (never raises for a clip).
+
+    ``max_consecutive_errors`` clips failing in a row with errors that are not about their input
+    (not ``ClipError``, not a clip missing upstream) raise ``SystemicFailure`` (0: never)."""
     start = time.monotonic()
     shard = shard or shard_from_env() or (0, 1)
     plan = plan_stage(stage, manifest_path, cache_root, params or {}, upstream_select, log=log, fingerprint=fingerprint)
@@ -330,12 +345,13 @@ def run_stage(
             summary.failed.append((cid, cause))
         if todo:
             _process_clips(plan, todo, summary, writer_id, stop, workers, batch_size or stage.default_batch_size,
-                           commit_every, commit_seconds, progress)
+                           commit_every, commit_seconds, progress, max_consecutive_errors)
     summary.seconds = time.monotonic() - start
     return summary
 
 
-def _process_clips(plan, todo, summary, writer_id, stop, workers, batch_size, commit_every, commit_seconds, progress):
+def _process_clips(plan, todo, summary, writer_id, stop, workers, batch_size, commit_every, commit_seconds, progress,
+                   max_consecutive_errors):
     stage, params = plan.stage, plan.params
     ctx = LoadContext(params=params, upstream={a: open_stage(sd.path) for a, sd in plan.upstream.items()},
                       manifest_dir=plan.manifest_dir)
@@ -346,11 +362,21 @@ def _process_clips(plan, todo, summary, writer_id, stop, workers, batch_size, co
     buckets: dict = {}
     bar = _progress_bar(len(todo), f"{stage.name} {summary.shard[0]}/{summary.shard[1]}", progress)
 
-    def fail(cid, cause, detail=""):
+    streak = []  # causes of the clips failing in a row with errors not about their input
+
+    def fail(cid, cause, detail="", systemic=False):
         plan.dir.record_failure(writer_id, cid, cause, detail)
         summary.failed.append((cid, cause))
         bar.update(1)
         bar.set_postfix(failed=len(summary.failed), refresh=False)
+        if not systemic:
+            return
+        streak.append(cause)
+        if max_consecutive_errors and len(streak) >= max_consecutive_errors:
+            raise SystemicFailure(
+                f"{stage.name}: stopped after {len(streak)} clips in a row failed with errors that are not about "
+                f"their input (last: {cause}); the model or the environment looks broken. Finished clips are "
+                f"committed; fix the cause and rerun (failure records: {plan.dir.failures_dir})")
 
     def run_batch(batch):
         try:
@@ -364,7 +390,7 @@ def _process_clips(plan, todo, summary, writer_id, stop, workers, batch_size, co
                     run_batch([one])
                 return
             cause = str(e) if isinstance(e, ClipError) else f"{type(e).__name__}: {e}"
-            fail(batch[0][0], cause, traceback.format_exc(limit=5))
+            fail(batch[0][0], cause, traceback.format_exc(limit=5), systemic=not _is_input_error(e))
             return
         for (cid, _), v in zip(batch, values):
             try:
@@ -373,16 +399,18 @@ def _process_clips(plan, todo, summary, writer_id, stop, workers, batch_size, co
                 fail(cid, str(e))
                 continue
             buffer.add(cid, v)
+            streak.clear()
             note = stage.warn(v) if stage.warn else None
             if note:
                 summary.warnings.append((cid, note))
             bar.update(1)
 
     try:
-        for row, ok, item, detail in prefetch(stage.load, ctx, todo, workers, depth=max(2 * batch_size, 4 * workers)):
+        for row, ok, item, detail, systemic in prefetch(stage.load, ctx, todo, workers,
+                                                        depth=max(2 * batch_size, 4 * workers)):
             cid = row["clip_id"]
             if not ok:
-                fail(cid, item, detail)
+                fail(cid, item, detail, systemic)
             else:
                 key = stage.batch_key(item) if stage.batch_key else None
                 bucket = buckets.setdefault(key, [])
@@ -429,4 +457,4 @@ def _run_global(plan: Plan, summary: Summary, start: float, log) -> Summary:
     return summary
 
 
-__all__ = ["Plan", "PlanError", "Summary", "pending_clips", "plan_stage", "run_stage"]
+__all__ = ["Plan", "PlanError", "Summary", "SystemicFailure", "pending_clips", "plan_stage", "run_stage"]

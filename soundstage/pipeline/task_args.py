@@ -18,7 +18,7 @@ def stage_cli_args(stage: Stage, params: dict, manifest: str, cache: str, upstre
     args = ["--manifest", os.path.abspath(manifest), "--cache", os.path.abspath(cache)]
     if fingerprint:
         args += ["--fingerprint", fingerprint]
-    for name in ("workers", "batch_size", "commit_every"):
+    for name in ("workers", "batch_size", "commit_every", "max_consecutive_errors"):
         if values.get(name) is not None:
             args += [f"--{flag_name(name)}", str(values[name])]
     args += ["--no-progress", "--allow-failed-clips"]  # failures are in the cache; --wait reports them
