@@ -7,17 +7,42 @@ import os
 
 import numpy as np
 
-from soundstage.cache.store import PART_FORMAT, StageDir, array_checksum, fsync_dir, h5py
+from soundstage.cache.index import ClipVersion, newest_versions, part_headers, read_header
+from soundstage.cache.locks import exclusive_lock
+from soundstage.cache.quarantine import CorruptPart, failed_parts, record_verdicts, repair_hint
+from soundstage.cache.store import PART_FORMAT, CacheError, StageDir, array_checksum, fsync_dir, h5py
+
+#: written beside a whole-dataset result when a run reused it for other clips (``--reuse-fit``)
+PINNED = "pinned.json"
 
 
 def stage_status(sd: StageDir) -> dict:
-    meta = sd.meta()
-    parts = sd.part_paths()
+    """What an output holds. A broken part (or stage.json) is listed under ``broken``, never raised."""
+    try:
+        meta = sd.meta()
+    except Exception as e:
+        return {"stage": os.path.basename(os.path.dirname(sd.path)), "fingerprint": os.path.basename(sd.path),
+                "kind": "?", "path": sd.path, "params": {}, "upstream": {}, "done": 0, "failed": 0, "parts": 0,
+                "bytes": 0, "broken": [f"{sd.meta_path}: unreadable ({e})"]}
+    parts, broken, extra = sd.part_paths(), [], {}
     if meta.get("kind") == "global":
         done_ids = {"<result>"} if os.path.exists(sd.result_path) else set()
         parts = [sd.result_path] if done_ids else []
+        if done_ids:
+            extra["fit"] = fit_status(sd, broken)
     else:
-        done_ids = sd.committed_ids()
+        done_ids, unknown = set(), 0
+        for path in parts:
+            try:
+                with h5py.File(path, "r") as h5:
+                    header = read_header(h5, path)
+            except Exception as e:
+                broken.append(f"{path}: unreadable part file ({type(e).__name__}: {e})")
+                continue
+            done_ids.update(header.ids)
+            unknown += len(header.ids) if header.digests is None else sum(d is None for d in header.digests)
+        extra["no_input_digest"] = unknown
+    broken += [f"{p}: failed verification ({'; '.join(v[:2])})" for p, v in _failed_parts_or_note(sd, broken).items()]
     failed = {cid for cid in sd.failures() if cid not in done_ids}
     return {
         "stage": meta["stage"],
@@ -29,8 +54,35 @@ def stage_status(sd: StageDir) -> dict:
         "done": len(done_ids),
         "failed": len(failed),
         "parts": len(parts),
-        "bytes": sum(os.path.getsize(p) for p in parts),
+        "bytes": sum(os.path.getsize(p) for p in parts if os.path.exists(p)),
+        "broken": broken,
+        **extra,
     }
+
+
+def _failed_parts_or_note(sd: StageDir, broken: list) -> dict:
+    try:
+        return failed_parts(sd)
+    except CacheError as e:
+        broken.append(str(e))
+        return {}
+
+
+def fit_status(sd: StageDir, broken: list) -> dict:
+    """The clips a whole-dataset result was fitted on, and whether a run pinned it (``--reuse-fit``)."""
+    try:
+        with h5py.File(sd.result_path, "r") as h5:
+            fit = {"fit_key": h5.attrs.get("fit_key"), "fit_clips": int(h5.attrs.get("fit_clips", -1))}
+    except Exception as e:
+        broken.append(f"{sd.result_path}: unreadable ({type(e).__name__}: {e})")
+        return {}
+    if fit["fit_key"] is None:
+        fit["note"] = "fitted before soundstage recorded the clips of a fit: the next run refits (or --reuse-fit)"
+    pinned = os.path.join(sd.path, PINNED)
+    if os.path.exists(pinned):
+        with open(pinned, encoding="utf-8") as f:
+            fit["pinned"] = json.load(f)
+    return fit
 
 
 def verify_part(path: str, fields, per_clip: bool = True) -> tuple[list[str], list[str]]:
@@ -75,7 +127,8 @@ def verify_part(path: str, fields, per_clip: bool = True) -> tuple[list[str], li
 
 
 def verify_stage(sd: StageDir) -> tuple[list[str], list[str], int]:
-    """(problems, notes, clip count) of a stage output."""
+    """(problems, notes, clip count) of a stage output; the verdict per part is recorded for readers
+    and runs (see ``soundstage.cache.quarantine``)."""
     notes = []
     try:
         meta = sd.meta()
@@ -85,16 +138,18 @@ def verify_stage(sd: StageDir) -> tuple[list[str], list[str], int]:
         if not os.path.exists(sd.result_path):
             return [], ["not computed yet"], 0
         problems, _ = verify_part(sd.result_path, [], per_clip=False)
+        record_verdicts(sd, {sd.result_path: problems})
         return problems, notes, 1
-    problems, seen = [], {}
+    problems, seen, superseded, verdicts = [], set(), 0, {}
     for path in sd.part_paths():
         part_problems, ids = verify_part(path, sd.fields())
+        verdicts[path] = part_problems
         problems += part_problems
-        for cid in ids:
-            if cid in seen:
-                problems.append(f"clip {cid} is in both {seen[cid]} and {os.path.basename(path)}")
-            else:
-                seen[cid] = os.path.basename(path)
+        superseded += len(seen.intersection(ids))
+        seen.update(ids)
+    record_verdicts(sd, verdicts)
+    if superseded:
+        notes.append(f"{superseded} older version(s) of recomputed clips (readers use the newest; compaction drops them)")
     temps = [n for n in os.listdir(sd.parts_dir) if n.startswith(".tmp-")] if os.path.isdir(sd.parts_dir) else []
     if temps:
         notes.append(f"{len(temps)} unfinished temp part(s) of killed writers (ignored; removed by the next run of that shard)")
@@ -126,36 +181,45 @@ def _read_part(path: str, fields) -> list[tuple[str, dict]]:
 def compact_stage(sd: StageDir, target_bytes: int, writer_id: str) -> tuple[int, int]:
     """Merge parts smaller than ``target_bytes`` into parts of about that size.
 
-    Each merged part is committed before the parts it replaces are removed, so a crash leaves at
-    worst the same clips twice (identical values), which the next compaction removes.
+    Holds the output exclusively (refused while a writer runs, or another compaction). Only the
+    newest version of each clip is kept, and every merged part is checksummed first: a damaged
+    part is refused, never copied into a fresh one. Each merged part is committed before the
+    parts it replaces are removed, so a reader always finds every clip (it re-lists the parts
+    when one vanishes) and a crash leaves at worst two identical versions of some clips.
     """
     meta = sd.meta()
     if meta.get("kind") == "global":
         return 0, 0
-    fields = sd.fields()
-    parts = sd.part_paths()
-    small = [p for p in parts if os.path.getsize(p) < target_bytes]
-    if len(small) < 2:
-        return len(parts), len(parts)
-    groups, group, size = [], [], 0
-    for p in small:
-        group.append(p)
-        size += os.path.getsize(p)
-        if size >= target_bytes:
+    with exclusive_lock(sd, "compact"):
+        fields = sd.fields()
+        headers = part_headers(sd)
+        newest = newest_versions(headers)
+        small = [h for h in headers if os.path.getsize(h.path) < target_bytes]
+        if len(small) < 2:
+            return len(headers), len(headers)
+        for h in small:
+            problems, _ = verify_part(h.path, fields)
+            if problems:
+                raise CorruptPart(f"cannot compact {sd.path}: {'; '.join(problems[:3])}; {repair_hint(h.path)}")
+        groups, group, size = [], [], 0
+        for h in small:
+            group.append(h)
+            size += os.path.getsize(h.path)
+            if size >= target_bytes:
+                groups.append(group)
+                group, size = [], 0
+        if group:
             groups.append(group)
-            group, size = [], 0
-    if group:
-        groups.append(group)
-    seen: set = set()
-    for seq, group in enumerate(g for g in groups if len(g) > 1 or len(small) > 1):
-        rows = []
-        for p in group:
-            for cid, values in _read_part(p, fields):
-                if cid not in seen:
-                    seen.add(cid)
-                    rows.append((cid, values))
-        sd.write_part(writer_id, seq, fields, rows, meta)
-        for p in group:
-            os.remove(p)
-        fsync_dir(sd.parts_dir)
-    return len(parts), len(sd.part_paths())
+        for seq, group in enumerate(groups):
+            rows, digests = [], []
+            for h in group:
+                for row, (cid, values) in enumerate(_read_part(h.path, fields)):
+                    if newest[cid] == ClipVersion(h.path, row, newest[cid].digest):  # older versions are dropped
+                        rows.append((cid, values))
+                        digests.append(h.digests[row] if h.digests is not None else None)
+            if rows:
+                sd.write_part(writer_id, seq, fields, rows, meta, digests=digests)
+            for h in group:
+                os.remove(h.path)
+            fsync_dir(sd.parts_dir)
+        return len(headers), len(sd.part_paths())

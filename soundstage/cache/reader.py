@@ -18,7 +18,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from soundstage.cache.store import StageDir, fields_from_schema, h5py  # h5py after the locking env var
+from soundstage.cache.index import newest_versions, read_header, unreadable
+from soundstage.cache.maintenance import verify_part
+from soundstage.cache.quarantine import CorruptPart, load_verdicts, repair_hint, verdict
+from soundstage.cache.store import CacheError, StageDir, fields_from_schema, h5py  # h5py after the locking env var
 
 
 class MissingClip(KeyError):
@@ -47,22 +50,57 @@ class StageReader(Mapping):
         self.refresh()
 
     def refresh(self) -> None:
-        """(Re)build the index clip id -> (part, row) and each part's layout from the part files."""
-        self.parts = self.dir.part_paths()
-        self.index: dict[str, tuple[int, int]] = {}
-        self.duplicates: list[tuple[str, str]] = []
-        self._offsets: list[dict] = []  # per part: ragged field -> offsets array
-        self._layout: list[dict] = []  # per part: numeric field -> (byte offset, dtype, shape) or None
-        for p, path in enumerate(self.parts):
-            with h5py.File(path, "r") as h5:
-                ids = h5["clip_id"].asstr()[...]
-                self._offsets.append({f.name: h5[f"offsets/{f.name}"][...] for f in self.fields if f.ragged})
-                self._layout.append({f.name: _mappable(h5[f.name]) for f in self.fields if f.dtype != "str"})
-            for row, cid in enumerate(ids):
-                if cid in self.index:
-                    self.duplicates.append((cid, os.path.basename(path)))
-                else:
-                    self.index[cid] = (p, row)
+        """(Re)build the index clip id -> (part, row) and each part's layout from the part files.
+
+        The newest version of a clip wins (see ``soundstage.cache.index``); a part that vanishes
+        meanwhile (compaction replaced it) makes the listing start again."""
+        for _ in range(20):
+            try:
+                self._build_index()
+                return
+            except FileNotFoundError:
+                continue
+        raise CacheError(f"{self.dir.parts_dir}: parts keep changing while the index is read")
+
+    def _build_index(self) -> None:
+        headers, offsets, layouts = [], {}, {}
+        for path in self.dir.part_paths():
+            try:
+                with h5py.File(path, "r") as h5:
+                    headers.append(read_header(h5, path))
+                    offsets[path] = {f.name: h5[f"offsets/{f.name}"][...] for f in self.fields if f.ragged}
+                    layouts[path] = {f.name: _mappable(h5[f.name]) for f in self.fields if f.dtype != "str"}
+            except Exception as e:
+                if not os.path.exists(path):
+                    raise FileNotFoundError(path) from None
+                raise unreadable(path, e) from None
+        headers.sort(key=lambda h: (h.committed_ns, os.path.basename(h.path)))
+        self.parts = [h.path for h in headers]
+        self._offsets = [offsets[p] for p in self.parts]  # per part: ragged field -> offsets array
+        self._layout = [layouts[p] for p in self.parts]  # per part: numeric field -> (byte offset, dtype, shape) or None
+        number = {p: k for k, p in enumerate(self.parts)}
+        self._versions = newest_versions(headers)
+        self.index = {cid: (number[v.part], v.row) for cid, v in self._versions.items()}
+        self.superseded = sum(len(h.ids) for h in headers) - len(self.index)  # older versions of clips
+        self._verdicts = load_verdicts(self.dir)
+        self._checked: dict[int, list[str]] = {}  # part -> problems, once checked in this process
+        self._suspect = any(verdict(self._verdicts, p) for p in self.parts)
+        self.close()  # part numbers changed: handles opened under the old ones are dropped
+
+    def digest(self, clip_id: str) -> str | None:
+        """Digest of the inputs the clip was computed from (None: recorded before digests were)."""
+        return self._versions[clip_id].digest
+
+    def _check(self, p: int) -> None:
+        """Refuse a part verify found bad; while the output has one, checksum unverified parts first."""
+        if p not in self._checked:
+            path = self.parts[p]
+            problems = verdict(self._verdicts, path)
+            if problems is None and self._suspect:
+                problems, _ = verify_part(path, fields_from_schema(self.meta["fields"]))
+            self._checked[p] = problems or []
+        if self._checked[p]:
+            raise CorruptPart(f"{self.parts[p]}: {'; '.join(self._checked[p][:3])}; {repair_hint(self.parts[p])}")
 
     def _open(self, p: int) -> "_OpenPart":
         if os.getpid() != self._pid:  # forked: never use the parent's handles
@@ -86,6 +124,16 @@ class StageReader(Mapping):
             meta = self.meta
             raise MissingClip(f"no {meta['stage']} output for clip {clip_id} in {meta['fingerprint']} "
                               "(not computed yet, or it failed there)") from None
+        try:
+            return self._read(p, row)
+        except FileNotFoundError:  # the part was replaced (compaction): find the clip again
+            self.refresh()
+            if clip_id not in self.index:
+                raise MissingClip(f"clip {clip_id} is no longer in {self.dir.path} (its part was removed)") from None
+            return self._read(*self.index[clip_id])
+
+    def _read(self, p: int, row: int) -> dict:
+        self._check(p)
         part = self._open(p)
         out = {}
         for f in self.fields:

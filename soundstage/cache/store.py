@@ -16,8 +16,9 @@ Part file schema (plain h5py / h5ls can read it):
     /<field>            [n, *shape]                      fixed-shape field, one row per clip
     /<field>            [sum of lengths, *shape[1:]]     ragged field, clips concatenated
     /offsets/<field>    int64 [n + 1]                    clip k is rows offsets[k]:offsets[k+1]
+    /input_digest       vlen UTF-8 [n]                   digest of the inputs each clip was computed from
     attrs: format, stage, fingerprint, fields (JSON schema), checksums (JSON: dataset -> sha256),
-           created, soundstage_version
+           created, committed_ns (commit time: the newest version of a clip wins), soundstage_version
 
 A part is committed when it has its final name: it is written under a temporary name, flushed,
 closed, fsynced and renamed, and the directory is fsynced. HDF5 has no journal, so this is what
@@ -245,12 +246,20 @@ class StageDir:
     def committed_ids(self) -> set[str]:
         done = set()
         for path in self.part_paths():
-            with h5py.File(path, "r") as h5:
-                done.update(h5["clip_id"].asstr()[...].tolist())
+            try:
+                with h5py.File(path, "r") as h5:
+                    done.update(h5["clip_id"].asstr()[...].tolist())
+            except Exception as e:  # name the file: h5py's message does not
+                raise CacheError(f"{path}: unreadable part file ({type(e).__name__}: {e}); run `soundstage verify "
+                                 f"--repair {self.path}` to move it to quarantine/") from None
         return done
 
-    def write_part(self, writer_id: str, seq: int, fields: list[Field], rows: list[tuple[str, dict]], meta: dict) -> str:
+    def write_part(self, writer_id: str, seq: int, fields: list[Field], rows: list[tuple[str, dict]], meta: dict,
+                   digests: list[str] | None = None) -> str:
+        """Commit ``rows`` as one part; ``digests``: per clip, the digest of its inputs ("" unknown)."""
         columns = pack_columns(fields, rows)
+        if digests is not None:
+            columns["input_digest"] = [d or "" for d in digests]
         final = os.path.join(self.parts_dir, f"{writer_id}-{seq:05d}.h5")
         tmp = os.path.join(self.parts_dir, f".tmp-{writer_id}-{seq:05d}.h5")
         attrs = {
@@ -259,6 +268,7 @@ class StageDir:
             "fingerprint": meta["fingerprint"],
             "fields": json.dumps(field_schema(fields)),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "committed_ns": time.time_ns(),  # orders versions of a clip: the newest wins
             "soundstage_version": __version__,
         }
         write_part_file(tmp, columns, attrs)

@@ -113,7 +113,17 @@ def model_identity(source) -> dict | None:
         if not files:
             raise ValueError(f"model directory {source} holds no model files")
         return {"files": stable_hash(files, 64)}
+    if looks_like_local_path(source):  # a typo in a path is not a hub id: say which path is missing
+        raise FileNotFoundError(f"no such file or directory: {source}")
     return {"hub_id": source, "revision": _hub_revision(source)}
+
+
+def looks_like_local_path(source: str) -> bool:
+    """A source that cannot be a hub id (``name`` or ``org/name``): it is meant as a local path.
+    Absolute paths are left out: a model served by an endpoint may be named by its server's path."""
+    if source.startswith((".", "~")) or "\\" in source or (not os.path.isabs(source) and source.count("/") > 1):
+        return True
+    return source.lower().endswith(_HASHED_SUFFIXES)
 
 
 def _hub_revision(repo_id: str) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from soundstage.cache.index import has_results
 from soundstage.cache.store import StageDir, iter_stage_dirs
 from soundstage.pipeline.fingerprint import normalise_params, stage_meta
 from soundstage.pipeline.registry import get_stage
@@ -60,7 +61,8 @@ def describe(sd: StageDir) -> str:
 def choose(cache_root: str, stage: Stage, selector=None, log=print) -> StageDir:
     """The one output of ``stage`` under ``cache_root`` that ``selector`` picks."""
     selector = parse_selector(selector)
-    outputs = list(iter_stage_dirs(cache_root, stage.name))
+    # an output with nothing committed (a failed first attempt) is never a candidate
+    outputs = [sd for sd in iter_stage_dirs(cache_root, stage.name) if has_results(sd)]
     if isinstance(selector, str):
         found = [sd for sd in outputs if sd.meta()["fingerprint"].startswith(selector)]
     elif isinstance(selector, dict):

@@ -8,6 +8,7 @@ time limit) commit what is finished and stop.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -22,9 +23,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from soundstage import __version__
-from soundstage.cache.reader import MissingClip, open_stage
-from soundstage.cache.store import StageDir, coerce_value, commit_file, write_part_file
+from soundstage.cache.index import committed_index
+from soundstage.cache.locks import writer_lock
+from soundstage.cache.maintenance import PINNED
+from soundstage.cache.reader import MissingClip
+from soundstage.cache.store import StageDir, atomic_write_text, coerce_value, commit_file, h5py, write_part_file
 from soundstage.cache.table import read_manifest
+from soundstage.pipeline.freshness import clip_digests, current_fit_key, fit_decision, select_work, upstream_readers
 from soundstage.pipeline.fingerprint import normalise_params, plan_mismatch, stage_meta
 from soundstage.pipeline.resolve import resolve_upstreams
 from soundstage.pipeline.shard import select_shard, shard_from_env, shard_of
@@ -39,7 +44,10 @@ class Summary:
     shard: tuple = (0, 1)
     selected: int = 0  # clips of this shard in the manifest
     done: int = 0  # computed and committed by this run
-    cached: int = 0  # already committed before this run
+    cached: int = 0  # already committed before this run, with the same inputs
+    stale: int = 0  # committed before, recomputed because their inputs changed
+    undigested: int = 0  # of cached: committed before input digests were recorded (trusted)
+    notes: list = field(default_factory=list)  # e.g. why a whole-dataset fit was redone or reused
     failed: list = field(default_factory=list)  # (clip_id, cause) of this run
     warnings: list = field(default_factory=list)  # (clip_id, note) of done clips worth a look
     seconds: float = 0.0
@@ -57,9 +65,13 @@ class Summary:
         i, n = self.shard
         shard = f" shard {i}/{n}" if n > 1 else ""
         lines = [
-            f"{self.stage} {self.fingerprint}{shard}: done {self.done}, already cached {self.cached}, "
+            f"{self.stage} {self.fingerprint}{shard}: done {self.done}, already cached {self.cached}, stale {self.stale}, "
             f"failed {len(self.failed)}, {self.seconds:.1f} s" + (" — INTERRUPTED, rerun to finish" if self.interrupted else "")
         ]
+        lines += [f"  {note}" for note in self.notes]
+        if self.undigested:
+            lines.append(f"  {self.undigested} cached clip(s) have no input digest (computed before soundstage recorded "
+                         "inputs): trusted as they are; --force recomputes them")
         if self.warnings:
             lines.append(f"  {len(self.warnings)} done clip(s) with warnings, e.g.:")
             lines += [f"    {cid}: {note}" for cid, note in self.warnings[:3]]
@@ -83,6 +95,9 @@ class Summary:
             selected=sum(s.selected for s in summaries),
             done=sum(s.done for s in summaries),
             cached=sum(s.cached for s in summaries),
+            stale=sum(s.stale for s in summaries),
+            undigested=sum(s.undigested for s in summaries),
+            notes=[n for s in summaries for n in s.notes],
             failed=[f for s in summaries for f in s.failed],
             warnings=[w for s in summaries for w in s.warnings],
             seconds=max(s.seconds for s in summaries),
@@ -104,6 +119,7 @@ class Plan:
     dir: StageDir
     meta: dict
     manifest_path: str
+    clip_digests: dict = field(default_factory=dict)  # clip id -> digest of its inputs, stored on commit
 
     @property
     def manifest_dir(self) -> str:
@@ -286,7 +302,8 @@ class _PartBuffer:
 
     def commit(self) -> None:
         if self.rows:
-            self.plan.dir.write_part(self.writer_id, self.seq, self.plan.stage.fields, self.rows, self.plan.meta)
+            self.plan.dir.write_part(self.writer_id, self.seq, self.plan.stage.fields, self.rows, self.plan.meta,
+                                     digests=[self.plan.clip_digests.get(cid) for cid, _ in self.rows])
             self.seq += 1
             self.committed += len(self.rows)
             self.rows = []
@@ -314,30 +331,42 @@ def run_stage(
     progress: bool = True,
     log=print,
     fingerprint: str | None = None,
+    force: bool = False,
+    reuse_fit: str | None = None,
     max_consecutive_errors: int = 20,
 ) -> Summary:
     """Run ``stage`` on one shard of a manifest; returns the summary (never raises for a clip).
+
+    Clips whose inputs changed since they were committed are recomputed (``stale``); ``force``
+    recomputes every selected clip. ``reuse_fit`` (whole-dataset stages): keep the stored fit
+    with this key or fingerprint (prefix) although the manifest's clips changed.
 
     ``max_consecutive_errors`` clips failing in a row with errors that are not about their input
     (not ``ClipError``, not a clip missing upstream) raise ``SystemicFailure`` (0: never)."""
     start = time.monotonic()
     shard = shard or shard_from_env() or (0, 1)
     plan = plan_stage(stage, manifest_path, cache_root, params or {}, upstream_select, log=log, fingerprint=fingerprint)
-    plan.dir.initialise(plan.meta)
     summary = Summary(stage.name, plan.fingerprint, plan.dir.path, shard)
     if stage.kind == "global":
-        return _run_global(plan, summary, start, log)
+        plan.dir.initialise(plan.meta)
+        return _run_global(plan, summary, start, log, force, reuse_fit)
 
     rows, bad_rows = manifest_rows(manifest_path)
     mine = select_shard(rows, *shard)
     summary.selected = len(mine)
+    # a first attempt validates its parameters and loads the model before the output exists,
+    # so a typo leaves no empty output behind
+    model = stage.setup(plan.params) if stage.setup and mine and not plan.dir.exists() else None
+    plan.dir.initialise(plan.meta)
     writer_prefix = f"s{shard[0]:05d}of{shard[1]:05d}"
     writer_id = f"{writer_prefix}-{uuid.uuid4().hex[:8]}"
-    with plan.dir.lock(f"shard-{shard[0]}-of-{shard[1]}"), _StopRequested() as stop:
+    with writer_lock(plan.dir, shard), _StopRequested() as stop:
         plan.dir.remove_stale_temp_files(writer_prefix)
-        done_ids = plan.dir.committed_ids()
-        todo = [r for r in mine if r["clip_id"] not in done_ids]
-        summary.cached = len(mine) - len(todo)
+        readers = upstream_readers(plan)
+        plan.clip_digests = clip_digests(plan, mine, readers)
+        selection = select_work(mine, committed_index(plan.dir), plan.clip_digests, force)
+        todo = selection.todo
+        summary.cached, summary.stale, summary.undigested = selection.cached, selection.stale, selection.undigested
         for cid, cause in bad_rows:  # unusable manifest rows: each reported by the shard of its id
             if shard[1] > 1 and shard_of(cid, shard[1]) != shard[0]:
                 continue
@@ -345,17 +374,17 @@ def run_stage(
             summary.failed.append((cid, cause))
         if todo:
             _process_clips(plan, todo, summary, writer_id, stop, workers, batch_size or stage.default_batch_size,
-                           commit_every, commit_seconds, progress, max_consecutive_errors)
+                           commit_every, commit_seconds, progress, max_consecutive_errors, readers, model)
     summary.seconds = time.monotonic() - start
     return summary
 
 
 def _process_clips(plan, todo, summary, writer_id, stop, workers, batch_size, commit_every, commit_seconds, progress,
-                   max_consecutive_errors):
+                   max_consecutive_errors, readers, model=None):
     stage, params = plan.stage, plan.params
-    ctx = LoadContext(params=params, upstream={a: open_stage(sd.path) for a, sd in plan.upstream.items()},
-                      manifest_dir=plan.manifest_dir)
-    model = stage.setup(params) if stage.setup else None
+    ctx = LoadContext(params=params, upstream=readers, manifest_dir=plan.manifest_dir)
+    if model is None and stage.setup:
+        model = stage.setup(params)
     if stage.metadata:
         plan.dir.set_metadata(stage.metadata(model, params))
     buffer = _PartBuffer(plan, writer_id, commit_every, commit_seconds)
@@ -439,22 +468,46 @@ def _progress_bar(total: int, desc: str, enabled: bool):
                 mininterval=0.5 if interactive else 30.0, file=sys.stderr)
 
 
-def _run_global(plan: Plan, summary: Summary, start: float, log) -> Summary:
+def _run_global(plan: Plan, summary: Summary, start: float, log, force: bool = False, reuse_fit: str | None = None) -> Summary:
+    """Fit once; a stored fit is reused only for the same clips (their ids and upstream digests)."""
     sd = plan.dir
-    with sd.lock("global"):
+    with writer_lock(sd, None):
+        rows, _ = manifest_rows(plan.manifest_path)
+        readers = upstream_readers(plan)
+        key = current_fit_key(rows, readers)
+        summary.selected = 1
+        reuse, note = False, None
         if os.path.exists(sd.result_path):
-            summary.cached = summary.selected = 1
+            stored_key, stored_clips = _stored_fit(sd.result_path)
+            reuse, note = fit_decision(stored_key, stored_clips, key, len(rows), plan.fingerprint, force, reuse_fit)
+        if note:
+            summary.notes.append(note)
+        pinned = os.path.join(sd.path, PINNED)
+        if reuse:
+            summary.cached = 1
+            if note:  # pinned for other clips: status says so
+                atomic_write_text(pinned, json.dumps({"clips": len(rows), "fit_key_now": key, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
         else:
-            rows, _ = manifest_rows(plan.manifest_path)
-            ctx = FitContext(params=plan.params, upstream={a: open_stage(u.path) for a, u in plan.upstream.items()},
-                             clip_ids=[r["clip_id"] for r in rows], rows=rows, device=str(plan.params.get("device", "cpu")), log=log)
+            ctx = FitContext(params=plan.params, upstream=readers, clip_ids=[r["clip_id"] for r in rows], rows=rows,
+                             device=str(plan.params.get("device", "cpu")), log=log)
             arrays = plan.stage.fit(ctx)
             tmp = sd.result_path + f".tmp-{uuid.uuid4().hex[:8]}"
-            write_part_file(tmp, arrays, {"stage": plan.stage.name, "fingerprint": plan.fingerprint, "soundstage_version": __version__})
+            write_part_file(tmp, arrays, {"stage": plan.stage.name, "fingerprint": plan.fingerprint, "soundstage_version": __version__,
+                                          "fit_key": key, "fit_clips": len(rows)})
             commit_file(tmp, sd.result_path)
-            summary.done = summary.selected = 1
+            if os.path.exists(pinned):
+                os.remove(pinned)
+            summary.done = 1
     summary.seconds = time.monotonic() - start
     return summary
+
+
+def _stored_fit(path: str) -> tuple[str | None, int]:
+    try:
+        with h5py.File(path, "r") as h5:
+            return h5.attrs.get("fit_key"), int(h5.attrs.get("fit_clips", -1))
+    except OSError as e:
+        raise OSError(f"{path}: unreadable result ({e}); run `soundstage verify --repair {os.path.dirname(path)}`") from None
 
 
 __all__ = ["Plan", "PlanError", "Summary", "SystemicFailure", "pending_clips", "plan_stage", "run_stage"]

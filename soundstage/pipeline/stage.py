@@ -73,6 +73,10 @@ class Stage:
     upstream: list[Upstream] = field(default_factory=list)
     help: str = ""
     kind: str = "per_clip"  # or "global"
+    # manifest columns ``load`` reads; with the files that ``*_path``/``*_dir`` columns name (size,
+    # mtime) and the upstream clips, they make each clip's input digest: a clip whose digest
+    # changed is recomputed. None (the default): every column, the safe choice for a new stage
+    reads: Sequence[str] | None = None
     # per-clip stages
     load: Callable | None = None
     process: Callable | None = None

@@ -42,6 +42,7 @@ def process(model, items, params):
 
 STAGE = Stage(
     name="audio-stats",
+    reads=("audio_path",),  # manifest columns load uses (their files are digested too)
     version=1,
     help="Sample rate, channels, duration, per-second RMS (dB) and silence flags of each clip.",
     params=[Param("silence_db", float, -60.0, "a second quieter than this (dB RMS, full scale = 0) is silent")],

@@ -109,6 +109,7 @@ def process(model, items, params):
 
 STAGE = Stage(
     name="beats",
+    reads=("audio_path", "num_frames"),  # manifest columns load uses (their files are digested too)
     version=1,
     help="BEATs AudioSet tag probabilities per clip and per second, and per-second embeddings.",
     params=[

@@ -98,6 +98,7 @@ def process(captioner, items, params):
 
 STAGE = Stage(
     name="caption",
+    reads=("frames_dir", "frame_pattern", "num_frames"),  # manifest columns load uses (their files are digested too)
     version=1,
     help="A caption per video frame from an image-to-text model (BLIP by default).",
     params=[

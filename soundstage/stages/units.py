@@ -67,6 +67,7 @@ def process(model, items, params):
 
 STAGE = Stage(
     name="units",
+    reads=("num_frames",),  # manifest columns load uses (their files are digested too)
     version=1,
     help="k-means unit per HuBERT frame, and per video frame (second) the majority, top-k and histogram.",
     upstream=[Upstream("hubert", "hubert"), Upstream("kmeans", "kmeans")],

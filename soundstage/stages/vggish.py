@@ -93,6 +93,7 @@ def process(model, items, params):
 
 STAGE = Stage(
     name="vggish",
+    reads=("audio_path", "num_frames"),  # manifest columns load uses (their files are digested too)
     version=1,
     help="VGGish embeddings (128-d per 0.96 s, torchvggish front end and layout), one row per video frame.",
     params=[

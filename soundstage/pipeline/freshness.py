@@ -1,0 +1,86 @@
+"""Which committed clips still hold: input digests against what is stored.
+
+A clip is reused only when the digest of its inputs now (``soundstage.cache.digest``: the
+manifest cells the stage reads, the size and mtime of the files they name, the upstream clips'
+digests) equals the digest stored with it. Clips stored before digests were recorded have none:
+they are trusted as they are (recomputing a whole cache on upgrade would cost more than it
+protects against; ``--force`` recomputes them) and the summary counts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from soundstage.cache.digest import clip_digest, fit_key, result_checksum
+from soundstage.cache.index import ClipVersion
+from soundstage.cache.reader import open_stage
+
+
+@dataclass
+class Selection:
+    todo: list = field(default_factory=list)  # rows to compute
+    cached: int = 0  # committed with the same inputs (or trusted: no digest)
+    stale: int = 0  # committed, but their inputs changed since
+    undigested: int = 0  # trusted although committed before digests were recorded
+
+
+def upstream_readers(plan) -> dict:
+    """alias -> the upstream output as ``open_stage`` gives it (what ``load``/``fit`` read)."""
+    return {alias: open_stage(sd.path) for alias, sd in plan.upstream.items()}
+
+
+def _upstream_digest(reader, clip_id: str) -> str:
+    if isinstance(reader, dict):  # a whole-dataset result: its content
+        return result_checksum(reader["attrs"])
+    if clip_id not in reader:
+        return "missing"
+    return reader.digest(clip_id) or ""
+
+
+def upstream_digests(readers: dict, clip_id: str) -> dict:
+    return {alias: _upstream_digest(r, clip_id) for alias, r in readers.items()}
+
+
+def clip_digests(plan, rows: list[dict], readers: dict) -> dict[str, str]:
+    """clip id -> digest of its inputs as they are now."""
+    columns = plan.stage.reads
+    return {r["clip_id"]: clip_digest(r, columns, plan.manifest_dir, upstream_digests(readers, r["clip_id"])) for r in rows}
+
+
+def select_work(rows: list[dict], index: dict[str, ClipVersion], digests: dict[str, str], force: bool = False) -> Selection:
+    sel = Selection()
+    for row in rows:
+        have = index.get(row["clip_id"])
+        if have is None or force:
+            sel.todo.append(row)
+        elif have.digest is None:
+            sel.cached += 1
+            sel.undigested += 1
+        elif have.digest != digests[row["clip_id"]]:
+            sel.todo.append(row)
+            sel.stale += 1
+        else:
+            sel.cached += 1
+    return sel
+
+
+def current_fit_key(rows: list[dict], readers: dict) -> str:
+    """The key of a whole-dataset fit over ``rows``: their ids and upstream digests."""
+    return fit_key({r["clip_id"]: upstream_digests(readers, r["clip_id"]) for r in rows})
+
+
+def fit_decision(stored_key: str | None, stored_clips: int, key: str, clips: int, fingerprint: str, force: bool,
+                 reuse_fit: str | None) -> tuple[bool, str | None]:
+    """(reuse the stored fit?, a note for the summary) for a whole-dataset stage with a result."""
+    if force:
+        return False, "refitting: --force"
+    if stored_key == key:
+        return True, None
+    if reuse_fit:
+        if (stored_key or "").startswith(reuse_fit) or fingerprint.startswith(reuse_fit):
+            return True, (f"reusing the fit pinned with --reuse-fit (fitted on {stored_clips if stored_clips >= 0 else 'unknown'} "
+                          f"clips; this manifest has {clips})")
+        raise ValueError(f"--reuse-fit {reuse_fit}: the stored fit has key {stored_key} (output {fingerprint})")
+    why = ("it was fitted before soundstage recorded the clips of a fit" if stored_key is None
+           else f"the clips changed since the fit ({stored_clips} clips, key {stored_key}; now {clips} clips)")
+    return False, f"refitting: {why}; to keep the old fit instead, pass --reuse-fit {stored_key or fingerprint}"
