@@ -31,6 +31,9 @@ RUNNER_OPTIONS = {
     "max_consecutive_errors": dict(type=int, default=20, show_default=True,
                                    help="stop when this many clips in a row fail with errors that are not about their "
                                    "input (a broken model or GPU, not a bad clip); 0: never stop"),
+    "force": dict(is_flag=True, help="recompute every selected clip (or refit), even those cached with the same inputs"),
+    "reuse_fit": dict(type=str, help="whole-dataset stage: keep the stored fit with this fit key or fingerprint "
+                      "(prefix) although the manifest's clips changed since it was fitted"),
     "fingerprint": dict(type=str, help="the output planned when the run was submitted (array tasks): its stage.json "
                         "is checked against these options instead of hashing the models again"),
     "allow_failed_clips": dict(is_flag=True, help="exit 0 when every clip was tried and the only problems are "
@@ -146,7 +149,8 @@ def invoke_stage(stage: Stage, values: dict, is_default) -> int:
     summary = run_local(stage, manifest, cache, params, upstream_select,
                         shard=values["shard"], jobs=values["shards"] or values["jobs"], workers=values["workers"],
                         batch_size=values["batch_size"], commit_every=values["commit_every"], progress=values["progress"],
-                        fingerprint=values["fingerprint"], max_consecutive_errors=values["max_consecutive_errors"])
+                        fingerprint=values["fingerprint"], max_consecutive_errors=values["max_consecutive_errors"],
+                        force=values["force"], reuse_fit=values["reuse_fit"])
     click.echo(summary.format())
     if values["allow_failed_clips"] and not summary.interrupted:
         return 0
