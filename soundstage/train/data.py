@@ -197,18 +197,21 @@ class AVSClips(torch.utils.data.Dataset):
         return cue + rng.standard_normal(cue.shape).astype(np.float32) * np.float32(np.sqrt(noise_power))
 
     def _active_weights(self, cue: np.ndarray, clip_id: str) -> np.ndarray:
-        """Query ids ``[T, k]`` (-1 = none) -> multi-hot ``[T, Q]``; float weights pass through."""
-        if np.issubdtype(cue.dtype, np.floating):
-            return cue
-        num_queries = self.num_queries
-        if cue.max(initial=-1) >= num_queries:
-            raise CueError(f"clip {clip_id}: active query id {int(cue.max())} is outside the model's "
-                           f"{num_queries} queries (ids must lie in [0, {num_queries}))")
-        ids = cue.reshape(len(cue), -1)
-        weights = np.zeros((len(cue), num_queries), dtype=np.float32)
-        rows, cols = np.nonzero(ids >= 0)
-        weights[rows, ids[rows, cols]] = 1.0
-        return weights
+        return active_weights(cue, clip_id, self.num_queries)
+
+
+def active_weights(cue: np.ndarray, clip_id: str, num_queries: int) -> np.ndarray:
+    """Query ids ``[T, k]`` (-1 = none) -> multi-hot ``[T, Q]``; float weights pass through."""
+    if np.issubdtype(cue.dtype, np.floating):
+        return cue
+    if cue.max(initial=-1) >= num_queries:
+        raise CueError(f"clip {clip_id}: active query id {int(cue.max())} is outside the model's "
+                       f"{num_queries} queries (ids must lie in [0, {num_queries}))")
+    ids = cue.reshape(len(cue), -1)
+    weights = np.zeros((len(cue), num_queries), dtype=np.float32)
+    rows, cols = np.nonzero(ids >= 0)
+    weights[rows, ids[rows, cols]] = 1.0
+    return weights
 
 
 def collate_frames(items: list[dict]) -> dict:
