@@ -11,7 +11,8 @@ Per-clip stage (the common case)::
         params=[Param("silence_db", float, -60.0, "RMS below this (dB) counts as silent")],
         fields=[Field("rms_db", "float32", (None,)), Field("sample_rate", "int32", ())],
         load=load_clip,          # (row: dict, ctx: LoadContext) -> item       (worker process)
-        process=compute,         # (model, items: list, params: dict) -> list[dict]  (main process)
+        process=compute,         # (model, items: list, params: dict) -> list[dict]  (main process);
+                                 # default: the items as they are (all work done in load)
         setup=None,              # (params: dict) -> model, once per run (device is a param)
         batch_key=None,          # (item) -> hashable; only items with equal keys share a batch
     )
@@ -99,8 +100,10 @@ class Stage:
     def __post_init__(self):
         if self.kind not in ("per_clip", "global"):
             raise ValueError(f"stage {self.name}: kind must be 'per_clip' or 'global'")
-        if self.kind == "per_clip" and (self.load is None or self.process is None):
-            raise ValueError(f"stage {self.name}: a per-clip stage needs load and process")
+        if self.kind == "per_clip" and self.load is None:
+            raise ValueError(f"stage {self.name}: a per-clip stage needs load")
+        if self.kind == "per_clip" and self.process is None:
+            self.process = items_as_results
         if self.kind == "global" and self.fit is None:
             raise ValueError(f"stage {self.name}: a global stage needs fit")
         names = [p.name for p in self.params]
@@ -113,14 +116,13 @@ class Stage:
                 return p
         raise KeyError(f"stage {self.name} has no parameter {name!r}")
 
-    def field(self, name: str) -> Field:
-        for f in self.fields:
-            if f.name == name:
-                return f
-        raise KeyError(f"stage {self.name} has no field {name!r}")
-
     def defaults(self) -> dict:
         return {p.name: p.default for p in self.params}
+
+
+def items_as_results(model, items: list, params: dict) -> list:
+    """The default ``process``: what ``load`` returned is what is stored."""
+    return items
 
 
 @dataclass

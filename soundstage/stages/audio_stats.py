@@ -36,10 +36,6 @@ def load(row, ctx):
     }
 
 
-def process(model, items, params):
-    return items  # all the work is decoding, done in the workers
-
-
 STAGE = Stage(
     name="audio-stats",
     reads=("audio_path",),  # manifest columns load uses (their files are digested too)
@@ -53,7 +49,6 @@ STAGE = Stage(
         Field("rms_db", "float32", (None,), "RMS per second at 16 kHz mono (dB full scale)"),
         Field("silent", "bool", (None,), "rms_db < silence_db per second"),
     ],
-    load=load,
-    process=process,
+    load=load,  # all the work is decoding, done in the workers; what load returns is stored
     default_batch_size=64,
 )
