@@ -269,7 +269,10 @@ def demo(out_dir, clips, seed, executor, shards):
     out_dir = os.path.abspath(out_dir)
     click.echo(STAND_IN_WARNING)
     stages = available_stages()
-    manifest = prepare_dataset(os.path.join(out_dir, "data"), clips, seed)
+    try:
+        manifest = prepare_dataset(os.path.join(out_dir, "data"), clips, seed)
+    except (FileExistsError, NotADirectoryError) as e:  # --out names a folder the demo did not make
+        raise click.ClickException(f"--out {out_dir}: {e}") from None
     models = prepare_models(os.path.join(out_dir, "models"), seed)
     pipeline_path = os.path.join(out_dir, "pipeline.yaml")
     write_pipeline_file(pipeline_path, pipeline_text(out_dir, models, stages))

@@ -7,6 +7,7 @@ paths, frames, labels of AVSBench) is ``soundstage.manifests``' business, which 
 
 from __future__ import annotations
 
+import io
 import os
 
 import pandas as pd
@@ -18,15 +19,31 @@ class ManifestError(ValueError):
     """A manifest that cannot be used at all (missing file, missing columns)."""
 
 
-def read_manifest(path: str) -> pd.DataFrame:
-    """The manifest at ``path`` with every column as string (empty cells as "")."""
+def read_manifest(path: str, columns: tuple[str, ...] = (), needed_by: str = "") -> pd.DataFrame:
+    """The manifest at ``path`` with every column as string (empty cells as "").
+
+    ``columns``: further columns that must be there (those a stage reads, ``needed_by`` it); a
+    manifest without them is one error, not a failure per clip."""
     if not os.path.exists(path):
         raise ManifestError(f"manifest {path} does not exist")
     if str(path).endswith(".parquet"):
         df = pd.read_parquet(path)
     else:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+        df = pd.read_csv(io.StringIO(_utf8_text(path)), dtype=str, keep_default_na=False)
+    missing = [c for c in (*REQUIRED_COLUMNS, *columns) if c not in df.columns]
     if missing:
-        raise ManifestError(f"manifest {path} lacks column(s) {', '.join(missing)}")
+        by = f", which {needed_by} reads" if needed_by else ""
+        raise ManifestError(f"manifest {path} lacks column(s) {', '.join(missing)}{by}")
     return df.fillna("").astype(str)
+
+
+def _utf8_text(path: str) -> str:
+    """The file decoded as UTF-8; other bytes are an error naming the row (line 1 is the header)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        row = raw[: e.start].count(b"\n") + 1
+        raise ManifestError(f"manifest {path}: row {row} is not UTF-8 (byte 0x{raw[e.start]:02x}); "
+                            "re-save the file as UTF-8") from None

@@ -33,6 +33,25 @@ PATH_COLUMNS = ("audio_path", "frames_dir", "labels_rgb_dir", "labels_semantic_d
 LABEL_KINDS = {"rgb": "labels_rgb_dir", "semantic": "labels_semantic_dir", "binary": "labels_binary_dir"}
 
 
+def frame_count(row: dict) -> int | None:
+    """The clip's ``num_frames`` (video frames, one per second), or None where the cell is empty.
+
+    Anything but a whole number >= 0 is a mistake in the manifest: ``ClipError`` naming the value,
+    so the clip is recorded as failed for that reason (never read as 0 or as the audio's length)."""
+    from soundstage.pipeline.stage import ClipError
+
+    value = str(row.get("num_frames", "") or "").strip()
+    if not value:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not (number >= 0 and number.is_integer()):
+        raise ClipError(f"bad manifest value num_frames={value!r}: not a whole number of video frames >= 0")
+    return int(number)
+
+
 def write_manifest(df: pd.DataFrame, path: str) -> None:
     """Write atomically (temp file + rename) so a killed run never leaves half a manifest."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -23,12 +23,12 @@ RUNNER_OPTIONS = {
     "cache": dict(type=click.Path(file_okay=False), envvar="SOUNDSTAGE_CACHE", default="cache", show_default=True, help="cache root"),
     "config": dict(type=click.Path(exists=True, dir_okay=False), help="pipeline YAML: manifest, cache and stage parameters (options override it)"),
     "shard": dict(type=str, help="run shard INDEX/COUNT only (default: from SLURM_ARRAY_TASK_ID, else all)"),
-    "jobs": dict(type=int, default=1, show_default=True, help="run this many local shards in parallel processes"),
-    "workers": dict(type=int, default=min(4, os.cpu_count() or 1), show_default=True, help="decoding worker processes per shard (0: decode inline)"),
-    "batch_size": dict(type=int, help="clips per model call (default: the stage's)"),
-    "commit_every": dict(type=int, default=256, show_default=True, help="clips per committed part file"),
+    "jobs": dict(type=click.IntRange(min=1), default=1, show_default=True, help="run this many local shards in parallel processes"),
+    "workers": dict(type=click.IntRange(min=0), default=min(4, os.cpu_count() or 1), show_default=True, help="decoding worker processes per shard (0: decode inline)"),
+    "batch_size": dict(type=click.IntRange(min=1), help="clips per model call (default: the stage's)"),
+    "commit_every": dict(type=click.IntRange(min=1), default=256, show_default=True, help="clips per committed part file"),
     "progress": dict(default=True, show_default=True, help="show a progress bar"),
-    "max_consecutive_errors": dict(type=int, default=20, show_default=True,
+    "max_consecutive_errors": dict(type=click.IntRange(min=0), default=20, show_default=True,
                                    help="stop when this many clips in a row fail with errors that are not about their "
                                    "input (a broken model or GPU, not a bad clip); 0: never stop"),
     "force": dict(is_flag=True, help="recompute every selected clip (or refit), even those cached with the same inputs"),
@@ -44,7 +44,7 @@ RUNNER_OPTIONS = {
 # Options that say where and how to run, passed to the executors rather than the runner.
 EXECUTOR_OPTIONS = {
     "executor": dict(type=click.Choice(["local", "slurm"]), default="local", show_default=True, help="where shards run"),
-    "shards": dict(type=int, help="number of shards (SLURM array tasks, or local processes)"),
+    "shards": dict(type=click.IntRange(min=1), help="number of shards (SLURM array tasks, or local processes)"),
     "wait": dict(is_flag=True, help="block until submitted jobs finish, then print the summary"),
     "dry_run": dict(is_flag=True, help="print the sbatch scripts without submitting"),
     "partition": dict(type=str, help="SLURM partition"),
@@ -52,7 +52,7 @@ EXECUTOR_OPTIONS = {
     "mem": dict(type=str, help="SLURM memory per task, e.g. 32G"),
     "cpus": dict(type=int, help="CPUs per task"),
     "gpus": dict(type=int, help="GPUs per task"),
-    "max_parallel": dict(type=int, help="at most this many array tasks at once (%P)"),
+    "max_parallel": dict(type=click.IntRange(min=1), help="at most this many array tasks at once (%P)"),
 }
 
 RESERVED = set(RUNNER_OPTIONS) | set(EXECUTOR_OPTIONS)

@@ -12,7 +12,6 @@ from soundstage.cache.schema import field_schema
 from soundstage.pipeline.identity import canonical_json, stable_hash
 from soundstage.pipeline.stage import Stage
 
-
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -26,6 +25,23 @@ def parse_bool(value, what: str) -> bool:
     return bool(value)
 
 
+_TYPE_NAMES = {int: "a whole number", float: "a number", str: "a string"}
+
+
+def coerce_value(kind: type, value, what: str):
+    """``value`` as ``kind`` (int, float or str); a value that is not one is named in the error."""
+    if kind is int and isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise ValueError(f"{what}: {value!r} is not {_TYPE_NAMES[kind]}")
+    if kind in (int, float) and isinstance(value, bool):  # yaml's `yes` is not a count
+        raise ValueError(f"{what}: {value!r} is not {_TYPE_NAMES[kind]}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: {value!r} is not {_TYPE_NAMES[kind]}") from None
+
+
 def normalise_params(stage: Stage, params: dict) -> dict:
     """Every declared parameter, defaults filled in, values coerced to the declared type."""
     unknown = set(params) - {p.name for p in stage.params}
@@ -37,7 +53,7 @@ def normalise_params(stage: Stage, params: dict) -> dict:
         if value is not None and p.type is bool and not p.multiple:
             value = parse_bool(value, f"stage {stage.name}: parameter {p.name}")
         elif value is not None and p.type in (int, float, str) and not p.multiple:
-            value = p.type(value)
+            value = coerce_value(p.type, value, f"stage {stage.name}: parameter {p.name}")
         if p.multiple and value is not None:
             value = list(value)
         out[p.name] = value

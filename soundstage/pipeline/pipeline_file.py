@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import click
 
+from soundstage.pipeline.fingerprint import coerce_value
 from soundstage.pipeline.registry import STAGE_MODULES, get_stage
 
 TOP_LEVEL_KEYS = {"manifest", "cache", "executor", "shards", "resources", "stages"}
@@ -114,6 +115,8 @@ def _stage_params(name: str, entry: dict, base: str) -> dict:
         except KeyError:
             known = ", ".join(p.name for p in stage.params) or "none"
             raise PipelineError(f"stage {name}: no parameter {key!r} (parameters: {known})") from None
+        if value is not None and param.type in (int, float) and not param.multiple:  # named here, with the file
+            value = coerce_value(param.type, value, f"stage {name}: parameter {key}")
         params[key] = _local_path(base, value) if param.type is str and not param.choices else value
     return params
 
@@ -121,8 +124,16 @@ def _stage_params(name: str, entry: dict, base: str) -> dict:
 def load_pipeline(path: str) -> Pipeline:
     import yaml
 
-    with open(path, encoding="utf-8") as f:
-        doc = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f) or {}
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:  # one line: where, and what the parser expected
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise PipelineError(f"{path}:{where}: not valid YAML ({problem})") from None
     if not isinstance(doc, dict):
         raise PipelineError(f"{path}: expected a mapping with manifest, cache and stages")
     unknown = set(doc) - TOP_LEVEL_KEYS
@@ -137,10 +148,15 @@ def load_pipeline(path: str) -> Pipeline:
     for name, entry in (doc.get("stages") or {}).items():
         if name not in STAGE_MODULES:
             raise PipelineError(f"{path}: unknown stage {name!r}; known: {', '.join(STAGE_MODULES)}")
+        if not isinstance(entry, (dict, type(None))):
+            raise PipelineError(f"{path}: stage {name}: expected a mapping of parameters, got {entry!r}")
         entry = dict(entry or {})
         resources[name] = {**(doc.get("resources") or {}), **(entry.pop("resources", None) or {})}
         shards[name] = entry.pop("shards", doc.get("shards"))
-        stages[name] = _stage_params(name, entry, base)
+        try:
+            stages[name] = _stage_params(name, entry, base)
+        except ValueError as e:
+            raise PipelineError(f"{path}: {e}") from None
         declared.append(name)
     for name in STAGE_MODULES:  # stages the file does not name still get the file's defaults
         resources.setdefault(name, dict(doc.get("resources") or {}))
@@ -153,9 +169,9 @@ def load_pipeline(path: str) -> Pipeline:
 @click.argument("pipeline_file", type=click.Path(exists=True, dir_okay=False))
 @click.argument("stage_names", nargs=-1, metavar="[STAGE]...")
 @click.option("--executor", type=click.Choice(["local", "slurm"]), help="where shards run (default: the file's, else local)")
-@click.option("--shards", type=int, help="shards of every per-clip stage (overrides the file)")
-@click.option("--jobs", type=int, default=1, show_default=True, help="local: run this many shards in parallel processes")
-@click.option("--workers", type=int, help="decoding worker processes per shard")
+@click.option("--shards", type=click.IntRange(min=1), help="shards of every per-clip stage (overrides the file)")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="local: run this many shards in parallel processes")
+@click.option("--workers", type=click.IntRange(min=0), help="decoding worker processes per shard")
 @click.option("--wait", is_flag=True, help="slurm: block until the jobs finish, then print the summary")
 @click.option("--dry-run", is_flag=True, help="print what would run (the sbatch scripts for slurm) without running it")
 def run(pipeline_file, stage_names, executor, shards, jobs, workers, wait, dry_run):
@@ -166,6 +182,6 @@ def run(pipeline_file, stage_names, executor, shards, jobs, workers, wait, dry_r
         pipe = load_pipeline(pipeline_file)
         code = run_pipeline(pipe, list(stage_names) or None, executor=executor or pipe.executor or "local", shards=shards,
                             jobs=jobs, workers=workers, wait=wait, dry_run=dry_run)
-    except (PipelineError, RuntimeError, OSError, KeyError) as e:
+    except (ValueError, RuntimeError, OSError, KeyError) as e:  # PipelineError and ManifestError are ValueErrors
         raise click.ClickException(str(e)) from None
     click.get_current_context().exit(code)

@@ -154,9 +154,10 @@ def plan_stage(stage: Stage, manifest_path: str, cache_root: str, params: dict, 
                 manifest_path)
 
 
-def manifest_rows(manifest_path: str) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Usable rows (unique, non-empty clip ids) and (clip_id, cause) for rows that are not."""
-    df = read_manifest(manifest_path)
+def manifest_rows(manifest_path: str, stage: Stage | None = None) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Usable rows (unique, non-empty clip ids) and (clip_id, cause) for rows that are not.
+    With ``stage``, a manifest lacking one of its ``required_columns`` raises ``ManifestError``."""
+    df = read_manifest(manifest_path, tuple(stage.required_columns), stage.name) if stage else read_manifest(manifest_path)
     rows, bad, seen = [], [], set()
     for number, row in enumerate(df.to_dict("records"), start=2):  # line 1 is the header
         cid = row["clip_id"].strip()
@@ -351,7 +352,7 @@ def run_stage(
         plan.dir.initialise(plan.meta)
         return _run_global(plan, summary, start, log, force, reuse_fit)
 
-    rows, bad_rows = manifest_rows(manifest_path)
+    rows, bad_rows = manifest_rows(manifest_path, stage)
     mine = select_shard(rows, *shard)
     summary.selected = len(mine)
     # a first attempt validates its parameters and loads the model before the output exists,

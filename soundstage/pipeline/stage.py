@@ -74,6 +74,9 @@ class Stage:
     upstream: list[Upstream] = field(default_factory=list)
     help: str = ""
     kind: str = "per_clip"  # or "global"
+    # manifest columns without which no clip can be done (e.g. audio_path): a manifest lacking one
+    # is refused as a whole, before any work, instead of failing every clip
+    required_columns: Sequence[str] = ()
     # manifest columns ``load`` reads; with the files that ``*_path``/``*_dir`` columns name (size,
     # mtime) and the upstream clips, they make each clip's input digest: a clip whose digest
     # changed is recomputed. None (the default): every column, the safe choice for a new stage

@@ -39,6 +39,7 @@ def load(row, ctx):
 STAGE = Stage(
     name="audio-stats",
     reads=("audio_path",),  # manifest columns load uses (their files are digested too)
+    required_columns=("audio_path",),
     version=1,
     help="Sample rate, channels, duration, per-second RMS (dB) and silence flags of each clip.",
     params=[Param("silence_db", float, -60.0, "a second quieter than this (dB RMS, full scale = 0) is silent")],

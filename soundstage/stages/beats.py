@@ -25,7 +25,7 @@ import torch
 
 from soundstage.audio import TARGET_SR, load_audio
 from soundstage.models.device import device_param, dtype_param, resolve_device, torch_dtype
-from soundstage.manifests.table import resolve_path
+from soundstage.manifests.table import frame_count, resolve_path
 from soundstage.models.beats import BEATs, min_samples
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.stage import ClipError, Field, Param, Stage
@@ -35,9 +35,9 @@ SECOND = TARGET_SR  # samples per window
 
 def second_count(row: dict, num_samples: int) -> int:
     """Seconds (= video frames) the clip covers: ``num_frames`` if given, else from the audio."""
-    value = str(row.get("num_frames", "")).strip()
-    if value:
-        return int(value)
+    frames = frame_count(row)
+    if frames is not None:
+        return frames
     full, rest = divmod(num_samples, SECOND)
     return full + (1 if rest >= min_samples() else 0)
 
@@ -110,6 +110,7 @@ def process(model, items, params):
 STAGE = Stage(
     name="beats",
     reads=("audio_path", "num_frames"),  # manifest columns load uses (their files are digested too)
+    required_columns=("audio_path",),
     version=1,
     help="BEATs AudioSet tag probabilities per clip and per second, and per-second embeddings.",
     params=[

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from soundstage.models.device import device_param, dtype_param, resolve_device, torch_dtype
-from soundstage.manifests.table import resolve_path
+from soundstage.manifests.table import frame_count, resolve_path
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.stage import ClipError, Field, Param, Stage
 
@@ -25,7 +25,7 @@ def frame_paths(row: dict, manifest_dir: str) -> list[str]:
     """Every frame of the clip: ``frames_dir`` + ``frame_pattern`` (``{i}`` 0-based, ``{i1}`` 1-based)."""
     frames_dir = resolve_path(row["frames_dir"], manifest_dir)
     pattern = row.get("frame_pattern") or "{i}.jpg"  # the unified AVSBench layout by default
-    return [os.path.join(frames_dir, pattern.format(i=i, i1=i + 1)) for i in range(int(row["num_frames"]))]
+    return [os.path.join(frames_dir, pattern.format(i=i, i1=i + 1)) for i in range(frame_count(row) or 0)]
 
 
 def load(row, ctx):
@@ -99,6 +99,7 @@ def process(captioner, items, params):
 STAGE = Stage(
     name="caption",
     reads=("frames_dir", "frame_pattern", "num_frames"),  # manifest columns load uses (their files are digested too)
+    required_columns=("frames_dir", "num_frames"),
     version=1,
     help="A caption per video frame from an image-to-text model (BLIP by default).",
     params=[

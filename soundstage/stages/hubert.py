@@ -42,6 +42,7 @@ def process(extractor, waves, params):
 STAGE = Stage(
     name="hubert",
     reads=("audio_path",),  # manifest columns load uses (their files are digested too)
+    required_columns=("audio_path",),
     version=1,
     help="HuBERT features of one transformer layer per clip (fairseq dump_hubert_feature semantics).",
     params=[

@@ -136,7 +136,11 @@ def load_centroids(path: str, trust_pickle: bool = False) -> np.ndarray:
                 f"{path} is a pickle (joblib); it is read only with --trust-pickle. Or convert it once: "
                 "np.save('centroids.npy', joblib.load(path).cluster_centers_)"
             )
-        centroids = getattr(_load_joblib_restricted(path), "cluster_centers_", None)
+        try:
+            model = _load_joblib_restricted(path)
+        except pickle.UnpicklingError as e:  # refused by design: the user's file, not a bug
+            raise ValueError(f"{path}: {e}") from None
+        centroids = getattr(model, "cluster_centers_", None)
         if centroids is None:
             raise ValueError(f"{path}: the pickled k-means model has no cluster_centers_")
     centroids = np.asarray(centroids, dtype=np.float32)

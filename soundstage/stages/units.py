@@ -20,6 +20,7 @@ import os
 import click
 import numpy as np
 
+from soundstage.manifests.table import frame_count
 from soundstage.pipeline.stage import Field, Param, Stage, Upstream
 from soundstage.stages.kmeans import nearest_centroid
 
@@ -46,11 +47,8 @@ def per_second(units: np.ndarray, num_units: int, seconds: int, top_k: int) -> d
 
 
 def video_seconds(row: dict, num_audio_frames: int) -> int:
-    try:
-        frames = int(float(row.get("num_frames") or 0))
-    except ValueError:
-        frames = 0
-    return frames if frames > 0 else max(1, math.ceil(num_audio_frames / FRAMES_PER_SECOND))
+    frames = frame_count(row)
+    return frames if frames else max(1, math.ceil(num_audio_frames / FRAMES_PER_SECOND))
 
 
 def load(row, ctx):
@@ -118,9 +116,16 @@ def export_km(units_dir: str, km_path: str, ids_path: str | None = None, clip_id
 def km_command(manifest, cache, selector, km_path, ids_path):
     """Units in fairseq's .km format (one line of unit ids per clip) plus the clip id list."""
     from soundstage.manifests.table import read_manifest
-    from soundstage.pipeline.resolve import choose
+    from soundstage.pipeline.resolve import UpstreamError, choose
 
-    stage_dir = choose(cache, STAGE, selector).path
-    clip_ids = list(read_manifest(manifest)["clip_id"]) if manifest else None
-    n = export_km(stage_dir, km_path, ids_path, clip_ids)
+    for option, path in (("--out", km_path), ("--ids", ids_path)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise click.ClickException(f"{option} {path}: folder {folder} does not exist")
+    try:
+        stage_dir = choose(cache, STAGE, selector, log=lambda m: click.echo(m, err=True)).path
+        clip_ids = list(read_manifest(manifest)["clip_id"]) if manifest else None
+        n = export_km(stage_dir, km_path, ids_path, clip_ids)
+    except (UpstreamError, KeyError, ValueError, OSError) as e:
+        raise click.ClickException(str(e).strip("'\"")) from None
     click.echo(f"wrote {n} clips to {km_path}")

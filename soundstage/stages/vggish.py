@@ -22,7 +22,7 @@ audio" cue) with a model from ``setup``.
 import numpy as np
 
 from soundstage.audio import TARGET_SR, load_audio, resample
-from soundstage.manifests.table import resolve_path
+from soundstage.manifests.table import frame_count, resolve_path
 from soundstage.models import vggish
 from soundstage.models.device import device_param, resolve_device
 from soundstage.pipeline.identity import model_identity
@@ -33,8 +33,8 @@ PAD_CHOICES = ("repeat-last", "zero")
 
 def row_count(row: dict, raw: int) -> int:
     """Rows the clip gets: ``num_frames`` when the manifest has it, else the examples the audio gave."""
-    value = str(row.get("num_frames", "") or "").strip()
-    return int(float(value)) if value else raw
+    frames = frame_count(row)
+    return raw if frames is None else frames
 
 
 def fit_rows(embeddings: np.ndarray, rows: int, pad: str) -> np.ndarray:
@@ -94,6 +94,7 @@ def process(model, items, params):
 STAGE = Stage(
     name="vggish",
     reads=("audio_path", "num_frames"),  # manifest columns load uses (their files are digested too)
+    required_columns=("audio_path",),
     version=1,
     help="VGGish embeddings (128-d per 0.96 s, torchvggish front end and layout), one row per video frame.",
     params=[
