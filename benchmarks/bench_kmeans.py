@@ -53,10 +53,10 @@ def main():
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(args.threads)
 
-    from soundstage.stages.kmeans import FAISS_SETTINGS, fit_kmeans, inertia_per_frame
-
     import faiss
     import sklearn
+
+    from soundstage.stages.kmeans import FAISS_SETTINGS, fit_kmeans, inertia_per_frame
 
     x = synthetic_frames(args.frames, args.dim, args.sources, args.seed)
     print(f"# {args.frames} synthetic frames x {args.dim} ({args.sources} Gaussian sources); "

@@ -6,7 +6,6 @@ soundfile decodes (wav, flac, ogg, ...); scipy's polyphase filter resamples (no 
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass
 from fractions import Fraction
 

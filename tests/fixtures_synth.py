@@ -17,7 +17,6 @@ from PIL import Image
 
 from soundstage.manifests.synth import TEST_CLIPS, make_synthetic_dataset
 
-
 _GENERATED: dict[str, str] = {}  # one dataset per session even when several modules import the fixture
 
 

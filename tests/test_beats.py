@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from soundstage.models.beats import AUDIOSET_CLASS_LIST as CLASS_LIST
 from soundstage.models.beats import BEATs, downsample_padding_mask, min_samples, tiny_config
 from soundstage.models.fbank import beats_fbank
-from soundstage.models.beats import AUDIOSET_CLASS_LIST as CLASS_LIST
 
 torch.set_num_threads(1)
 
@@ -259,7 +259,7 @@ def test_pretrained_checkpoint_gives_patch_features(tmp_path):
     assert feats.shape == (2, (frames // 16) * 8, 64) and mask is None
     torch.testing.assert_close(feats, ref, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="label_dict"):
-        model.class_mids
+        _ = model.class_mids
 
 
 def test_too_short_input_is_an_error(finetuned):

@@ -27,10 +27,12 @@ def _length(model, items, params):
 
 #: a stage with a model file in its key (its content hash), and a boolean parameter
 TOY_MODEL = Stage(
-    name="toy-model", version=1,
+    name="toy-model",
+    version=1,
     params=[Param("model", str, None, identity=model_identity), Param("flag", bool, True)],
     fields=[Field("n", "int32", ())],
-    load=lambda row, ctx: row["clip_id"], process=_length,
+    load=lambda row, ctx: row["clip_id"],
+    process=_length,
 )
 
 
@@ -71,8 +73,9 @@ def test_array_task_writes_to_the_planned_fingerprint_without_rehashing(toy, mon
     assert len(plan.dir.committed_ids()) == 6
 
     # a task whose options differ from the plan is refused with one line, not run elsewhere
-    other = stage_cli_args(stage, {"model": model, "flag": False}, manifest, cache, {}, {"workers": 0},
-                           fingerprint=plan.fingerprint)
+    other = stage_cli_args(
+        stage, {"model": model, "flag": False}, manifest, cache, {}, {"workers": 0}, fingerprint=plan.fingerprint
+    )
     result = _cli(["toy-model", *other, "--shard", "0/2"])
     assert result.exit_code == 1
     assert "planned with other parameters: flag=True there, False here" in result.output
@@ -82,8 +85,22 @@ def test_slurm_scripts_carry_the_planned_fingerprint(toy):
     from soundstage.stages import get_stage
 
     manifest, cache, model = toy
-    result = _cli(["toy-model", "--manifest", manifest, "--cache", cache, "--model", model,
-                   "--executor", "slurm", "--shards", "2", "--dry-run"])
+    result = _cli(
+        [
+            "toy-model",
+            "--manifest",
+            manifest,
+            "--cache",
+            cache,
+            "--model",
+            model,
+            "--executor",
+            "slurm",
+            "--shards",
+            "2",
+            "--dry-run",
+        ]
+    )
     assert result.exit_code == 0, result.output
     planned = plan_stage(get_stage("toy-model"), manifest, cache, {"model": model}, log=lambda *_: None)
     handed = {line.split("--fingerprint ")[1].split()[0] for line in result.output.splitlines() if "--fingerprint " in line}

@@ -79,7 +79,7 @@ def test_demo_computes_every_stage_for_every_clip(first_run):
 def test_demo_pipeline_file_names_the_tiny_models_and_the_real_ones(first_run):
     out_dir, _ = first_run
     text = (out_dir / "pipeline.yaml").read_text()
-    for name, (_build, file_name, real) in tiny.TINY_MODELS.items():
+    for _name, (_build, file_name, real) in tiny.TINY_MODELS.items():
         line = next(line for line in text.splitlines() if f"models/{file_name}" in line)
         assert f"# real: {real}" in line, line
 

@@ -18,8 +18,8 @@ from click.testing import CliRunner
 
 from soundstage.cache import StageDir, open_stage
 from soundstage.cache.dataset import CachedClips
-from soundstage.cache.maintenance import compact_stage, verify_stage
 from soundstage.cache.locks import ShardCountConflict
+from soundstage.cache.maintenance import compact_stage, verify_stage
 from soundstage.cache.store import ShardLocked
 from soundstage.cli import main
 from soundstage.pipeline.cli import stage_command

@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from soundstage.stages.kmeans import (SKLEARN_FAIRSEQ_SETTINGS, fit_kmeans, inertia_per_frame, load_centroids,
-                                      nearest_centroid, sample_clip_ids)
-from soundstage.stages.units import export_km, per_second
+from soundstage.stages.kmeans import (
+    SKLEARN_FAIRSEQ_SETTINGS,
+    fit_kmeans,
+    inertia_per_frame,
+    load_centroids,
+    nearest_centroid,
+    sample_clip_ids,
+)
+from soundstage.stages.units import per_second
 
 torch.set_num_threads(1)
 

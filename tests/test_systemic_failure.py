@@ -23,10 +23,21 @@ def _bad_input(row, ctx):
     raise ClipError(f"unreadable input of {row['clip_id']}")
 
 
-BROKEN = Stage(name="toy-broken", version=1, fields=[Field("n", "int32", ())],
-               load=lambda row, ctx: row["clip_id"], process=_broken_model, default_batch_size=2)
-BAD_INPUTS = Stage(name="toy-bad-inputs", version=1, fields=[Field("n", "int32", ())],
-                   load=_bad_input, process=lambda model, items, params: items)
+BROKEN = Stage(
+    name="toy-broken",
+    version=1,
+    fields=[Field("n", "int32", ())],
+    load=lambda row, ctx: row["clip_id"],
+    process=_broken_model,
+    default_batch_size=2,
+)
+BAD_INPUTS = Stage(
+    name="toy-bad-inputs",
+    version=1,
+    fields=[Field("n", "int32", ())],
+    load=_bad_input,
+    process=lambda model, items, params: items,
+)
 
 
 @pytest.fixture
@@ -43,8 +54,11 @@ def manifest(tmp_path):
 def _run(stage_name, manifest, cache, *extra):
     from soundstage.cli import main
 
-    return CliRunner().invoke(main, [stage_name, "--manifest", manifest, "--cache", cache, "--workers", "0",
-                                     "--no-progress", "--allow-failed-clips", *extra], catch_exceptions=False)
+    return CliRunner().invoke(
+        main,
+        [stage_name, "--manifest", manifest, "--cache", cache, "--workers", "0", "--no-progress", "--allow-failed-clips", *extra],
+        catch_exceptions=False,
+    )
 
 
 def test_a_broken_model_stops_the_run_with_one_message(manifest, tmp_path):

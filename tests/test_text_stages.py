@@ -14,10 +14,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from _text_models import build_blip, build_chat_lm, build_clip, build_roberta
 from click.testing import CliRunner
 from PIL import Image
 
-from _text_models import build_blip, build_chat_lm, build_clip, build_roberta
 from soundstage.cache import open_stage
 from soundstage.llm.parse import parse_answer
 from soundstage.llm.prompt import load_template

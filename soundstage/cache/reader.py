@@ -102,7 +102,7 @@ class StageReader(Mapping):
         if self._checked[p]:
             raise CorruptPart(f"{self.parts[p]}: {'; '.join(self._checked[p][:3])}; {repair_hint(self.parts[p])}")
 
-    def _open(self, p: int) -> "_OpenPart":
+    def _open(self, p: int) -> _OpenPart:
         if os.getpid() != self._pid:  # forked: never use the parent's handles
             self._open_parts = OrderedDict()
             self._pid = os.getpid()

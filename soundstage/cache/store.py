@@ -183,7 +183,7 @@ class StageDir:
         self.path = os.path.abspath(path)
 
     @classmethod
-    def at(cls, cache_root: str, stage: str, fingerprint: str) -> "StageDir":
+    def at(cls, cache_root: str, stage: str, fingerprint: str) -> StageDir:
         return cls(os.path.join(cache_root, stage, fingerprint))
 
     # -- paths
@@ -312,7 +312,7 @@ class StageDir:
         return out
 
     # -- locks
-    def lock(self, name: str) -> "ShardLock":
+    def lock(self, name: str) -> ShardLock:
         return ShardLock(os.path.join(self.locks_dir, f"{name}.lock"))
 
 

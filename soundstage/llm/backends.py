@@ -148,7 +148,7 @@ class OpenAIChatEndpoint:
             if e.code >= 500 or e.code in (408, 429):
                 raise _Retryable(f"HTTP {e.code}: {detail}", _seconds(e.headers.get("Retry-After"))) from None
             raise ValueError(f"HTTP {e.code}: {detail}") from None
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise _Retryable(f"timed out after {self.timeout:g} s") from None
         except urllib.error.URLError as e:
             if isinstance(e.reason, (TimeoutError, socket.timeout)):

@@ -219,7 +219,7 @@ class Vocabulary:
         self.by_key = {normalise_name(n.replace("-", " ")): n for n in names if n != "background"}
 
     @classmethod
-    def from_label2idx(cls, path: str) -> "Vocabulary":
+    def from_label2idx(cls, path: str) -> Vocabulary:
         with open(path, encoding="utf-8") as f:
             return cls(list(json.load(f)))
 

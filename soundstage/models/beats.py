@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +65,7 @@ def min_samples(patch_size: int = 16) -> int:
 class BEATsConfig:
     """Attribute view of the config dict (unknown keys are kept, as the original does)."""
 
-    def __init__(self, cfg: Optional[dict] = None):
+    def __init__(self, cfg: dict | None = None):
         self.__dict__.update(DEFAULT_CONFIG)
         if cfg:
             self.__dict__.update(cfg)
@@ -121,7 +120,7 @@ class WeightNormConv1d(nn.Module):
 
 
 class MultiheadAttention(nn.Module):
-    def __init__(self, cfg: BEATsConfig, relative_attention_bias: Optional[nn.Embedding]):
+    def __init__(self, cfg: BEATsConfig, relative_attention_bias: nn.Embedding | None):
         super().__init__()
         dim, heads = cfg.encoder_embed_dim, cfg.encoder_attention_heads
         if dim % heads:
@@ -188,7 +187,7 @@ class MultiheadAttention(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: BEATsConfig, relative_attention_bias: Optional[nn.Embedding]):
+    def __init__(self, cfg: BEATsConfig, relative_attention_bias: nn.Embedding | None):
         super().__init__()
         dim = cfg.encoder_embed_dim
         if cfg.activation_fn == "glu":
@@ -258,11 +257,11 @@ class BEATs(nn.Module):
                                   if cfg.embed_dim != cfg.encoder_embed_dim else None)
         self.encoder = TransformerEncoder(cfg)
         self.predictor = nn.Linear(cfg.encoder_embed_dim, cfg.predictor_class) if cfg.finetuned_model else None
-        self.label_dict: Optional[dict] = None
+        self.label_dict: dict | None = None
 
     # -- loading and saving in the official format
     @classmethod
-    def from_checkpoint(cls, path, map_location="cpu") -> "BEATs":
+    def from_checkpoint(cls, path, map_location="cpu") -> BEATs:
         """Load an official BEATs ``.pt`` (no pickled code: ``weights_only=True``)."""
         state = torch.load(path, map_location=map_location, weights_only=True)
         missing = [k for k in ("cfg", "model") if k not in state]
@@ -296,7 +295,7 @@ class BEATs(nn.Module):
         """Normalised Kaldi fbank [B, frames, 128] of waveforms [B, samples] (float32)."""
         return beats_fbank(source, fbank_mean, fbank_std)
 
-    def encode(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+    def encode(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None,
                fbank_mean: float = FBANK_MEAN, fbank_std: float = FBANK_STD):
         """Patch features [B, P, D] and the patch padding mask (None without a sample mask)."""
         if source.size(1) < min_samples(self.patch_size):
@@ -313,7 +312,7 @@ class BEATs(nn.Module):
             features = self.post_extract_proj(features)
         return self.encoder(features, padding_mask), padding_mask
 
-    def classify(self, features: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def classify(self, features: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Class probabilities [B, C]: sigmoid of the per-patch logits averaged over valid patches."""
         logits = self.predictor(features)
         if padding_mask is not None and padding_mask.any():
@@ -323,7 +322,7 @@ class BEATs(nn.Module):
             logits = logits.mean(dim=1)
         return torch.sigmoid(logits)
 
-    def extract_features(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+    def extract_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None,
                          fbank_mean: float = FBANK_MEAN, fbank_std: float = FBANK_STD):
         """As the original: ``(probs [B, C], mask)`` if fine-tuned, else ``(features [B, P, D], mask)``."""
         features, padding_mask = self.encode(source, padding_mask, fbank_mean, fbank_std)

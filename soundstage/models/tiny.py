@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -31,7 +31,7 @@ def tiny_config(name: str) -> dict:
     return config
 
 
-@lru_cache(maxsize=None)
+@cache
 def _words() -> dict:
     return tiny_config("words")
 

@@ -29,8 +29,8 @@ from soundstage.cache.maintenance import PINNED
 from soundstage.cache.reader import MissingClip
 from soundstage.cache.store import StageDir, atomic_write_text, coerce_value, commit_file, h5py, write_part_file
 from soundstage.cache.table import read_manifest
-from soundstage.pipeline.freshness import clip_digests, current_fit_key, fit_decision, select_work, upstream_readers
 from soundstage.pipeline.fingerprint import normalise_params, plan_mismatch, stage_meta
+from soundstage.pipeline.freshness import clip_digests, current_fit_key, fit_decision, select_work, upstream_readers
 from soundstage.pipeline.resolve import resolve_upstreams
 from soundstage.pipeline.shard import select_shard, shard_from_env, shard_of
 from soundstage.pipeline.stage import ClipError, FitContext, LoadContext, Stage
@@ -85,7 +85,7 @@ class Summary:
         return "\n".join(lines)
 
     @classmethod
-    def merge(cls, summaries: list["Summary"]) -> "Summary":
+    def merge(cls, summaries: list[Summary]) -> Summary:
         first = summaries[0]
         return cls(
             stage=first.stage,

@@ -25,8 +25,8 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
 
 #: SLURM's own default when slurm.conf sets none
 DEFAULT_MAX_ARRAY_SIZE = 1001
@@ -64,7 +64,7 @@ class Resources:
     extra: list = field(default_factory=list)  # further sbatch options, verbatim ("--constraint=a100")
 
     @classmethod
-    def merged(cls, *layers: Mapping | None) -> "Resources":
+    def merged(cls, *layers: Mapping | None) -> Resources:
         """Later layers override earlier ones; ``None`` values do not override."""
         names = {f.name for f in dataclasses.fields(cls)}
         values: dict = {}

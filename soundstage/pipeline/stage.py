@@ -23,8 +23,9 @@ dict[str, np.ndarray]`` runs once and its arrays are stored in ``result.h5``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from soundstage.cache.schema import FIELD_DTYPES, Field  # noqa: F401 (declared with stages; stored by the cache)
 

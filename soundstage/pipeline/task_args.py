@@ -11,8 +11,9 @@ def flag_name(name: str) -> str:
     return name.replace("_", "-")
 
 
-def stage_cli_args(stage: Stage, params: dict, manifest: str, cache: str, upstream_select: dict, values: dict,
-                   fingerprint: str | None = None) -> list[str]:
+def stage_cli_args(
+    stage: Stage, params: dict, manifest: str, cache: str, upstream_select: dict, values: dict, fingerprint: str | None = None
+) -> list[str]:
     """The command-line arguments that rerun this stage with these exact settings (for array
     tasks); with ``fingerprint`` the task writes to that planned output, checking it."""
     args = ["--manifest", os.path.abspath(manifest), "--cache", os.path.abspath(cache)]
