@@ -10,6 +10,9 @@ is the cue of that frame's second.
 
 Conditioning modes (``QueryConditioner.mode``):
 
+The audio cue is first standardised per dimension with statistics of the training split
+(buffers ``audio_mean``/``audio_std``, saved with the weights).
+
 - ``add``: the frame's audio vector, projected by an MLP (128 -> 512 -> hidden in the audio
   priming bias work), is added to every query; with active queries (a multi-hot weight per
   query, clamped to [1e-6, 1 - 1e-6] as that work does) each query gets it scaled by its weight.
@@ -55,6 +58,11 @@ class QueryConditioner(nn.Module):
         self.mode = mode
         self.num_queries = num_queries
         self.audio_proj = None
+        # per-dimension standardisation of the audio cue (set from the training split's cues by
+        # ``set_audio_statistics``; identity until then): features of frozen audio models often
+        # vary by far less than their offset, which a freshly initialised projection cannot see
+        self.register_buffer("audio_mean", torch.zeros(audio_dim or 0))
+        self.register_buffer("audio_std", torch.ones(audio_dim or 0))
         if mode != "none":
             self.audio_proj = nn.Sequential(nn.Linear(audio_dim, audio_hidden), nn.ReLU(), nn.Linear(audio_hidden, hidden_dim))
         self.text_proj = self.text_attention = None
@@ -62,12 +70,21 @@ class QueryConditioner(nn.Module):
             self.text_proj = nn.Linear(text_dim, hidden_dim)
             self.text_attention = nn.MultiheadAttention(hidden_dim, text_heads)
 
+    def set_audio_statistics(self, cues) -> None:
+        """Standardise the audio cue with the mean and std of ``cues [rows, D]`` (e.g. every
+        frame of the training split); the std is floored at 1% of its mean over dimensions."""
+        cues = torch.as_tensor(cues, dtype=torch.float32)
+        std = cues.std(0)
+        self.audio_mean.copy_(cues.mean(0))
+        self.audio_std.copy_(std.clamp_min(0.01 * float(std.mean()) + 1e-12))
+
     def forward(self, queries, audio=None, active=None, text=None, text_mask=None):
         """``queries [Q, N, C]``; ``audio [N, D]``; ``active [N, Q]``; ``text [N, S, Dt]`` with
         ``text_mask [N, S]`` (True = a real slot). Returns the conditioned queries."""
         if self.audio_proj is not None:
             if audio is None:
                 raise ValueError(f"conditioning mode {self.mode!r} needs an audio cue per frame")
+            audio = (audio.to(self.audio_mean.dtype) - self.audio_mean) / self.audio_std
             a = self.audio_proj(audio.to(queries.dtype))[None]  # [1, N, C]
             if self.mode == "add":
                 delta = a.expand_as(queries)

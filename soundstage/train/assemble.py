@@ -92,10 +92,21 @@ def new_model(cfg: TrainConfig, cues: dict) -> AVSMask2Former:
     model = build_model(cfg.model, TASKS[cfg.task], cfg.conditioning, cue_width(cues, "audio"),
                         text_dim=cue_width(cues, "text"), num_queries=cfg.num_queries, loss_weights=weights,
                         seed=cfg.seed)
+    if "audio" in cues:
+        spec, reader = cues["audio"]
+        rows = [np.asarray(reader[cid][spec.field], dtype=np.float32) for cid in train_clip_ids(cfg)]
+        model.conditioner.set_audio_statistics(np.concatenate(rows))
     if cfg.freeze_backbone:
         for p in model.mask2former.model.pixel_level_module.encoder.parameters():
             p.requires_grad_(False)
     return model
+
+
+def train_clip_ids(cfg: TrainConfig) -> list[str]:
+    from soundstage.manifests.table import read_manifest
+
+    df = read_manifest(cfg.manifest)
+    return df[df["split"] == cfg.train_split]["clip_id"].tolist()
 
 
 def silence_for(run: RunDir, cues: dict, seconds: int, device: str = "cpu") -> np.ndarray:

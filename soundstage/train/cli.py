@@ -42,6 +42,8 @@ def _settings(**options) -> dict:
               help="frames without labels (v1s train): train on frame 0 only, or repeat frame 0 per second")
 @click.option("--device", help="cpu, cuda, cuda:1, ... (default auto)")
 @click.option("--workers", type=click.IntRange(min=0), help="DataLoader worker processes")
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's)")
+@click.option("--eval-every", type=click.IntRange(min=1), help="epochs between evaluations (and at the end)")
 @click.option("--seed", type=int)
 @click.option("--checkpoint-every", type=click.IntRange(min=1), help="optimizer steps between checkpoints")
 @click.option("--protocol", help="evaluation protocol (default: avsbench-binary / avsbench-semantic)")

@@ -73,6 +73,7 @@ class TrainConfig:
     clip_grad: float | None = 1.0
     precision: str = "fp32"
     device: str = "auto"
+    threads: int | None = None  # CPU threads of torch (None: torch's default); 1 is fastest for tiny models on a busy machine
     seed: int = 0
     deterministic: bool = True
     # bookkeeping

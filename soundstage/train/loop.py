@@ -67,6 +67,8 @@ def train(cfg: TrainConfig, log=print, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
 
     # -------------------------------------------------------------------- data
     cues = assemble.open_cues(cfg, log=log)

@@ -1,0 +1,141 @@
+"""A trained run as a predictor: every frame of a clip in, foreground probabilities out.
+
+``open_trained(run)`` reopens a training run as ``soundstage evaluate --run`` does — its final
+``model/`` (or the weights of its last checkpoint), the cache outputs recorded in
+``provenance.json`` — and ``foreground(trained, clips, size)`` runs it on whole clips (every
+frame, annotated or not) in one batch of frames. The foreground probability of a pixel is
+``s1 / (s0 + s1)`` of Mask2Former's semantic scores (``class_scores``: background s0,
+sounding s1), i.e. the sigmoid of the logit the evaluation scores, so ``p > 0.5`` is
+Stepping Stones' "p(sounding) > p(background)".
+
+``run_identity(run)`` is what identifies a run's predictions in a cache key: the content hash
+of the weights that would be loaded, the fingerprints of the cue outputs it reads and the input
+size — never its path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from soundstage.models.avs_mask2former import class_scores
+from soundstage.models.device import resolve_device, torch_dtype
+from soundstage.pipeline.identity import model_identity
+from soundstage.train import assemble
+from soundstage.train.config import ConfigError, TrainConfig
+from soundstage.train.cues import CueError
+from soundstage.train.data import AVSClips, active_weights, load_image
+from soundstage.train.run_dir import RunDir
+from soundstage.train.run_eval import load_run, run_model
+
+EPS = 1e-6  # as the evaluation: scores are clamped before the log
+
+
+@dataclass
+class Trained:
+    run: RunDir
+    cfg: TrainConfig
+    model: torch.nn.Module
+    cues: dict  # role -> (CueSpec, StageReader)
+    device: str
+    dtype: torch.dtype
+    weights: str  # where the weights came from
+
+    @property
+    def image_size(self) -> int:
+        return assemble.image_size(self.cfg)
+
+    @property
+    def num_queries(self) -> int:
+        return self.model.config.num_queries
+
+
+def weights_path(run: RunDir) -> str:
+    """The weights ``open_trained`` loads: the final ``model/`` folder, else the last checkpoint."""
+    if os.path.isdir(run.model_dir):
+        return run.model_dir
+    if os.path.exists(run.checkpoint):
+        return run.checkpoint
+    raise ConfigError(f"{run.path} has neither a final model nor a checkpoint yet")
+
+
+def run_identity(path: str | None) -> dict | None:
+    """The fingerprint entry of a run (see the module docstring)."""
+    if not path:
+        return None
+    run, cfg, recorded = load_run(path)
+    return {"weights": model_identity(weights_path(run)), "task": cfg.task, "image_size": assemble.image_size(cfg),
+            "cues": {role: entry["fingerprint"] for role, entry in sorted(recorded.items())}}
+
+
+@functools.lru_cache(maxsize=8)
+def run_image_size(path: str) -> int:
+    """The input size the run's model was trained at (read once per process)."""
+    return assemble.image_size(load_run(path)[1])
+
+
+def open_trained(path: str, device: str = "auto", dtype: str = "fp32", binary: bool = True, log=print) -> Trained:
+    """The run at ``path`` ready for inference; ``binary``: refuse a semantic (71-class) run."""
+    run, cfg, recorded = load_run(path)
+    if binary and cfg.task != "binary":
+        raise ConfigError(f"{path} was trained with task {cfg.task!r}; foreground masks need a binary "
+                          "(class-agnostic) run")
+    device = resolve_device(device)
+    torch_type = torch_dtype(dtype)
+    if torch_type != torch.float32 and not device.startswith("cuda"):
+        raise ConfigError(f"dtype {dtype} is meant for GPUs; use fp32 on {device}")
+    cues = assemble.open_cues(cfg, recorded=recorded, log=log)
+    model, source = run_model(run, cfg, cues)
+    return Trained(run, cfg, model.to(device).eval(), cues, device, torch_type, source)
+
+
+def clip_cues(trained: Trained, clip_id: str, seconds: int) -> dict[str, np.ndarray]:
+    """role -> the real cue of each of the clip's ``seconds`` frames, as the training data gives it."""
+    out = {}
+    for role, (spec, reader) in trained.cues.items():
+        if clip_id not in reader:
+            raise CueError(f"clip {clip_id} is not in the {role} cue {spec.stage} {reader.meta['fingerprint']} "
+                           "the run was trained on")
+        values = reader[clip_id]
+        rows = AVSClips._rows(values[spec.field], seconds, clip_id, spec)
+        if role == "active":
+            rows = active_weights(rows, clip_id, trained.num_queries)
+        out[role] = np.asarray(rows, dtype=np.float32)
+        if spec.mask_field:
+            out[f"{role}_mask"] = AVSClips._rows(values[spec.mask_field], seconds, clip_id, spec).astype(bool)
+    return out
+
+
+def read_frames(paths: list[str], image_size: int) -> np.ndarray:
+    """``[T, 3, S, S]`` float32, the training data's image processing."""
+    return np.stack([load_image(p, image_size) for p in paths])
+
+
+@torch.inference_mode()
+def foreground(trained: Trained, clips: list[dict], size: int) -> list[np.ndarray]:
+    """Foreground probability ``[T, size, size]`` float32 per clip. Each clip: ``pixel_values
+    [T, 3, S, S]`` and its cues (``clip_cues``); all frames of all clips go through the model
+    as one batch (under autocast in ``trained.dtype`` when that is not fp32)."""
+    inputs = {"pixel_values": np.concatenate([c["pixel_values"] for c in clips])}
+    for key in clips[0]:
+        if key != "pixel_values":
+            inputs[key] = np.concatenate([c[key] for c in clips])
+    kwargs = {k: torch.from_numpy(v).to(trained.device) for k, v in inputs.items()}
+    autocast = (torch.autocast(device_type=torch.device(trained.device).type, dtype=trained.dtype)
+                if trained.dtype != torch.float32 else contextlib.nullcontext())
+    with autocast:
+        outputs = trained.model(**kwargs)
+    scores = class_scores(outputs, (size, size)).clamp_min(EPS)  # float32 [N, 2, size, size]
+    probs = torch.sigmoid(scores[:, 1].log() - scores[:, 0].log()).cpu().numpy()
+    ends = np.cumsum([len(c["pixel_values"]) for c in clips])[:-1]
+    return np.split(probs, ends)
+
+
+def to_uint8(probs: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] stored as round(255 p) (error at most 1/510)."""
+    return np.rint(np.clip(probs, 0.0, 1.0) * 255.0).astype(np.uint8)
