@@ -27,7 +27,7 @@ def permuted_label_dict(classes: int) -> dict:
 
 
 def official_keys(cfg: dict) -> set:
-    """State-dict names of the official implementation (REFERENCE.md §5), written out by hand."""
+    """State-dict names of the official implementation (microsoft/unilm beats/BEATs.py), written out by hand."""
     keys = {"patch_embedding.weight", "layer_norm.weight", "layer_norm.bias",
             "encoder.pos_conv.0.bias", "encoder.pos_conv.0.weight_g", "encoder.pos_conv.0.weight_v",
             "encoder.layer_norm.weight", "encoder.layer_norm.bias"}
@@ -82,7 +82,7 @@ def t5_bucket(rel: int, num_buckets: int, max_distance: int) -> int:
 
 
 def naive_beats(ckpt, wave, padding_mask=None):
-    """The BEATs forward pass re-derived from REFERENCE.md §5 in the original's own formulation:
+    """The BEATs forward pass re-derived from the official BEATs.py in the original's own formulation:
     time-first layout, q pre-scaled by 1/32 with a row-max subtraction, explicit softmax, the
     gate written out, per-element T5 buckets. Returns (output, patch mask)."""
     cfg, w = ckpt["cfg"], ckpt["model"]

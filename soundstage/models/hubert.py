@@ -426,7 +426,8 @@ _DROPPED_PREFIXES = ("label_embs_concat", "final_proj.", "target_glu.")
 
 
 def hubert_state_dict_from_fairseq(state: dict, target_keys) -> dict:
-    """fairseq HuBERT weights renamed to transformers' ``HubertModel`` keys (REFERENCE §4)."""
+    """fairseq HuBERT weights renamed to transformers' ``HubertModel`` keys (the mapping transformers'
+    own ``convert_hubert_original_pytorch_checkpoint_to_pytorch.py`` applies)."""
     target_keys = set(target_keys)
     out = {}
     for key, tensor in state.items():

@@ -1,6 +1,7 @@
 """beats: AudioSet tag probabilities per clip and per second, and per-second BEATs embeddings.
 
-The audio half of the "active queries" preprocessing (REFERENCE.md §5), from an official
+The audio half of the "active queries" preprocessing (bias_in_AVS, ACM MM 2024: AudioSet tags
+above 0.4 per second select queries), from an official
 fine-tuned BEATs checkpoint (``soundstage.models.beats``). Per clip:
 
 - ``clip_probs``: one pass over the whole clip;

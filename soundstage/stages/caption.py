@@ -1,6 +1,7 @@
 """caption: one caption per video frame from a transformers image-to-text model.
 
-The first step of the segmentation-preference text cues (REFERENCE.md §3). Any model that
+The first step of the segmentation-preference text cues (SegPref, ECCV 2024: captions -> an LLM's
+guess of the sounding objects -> text embeddings). Any model that
 ``AutoModelForImageTextToText`` loads and whose processor takes images (and optional text)
 works through ``--model``: BLIP (default ``Salesforce/blip-image-captioning-large``), BLIP-2,
 GIT, vision-encoder-decoder models. ``--prompt`` conditions the caption ("a picture of"); the

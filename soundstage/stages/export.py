@@ -1,7 +1,7 @@
 """``soundstage export``: cached stage outputs written in the files the original methods read.
 
 ``segpref-json``: the text cues of "Can Textual Semantics Mitigate Sounding Object Segmentation
-Preference?" (SegPref, REFERENCE.md §3): ``{"<vid>": {"f0": "guitar,man,None,None,", ...}}``,
+Preference?" (SegPref, ECCV 2024): ``{"<vid>": {"f0": "guitar,man,None,None,", ...}}``,
 comma-terminated source names per frame from the ``sources`` stage, cut or padded with "None"
 to ``--n-slots`` (SegPref's own loader pads the same way, so padded and unpadded files read alike).
 

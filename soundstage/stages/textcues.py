@@ -1,6 +1,6 @@
 """textcues: each frame's inferred sound sources embedded by a text encoder, in fixed slots.
 
-The last step of the segmentation-preference text cues (REFERENCE.md §3): frame i gets
+The last step of the segmentation-preference text cues (SegPref, ECCV 2024): frame i gets
 ``n_slots`` slots (4, as the original); slot j holds the embedding of the j-th source name the
 ``sources`` stage found for that frame, in its order; names beyond ``n_slots`` are cut. A slot
 without a name — fewer names, an empty list, or an answer whose status is not ``ok`` — is
