@@ -15,6 +15,7 @@ import click
 
 from soundstage.cache.store import StageDir
 from soundstage.pipeline import slurm
+from soundstage.pipeline.freshness import outdated
 from soundstage.pipeline.registry import get_stage
 from soundstage.pipeline.runner import manifest_rows, plan_stage
 from soundstage.pipeline.shard import shard_of
@@ -44,12 +45,15 @@ class StageWork:
 
 
 def stage_work(stage: Stage, params: dict, upstream_select: dict, stage_dir: StageDir, rows: list[dict],
-               meta: dict | None = None) -> StageWork:
+               meta: dict | None = None, manifest_dir: str | None = None) -> StageWork:
+    """What of ``stage_dir`` is missing for ``rows``; with ``manifest_dir``, committed clips whose
+    inputs changed since (stale) count as missing too."""
+    stale = outdated(stage, stage_dir, rows, manifest_dir, meta) if manifest_dir else set()
     if stage.kind == "global":
-        missing = [] if os.path.exists(stage_dir.result_path) else ["<result>"]
+        missing = [] if os.path.exists(stage_dir.result_path) and not stale else ["<result>"]
     else:
         done = stage_dir.committed_ids() if stage_dir.exists() else set()
-        missing = [r["clip_id"] for r in rows if r["clip_id"] not in done]
+        missing = [r["clip_id"] for r in rows if r["clip_id"] not in done or r["clip_id"] in stale]
     return StageWork(stage, params, upstream_select, stage_dir, missing, meta)
 
 
@@ -158,7 +162,7 @@ def launch_stage(stage: Stage, cli_args: list[str], *, manifest: str, cache: str
     are the stage command's own arguments; each array task adds ``--shard i/N``)."""
     rows, _ = manifest_rows(manifest)
     plan = plan_stage(stage, manifest, cache, params, upstream_select, log=out)
-    work = stage_work(stage, plan.params, upstream_select or {}, plan.dir, rows, plan.meta)
+    work = stage_work(stage, plan.params, upstream_select or {}, plan.dir, rows, plan.meta, os.path.dirname(os.path.abspath(manifest)))
     if executor == "local":
         return _run_local([(work, shards)], manifest, cache, dry_run, {}, out)
     cli_args = [*cli_args, "--fingerprint", plan.fingerprint]
@@ -185,7 +189,8 @@ def run_pipeline(pipe, targets: list[str] | None, *, executor: str = "local", sh
         stage = get_stage(name)
         meta = expected_meta(name, pipe.stages)
         sd = StageDir.at(cache, name, meta["fingerprint"])
-        works.append(stage_work(stage, pipe.stages.get(name, {}), pipe.upstream_select(name), sd, rows, meta))
+        works.append(stage_work(stage, pipe.stages.get(name, {}), pipe.upstream_select(name), sd, rows, meta,
+                                os.path.dirname(os.path.abspath(pipe.manifest))))
 
     if executor == "local":
         plan = [(w, shards or jobs) for w in works]
@@ -205,9 +210,13 @@ def _run_local(plan: list[tuple[StageWork, int]], manifest: str, cache: str, dry
     from soundstage.pipeline.local import run_local
 
     runner_kwargs = {k: v for k, v in runner_kwargs.items() if v is not None}
-    code = 0
+    code, ran = 0, False
     for work, processes in plan:
         name = work.stage.name
+        if ran and not dry_run:  # what ran above may have changed this stage's inputs: look again
+            rows, _ = manifest_rows(manifest)
+            work = stage_work(work.stage, work.params, work.upstream_select, work.dir, rows, work.meta,
+                              os.path.dirname(os.path.abspath(manifest)))
         if work.complete:
             out(f"{name} {os.path.basename(work.dir.path)}: complete in the cache, skipped")
             continue

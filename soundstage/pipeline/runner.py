@@ -489,8 +489,7 @@ def _run_global(plan: Plan, summary: Summary, start: float, log, force: bool = F
             if note:  # pinned for other clips: status says so
                 atomic_write_text(pinned, json.dumps({"clips": len(rows), "fit_key_now": key, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
         else:
-            ctx = FitContext(params=plan.params, upstream=readers, clip_ids=[r["clip_id"] for r in rows], rows=rows,
-                             device=str(plan.params.get("device", "cpu")), log=log)
+            ctx = FitContext(params=plan.params, upstream=readers, clip_ids=[r["clip_id"] for r in rows], rows=rows, log=log)
             arrays = plan.stage.fit(ctx)
             tmp = sd.result_path + f".tmp-{uuid.uuid4().hex[:8]}"
             write_part_file(tmp, arrays, {"stage": plan.stage.name, "fingerprint": plan.fingerprint, "soundstage_version": __version__,

@@ -112,7 +112,6 @@ class Submission:
     """What ``submit_jobs`` did: job ids per job name (several when an array was split)."""
 
     job_ids: dict = field(default_factory=dict)
-    scripts: dict = field(default_factory=dict)  # job name -> [script paths]
 
     def all_ids(self) -> list[str]:
         return [j for ids in self.job_ids.values() for j in ids]
@@ -229,7 +228,7 @@ def submit_jobs(jobs: list[tuple[SlurmJob, list[str]]], dry_run: bool = False, o
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for job, needs in jobs:
         after = [j for name in needs for j in sub.job_ids.get(name, [])]
-        ids, paths = [], []
+        ids = []
         scripts = render_scripts(job, max_array)
         for k, text in enumerate(scripts):
             path = os.path.join(job.log_dir, f"{job.name}-{stamp}" + (f"-{k}" if len(scripts) > 1 else "") + ".sbatch")
@@ -244,9 +243,7 @@ def submit_jobs(jobs: list[tuple[SlurmJob, list[str]]], dry_run: bool = False, o
             job_id = submit_script(path, after)
             out(f"submitted {job.name} as job {job_id}" + (f" (after {':'.join(after)})" if after else "") + f"; logs in {job.log_dir}")
             ids.append(job_id)
-            paths.append(path)
         sub.job_ids[job.name] = [f"<{job.name}>"] if dry_run else ids
-        sub.scripts[job.name] = paths
     return sub
 
 

@@ -149,7 +149,6 @@ class FitContext:
     upstream: dict
     clip_ids: list
     rows: list  # manifest rows (dicts) of clip_ids, same order
-    device: str
     log: Callable[[str], None] = print
 
 
