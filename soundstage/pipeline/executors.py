@@ -231,6 +231,7 @@ def _run_local(plan: list[tuple[StageWork, int]], manifest: str, cache: str, dry
         summary = run_local(work.stage, manifest, cache, work.params, work.upstream_select, jobs=processes,
                             fingerprint=fingerprint, **runner_kwargs)
         out(summary.format())
+        ran = ran or summary.done > 0
         if summary.interrupted:
             out(f"stopping: {name} was interrupted; stages after it were not run")
             return summary.exit_code

@@ -9,11 +9,13 @@ protects against; ``--force`` recomputes them) and the summary counts them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from soundstage.cache.digest import clip_digest, fit_key, result_checksum
-from soundstage.cache.index import ClipVersion
+from soundstage.cache.index import ClipVersion, committed_index, has_results
 from soundstage.cache.reader import open_stage
+from soundstage.cache.store import StageDir, h5py
 
 
 @dataclass
@@ -29,6 +31,42 @@ def upstream_readers(plan) -> dict:
     return {alias: open_stage(sd.path) for alias, sd in plan.upstream.items()}
 
 
+def _readers_of(sd: StageDir, meta: dict | None) -> dict | None:
+    """The upstream readers an existing output was planned with; None while one has nothing yet."""
+    root = os.path.dirname(os.path.dirname(sd.path))
+    readers = {}
+    for alias, u in (meta or sd.meta()).get("upstream", {}).items():
+        up = StageDir.at(root, u["stage"], u["fingerprint"])
+        if not has_results(up):
+            return None
+        readers[alias] = open_stage(up.path)
+    return readers
+
+
+def outdated(stage, sd: StageDir, rows: list[dict], manifest_dir: str, meta: dict | None = None) -> set[str]:
+    """Clip ids of ``rows`` committed in ``sd`` whose inputs changed since (``{"<result>"}`` for a
+    whole-dataset result fitted on other clips): what a run would recompute though it is committed."""
+    if not sd.exists() or not has_results(sd):
+        return set()
+    readers = _readers_of(sd, meta)
+    if readers is None:
+        return set()
+    if stage.kind == "global":
+        stored_key, _ = stored_fit(sd.result_path)
+        return set() if stored_key == current_fit_key(rows, readers) else {"<result>"}
+    digests = clip_digests(stage.reads, manifest_dir, rows, readers)
+    return {cid for cid, v in committed_index(sd).items() if v.digest is not None and digests.get(cid, v.digest) != v.digest}
+
+
+def stored_fit(path: str) -> tuple[str | None, int]:
+    """(fit key, number of clips) a whole-dataset result was fitted on (None, -1: not recorded)."""
+    try:
+        with h5py.File(path, "r") as h5:
+            return h5.attrs.get("fit_key"), int(h5.attrs.get("fit_clips", -1))
+    except OSError as e:
+        raise OSError(f"{path}: unreadable result ({e}); run `soundstage verify --repair {os.path.dirname(path)}`") from None
+
+
 def _upstream_digest(reader, clip_id: str) -> str:
     if isinstance(reader, dict):  # a whole-dataset result: its content
         return result_checksum(reader["attrs"])
@@ -41,10 +79,9 @@ def upstream_digests(readers: dict, clip_id: str) -> dict:
     return {alias: _upstream_digest(r, clip_id) for alias, r in readers.items()}
 
 
-def clip_digests(plan, rows: list[dict], readers: dict) -> dict[str, str]:
-    """clip id -> digest of its inputs as they are now."""
-    columns = plan.stage.reads
-    return {r["clip_id"]: clip_digest(r, columns, plan.manifest_dir, upstream_digests(readers, r["clip_id"])) for r in rows}
+def clip_digests(columns, manifest_dir: str, rows: list[dict], readers: dict) -> dict[str, str]:
+    """clip id -> digest of its inputs as they are now (``columns``: the stage's ``reads``)."""
+    return {r["clip_id"]: clip_digest(r, columns, manifest_dir, upstream_digests(readers, r["clip_id"])) for r in rows}
 
 
 def select_work(rows: list[dict], index: dict[str, ClipVersion], digests: dict[str, str], force: bool = False) -> Selection:

@@ -27,10 +27,17 @@ from soundstage.cache.index import committed_index
 from soundstage.cache.locks import writer_lock
 from soundstage.cache.maintenance import PINNED
 from soundstage.cache.reader import MissingClip
-from soundstage.cache.store import StageDir, atomic_write_text, coerce_value, commit_file, h5py, write_part_file
+from soundstage.cache.store import StageDir, atomic_write_text, coerce_value, commit_file, write_part_file
 from soundstage.cache.table import read_manifest
 from soundstage.pipeline.fingerprint import normalise_params, plan_mismatch, stage_meta
-from soundstage.pipeline.freshness import clip_digests, current_fit_key, fit_decision, select_work, upstream_readers
+from soundstage.pipeline.freshness import (
+    clip_digests,
+    current_fit_key,
+    fit_decision,
+    select_work,
+    stored_fit,
+    upstream_readers,
+)
 from soundstage.pipeline.resolve import resolve_upstreams
 from soundstage.pipeline.shard import select_shard, shard_from_env, shard_of
 from soundstage.pipeline.stage import ClipError, FitContext, LoadContext, Stage
@@ -364,7 +371,7 @@ def run_stage(
     with writer_lock(plan.dir, shard), _StopRequested() as stop:
         plan.dir.remove_stale_temp_files(writer_prefix)
         readers = upstream_readers(plan)
-        plan.clip_digests = clip_digests(plan, mine, readers)
+        plan.clip_digests = clip_digests(stage.reads, plan.manifest_dir, mine, readers)
         selection = select_work(mine, committed_index(plan.dir), plan.clip_digests, force)
         todo = selection.todo
         summary.cached, summary.stale, summary.undigested = selection.cached, selection.stale, selection.undigested
@@ -479,7 +486,7 @@ def _run_global(plan: Plan, summary: Summary, start: float, log, force: bool = F
         summary.selected = 1
         reuse, note = False, None
         if os.path.exists(sd.result_path):
-            stored_key, stored_clips = _stored_fit(sd.result_path)
+            stored_key, stored_clips = stored_fit(sd.result_path)
             reuse, note = fit_decision(stored_key, stored_clips, key, len(rows), plan.fingerprint, force, reuse_fit)
         if note:
             summary.notes.append(note)
@@ -500,14 +507,6 @@ def _run_global(plan: Plan, summary: Summary, start: float, log, force: bool = F
             summary.done = 1
     summary.seconds = time.monotonic() - start
     return summary
-
-
-def _stored_fit(path: str) -> tuple[str | None, int]:
-    try:
-        with h5py.File(path, "r") as h5:
-            return h5.attrs.get("fit_key"), int(h5.attrs.get("fit_clips", -1))
-    except OSError as e:
-        raise OSError(f"{path}: unreadable result ({e}); run `soundstage verify --repair {os.path.dirname(path)}`") from None
 
 
 __all__ = ["Plan", "PlanError", "Summary", "SystemicFailure", "pending_clips", "plan_stage", "run_stage"]
