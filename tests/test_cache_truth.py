@@ -385,3 +385,25 @@ def test_writers_with_different_shard_counts_are_refused_so_no_clip_is_computed_
     assert after.done == 0
     ids = [cid for p in sd.part_paths() for cid in h5py.File(p, "r")["clip_id"].asstr()[...]]
     assert sorted(ids) == sorted(r["clip_id"] for r in rows)
+
+
+def test_soundstage_run_recomputes_a_changed_clip_and_what_reads_it(wavs, tmp_path):
+    root, rows, manifest, cache = wavs
+    sys.path.insert(0, os.path.join(HERE, "slurm_site"))
+    import soundstage_test_stages
+
+    soundstage_test_stages.register()
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"manifest: {manifest}\ncache: {cache}\nstages:\n  audio-stats: {{}}\n  test-loudest: {{}}\n")
+    cli = CliRunner()
+    assert cli.invoke(main, ["run", str(pipeline), "test-loudest", "--workers", "0"]).exit_code == 0
+    again = cli.invoke(main, ["run", str(pipeline), "--workers", "0"])
+    assert again.output.count("complete in the cache, skipped") == 2, again.output
+    fixed = rows[1]
+    louder = tone(fixed["sr"], fixed["seconds"], 300, 0.6)
+    sf.write(os.path.join(root, fixed["audio_path"]), louder if fixed["channels"] == 1 else np.stack([louder] * 2, 1), fixed["sr"])
+    changed = cli.invoke(main, ["run", str(pipeline), "--workers", "0"])
+    assert changed.exit_code == 0, changed.output
+    assert changed.output.count("stale 1") == 2 and "skipped" not in changed.output, changed.output
+    loudest = open_stage(os.path.join(cache, "test-loudest", os.listdir(os.path.join(cache, "test-loudest"))[0]))
+    assert loudest[fixed["clip_id"]]["rms_db"] == pytest.approx(20 * np.log10(0.6 / np.sqrt(2)), abs=0.05)
