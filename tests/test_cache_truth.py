@@ -407,3 +407,12 @@ def test_soundstage_run_recomputes_a_changed_clip_and_what_reads_it(wavs, tmp_pa
     assert changed.output.count("stale 1") == 2 and "skipped" not in changed.output, changed.output
     loudest = open_stage(os.path.join(cache, "test-loudest", os.listdir(os.path.join(cache, "test-loudest"))[0]))
     assert loudest[fixed["clip_id"]]["rms_db"] == pytest.approx(20 * np.log10(0.6 / np.sqrt(2)), abs=0.05)
+
+
+def test_force_reaches_slurm_array_tasks(wavs):
+    root, rows, manifest, cache = wavs
+    run_stage(AUDIO_STATS, manifest, cache, progress=False)
+    args = ["audio-stats", "--manifest", manifest, "--cache", cache, "--executor", "slurm", "--dry-run", "--shards", "2"]
+    assert "nothing to submit" in CliRunner().invoke(main, args).output
+    forced = CliRunner().invoke(main, [*args, "--force"])
+    assert forced.exit_code == 0 and "#SBATCH --array=0-1" in forced.output and " --force " in forced.output

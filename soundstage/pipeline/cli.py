@@ -142,7 +142,7 @@ def invoke_stage(stage: Stage, values: dict, is_default) -> int:
         cli_args = stage_cli_args(stage, params, manifest, cache, upstream_select, values)
         return launch_stage(stage, cli_args, manifest=manifest, cache=cache, params=params, upstream_select=upstream_select,
                             executor=values["executor"], shards=values["shards"] or 1, wait=values["wait"],
-                            dry_run=values["dry_run"], resources=resources)
+                            dry_run=values["dry_run"], resources=resources, force=values["force"], reuse_fit=values["reuse_fit"])
 
     from soundstage.pipeline.local import run_local
 

@@ -157,14 +157,17 @@ def report(works: list[StageWork], rows: list[dict], out) -> int:
 
 def launch_stage(stage: Stage, cli_args: list[str], *, manifest: str, cache: str, params: dict, upstream_select: dict | None,
                  executor: str, shards: int, wait: bool, dry_run: bool, resources: dict | None,
-                 poll_seconds: float | None = None, out=click.echo) -> int:
+                 poll_seconds: float | None = None, out=click.echo, force: bool = False, reuse_fit: str | None = None) -> int:
     """Run one stage command on ``shards`` shards: locally, or as a SLURM array job (``cli_args``
-    are the stage command's own arguments; each array task adds ``--shard i/N``)."""
+    are the stage command's own arguments; each array task adds ``--shard i/N``). ``force``:
+    every clip is to be recomputed (the tasks get ``--force`` through ``cli_args``)."""
     rows, _ = manifest_rows(manifest)
     plan = plan_stage(stage, manifest, cache, params, upstream_select, log=out)
     work = stage_work(stage, plan.params, upstream_select or {}, plan.dir, rows, plan.meta, os.path.dirname(os.path.abspath(manifest)))
+    if force:
+        work.missing = ["<result>"] if stage.kind == "global" else [r["clip_id"] for r in rows]
     if executor == "local":
-        return _run_local([(work, shards)], manifest, cache, dry_run, {}, out)
+        return _run_local([(work, shards)], manifest, cache, dry_run, {"force": force or None, "reuse_fit": reuse_fit}, out)
     cli_args = [*cli_args, "--fingerprint", plan.fingerprint]
     planned = [(work, None if work.complete else slurm_job(work, cli_args, shards, resources or {}))]
     return submit_and_report(planned, rows, wait, dry_run, cache, poll_seconds, out)

@@ -23,6 +23,10 @@ def stage_cli_args(
         if values.get(name) is not None:
             args += [f"--{flag_name(name)}", str(values[name])]
     args += ["--no-progress", "--allow-failed-clips"]  # failures are in the cache; --wait reports them
+    if values.get("force"):
+        args.append("--force")
+    if values.get("reuse_fit"):
+        args += ["--reuse-fit", values["reuse_fit"]]
     for up_stage, selector in upstream_select.items():
         args += [f"--{up_stage}", selector if isinstance(selector, str) else ",".join(f"{k}={v}" for k, v in selector.items())]
     for p in stage.params:
