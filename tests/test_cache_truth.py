@@ -3,6 +3,7 @@ repaired, changed inputs recomputed, safe compaction, one shard count at a time.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from soundstage.cache.locks import (
 )
 from soundstage.cache.maintenance import compact_stage
 from soundstage.cache.quarantine import CorruptPart
+from soundstage.cache.store import CacheError
 from soundstage.cli import main
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.runner import run_stage
@@ -142,6 +144,9 @@ def test_cache_rm_lists_dependents_and_gc_removes_empty_and_orphaned_outputs(wav
     empty.dir.initialise(empty.meta)
     busy = plan_stage(AUDIO_STATS, manifest, cache, {"silence_db": -10.0}, log=lambda *_: None)
     busy.dir.initialise(busy.meta)
+    submitted = plan_stage(AUDIO_STATS, manifest, cache, {"silence_db": -5.0}, log=lambda *_: None)
+    submitted.dir.initialise(submitted.meta)
+    os.makedirs(os.path.join(submitted.dir.path, "logs"))  # a SLURM submission: its tasks may be queued
     os.rename(stats.path, str(tmp_path / "moved-away"))
     with writer_lock(busy.dir, (0, 1)):
         result = cli.invoke(main, ["cache", "gc", "--cache", cache])
@@ -151,7 +156,7 @@ def test_cache_rm_lists_dependents_and_gc_removes_empty_and_orphaned_outputs(wav
     assert "a writer is running" in result.output
     assert not os.path.exists(empty.dir.path) and not os.path.exists(summed.path) and os.path.isdir(busy.dir.path)
     assert cli.invoke(main, ["cache", "gc", "--cache", cache]).exit_code == 0
-    assert not os.path.exists(busy.dir.path)
+    assert not os.path.exists(busy.dir.path) and os.path.isdir(submitted.dir.path)
 
 
 # ------------------------------------------------------------------------------ damaged cache
@@ -164,8 +169,16 @@ def test_status_lists_a_broken_part_and_every_error_names_the_file(wavs, tmp_pat
     broken = StageDir(stats.path).part_paths()[1]
     with open(broken, "r+b") as f:  # the superblock: h5py cannot even open it
         f.write(b"\0" * 64)
+    garbled = os.path.join(cache, "audio-stats", "0123456789abcdef")
+    os.makedirs(garbled)
+    with open(os.path.join(garbled, "stage.json"), "w") as f:
+        f.write('{"stage": "audio-st')
     status = CliRunner().invoke(main, ["status", "--cache", cache])
     assert status.exit_code == 0, status.output
+    assert f"BROKEN {garbled}/stage.json: unreadable" in status.output
+    with pytest.raises(CacheError, match=f"{garbled}/stage.json: unreadable"):
+        StageDir(garbled).meta()
+    shutil.rmtree(garbled)
     assert f"BROKEN {broken}: unreadable part file" in status.output
     assert f"soundstage verify --repair {stats.path}" in status.output
     assert f"toy-slow     {slow.fingerprint}  done       {len(rows)}" in status.output  # the others are still listed

@@ -3,7 +3,8 @@
 An output is removed only while no writer holds it (its exclusive lock). ``rm`` lists the
 outputs that read it (their stage.json names it upstream) and removes them too only when asked;
 ``gc`` removes outputs with nothing committed (a failed first attempt, a planned run that never
-ran) and outputs whose upstream output is gone (orphans).
+ran; not those submitted to SLURM, whose tasks may still be queued: ``rm`` them) and outputs whose
+upstream output is gone (orphans).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def garbage(cache_root: str) -> list[tuple[StageDir, str]]:
     out = []
     for sd in iter_stage_dirs(cache_root):
         if not has_results(sd):
-            out.append((sd, "nothing committed"))
+            if not os.path.isdir(os.path.join(sd.path, "logs")):  # logs/: submitted to SLURM, tasks may be queued
+                out.append((sd, "nothing committed"))
             continue
         missing = [f"{s}/{fp}" for s, fp in _upstream_keys(sd) if not StageDir.at(cache_root, s, fp).exists()]
         if missing:

@@ -213,7 +213,10 @@ class StageDir:
 
     def meta(self) -> dict:
         with open(self.meta_path, encoding="utf-8") as f:
-            return json.load(f)
+            try:
+                return json.load(f)
+            except ValueError as e:  # name the file: json's message does not
+                raise CacheError(f"{self.meta_path}: unreadable ({e})") from None
 
     def fields(self) -> list[Field]:
         return fields_from_schema(self.meta()["fields"])
