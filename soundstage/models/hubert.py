@@ -27,11 +27,8 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
-import io
 import json
 import os
-import pickle
-import types
 from contextlib import contextmanager
 
 import numpy as np
@@ -39,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from soundstage.models.device import torch_dtype
+from soundstage.models.safe_pickle import numpy_data_globals, restricted_pickle_module
 
 SAMPLE_RATE = 16000
 #: fairseq's ``--max_chunk``: samples per forward pass (100 s at 16 kHz)
@@ -243,45 +241,8 @@ def _allowed_globals() -> dict:
     return allowed
 
 
-def numpy_data_globals() -> dict:
-    """The globals that pickled numpy arrays and scalars need (they build data, run no code)."""
-    try:
-        import numpy._core.multiarray as npcore  # numpy >= 2
-    except ImportError:  # numpy 1.x
-        import numpy.core.multiarray as npcore
-    allowed = {("numpy", "dtype"): np.dtype, ("numpy", "ndarray"): np.ndarray}
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "scalar")] = npcore.scalar
-        allowed[(module, "_reconstruct")] = npcore._reconstruct
-    for name in ("float64", "float32", "int64", "int32"):  # dtype classes (numpy >= 1.25 pickles them)
-        allowed[("numpy.dtypes", type(np.dtype(name)).__name__)] = type(np.dtype(name))
-    return allowed
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Admits only the globals a fairseq checkpoint needs; anything else is refused."""
-
-    _allowed: dict | None = None
-
-    def find_class(self, module, name):
-        if RestrictedUnpickler._allowed is None:
-            RestrictedUnpickler._allowed = _allowed_globals()
-        try:
-            return RestrictedUnpickler._allowed[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(
-                f"refusing to load global {module}.{name}: not something a fairseq HuBERT checkpoint "
-                "contains (restricted unpickler)"
-            ) from None
-
-
-#: what ``torch.load(pickle_module=...)`` needs of a pickle module
-_restricted_pickle = types.SimpleNamespace(
-    Unpickler=RestrictedUnpickler,
-    load=lambda f, **kw: RestrictedUnpickler(f, **kw).load(),
-    loads=lambda b, **kw: RestrictedUnpickler(io.BytesIO(b), **kw).load(),
-    __name__="soundstage_restricted_pickle",
-)
+#: what ``torch.load(pickle_module=...)`` needs of a pickle module, admitting only the above
+_restricted_pickle = restricted_pickle_module(_allowed_globals, "a fairseq HuBERT checkpoint")
 
 
 def load_fairseq_checkpoint(path: str) -> dict:

@@ -21,8 +21,8 @@ import click
 import numpy as np
 
 from soundstage.manifests.table import frame_count
+from soundstage.models.kmeans import nearest_centroid
 from soundstage.pipeline.stage import Field, Param, Stage, Upstream
-from soundstage.stages.kmeans import nearest_centroid
 
 FRAMES_PER_SECOND = 50  # HuBERT's frame rate at 16 kHz (hop 320)
 
