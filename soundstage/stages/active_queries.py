@@ -162,6 +162,7 @@ STAGE = Stage(
     version=1,
     help="bias_in_AVS active queries per video frame from cached units and BEATs tags, through an explicit mapping.",
     upstream=[Upstream("units", "units"), Upstream("beats", "beats")],
+    reads=(),  # no manifest column: only the upstream clips (their digests are part of this one's)
     params=[
         Param("mapping", str, None, "JSON: cluster ids and AudioSet MIDs -> query ids (soundstage export "
               "query-mapping builds the default)", identity=mapping_identity),
