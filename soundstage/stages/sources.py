@@ -178,6 +178,7 @@ def _answer_fields(prefix: str, shape: tuple, what: str) -> list:
 
 STAGE = Stage(
     name="sources",
+    reads=(),  # no manifest column: its inputs are the upstream clips
     version=1,
     help="Objects that may be sounding in each frame (and the clip), inferred by an LLM from the captions.",
     upstream=[Upstream("caption", "caption")],

@@ -119,6 +119,7 @@ def process(encoder, items, params):
 
 STAGE = Stage(
     name="textcues",
+    reads=(),  # no manifest column: its inputs are the upstream clips
     version=2,  # 2: cues and cue_mask stored in shape; no n_slots/dim fields
     help="Each frame's inferred sound sources embedded by a text encoder into n_slots masked slots.",
     upstream=[Upstream("sources", "sources")],
