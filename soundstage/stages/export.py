@@ -13,6 +13,10 @@ loads with ``torch.load`` and iterates per frame), plus ``OUT/mapping.json`` (th
 and cluster rule they were made with). ``query-mapping`` writes the default mapping the
 ``active-queries`` stage takes.
 
+``masks``: ``OUT/<label>/<uid>/<i>.png`` per frame (label = v1s / v1m / v2), single channel,
+0/255, ``--size`` square, foreground where the cached probability > ``--threshold`` — the
+stage-1 masks Stepping Stones' stage 2 reads, here for every split.
+
 Every per-clip export takes ``--config PIPELINE.yaml`` or ``--manifest``/``--cache``, refuses a
 non-empty ``--out`` without ``--overwrite`` and names the manifest clips that have no record.
 """
@@ -270,6 +274,35 @@ def active_queries(config, manifest, cache, selector, out_dir, overwrite, allow_
     if single:
         click.echo(f"note: {single} frame(s) have exactly one query id; bias_in_AVS's trainer activates only "
                    "query 0 for a list of length 1", err=True)
+
+
+@export.command("masks")
+@output_options("masks")
+@click.option("--size", default=224, show_default=True, type=click.IntRange(min=1),
+              help="side of the square PNGs (the cached maps are resized when theirs differs)")
+@click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="foreground where p > threshold (0.5: p(sounding) > p(background), as Stepping Stones)")
+@click.option("--split", "splits", multiple=True, help="only the clips of this split (repeatable; default: every split)")
+def masks(config, manifest, cache, selector, out_dir, overwrite, allow_missing, size, threshold, splits):
+    """Stepping-stone masks as Stepping Stones' stage 2 reads them: OUT/<label>/<uid>/<i>.png, 0/255."""
+    from PIL import Image
+
+    from soundstage.cache import open_stage
+    from soundstage.stages.masks import binary_masks, released_path
+
+    rows, stage_dir = chosen_output("masks", config, manifest, cache, selector)
+    if splits:
+        rows = [row for row in rows if row.get("split") in splits]
+        if not rows:
+            raise click.ClickException(f"the manifest has no clip of split {', '.join(splits)}")
+    reader = open_stage(stage_dir.path, fields=["probs"])
+    present, named = clips_to_write(rows, reader, stage_dir, allow_missing)
+    prepare_out_dir(out_dir, overwrite)
+    for row in present:
+        for i, mask in enumerate(binary_masks(reader[row["clip_id"]]["probs"], size, threshold)):
+            _replace_with(released_path(out_dir, row, i),
+                          lambda tmp, m=mask: Image.fromarray(m, mode="L").save(tmp, format="PNG"))
+    report_written(len(present), out_dir, named)
 
 
 @export.command("query-mapping")
