@@ -429,3 +429,37 @@ def test_force_reaches_slurm_array_tasks(wavs):
     assert "nothing to submit" in CliRunner().invoke(main, args).output
     forced = CliRunner().invoke(main, [*args, "--force"])
     assert forced.exit_code == 0 and "#SBATCH --array=0-1" in forced.output and " --force " in forced.output
+
+
+def test_units_follow_an_edited_num_frames_and_kmeans_refits_for_a_bigger_manifest(tmp_path):
+    """The two cases as users met them, through the real hubert -> kmeans -> units stages."""
+    import torch
+    from transformers import HubertModel
+
+    from soundstage.manifests.synth import make_synthetic_dataset
+    from soundstage.models.hubert import tiny_hubert_config
+
+    full = make_synthetic_dataset(str(tmp_path / "synth"), clips=5, seed=1, workers=1)
+    table = pd.read_csv(full, dtype=str, keep_default_na=False)
+    trial = str(tmp_path / "synth" / "trial.csv")
+    table.iloc[:3].to_csv(trial, index=False)
+    torch.manual_seed(0)
+    HubertModel(tiny_hubert_config()).save_pretrained(tmp_path / "hubert")
+    cache = str(tmp_path / "cache")
+    quiet = dict(workers=0, progress=False, log=lambda *_: None)
+    run_stage(get_stage("hubert"), full, cache, {"model": str(tmp_path / "hubert"), "layer": 2, "device": "cpu"}, **quiet)
+    kmeans = {"k": 3, "percent": 1.0, "device": "cpu", "backend": "sklearn"}
+    fitted = run_stage(get_stage("kmeans"), trial, cache, kmeans, **quiet)
+    assert open_stage(fitted.path)["sample_clips"][0] == 3
+    refit = run_stage(get_stage("kmeans"), full, cache, kmeans, **quiet)
+    assert refit.done == 1 and open_stage(fitted.path)["sample_clips"][0] == 5
+    assert "refitting: the clips changed since the fit (3 clips" in refit.format()
+
+    units = run_stage(get_stage("units"), full, cache, {"top_k": 2}, **quiet)
+    clip = table.loc[0, "clip_id"]
+    assert open_stage(units.path)[clip]["frame_hist"].shape[0] == int(table.loc[0, "num_frames"]) != 3
+    table.loc[0, "num_frames"] = "3"
+    table.to_csv(full, index=False)
+    again = run_stage(get_stage("units"), full, cache, {"top_k": 2}, **quiet)
+    assert (again.done, again.stale, again.cached) == (1, 1, 4)
+    assert open_stage(units.path)[clip]["frame_hist"].shape == (3, 3)
