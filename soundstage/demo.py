@@ -209,13 +209,10 @@ def stage_table(pipe, clip_ids: list[str]) -> list[dict]:
     rows, wanted = [], set(clip_ids)
     for name in pipe.order():
         sd = StageDir.at(pipe.cache, name, expected_fingerprint(name, pipe.stages))
-        row = {"stage": name, "fingerprint": os.path.basename(sd.path), "path": sd.path, "done": 0, "failed": 0,
-               "total": len(wanted), "global": get_stage(name).kind == "global"}
-        if row["global"]:
-            row.update(done=int(os.path.exists(sd.result_path)), total=1)
-        elif sd.exists():
-            done = sd.committed_ids() & wanted
-            row.update(done=len(done), failed=len(set(sd.failures()) & wanted - done))
+        status = sd.status(clip_ids, whole_dataset=get_stage(name).kind == "global")
+        row = {"stage": name, "fingerprint": os.path.basename(sd.path), "path": sd.path, "global": status.whole_dataset,
+               "done": int(status.fitted) if status.whole_dataset else len(status.done), "failed": len(status.failed),
+               "total": 1 if status.whole_dataset else len(wanted)}
         rows.append(row)
     return rows
 

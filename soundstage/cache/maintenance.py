@@ -25,13 +25,14 @@ def stage_status(sd: StageDir) -> dict:
                 "kind": "?", "path": sd.path, "params": {}, "upstream": {}, "done": 0, "failed": 0, "parts": 0,
                 "bytes": 0, "broken": [f"{sd.meta_path}: unreadable ({e})"]}
     parts, broken, extra = sd.part_paths(), [], {}
-    if meta.get("kind") == "global":
-        done_ids = {"<result>"} if os.path.exists(sd.result_path) else set()
-        parts = [sd.result_path] if done_ids else []
-        if done_ids:
+    done_ids, fitted = set(), False
+    if meta.get("kind") == "global":  # one result, no clips
+        fitted = os.path.exists(sd.result_path)
+        parts = [sd.result_path] if fitted else []
+        if fitted:
             extra["fit"] = fit_status(sd, broken)
     else:
-        done_ids, unknown = set(), 0
+        unknown = 0
         for path in parts:
             try:
                 with h5py.File(path, "r") as h5:
@@ -51,7 +52,7 @@ def stage_status(sd: StageDir) -> dict:
         "path": sd.path,
         "params": meta.get("params", {}),
         "upstream": meta.get("upstream", {}),
-        "done": len(done_ids),
+        "done": int(fitted) if meta.get("kind") == "global" else len(done_ids),
         "failed": len(failed),
         "parts": len(parts),
         "bytes": sum(os.path.getsize(p) for p in parts if os.path.exists(p)),

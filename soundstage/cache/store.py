@@ -35,6 +35,9 @@ import os
 import socket
 import time
 import uuid
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from dataclasses import fields as dataclass_fields
 
 os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")  # parts are immutable once renamed
 
@@ -176,6 +179,59 @@ def commit_file(tmp_path: str, final_path: str) -> None:
 # ----------------------------------------------------------------------------- stage dir
 
 
+RESULT_FORMAT = "soundstage-result/1"
+
+
+@dataclass(frozen=True)
+class StageMeta:
+    """What stage.json holds, typed: written once when an output is planned."""
+
+    stage: str
+    version: int
+    fingerprint: str
+    kind: str = "per_clip"  # or "global": one result for the whole dataset (result.h5)
+    params: dict = dataclass_field(default_factory=dict)  # fingerprinted parameters as given
+    upstream: dict = dataclass_field(default_factory=dict)  # alias -> {"stage", "fingerprint"}
+    fields: list = dataclass_field(default_factory=list)  # field schema (``field_schema``)
+    fingerprint_payload: dict = dataclass_field(default_factory=dict)  # what the fingerprint hashes
+    soundstage_version: str = ""
+    metadata: dict | None = None  # facts about the model recorded by the run (``set_metadata``)
+
+    @property
+    def whole_dataset(self) -> bool:
+        return self.kind == "global"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StageMeta:
+        known = {f.name for f in dataclass_fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    """How an output stands for the clips asked about (``StageDir.status``): the one answer to
+    "what is done, what failed, what is left" for runs, launches, ``status`` and the demo."""
+
+    whole_dataset: bool
+    clip_ids: tuple  # the clips asked about, in order (per-clip outputs)
+    done: frozenset  # of clip_ids: committed
+    failed: dict  # of clip_ids, not committed: clip id -> latest failure record
+    fitted: bool = False  # whole-dataset outputs: result.h5 is there
+
+    @property
+    def todo(self) -> list:
+        """Clips still to compute, in order (failed ones included: a rerun tries them again)."""
+        return [] if self.whole_dataset else [c for c in self.clip_ids if c not in self.done]
+
+    @property
+    def never_tried(self) -> int:
+        return len(self.todo) - len(self.failed)
+
+    @property
+    def complete(self) -> bool:
+        return self.fitted if self.whole_dataset else len(self.done) == len(self.clip_ids)
+
+
 class StageDir:
     """One stage output directory: ``<cache>/<stage>/<fingerprint>/``."""
 
@@ -217,6 +273,33 @@ class StageDir:
                 return json.load(f)
             except ValueError as e:  # name the file: json's message does not
                 raise CacheError(f"{self.meta_path}: unreadable ({e})") from None
+
+    def stage_meta(self) -> StageMeta:
+        return StageMeta.from_dict(self.meta())
+
+    def status(self, clip_ids=None, whole_dataset: bool | None = None) -> StageStatus:
+        """What is committed and failed of ``clip_ids`` (default: every clip the output knows of).
+        Whole-dataset outputs: whether the result is there. ``whole_dataset``: the stage's kind,
+        for an output that may not exist yet (default: what its stage.json says)."""
+        whole = whole_dataset if whole_dataset is not None else self.exists() and self.meta().get("kind") == "global"
+        if whole:
+            return StageStatus(True, (), frozenset(), {}, fitted=os.path.exists(self.result_path))
+        committed = self.committed_ids() if self.exists() else set()
+        failures = self.failures() if self.exists() else {}
+        ids = tuple(clip_ids) if clip_ids is not None else tuple(sorted(committed | set(failures)))
+        asked = set(ids)
+        done = frozenset(committed & asked)
+        failed = {cid: rec for cid, rec in failures.items() if cid in asked and cid not in done}
+        return StageStatus(False, ids, done, failed)
+
+    def write_result(self, arrays: dict, attrs: dict) -> None:
+        """Commit a whole-dataset result (``result.h5``) atomically, replacing an earlier one."""
+        tmp = self.result_path + f".tmp-{uuid.uuid4().hex[:8]}"
+        meta = self.meta()
+        write_part_file(tmp, arrays, {"format": RESULT_FORMAT, "stage": meta["stage"], "fingerprint": meta["fingerprint"],
+                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "soundstage_version": __version__,
+                                      **attrs})
+        commit_file(tmp, self.result_path)
 
     def fields(self) -> list[Field]:
         return fields_from_schema(self.meta()["fields"])

@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from soundstage import __version__
 from soundstage.cache.index import committed_index
 from soundstage.cache.locks import writer_lock
 from soundstage.cache.maintenance import PINNED
 from soundstage.cache.reader import MissingClip
-from soundstage.cache.store import StageDir, atomic_write_text, coerce_value, commit_file, write_part_file
+from soundstage.cache.store import StageDir, atomic_write_text, coerce_value
 from soundstage.cache.table import read_manifest
 from soundstage.pipeline.fingerprint import normalise_params, plan_mismatch, stage_meta
 from soundstage.pipeline.freshness import (
@@ -181,12 +180,9 @@ def manifest_rows(manifest_path: str, stage: Stage | None = None) -> tuple[list[
 def pending_clips(stage: Stage, params: dict, manifest_path: str, cache_root: str, upstream_select=None, shard=(0, 1)) -> int:
     """How many clips of ``shard`` are not committed yet (for relaunching only unfinished shards)."""
     plan = plan_stage(stage, manifest_path, cache_root, params, upstream_select, log=lambda *_: None)
-    if stage.kind == "global":
-        return 0 if os.path.exists(plan.dir.result_path) else 1
     rows, _ = manifest_rows(manifest_path)
-    mine = select_shard(rows, *shard)
-    done = plan.dir.committed_ids() if plan.dir.exists() else set()
-    return sum(1 for r in mine if r["clip_id"] not in done)
+    status = plan.dir.status([r["clip_id"] for r in select_shard(rows, *shard)], whole_dataset=stage.kind == "global")
+    return (0 if status.fitted else 1) if status.whole_dataset else len(status.todo)
 
 
 # ------------------------------------------------------------------------------- prefetch
@@ -498,10 +494,7 @@ def _run_global(plan: Plan, summary: Summary, start: float, log, force: bool = F
         else:
             ctx = FitContext(params=plan.params, upstream=readers, clip_ids=[r["clip_id"] for r in rows], rows=rows, log=log)
             arrays = plan.stage.fit(ctx)
-            tmp = sd.result_path + f".tmp-{uuid.uuid4().hex[:8]}"
-            write_part_file(tmp, arrays, {"stage": plan.stage.name, "fingerprint": plan.fingerprint, "soundstage_version": __version__,
-                                          "fit_key": key, "fit_clips": len(rows)})
-            commit_file(tmp, sd.result_path)
+            sd.write_result(arrays, {"fit_key": key, "fit_clips": len(rows)})
             if os.path.exists(pinned):
                 os.remove(pinned)
             summary.done = 1
