@@ -13,7 +13,7 @@ import pytest
 from soundstage.cache.store import RESULT_FORMAT, StageDir
 from soundstage.pipeline.executors import LocalExecutor, SlurmExecutor, stage_work
 from soundstage.pipeline.registry import STAGE_MODULES, register_stage
-from soundstage.pipeline.runner import manifest_rows, pending_clips, plan_stage, run_stage
+from soundstage.pipeline.runner import RunOptions, manifest_rows, pending_clips, plan_stage, run_stage
 from soundstage.pipeline.stage import ClipError, Field, Stage
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -48,7 +48,7 @@ def test_status_of_a_per_clip_output(manifest, tmp_path):
     plan = plan_stage(PER_CLIP, manifest, cache, {}, log=lambda *_: None)
     before = plan.dir.status(ids, whole_dataset=False)  # nothing there yet
     assert (before.done, before.failed, before.todo, before.complete) == (frozenset(), {}, ids, False)
-    run_stage(PER_CLIP, manifest, cache, shard=(0, 2), progress=False)
+    run_stage(PER_CLIP, manifest, cache, options=RunOptions(shard=(0, 2), progress=False))  # = shard=..., progress=...
     status = plan.dir.status(ids)
     done_by_hand = {cid for cid in ids if cid in plan.dir.committed_ids()}
     assert status.done == done_by_hand and 0 < len(done_by_hand) < 5

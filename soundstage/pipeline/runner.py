@@ -8,6 +8,7 @@ time limit) commit what is finished and stop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -17,6 +18,7 @@ import time
 import traceback
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
@@ -321,39 +323,38 @@ def _validate(stage: Stage, result: dict) -> dict:
     return {f.name: coerce_value(f, result[f.name]) for f in stage.fields}
 
 
-def run_stage(
-    stage: Stage,
-    manifest_path: str,
-    cache_root: str,
-    params: dict | None = None,
-    upstream_select: dict | None = None,
-    shard: tuple | None = None,
-    workers: int = 0,
-    batch_size: int | None = None,
-    commit_every: int = 256,
-    commit_seconds: float = 120.0,
-    progress: bool = True,
-    log=print,
-    fingerprint: str | None = None,
-    force: bool = False,
-    reuse_fit: str | None = None,
-    max_consecutive_errors: int = 20,
-) -> Summary:
+@dataclass
+class RunOptions:
+    """How a run goes; none of it changes what is stored (it is not in the fingerprint)."""
+
+    shard: tuple | None = None  # (index, count); default: the SLURM array task's, else all
+    workers: int = 0  # decoding worker processes (0: decode inline)
+    batch_size: int | None = None  # clips per process() call; default: the stage's
+    commit_every: int = 256  # clips per committed part
+    commit_seconds: float = 120.0  # ... or this long since the last commit
+    progress: bool = True
+    log: Callable = print
+    fingerprint: str | None = None  # the output planned at submission (array tasks check it)
+    force: bool = False  # recompute every selected clip (or refit)
+    reuse_fit: str | None = None  # whole-dataset stages: keep the stored fit with this key or fingerprint (prefix)
+    max_consecutive_errors: int = 20  # this many clips failing in a row, not for their input: SystemicFailure (0: never)
+
+
+def run_stage(stage: Stage, manifest_path: str, cache_root: str, params: dict | None = None,
+              upstream_select: dict | None = None, options: RunOptions | None = None, **option_values) -> Summary:
     """Run ``stage`` on one shard of a manifest; returns the summary (never raises for a clip).
 
-    Clips whose inputs changed since they were committed are recomputed (``stale``); ``force``
-    recomputes every selected clip. ``reuse_fit`` (whole-dataset stages): keep the stored fit
-    with this key or fingerprint (prefix) although the manifest's clips changed.
-
-    ``max_consecutive_errors`` clips failing in a row with errors that are not about their input
-    (not ``ClipError``, not a clip missing upstream) raise ``SystemicFailure`` (0: never)."""
+    ``options`` (or its fields as keywords: ``shard=(0, 4), workers=2``) say how (``RunOptions``).
+    Clips whose inputs changed since they were committed are recomputed (``stale``); clips failing
+    in a row with errors not about their input raise ``SystemicFailure``."""
+    opts = dataclasses.replace(options or RunOptions(), **option_values)
     start = time.monotonic()
-    shard = shard or shard_from_env() or (0, 1)
-    plan = plan_stage(stage, manifest_path, cache_root, params or {}, upstream_select, log=log, fingerprint=fingerprint)
+    shard = opts.shard or shard_from_env() or (0, 1)
+    plan = plan_stage(stage, manifest_path, cache_root, params or {}, upstream_select, log=opts.log, fingerprint=opts.fingerprint)
     summary = Summary(stage.name, plan.fingerprint, plan.dir.path, shard)
     if stage.kind == "global":
         plan.dir.initialise(plan.meta)
-        return _run_global(plan, summary, start, log, force, reuse_fit)
+        return _run_global(plan, summary, start, opts.log, opts.force, opts.reuse_fit)
 
     rows, bad_rows = manifest_rows(manifest_path, stage)
     mine = select_shard(rows, *shard)
@@ -368,7 +369,7 @@ def run_stage(
         plan.dir.remove_stale_temp_files(writer_prefix)
         readers = upstream_readers(plan)
         plan.clip_digests = clip_digests(stage.reads, plan.manifest_dir, mine, readers)
-        selection = select_work(mine, committed_index(plan.dir), plan.clip_digests, force)
+        selection = select_work(mine, committed_index(plan.dir), plan.clip_digests, opts.force)
         todo = selection.todo
         summary.cached, summary.stale, summary.undigested = selection.cached, selection.stale, selection.undigested
         for cid, cause in bad_rows:  # unusable manifest rows: each reported by the shard of its id
@@ -377,23 +378,23 @@ def run_stage(
             plan.dir.record_failure(writer_id, cid, cause)
             summary.failed.append((cid, cause))
         if todo:
-            _process_clips(plan, todo, summary, writer_id, stop, workers, batch_size or stage.default_batch_size,
-                           commit_every, commit_seconds, progress, max_consecutive_errors, readers, model)
+            _process_clips(plan, todo, summary, writer_id, stop, opts, readers, model)
     summary.seconds = time.monotonic() - start
     return summary
 
 
-def _process_clips(plan, todo, summary, writer_id, stop, workers, batch_size, commit_every, commit_seconds, progress,
-                   max_consecutive_errors, readers, model=None):
+def _process_clips(plan, todo, summary, writer_id, stop, opts: RunOptions, readers, model=None):
     stage, params = plan.stage, plan.params
+    workers, batch_size = opts.workers, opts.batch_size or stage.default_batch_size
+    max_consecutive_errors = opts.max_consecutive_errors
     ctx = LoadContext(params=params, upstream=readers, manifest_dir=plan.manifest_dir)
     if model is None and stage.setup:
         model = stage.setup(params)
     if stage.metadata:
         plan.dir.set_metadata(stage.metadata(model, params))
-    buffer = _PartBuffer(plan, writer_id, commit_every, commit_seconds)
+    buffer = _PartBuffer(plan, writer_id, opts.commit_every, opts.commit_seconds)
     buckets: dict = {}
-    bar = _progress_bar(len(todo), f"{stage.name} {summary.shard[0]}/{summary.shard[1]}", progress)
+    bar = _progress_bar(len(todo), f"{stage.name} {summary.shard[0]}/{summary.shard[1]}", opts.progress)
 
     streak = []  # causes of the clips failing in a row with errors not about their input
 
@@ -502,4 +503,4 @@ def _run_global(plan: Plan, summary: Summary, start: float, log, force: bool = F
     return summary
 
 
-__all__ = ["Plan", "PlanError", "Summary", "SystemicFailure", "pending_clips", "plan_stage", "run_stage"]
+__all__ = ["Plan", "PlanError", "RunOptions", "Summary", "SystemicFailure", "pending_clips", "plan_stage", "run_stage"]
