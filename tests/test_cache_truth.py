@@ -463,3 +463,16 @@ def test_units_follow_an_edited_num_frames_and_kmeans_refits_for_a_bigger_manife
     again = run_stage(get_stage("units"), full, cache, {"top_k": 2}, **quiet)
     assert (again.done, again.stale, again.cached) == (1, 1, 4)
     assert open_stage(units.path)[clip]["frame_hist"].shape == (3, 3)
+
+
+def test_a_recomputed_clip_wins_even_when_the_writing_node_s_clock_is_behind(wavs, monkeypatch):
+    root, rows, manifest, cache = wavs
+    stats = run_stage(AUDIO_STATS, manifest, cache, commit_every=2, progress=False)
+    fixed = rows[0]
+    quiet = tone(fixed["sr"], fixed["seconds"], 300, 0.01)
+    sf.write(os.path.join(root, fixed["audio_path"]), quiet if fixed["channels"] == 1 else np.stack([quiet] * 2, 1), fixed["sr"])
+    monkeypatch.setattr(time, "time_ns", lambda: 1_000)  # this node's clock is far behind the first writer's
+    assert run_stage(AUDIO_STATS, manifest, cache, progress=False).stale == 1
+    assert open_stage(stats.path)[fixed["clip_id"]]["rms_db"].max() < -40  # the new, quiet version
+    assert compact_stage(StageDir(stats.path), 10_000_000, "compact-test")[1] == 1
+    assert open_stage(stats.path)[fixed["clip_id"]]["rms_db"].max() < -40

@@ -85,6 +85,7 @@ def committed_index(sd: StageDir) -> dict[str, ClipVersion]:
     """clip id -> its newest committed version. Refuses (naming the files) an output with parts
     that ``verify`` found bad and that are not quarantined yet."""
     headers = part_headers(sd)
+    sd.commit_floor_ns = max([sd.commit_floor_ns, *(h.committed_ns + 1 for h in headers)])
     verdicts = load_verdicts(sd)
     bad = {h.path: problems for h in headers if (problems := verdict(verdicts, h.path))}
     if bad:

@@ -195,6 +195,7 @@ def compact_stage(sd: StageDir, target_bytes: int, writer_id: str) -> tuple[int,
         fields = sd.fields()
         headers = part_headers(sd)
         newest = newest_versions(headers)
+        sd.commit_floor_ns = max([sd.commit_floor_ns, *(h.committed_ns + 1 for h in headers)])
         small = [h for h in headers if os.path.getsize(h.path) < target_bytes]
         if len(small) < 2:
             return len(headers), len(headers)

@@ -237,6 +237,10 @@ class StageDir:
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
+        # parts written through this object get a commit time above this (set when the committed
+        # index is read), so a recomputed clip is newer than the version it replaces even when
+        # the clocks of the nodes that wrote them disagree
+        self.commit_floor_ns = 0
 
     @classmethod
     def at(cls, cache_root: str, stage: str, fingerprint: str) -> StageDir:
@@ -354,7 +358,7 @@ class StageDir:
             "fingerprint": meta["fingerprint"],
             "fields": json.dumps(field_schema(fields)),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "committed_ns": time.time_ns(),  # orders versions of a clip: the newest wins
+            "committed_ns": max(time.time_ns(), self.commit_floor_ns),  # orders versions of a clip: the newest wins
             "soundstage_version": __version__,
         }
         write_part_file(tmp, columns, attrs)
