@@ -295,3 +295,13 @@ def test_fail_mode_ignores_empty_captions():
     result.update(clip_status="error", clip_attempts=3, clip_detail="HTTP 500")
     with pytest.raises(ClipError, match="clip-level question: HTTP 500"):
         _fail_on_unanswered(result, 2)
+
+
+def test_retry_after_takes_seconds_and_http_dates():
+    from soundstage.llm.backends import _seconds
+
+    now = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+    assert _seconds("7") == 7.0
+    assert _seconds("Tue, 14 Nov 2023 22:13:50 GMT", now=now) == 30.0  # the HTTP-date form
+    assert _seconds("Tue, 14 Nov 2023 22:13:00 GMT", now=now) == 0.0  # already past
+    assert _seconds("soon") == _seconds(None) == 0.0

@@ -17,6 +17,7 @@ gets the same answer.
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import json
 import logging
@@ -163,12 +164,19 @@ class OpenAIChatEndpoint:
         return content if isinstance(content, str) else ""
 
 
-def _seconds(retry_after: str | None) -> float:
-    """A Retry-After header in seconds (the HTTP-date form is rare for APIs: ignored)."""
-    try:
-        return max(0.0, float(retry_after)) if retry_after else 0.0
-    except ValueError:
+def _seconds(retry_after: str | None, now: float | None = None) -> float:
+    """A Retry-After header in seconds: delay-seconds, or an HTTP-date (RFC 9110 allows both)."""
+    if not retry_after:
         return 0.0
+    try:
+        return max(0.0, float(retry_after))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(retry_after)
+    except (TypeError, ValueError):
+        return 0.0  # unreadable: the client's own backoff applies
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def chat_completions_url(url: str) -> str:
