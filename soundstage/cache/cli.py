@@ -12,8 +12,15 @@ from soundstage.cache import gc, quarantine
 from soundstage.cache.maintenance import compact_stage, stage_status, verify_stage
 from soundstage.cache.store import CacheError, StageDir, iter_stage_dirs
 
-CACHE_OPTION = click.option("--cache", "cache_root", type=click.Path(file_okay=False), envvar="SOUNDSTAGE_CACHE",
-                            default="cache", show_default=True, help="cache root")
+CACHE_OPTION = click.option(
+    "--cache",
+    "cache_root",
+    type=click.Path(file_okay=False),
+    envvar="SOUNDSTAGE_CACHE",
+    default="cache",
+    show_default=True,
+    help="cache root",
+)
 STAGE_OPTION = click.option("--stage", "stage_name", help="only this stage")
 
 
@@ -39,8 +46,10 @@ def status(cache_root, stage_name, as_json):
     for r in rows:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
         ups = ", ".join(f"{a}={u['stage']}/{u['fingerprint']}" for a, u in r["upstream"].items())
-        click.echo(f"{r['stage']:<12} {r['fingerprint']}  done {r['done']:>7}  failed {r['failed']:>5}  "
-                   f"{r['parts']:>4} parts  {r['bytes'] / 1e6:9.1f} MB")
+        click.echo(
+            f"{r['stage']:<12} {r['fingerprint']}  done {r['done']:>7}  failed {r['failed']:>5}  "
+            f"{r['parts']:>4} parts  {r['bytes'] / 1e6:9.1f} MB"
+        )
         click.echo(f"    {params}" + (f"  <- {ups}" if ups else ""))
         click.echo(f"    {r['path']}")
         for line in status_notes(r):
@@ -59,16 +68,21 @@ def status_notes(r: dict) -> list[str]:
             p = fit["pinned"]
             lines.append(f"pinned with --reuse-fit for a manifest of {p['clips']} clips ({p['time']})")
     if r.get("no_input_digest"):
-        lines.append(f"{r['no_input_digest']} clip(s) without input digest (computed before soundstage recorded "
-                     "inputs): trusted as they are; --force recomputes them")
+        lines.append(
+            f"{r['no_input_digest']} clip(s) without input digest (computed before soundstage recorded "
+            "inputs): trusted as they are; --force recomputes them"
+        )
     return lines
 
 
 @click.command()
 @CACHE_OPTION
 @STAGE_OPTION
-@click.option("--repair", is_flag=True, help="move every bad part to quarantine/ in its output; the next run of the "
-              "stage recomputes exactly their clips")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="move every bad part to quarantine/ in its output; the next run of the stage recomputes exactly their clips",
+)
 @click.argument("dirs", nargs=-1, type=click.Path(exists=True, file_okay=False))
 def verify(cache_root, stage_name, repair, dirs):
     """Check every committed part: opens, checksums, unique clip ids, consistent offsets.
@@ -149,8 +163,10 @@ def rm(cache_root, with_dependents, dry_run, selector):
     for sd in readers:
         click.echo(f"depends on it: {os.path.relpath(sd.path, cache_root)}")
     if readers and not with_dependents:
-        raise click.ClickException(f"{len(readers)} output(s) read {os.path.relpath(target.path, cache_root)} (listed "
-                                   "above); pass --dependents to remove them too")
+        raise click.ClickException(
+            f"{len(readers)} output(s) read {os.path.relpath(target.path, cache_root)} (listed "
+            "above); pass --dependents to remove them too"
+        )
     for sd in [*reversed(readers), target]:
         _remove(sd, cache_root, dry_run)
 

@@ -21,8 +21,16 @@ class CachedClips(torch.utils.data.Dataset):
     value (e.g. ``split="train"``). Readers open their files lazily in each worker process.
     """
 
-    def __init__(self, manifest: str, stages: dict, fields: dict | None = None, missing: str = "error",
-                 as_tensors: bool = True, log=print, **filters):
+    def __init__(
+        self,
+        manifest: str,
+        stages: dict,
+        fields: dict | None = None,
+        missing: str = "error",
+        as_tensors: bool = True,
+        log=print,
+        **filters,
+    ):
         if missing not in ("error", "drop"):
             raise ValueError("missing must be 'error' or 'drop'")
         df = read_manifest(manifest)
@@ -41,8 +49,10 @@ class CachedClips(torch.utils.data.Dataset):
         if absent:
             listing = "; ".join(f"{name}: {len(ids)} clips (e.g. {', '.join(ids[:3])})" for name, ids in absent.items())
             if missing == "error":
-                raise KeyError(f"clips of the manifest missing from the cache — {listing}. "
-                               "Run the stage(s) for them, or pass missing='drop' to leave them out")
+                raise KeyError(
+                    f"clips of the manifest missing from the cache — {listing}. "
+                    "Run the stage(s) for them, or pass missing='drop' to leave them out"
+                )
             log(f"leaving out clips missing from the cache — {listing}")
             gone = {cid for ids in absent.values() for cid in ids}
             rows = [r for r in rows if r["clip_id"] not in gone]

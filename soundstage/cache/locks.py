@@ -106,20 +106,26 @@ def writer_lock(sd: StageDir, shard: tuple[int, int] | None):
     with _admission(sd):
         shared = _try_lock(os.path.join(sd.locks_dir, OUTPUT_LOCK), fcntl.LOCK_SH)
         if shared is None:
-            raise OutputBusy(f"{sd.path} is being compacted, repaired or removed "
-                             f"({_read(os.path.join(sd.locks_dir, OUTPUT_LOCK))}); run again when that is done")
+            raise OutputBusy(
+                f"{sd.path} is being compacted, repaired or removed "
+                f"({_read(os.path.join(sd.locks_dir, OUTPUT_LOCK))}); run again when that is done"
+            )
         try:
             shard_lock.__enter__()  # ShardLocked: another writer of this very shard
             if shard is not None:
-                others = [(n, h) for n, h in live_writers(sd, skip=f"{name}.lock")
-                          if (m := _SHARD_LOCK.match(n)) and int(m.group(2)) != shard[1]]
+                others = [
+                    (n, h)
+                    for n, h in live_writers(sd, skip=f"{name}.lock")
+                    if (m := _SHARD_LOCK.match(n)) and int(m.group(2)) != shard[1]
+                ]
                 if others:
                     lock_name, holder = others[0]
                     count = _SHARD_LOCK.match(lock_name).group(2)
                     raise ShardCountConflict(
                         f"a writer with {count} shards is running on {sd.path} ({lock_name}: {holder}); shards of "
                         f"different counts overlap, so --shard {shard[0]}/{shard[1]} would compute the same clips "
-                        f"again: use --shard i/{count} while it runs, or wait for it to finish")
+                        f"again: use --shard i/{count} while it runs, or wait for it to finish"
+                    )
         except BaseException:
             shard_lock.__exit__()
             _release(shared)
@@ -139,8 +145,11 @@ def exclusive_lock(sd: StageDir, action: str):
         fd = _try_lock(path, fcntl.LOCK_EX)
         if fd is None:
             writers = live_writers(sd)
-            who = (f"a writer is running ({writers[0][0]}: {writers[0][1]})" if writers
-                   else f"another maintenance command holds it ({_read(path)})")
+            who = (
+                f"a writer is running ({writers[0][0]}: {writers[0][1]})"
+                if writers
+                else f"another maintenance command holds it ({_read(path)})"
+            )
             raise OutputBusy(f"cannot {action} {sd.path}: {who}; run again when it is done")
         os.ftruncate(fd, 0)
         os.write(fd, f"{action}: {_holder_text()}".encode())

@@ -21,9 +21,19 @@ def stage_status(sd: StageDir) -> dict:
     try:
         meta = sd.meta()
     except Exception as e:
-        return {"stage": os.path.basename(os.path.dirname(sd.path)), "fingerprint": os.path.basename(sd.path),
-                "kind": "?", "path": sd.path, "params": {}, "upstream": {}, "done": 0, "failed": 0, "parts": 0,
-                "bytes": 0, "broken": [f"{sd.meta_path}: unreadable ({e})"]}
+        return {
+            "stage": os.path.basename(os.path.dirname(sd.path)),
+            "fingerprint": os.path.basename(sd.path),
+            "kind": "?",
+            "path": sd.path,
+            "params": {},
+            "upstream": {},
+            "done": 0,
+            "failed": 0,
+            "parts": 0,
+            "bytes": 0,
+            "broken": [f"{sd.meta_path}: unreadable ({e})"],
+        }
     parts, broken, extra = sd.part_paths(), [], {}
     done_ids, fitted = set(), False
     if meta.get("kind") == "global":  # one result, no clips

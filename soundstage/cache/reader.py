@@ -122,8 +122,9 @@ class StageReader(Mapping):
             p, row = self.index[clip_id]
         except KeyError:
             meta = self.meta
-            raise MissingClip(f"no {meta['stage']} output for clip {clip_id} in {meta['fingerprint']} "
-                              "(not computed yet, or it failed there)") from None
+            raise MissingClip(
+                f"no {meta['stage']} output for clip {clip_id} in {meta['fingerprint']} (not computed yet, or it failed there)"
+            ) from None
         try:
             return self._read(p, row)
         except FileNotFoundError:  # the part was replaced (compaction): find the clip again

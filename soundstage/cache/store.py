@@ -300,9 +300,18 @@ class StageDir:
         """Commit a whole-dataset result (``result.h5``) atomically, replacing an earlier one."""
         tmp = self.result_path + f".tmp-{uuid.uuid4().hex[:8]}"
         meta = self.meta()
-        write_part_file(tmp, arrays, {"format": RESULT_FORMAT, "stage": meta["stage"], "fingerprint": meta["fingerprint"],
-                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "soundstage_version": __version__,
-                                      **attrs})
+        write_part_file(
+            tmp,
+            arrays,
+            {
+                "format": RESULT_FORMAT,
+                "stage": meta["stage"],
+                "fingerprint": meta["fingerprint"],
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "soundstage_version": __version__,
+                **attrs,
+            },
+        )
         commit_file(tmp, self.result_path)
 
     def fields(self) -> list[Field]:
@@ -340,12 +349,21 @@ class StageDir:
                 with h5py.File(path, "r") as h5:
                     done.update(h5["clip_id"].asstr()[...].tolist())
             except Exception as e:  # name the file: h5py's message does not
-                raise CacheError(f"{path}: unreadable part file ({type(e).__name__}: {e}); run `soundstage verify "
-                                 f"--repair {self.path}` to move it to quarantine/") from None
+                raise CacheError(
+                    f"{path}: unreadable part file ({type(e).__name__}: {e}); run `soundstage verify "
+                    f"--repair {self.path}` to move it to quarantine/"
+                ) from None
         return done
 
-    def write_part(self, writer_id: str, seq: int, fields: list[Field], rows: list[tuple[str, dict]], meta: dict,
-                   digests: list[str] | None = None) -> str:
+    def write_part(
+        self,
+        writer_id: str,
+        seq: int,
+        fields: list[Field],
+        rows: list[tuple[str, dict]],
+        meta: dict,
+        digests: list[str] | None = None,
+    ) -> str:
         """Commit ``rows`` as one part; ``digests``: per clip, the digest of its inputs ("" unknown)."""
         columns = pack_columns(fields, rows)
         if digests is not None:

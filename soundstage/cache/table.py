@@ -45,5 +45,6 @@ def _utf8_text(path: str) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         row = raw[: e.start].count(b"\n") + 1
-        raise ManifestError(f"manifest {path}: row {row} is not UTF-8 (byte 0x{raw[e.start]:02x}); "
-                            "re-save the file as UTF-8") from None
+        raise ManifestError(
+            f"manifest {path}: row {row} is not UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8"
+        ) from None

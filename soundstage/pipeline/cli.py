@@ -19,26 +19,53 @@ from soundstage.pipeline.task_args import stage_cli_args
 
 # The runner's own options, shared by every stage: name -> click option arguments.
 RUNNER_OPTIONS = {
-    "manifest": dict(type=click.Path(dir_okay=False), envvar="SOUNDSTAGE_MANIFEST", help="manifest CSV/Parquet (one row per clip)"),
-    "cache": dict(type=click.Path(file_okay=False), envvar="SOUNDSTAGE_CACHE", default="cache", show_default=True, help="cache root"),
-    "config": dict(type=click.Path(exists=True, dir_okay=False), help="pipeline YAML: manifest, cache and stage parameters (options override it)"),
+    "manifest": dict(
+        type=click.Path(dir_okay=False), envvar="SOUNDSTAGE_MANIFEST", help="manifest CSV/Parquet (one row per clip)"
+    ),
+    "cache": dict(
+        type=click.Path(file_okay=False), envvar="SOUNDSTAGE_CACHE", default="cache", show_default=True, help="cache root"
+    ),
+    "config": dict(
+        type=click.Path(exists=True, dir_okay=False),
+        help="pipeline YAML: manifest, cache and stage parameters (options override it)",
+    ),
     "shard": dict(type=str, help="run shard INDEX/COUNT only (default: from SLURM_ARRAY_TASK_ID, else all)"),
-    "jobs": dict(type=click.IntRange(min=1), default=1, show_default=True, help="run this many local shards in parallel processes"),
-    "workers": dict(type=click.IntRange(min=0), default=min(4, os.cpu_count() or 1), show_default=True, help="decoding worker processes per shard (0: decode inline)"),
+    "jobs": dict(
+        type=click.IntRange(min=1), default=1, show_default=True, help="run this many local shards in parallel processes"
+    ),
+    "workers": dict(
+        type=click.IntRange(min=0),
+        default=min(4, os.cpu_count() or 1),
+        show_default=True,
+        help="decoding worker processes per shard (0: decode inline)",
+    ),
     "batch_size": dict(type=click.IntRange(min=1), help="clips per model call (default: the stage's)"),
     "commit_every": dict(type=click.IntRange(min=1), default=256, show_default=True, help="clips per committed part file"),
     "progress": dict(default=True, show_default=True, help="show a progress bar"),
-    "max_consecutive_errors": dict(type=click.IntRange(min=0), default=20, show_default=True,
-                                   help="stop when this many clips in a row fail with errors that are not about their "
-                                   "input (a broken model or GPU, not a bad clip); 0: never stop"),
+    "max_consecutive_errors": dict(
+        type=click.IntRange(min=0),
+        default=20,
+        show_default=True,
+        help="stop when this many clips in a row fail with errors that are not about their "
+        "input (a broken model or GPU, not a bad clip); 0: never stop",
+    ),
     "force": dict(is_flag=True, help="recompute every selected clip (or refit), even those cached with the same inputs"),
-    "reuse_fit": dict(type=str, help="whole-dataset stage: keep the stored fit with this fit key or fingerprint "
-                      "(prefix) although the manifest's clips changed since it was fitted"),
-    "fingerprint": dict(type=str, help="the output planned when the run was submitted (array tasks): its stage.json "
-                        "is checked against these options instead of hashing the models again"),
-    "allow_failed_clips": dict(is_flag=True, help="exit 0 when every clip was tried and the only problems are "
-                               "recorded clip failures (pipeline jobs use this, so one bad clip does not stop "
-                               "the stages below; they record it as failed too)"),
+    "reuse_fit": dict(
+        type=str,
+        help="whole-dataset stage: keep the stored fit with this fit key or fingerprint "
+        "(prefix) although the manifest's clips changed since it was fitted",
+    ),
+    "fingerprint": dict(
+        type=str,
+        help="the output planned when the run was submitted (array tasks): its stage.json "
+        "is checked against these options instead of hashing the models again",
+    ),
+    "allow_failed_clips": dict(
+        is_flag=True,
+        help="exit 0 when every clip was tried and the only problems are "
+        "recorded clip failures (pipeline jobs use this, so one bad clip does not stop "
+        "the stages below; they record it as failed too)",
+    ),
 }
 
 # Options that say where and how to run, passed to the executors rather than the runner.
@@ -89,8 +116,11 @@ def stage_command(stage: Stage) -> click.Command:
         raise ValueError(f"stage {stage.name}: parameter name(s) {sorted(clash)} are runner options")
     options = [_make_option(n, s) for n, s in RUNNER_OPTIONS.items()]
     options += [
-        click.Option([f"--{up.stage}", _upstream_dest(up.stage)], type=str,
-                     help=f"which {up.stage} output to read: FINGERPRINT or key=value,... of its parameters")
+        click.Option(
+            [f"--{up.stage}", _upstream_dest(up.stage)],
+            type=str,
+            help=f"which {up.stage} output to read: FINGERPRINT or key=value,... of its parameters",
+        )
         for up in stage.upstream
     ]
     options += [_param_option(p) for p in stage.params]
@@ -117,7 +147,9 @@ def invoke_stage(stage: Stage, values: dict, is_default) -> int:
     upstream_select = {up.stage: values[_upstream_dest(up.stage)] for up in stage.upstream if values[_upstream_dest(up.stage)]}
     params = {p.name: values[p.name] for p in stage.params}
     manifest, cache = values["manifest"], values["cache"]
-    resources = {k: values[k] for k in EXECUTOR_OPTIONS if k not in ("executor", "shards", "wait", "dry_run") and values[k] is not None}
+    resources = {
+        k: values[k] for k in EXECUTOR_OPTIONS if k not in ("executor", "shards", "wait", "dry_run") and values[k] is not None
+    }
 
     if values["config"]:
         from soundstage.pipeline.pipeline_file import load_pipeline
@@ -140,17 +172,41 @@ def invoke_stage(stage: Stage, values: dict, is_default) -> int:
         from soundstage.pipeline.executors import launch_stage
 
         cli_args = stage_cli_args(stage, params, manifest, cache, upstream_select, values)
-        return launch_stage(stage, cli_args, manifest=manifest, cache=cache, params=params, upstream_select=upstream_select,
-                            executor=values["executor"], shards=values["shards"] or 1, wait=values["wait"],
-                            dry_run=values["dry_run"], resources=resources, force=values["force"], reuse_fit=values["reuse_fit"])
+        return launch_stage(
+            stage,
+            cli_args,
+            manifest=manifest,
+            cache=cache,
+            params=params,
+            upstream_select=upstream_select,
+            executor=values["executor"],
+            shards=values["shards"] or 1,
+            wait=values["wait"],
+            dry_run=values["dry_run"],
+            resources=resources,
+            force=values["force"],
+            reuse_fit=values["reuse_fit"],
+        )
 
     from soundstage.pipeline.local import run_local
 
-    summary = run_local(stage, manifest, cache, params, upstream_select,
-                        shard=values["shard"], jobs=values["shards"] or values["jobs"], workers=values["workers"],
-                        batch_size=values["batch_size"], commit_every=values["commit_every"], progress=values["progress"],
-                        fingerprint=values["fingerprint"], max_consecutive_errors=values["max_consecutive_errors"],
-                        force=values["force"], reuse_fit=values["reuse_fit"])
+    summary = run_local(
+        stage,
+        manifest,
+        cache,
+        params,
+        upstream_select,
+        shard=values["shard"],
+        jobs=values["shards"] or values["jobs"],
+        workers=values["workers"],
+        batch_size=values["batch_size"],
+        commit_every=values["commit_every"],
+        progress=values["progress"],
+        fingerprint=values["fingerprint"],
+        max_consecutive_errors=values["max_consecutive_errors"],
+        force=values["force"],
+        reuse_fit=values["reuse_fit"],
+    )
     click.echo(summary.format())
     if values["allow_failed_clips"] and not summary.interrupted:
         return 0

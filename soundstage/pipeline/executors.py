@@ -70,8 +70,16 @@ class StageWork:
         return "the whole-dataset result" if self.whole_dataset else f"{len(self.missing)} missing clip(s)"
 
 
-def stage_work(stage: Stage, params: dict, upstream_select: dict, stage_dir: StageDir, rows: list[dict],
-               meta: dict | None = None, manifest_dir: str | None = None, **how) -> StageWork:
+def stage_work(
+    stage: Stage,
+    params: dict,
+    upstream_select: dict,
+    stage_dir: StageDir,
+    rows: list[dict],
+    meta: dict | None = None,
+    manifest_dir: str | None = None,
+    **how,
+) -> StageWork:
     """What of ``stage_dir`` is left for ``rows``; with ``manifest_dir``, committed clips whose
     inputs changed since (stale) count as left too. ``how``: the other ``StageWork`` fields."""
     stale = outdated(stage, stage_dir, rows, manifest_dir, meta) if manifest_dir else set()
@@ -113,8 +121,11 @@ def slurm_job(work: StageWork) -> slurm.SlurmJob:
     """The array job (or single job, for a whole-dataset stage) that finishes ``work``."""
     stage, array = work.stage, not work.whole_dataset
     shard_ids = work.missing_shards(work.shards) if array else None
-    what = (f"shards {slurm.array_spec(shard_ids)} of {work.shards} ({len(work.missing)} clips missing)" if array
-            else "one job: whole-dataset stage")
+    what = (
+        f"shards {slurm.array_spec(shard_ids)} of {work.shards} ({len(work.missing)} clips missing)"
+        if array
+        else "one job: whole-dataset stage"
+    )
     return slurm.SlurmJob(
         name=job_name(stage.name),
         command=[*slurm.SOUNDSTAGE_COMMAND, stage.name, *work.cli_args],
@@ -167,15 +178,25 @@ class LocalExecutor(Executor):
                 self.out(f"{name} {os.path.basename(work.dir.path)}: complete in the cache, skipped")
                 continue
             if self.dry_run:
-                self.out(f"would run {name} {os.path.basename(work.dir.path)} on {work.describe_missing()} "
-                         f"in {work.shards} local process(es)")
+                self.out(
+                    f"would run {name} {os.path.basename(work.dir.path)} on {work.describe_missing()} "
+                    f"in {work.shards} local process(es)"
+                )
                 continue
             fingerprint = None
             if work.meta is not None:  # planned: the run checks it instead of hashing the models again
                 work.dir.initialise(work.meta)
                 fingerprint = work.meta["fingerprint"]
-            summary = run_local(work.stage, self.manifest, self.cache, work.params, work.upstream_select, jobs=work.shards,
-                                fingerprint=fingerprint, **options)
+            summary = run_local(
+                work.stage,
+                self.manifest,
+                self.cache,
+                work.params,
+                work.upstream_select,
+                jobs=work.shards,
+                fingerprint=fingerprint,
+                **options,
+            )
             self.out(summary.format())
             ran = ran or summary.done > 0
             if summary.interrupted:
@@ -231,8 +252,11 @@ class SlurmExecutor(Executor):
         if bad:
             log_dirs = {jid: job.log_dir for _, job in planned if job for jid in submission.job_ids.get(job.name, [])}
             logs = sorted({log_dirs[t.split("_")[0]] for t in bad if t.split("_")[0] in log_dirs})
-            out(f"{len(bad)} SLURM task(s) did not complete: " + ", ".join(f"{t} {s}" for t, s in sorted(bad.items())[:20])
-                + (f" (logs: {', '.join(logs)})" if logs else ""))
+            out(
+                f"{len(bad)} SLURM task(s) did not complete: "
+                + ", ".join(f"{t} {s}" for t, s in sorted(bad.items())[:20])
+                + (f" (logs: {', '.join(logs)})" if logs else "")
+            )
         return report(works, self.rows(), out)
 
 
@@ -249,26 +273,61 @@ def _manifest_dir(manifest: str) -> str:
 # ------------------------------------------------------------------------------- entry points
 
 
-def launch_stage(stage: Stage, cli_args: list[str], *, manifest: str, cache: str, params: dict, upstream_select: dict | None,
-                 executor: str, shards: int, wait: bool, dry_run: bool, resources: dict | None,
-                 poll_seconds: float | None = None, out=click.echo, force: bool = False, reuse_fit: str | None = None) -> int:
+def launch_stage(
+    stage: Stage,
+    cli_args: list[str],
+    *,
+    manifest: str,
+    cache: str,
+    params: dict,
+    upstream_select: dict | None,
+    executor: str,
+    shards: int,
+    wait: bool,
+    dry_run: bool,
+    resources: dict | None,
+    poll_seconds: float | None = None,
+    out=click.echo,
+    force: bool = False,
+    reuse_fit: str | None = None,
+) -> int:
     """Run one stage command on ``shards`` shards: locally, or as a SLURM array job (``cli_args``
     are the stage command's own arguments; each array task adds ``--shard i/N``). ``force``:
     every clip is to be recomputed (the tasks get ``--force`` through ``cli_args``)."""
     rows, _ = manifest_rows(manifest)
     plan = plan_stage(stage, manifest, cache, params, upstream_select, log=out)
-    work = stage_work(stage, plan.params, upstream_select or {}, plan.dir, rows, plan.meta, _manifest_dir(manifest),
-                      force=force, shards=shards, cli_args=[*cli_args, "--fingerprint", plan.fingerprint],
-                      resources=resources or {})
+    work = stage_work(
+        stage,
+        plan.params,
+        upstream_select or {},
+        plan.dir,
+        rows,
+        plan.meta,
+        _manifest_dir(manifest),
+        force=force,
+        shards=shards,
+        cli_args=[*cli_args, "--fingerprint", plan.fingerprint],
+        resources=resources or {},
+    )
     if executor == "local":
         runner = LocalExecutor(manifest, cache, dry_run, out, runner_options={"force": force or None, "reuse_fit": reuse_fit})
         return runner.run([work])
     return SlurmExecutor(manifest, cache, dry_run, out, wait=wait, poll_seconds=poll_seconds).run([work])
 
 
-def run_pipeline(pipe, targets: list[str] | None, *, executor: str = "local", shards: int | None = None, jobs: int = 1,
-                 workers: int | None = None, wait: bool = False, dry_run: bool = False, poll_seconds: float | None = None,
-                 out=click.echo) -> int:
+def run_pipeline(
+    pipe,
+    targets: list[str] | None,
+    *,
+    executor: str = "local",
+    shards: int | None = None,
+    jobs: int = 1,
+    workers: int | None = None,
+    wait: bool = False,
+    dry_run: bool = False,
+    poll_seconds: float | None = None,
+    out=click.echo,
+) -> int:
     """``soundstage run``: the target stages and their upstream stages, upstream first, each skipped
     when the cache holds it complete. A stage whose clips failed (recorded in the cache) does not
     stop the stages below: they record those clips as failed too and the exit status says so; an
@@ -285,12 +344,29 @@ def run_pipeline(pipe, targets: list[str] | None, *, executor: str = "local", sh
         stage = get_stage(name)
         meta = expected_meta(name, pipe.stages)
         params, select = pipe.stages.get(name, {}), pipe.upstream_select(name)
-        how = {"shards": shards or jobs} if executor == "local" else {
-            "shards": shards or pipe.shards.get(name) or 1, "resources": pipe.resources.get(name, {}),
-            "cli_args": stage_cli_args(stage, params, pipe.manifest, cache, select, {"workers": workers},
-                                       fingerprint=meta["fingerprint"])}
-        works.append(stage_work(stage, params, select, StageDir.at(cache, name, meta["fingerprint"]), rows, meta,
-                                _manifest_dir(pipe.manifest), **how))
+        how = (
+            {"shards": shards or jobs}
+            if executor == "local"
+            else {
+                "shards": shards or pipe.shards.get(name) or 1,
+                "resources": pipe.resources.get(name, {}),
+                "cli_args": stage_cli_args(
+                    stage, params, pipe.manifest, cache, select, {"workers": workers}, fingerprint=meta["fingerprint"]
+                ),
+            }
+        )
+        works.append(
+            stage_work(
+                stage,
+                params,
+                select,
+                StageDir.at(cache, name, meta["fingerprint"]),
+                rows,
+                meta,
+                _manifest_dir(pipe.manifest),
+                **how,
+            )
+        )
     if executor == "local":
         return LocalExecutor(pipe.manifest, cache, dry_run, out, runner_options={"workers": workers}).run(works)
     return SlurmExecutor(pipe.manifest, cache, dry_run, out, wait=wait, poll_seconds=poll_seconds).run(works)

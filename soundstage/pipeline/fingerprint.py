@@ -115,6 +115,10 @@ def plan_mismatch(stage: Stage, params: dict, meta: dict) -> str | None:
         return f"it belongs to {meta.get('stage')} version {meta.get('version')}, not {stage.name} version {stage.version}"
     shown = shown_params(stage, params)
     if canonical_json(shown) != canonical_json(meta.get("params", {})):
-        diff = {k: (meta.get("params", {}).get(k), v) for k, v in shown.items() if canonical_json(v) != canonical_json(meta.get("params", {}).get(k))}
+        diff = {
+            k: (meta.get("params", {}).get(k), v)
+            for k, v in shown.items()
+            if canonical_json(v) != canonical_json(meta.get("params", {}).get(k))
+        }
         return "planned with other parameters: " + ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in diff.items())
     return None

@@ -106,8 +106,9 @@ def current_fit_key(rows: list[dict], readers: dict) -> str:
     return fit_key({r["clip_id"]: upstream_digests(readers, r["clip_id"]) for r in rows})
 
 
-def fit_decision(stored_key: str | None, stored_clips: int, key: str, clips: int, fingerprint: str, force: bool,
-                 reuse_fit: str | None) -> tuple[bool, str | None]:
+def fit_decision(
+    stored_key: str | None, stored_clips: int, key: str, clips: int, fingerprint: str, force: bool, reuse_fit: str | None
+) -> tuple[bool, str | None]:
     """(reuse the stored fit?, a note for the summary) for a whole-dataset stage with a result."""
     if force:
         return False, "refitting: --force"
@@ -115,9 +116,14 @@ def fit_decision(stored_key: str | None, stored_clips: int, key: str, clips: int
         return True, None
     if reuse_fit:
         if (stored_key or "").startswith(reuse_fit) or fingerprint.startswith(reuse_fit):
-            return True, (f"reusing the fit pinned with --reuse-fit (fitted on {stored_clips if stored_clips >= 0 else 'unknown'} "
-                          f"clips; this manifest has {clips})")
+            return True, (
+                f"reusing the fit pinned with --reuse-fit (fitted on {stored_clips if stored_clips >= 0 else 'unknown'} "
+                f"clips; this manifest has {clips})"
+            )
         raise ValueError(f"--reuse-fit {reuse_fit}: the stored fit has key {stored_key} (output {fingerprint})")
-    why = ("it was fitted before soundstage recorded the clips of a fit" if stored_key is None
-           else f"the clips changed since the fit ({stored_clips} clips, key {stored_key}; now {clips} clips)")
+    why = (
+        "it was fitted before soundstage recorded the clips of a fit"
+        if stored_key is None
+        else f"the clips changed since the fit ({stored_clips} clips, key {stored_key}; now {clips} clips)"
+    )
     return False, f"refitting: {why}; to keep the old fit instead, pass --reuse-fit {stored_key or fingerprint}"

@@ -38,8 +38,16 @@ SOUNDSTAGE_COMMAND = (sys.executable, "-m", "soundstage.cli")
 
 #: squeue states after which a job will not run again (a requeued job goes back to PENDING)
 FINISHED_STATES = {
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
-    "BOOT_FAIL", "DEADLINE", "REVOKED",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "REVOKED",
 }
 
 
@@ -80,9 +88,16 @@ class Resources:
         return cls(**values)
 
     #: field -> sbatch option, in the order they appear in a script; empty values are left out
-    OPTIONS = (("partition", "--partition={}"), ("account", "--account={}"), ("qos", "--qos={}"),
-               ("cpus", "--cpus-per-task={}"), ("gpus", "--gres=gpu:{}"), ("mem", "--mem={}"), ("time", "--time={}"),
-               ("signal", "--signal={}"))
+    OPTIONS = (
+        ("partition", "--partition={}"),
+        ("account", "--account={}"),
+        ("qos", "--qos={}"),
+        ("cpus", "--cpus-per-task={}"),
+        ("gpus", "--gres=gpu:{}"),
+        ("mem", "--mem={}"),
+        ("time", "--time={}"),
+        ("signal", "--signal={}"),
+    )
 
     def sbatch_options(self) -> list[str]:
         opts = [fmt.format(getattr(self, name)) for name, fmt in self.OPTIONS if getattr(self, name) not in (None, "", 0, "0")]
@@ -169,10 +184,14 @@ def render_scripts(job: SlurmJob, max_array_size: int = DEFAULT_MAX_ARRAY_SIZE) 
     scripts = []
     chunks = array_chunks(job.shard_ids, max_array_size)
     for number, (offset, task_ids) in enumerate(chunks, start=1):
-        opts = [f"--array={array_spec(task_ids, job.resources.max_parallel)}",
-                f"--output={os.path.join(job.log_dir, '%A_%a.out')}"] + common
+        opts = [
+            f"--array={array_spec(task_ids, job.resources.max_parallel)}",
+            f"--output={os.path.join(job.log_dir, '%A_%a.out')}",
+        ] + common
         note = [f"# array {number} of {len(chunks)}: task t runs shard t+{offset} of {job.num_shards}"] if len(chunks) > 1 else []
-        shard = f"$((SLURM_ARRAY_TASK_ID + {offset}))/{job.num_shards}" if offset else f"${{SLURM_ARRAY_TASK_ID}}/{job.num_shards}"
+        shard = (
+            f"$((SLURM_ARRAY_TASK_ID + {offset}))/{job.num_shards}" if offset else f"${{SLURM_ARRAY_TASK_ID}}/{job.num_shards}"
+        )
         run = "exec " + _shell_command(job.command) + f' --shard "{shard}"'
         scripts.append("\n".join(header + note + [f"#SBATCH {o}" for o in opts] + body + [run]) + "\n")
     return scripts
@@ -214,8 +233,13 @@ def submit_script(script_path: str, after: Sequence[str] = ()) -> str:
     return out.splitlines()[-1].split(";")[0].strip()
 
 
-def submit_jobs(jobs: list[tuple[SlurmJob, list[str]]], dry_run: bool = False, out: Callable = print,
-                max_array: int | None = None, running: Mapping[str, list] | None = None) -> Submission:
+def submit_jobs(
+    jobs: list[tuple[SlurmJob, list[str]]],
+    dry_run: bool = False,
+    out: Callable = print,
+    max_array: int | None = None,
+    running: Mapping[str, list] | None = None,
+) -> Submission:
     """Submit ``(job, names of jobs it needs)`` in the given (dependency) order.
 
     ``running`` maps names of jobs already in the queue (not submitted again) to their ids:
@@ -241,7 +265,11 @@ def submit_jobs(jobs: list[tuple[SlurmJob, list[str]]], dry_run: bool = False, o
             with open(path, "w") as f:
                 f.write(text)
             job_id = submit_script(path, after)
-            out(f"submitted {job.name} as job {job_id}" + (f" (after {':'.join(after)})" if after else "") + f"; logs in {job.log_dir}")
+            out(
+                f"submitted {job.name} as job {job_id}"
+                + (f" (after {':'.join(after)})" if after else "")
+                + f"; logs in {job.log_dir}"
+            )
             ids.append(job_id)
         sub.job_ids[job.name] = [f"<{job.name}>"] if dry_run else ids
     return sub
