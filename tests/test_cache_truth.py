@@ -476,3 +476,21 @@ def test_a_recomputed_clip_wins_even_when_the_writing_node_s_clock_is_behind(wav
     assert open_stage(stats.path)[fixed["clip_id"]]["rms_db"].max() < -40  # the new, quiet version
     assert compact_stage(StageDir(stats.path), 10_000_000, "compact-test")[1] == 1
     assert open_stage(stats.path)[fixed["clip_id"]]["rms_db"].max() < -40
+
+
+def test_two_compactions_at_once_leave_every_clip_once(wavs):
+    root, rows, manifest, cache = wavs
+    slow = run_stage(SLOW, manifest, cache, commit_every=1, progress=False)
+    before = read_all(slow.path)
+    command = [sys.executable, "-m", "soundstage.cli", "cache", "compact", "--cache", cache]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert any(p.returncode == 0 for p in procs), outputs
+    for p, out in zip(procs, outputs):  # the other one finished first, or was refused while it ran
+        assert p.returncode == 0 or "another maintenance command" in out, out
+    sd = StageDir(slow.path)
+    ids = [cid for path in sd.part_paths() for cid in h5py.File(path, "r")["clip_id"].asstr()[...]]
+    assert sorted(ids) == sorted(before) and len(sd.part_paths()) == 1
+    after = read_all(slow.path)
+    for cid in before:
+        np.testing.assert_array_equal(after[cid]["energy"], before[cid]["energy"])
