@@ -24,6 +24,7 @@ TOOL_COMMANDS = {
     "demo": "soundstage.demo:demo",
     "evaluate": "soundstage.evaluate:evaluate",
     "train": "soundstage.train.cli:train",
+    "report": "soundstage.train.report:report",
 }
 
 

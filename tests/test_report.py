@@ -1,0 +1,96 @@
+"""``soundstage report``: the page is written, loads in a real headless Chromium and every image on
+it is displayed; its scores are those ``soundstage evaluate --run`` gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from fixtures_synth import synth_dir  # noqa: F401
+from fixtures_trained import trained_run  # noqa: F401
+
+from soundstage.cli import main
+
+EXPECTED_PICTURES = {"curves.png", "best.png", "worst.png", "audio-sensitive.png", "real-vs-muted.png", "tags.png",
+                     "clusters.png"}
+
+
+def _browser_paths():
+    binary = next(filter(None, (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome"))), None)
+    return binary, shutil.which("chromedriver")
+
+
+def _tag_and_unit_caches(manifest: str, cache: str, models: str) -> None:
+    """beats, hubert, kmeans and units outputs of the tiny models, for the histograms."""
+    from soundstage.models.tiny import build_tiny_models
+    from soundstage.pipeline.runner import run_stage
+    from soundstage.stages import get_stage
+
+    paths = build_tiny_models(models, names=["beats", "hubert"])
+    quiet = {"progress": False, "log": lambda *_: None}
+    for stage, params in (("beats", {"checkpoint": paths["beats"], "device": "cpu"}),
+                          ("hubert", {"model": paths["hubert"], "layer": 2, "device": "cpu"}),
+                          ("kmeans", {"k": 8, "percent": 1.0}), ("units", {"top_k": 3})):
+        assert run_stage(get_stage(stage), manifest, cache, params, **quiet).ok
+
+
+def test_report_renders_in_headless_chromium_with_every_image_loaded(trained_run, tmp_path):
+    binary, driver = _browser_paths()
+    if not binary or not driver:
+        pytest.skip("headless Chromium is not installed (Debian: apt-get install chromium chromium-driver, as .ci/run does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    from soundstage.train.run_eval import evaluate_saved_run
+
+    cache = str(tmp_path / "cache")
+    _tag_and_unit_caches(trained_run["manifest"], cache, str(tmp_path / "models"))
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["report", "--run", trained_run["run"], "--out", str(out), "--cache", cache,
+                                       "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    page = str(out / "index.html")
+    assert f"report: {page}" in result.output
+    text = open(page, encoding="utf-8").read()
+    sources = set(re.findall(r'<img src="([^"]+)"', text))
+    assert sources == EXPECTED_PICTURES
+    assert all(os.path.getsize(out / name) > 0 for name in sources)
+    for heading in ("Curves", "Audio sensitivity", "Per subset", "Per class", "Best clips", "Worst clips",
+                    "Audio-sensitive clips", "Real vs muted audio", "From the caches"):
+        assert f"<h2>{heading}" in text
+    for variant in ("real", "muted", "zeroed", "swapped", "noise:10", "real − muted"):
+        assert f"<tr><td>{variant}</td>" in text
+
+    # the scores on the page are those of `soundstage evaluate --run` (another code path)
+    scores = json.load(open(out / "scores.json", encoding="utf-8"))
+    for audio in ("real", "muted"):
+        evaluated = evaluate_saved_run(trained_run["run"], audio=audio, protocol="avsbench-binary", device="cpu",
+                                       log=lambda *_: None)
+        assert scores["protocols"][audio]["avsbench-binary"]["miou"] == pytest.approx(evaluated["miou"], abs=1e-6)
+        assert scores["protocols"][audio]["avsbench-binary"]["fscore"] == pytest.approx(evaluated["fscore"], abs=1e-6)
+
+    options = Options()
+    options.binary_location = binary
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1300,5000",
+                     "--allow-file-access-from-files"):
+        options.add_argument(argument)
+    browser = webdriver.Chrome(options=options, service=Service(driver))
+    try:
+        browser.get("file://" + page)
+        assert browser.execute_script("return document.readyState") == "complete"
+        assert "soundstage report" in browser.title
+        images = browser.execute_script(
+            "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth, "
+            "i.getBoundingClientRect().width])")
+        assert {src for src, *_ in images} == EXPECTED_PICTURES
+        not_shown = [src for src, complete, natural, shown in images if not (complete and natural > 0 and shown > 0)]
+        assert not not_shown, f"images not displayed: {not_shown}"
+        screenshot = tmp_path / "report-screenshot.png"
+        assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
+    finally:
+        browser.quit()
