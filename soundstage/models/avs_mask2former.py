@@ -25,6 +25,17 @@ to the hidden size) with multi-head attention, masked slots ignored; a frame who
 all masked gets nothing added. This follows the segmentation-preference work, whose queries
 attend to cue tokens.
 
+Mask prior (``prior=True``, Stepping Stones' stage 2): each frame comes with a spatial prior
+``[N, H, W]``, a foreground probability (the ground-truth mask in training, stage-1 masks at
+evaluation, as that work does), used three ways, each at the resolution it meets (bilinear):
+added to the pixel decoder's mask features (every channel); as the first masked-attention mask
+(positions where the prior is below 0.5 are masked, replacing the mask the initial query
+prediction gives; a query with every position masked attends everywhere, as transformers
+does for any mask); and as one of three learned embeddings — prior <= 0.4, in between, >= 0.6
+— added to the position embeddings of every feature level. Hooks again: a pre-hook on the
+transformer module (mask features), the decoder pre-hook (position embeddings) and a hook on
+the decoder's mask predictor (its first call only).
+
 Saving: ``save_pretrained(dir)`` writes the transformers model with its own
 ``save_pretrained`` (config.json + safetensors) and the conditioner as ``avs_conditioning.json``
 + ``avs_conditioning.pt`` (a plain state dict, loadable with ``weights_only=True``).
@@ -43,18 +54,53 @@ CONDITIONING_CONFIG = "avs_conditioning.json"
 CONDITIONING_WEIGHTS = "avs_conditioning.pt"
 MODES = ("add", "cosine", "none")
 ACTIVE_CLAMP = 1e-6
+PRIOR_LOW, PRIOR_HIGH = 0.4, 0.6  # region embeddings: prior <= low / in between / >= high
+PRIOR_MASKED_BELOW = 0.5  # first masked-attention mask
+
+
+class MaskPrior(nn.Module):
+    """Stepping Stones' spatial prior (see the module docstring); ``prior`` is ``[N, H, W]`` in [0, 1]."""
+
+    def __init__(self, hidden_dim: int):
+        super().__init__()
+        self.regions = nn.Embedding(3, hidden_dim)  # 0: prior <= 0.4, 1: in between, 2: >= 0.6
+
+    @staticmethod
+    def resized(prior: torch.Tensor, size) -> torch.Tensor:
+        return F.interpolate(prior[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+    @staticmethod
+    def region(prior: torch.Tensor) -> torch.Tensor:
+        return torch.where(prior <= PRIOR_LOW, 0, torch.where(prior >= PRIOR_HIGH, 2, 1))
+
+    def mask_features(self, features: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        return features + self.resized(prior, features.shape[-2:])[:, None].to(features.dtype)
+
+    def position_embeddings(self, embeddings: list, sizes: list, prior: torch.Tensor) -> list:
+        """Each level's ``[h*w, N, C]`` position embeddings plus the region embedding of each position."""
+        out = []
+        for positions, size in zip(embeddings, sizes):
+            region = self.region(self.resized(prior, size)).flatten(1).transpose(0, 1)  # [h*w, N]
+            out.append(positions + self.regions(region).to(positions.dtype))
+        return out
+
+    def attention_mask(self, prior: torch.Tensor, size, heads: int, queries: int) -> torch.Tensor:
+        """``[N * heads, queries, h*w]``, True (masked) where the prior is below 0.5."""
+        masked = (self.resized(prior, size) < PRIOR_MASKED_BELOW).flatten(1)
+        return masked[:, None, None].expand(-1, heads, queries, -1).flatten(0, 1)
 
 
 class QueryConditioner(nn.Module):
     def __init__(self, hidden_dim: int, num_queries: int, mode: str = "add", audio_dim: int | None = None,
-                 audio_hidden: int = 512, text_dim: int | None = None, text_heads: int = 1):
+                 audio_hidden: int = 512, text_dim: int | None = None, text_heads: int = 1, prior: bool = False):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"conditioning mode must be one of {MODES}, not {mode!r}")
         if mode != "none" and not audio_dim:
             raise ValueError(f"conditioning mode {mode!r} needs the audio cue's width (audio_dim)")
         self.config = {"hidden_dim": hidden_dim, "num_queries": num_queries, "mode": mode, "audio_dim": audio_dim,
-                       "audio_hidden": audio_hidden, "text_dim": text_dim, "text_heads": text_heads}
+                       "audio_hidden": audio_hidden, "text_dim": text_dim, "text_heads": text_heads, "prior": prior}
+        self.prior = MaskPrior(hidden_dim) if prior else None
         self.mode = mode
         self.num_queries = num_queries
         self.audio_proj = None
@@ -114,8 +160,13 @@ class AVSMask2Former(nn.Module):
         self.mask2former = mask2former
         self.conditioner = conditioner
         self._cues = None
-        decoder = mask2former.model.transformer_module.decoder
-        decoder.register_forward_pre_hook(self._condition_queries, with_kwargs=True)
+        self._prior = None  # the frames' prior during forward (a model built with prior=True)
+        self._first_mask_pending = False
+        transformer = mask2former.model.transformer_module
+        transformer.decoder.register_forward_pre_hook(self._condition_queries, with_kwargs=True)
+        if conditioner.prior is not None:
+            transformer.register_forward_pre_hook(self._prior_mask_features, with_kwargs=True)
+            transformer.decoder.mask_predictor.register_forward_hook(self._prior_first_attention_mask)
 
     @property
     def config(self):
@@ -125,17 +176,40 @@ class AVSMask2Former(nn.Module):
         if self._cues is None:
             raise RuntimeError("AVSMask2Former's decoder ran outside AVSMask2Former.forward (no cues)")
         kwargs["inputs_embeds"] = self.conditioner(kwargs["inputs_embeds"], **self._cues)
+        if self._prior is not None:
+            kwargs["multi_stage_positional_embeddings"] = self.conditioner.prior.position_embeddings(
+                kwargs["multi_stage_positional_embeddings"], kwargs["feature_size_list"], self._prior)
         return args, kwargs
 
+    def _prior_mask_features(self, module, args, kwargs):
+        kwargs["mask_features"] = self.conditioner.prior.mask_features(kwargs["mask_features"], self._prior)
+        return args, kwargs
+
+    def _prior_first_attention_mask(self, module, args, output):
+        if not self._first_mask_pending:
+            return output
+        self._first_mask_pending = False
+        predicted, attention_mask = output
+        size = args[2] if len(args) > 2 else None
+        if size is None:
+            raise RuntimeError("the mask predictor was called without its target size; transformers' Mask2Former changed")
+        prior_mask = self.conditioner.prior.attention_mask(self._prior, size, module.num_heads, attention_mask.shape[1])
+        return predicted, prior_mask.to(attention_mask.device)
+
     def forward(self, pixel_values, audio=None, active=None, text=None, text_mask=None, mask_labels=None,
-                class_labels=None):
-        """One image per frame: ``pixel_values [N, 3, H, W]`` and the cues of the same N frames.
-        With ``mask_labels``/``class_labels`` the output carries transformers' Mask2Former loss."""
+                class_labels=None, prior=None):
+        """One image per frame: ``pixel_values [N, 3, H, W]`` and the cues of the same N frames
+        (``prior [N, H', W']`` for a model built with a mask prior). With
+        ``mask_labels``/``class_labels`` the output carries transformers' Mask2Former loss."""
+        if (prior is None) != (self.conditioner.prior is None):
+            raise ValueError("this model was built with a mask prior: pass prior per frame" if prior is None
+                             else "this model was built without a mask prior; it takes no prior")
         self._cues = {"audio": audio, "active": active, "text": text, "text_mask": text_mask}
+        self._prior, self._first_mask_pending = prior, prior is not None
         try:
             return self.mask2former(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels)
         finally:
-            self._cues = None
+            self._cues, self._prior, self._first_mask_pending = None, None, False
 
     # ------------------------------------------------------------------ saving and loading
 
@@ -161,11 +235,13 @@ class AVSMask2Former(nn.Module):
 
 
 def build_model(base: str | None, num_labels: int, mode: str, audio_dim: int | None, text_dim: int | None = None,
-                num_queries: int | None = None, loss_weights: dict | None = None, seed: int = 0) -> AVSMask2Former:
+                num_queries: int | None = None, loss_weights: dict | None = None, seed: int = 0,
+                prior: bool = False) -> AVSMask2Former:
     """A new AVS model: ``base`` is a transformers Mask2Former (hub id or folder), whose class
     head is replaced to predict ``num_labels`` classes, or None for the tiny config shipped in
     ``soundstage/data/tiny/mask2former.json`` (random weights, seeded). ``loss_weights``:
-    ``class_weight``/``mask_weight``/``dice_weight``/``no_object_weight``."""
+    ``class_weight``/``mask_weight``/``dice_weight``/``no_object_weight``; ``prior``: the model
+    takes Stepping Stones' mask prior (see the module docstring)."""
     from transformers import (
         Mask2FormerConfig,
         Mask2FormerForUniversalSegmentation,
@@ -190,7 +266,7 @@ def build_model(base: str | None, num_labels: int, mode: str, audio_dim: int | N
                 base, ignore_mismatched_sizes=True, **overrides, **labels)
         config = mask2former.config
         conditioner = QueryConditioner(config.hidden_dim, config.num_queries, mode=mode, audio_dim=audio_dim,
-                                       text_dim=text_dim, text_heads=config.num_attention_heads)
+                                       text_dim=text_dim, text_heads=config.num_attention_heads, prior=prior)
     return AVSMask2Former(mask2former, conditioner)
 
 
