@@ -43,6 +43,7 @@ Saving: ``save_pretrained(dir)`` writes the transformers model with its own
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -215,7 +216,8 @@ class AVSMask2Former(nn.Module):
 
     def save_pretrained(self, out_dir: str) -> None:
         os.makedirs(out_dir, exist_ok=True)
-        self.mask2former.save_pretrained(out_dir)
+        with _quiet_progress():
+            self.mask2former.save_pretrained(out_dir)
         with open(os.path.join(out_dir, CONDITIONING_CONFIG), "w", encoding="utf-8") as f:
             json.dump(self.conditioner.config, f, indent=1)
         torch.save(self.conditioner.state_dict(), os.path.join(out_dir, CONDITIONING_WEIGHTS))
@@ -231,7 +233,8 @@ class AVSMask2Former(nn.Module):
         with open(conditioning, encoding="utf-8") as f:
             conditioner = QueryConditioner(**json.load(f))
         conditioner.load_state_dict(torch.load(os.path.join(path, CONDITIONING_WEIGHTS), weights_only=True))
-        return cls(Mask2FormerForUniversalSegmentation.from_pretrained(path), conditioner)
+        with _quiet_progress():
+            return cls(Mask2FormerForUniversalSegmentation.from_pretrained(path), conditioner)
 
 
 def build_model(base: str | None, num_labels: int, mode: str, audio_dim: int | None, text_dim: int | None = None,
@@ -284,3 +287,17 @@ def class_scores(outputs, size) -> torch.Tensor:
     classes = outputs.class_queries_logits.float().softmax(-1)[..., :-1]  # [N, Q, C]
     masks = F.interpolate(outputs.masks_queries_logits.float(), size=size, mode="bilinear", align_corners=False)
     return torch.einsum("nqc,nqhw->nchw", classes, masks.sigmoid())
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """No transformers progress bars while saving/loading (they would mix into command output)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

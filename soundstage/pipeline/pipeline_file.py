@@ -32,7 +32,7 @@ import click
 from soundstage.pipeline.fingerprint import coerce_value
 from soundstage.pipeline.registry import STAGE_MODULES, get_stage
 
-TOP_LEVEL_KEYS = {"manifest", "cache", "executor", "shards", "resources", "stages"}
+TOP_LEVEL_KEYS = {"manifest", "cache", "executor", "shards", "resources", "stages", "train"}
 #: keys of a stage entry that are not stage parameters
 STAGE_KEYS = {"resources", "shards"}
 
@@ -54,6 +54,8 @@ class Pipeline:
     shards: dict
     executor: str | None = None
     declared: list = field(default_factory=list)  # stage names in file order
+    #: the ``train:`` section as written (read by ``soundstage train --config``, not by the engine)
+    train: dict = field(default_factory=dict)
 
     def order(self, targets: list[str] | None = None) -> list[str]:
         """``targets`` (default: the file's stages) and their upstream stages, upstream first."""
@@ -162,7 +164,16 @@ def load_pipeline(path: str) -> Pipeline:
         resources.setdefault(name, dict(doc.get("resources") or {}))
         shards.setdefault(name, doc.get("shards"))
     return Pipeline(path=os.path.abspath(path), manifest=_resolve(base, doc.get("manifest")), cache=_resolve(base, doc.get("cache")),
-                    stages=stages, resources=resources, shards=shards, executor=executor, declared=declared)
+                    stages=stages, resources=resources, shards=shards, executor=executor, declared=declared,
+                    train=_train_section(path, doc.get("train")))
+
+
+def _train_section(path: str, section) -> dict:
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise PipelineError(f"{path}: train: must be a mapping of training settings")
+    return dict(section)
 
 
 @click.command("run")

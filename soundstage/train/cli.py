@@ -23,6 +23,9 @@ def _settings(**options) -> dict:
 @click.option("--audio-select", help="which output of the audio stage: FINGERPRINT or key=value,...")
 @click.option("--active", help="active queries per frame: units | STAGE:FIELD (query ids)")
 @click.option("--text-cues/--no-text-cues", default=None, help="queries also attend to the textcues stage's slots")
+@click.option("--prior", help="Stepping Stones' mask prior: masks (the masks stage's output) or masks=SELECTOR; none")
+@click.option("--prior-train", type=click.Choice(["gt", "masks"]), help="prior of training frames (default gt)")
+@click.option("--prior-eval", type=click.Choice(["masks", "gt"]), help="prior of evaluated frames (default masks)")
 @click.option("--conditioning", type=click.Choice(["add", "cosine", "none"]), help="how audio enters the queries")
 @click.option("--task", type=click.Choice(["binary", "semantic"]))
 @click.option("--epochs", type=click.IntRange(min=1))
@@ -47,8 +50,10 @@ def _settings(**options) -> dict:
 @click.option("--seed", type=int)
 @click.option("--checkpoint-every", type=click.IntRange(min=1), help="optimizer steps between checkpoints")
 @click.option("--protocol", help="evaluation protocol (default: avsbench-binary / avsbench-semantic)")
+@click.option("--probes", help="audio replacements scored at each evaluation, comma-separated "
+              "(default muted,zeroed,swapped,noise:10; '' for none)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def train(pipeline_file, out, quiet, clip_grad, **options):
+def train(pipeline_file, out, quiet, clip_grad, probes, **options):
     """Train an audio-conditioned Mask2Former on the manifest's frames and the cached cues.
 
     The run directory holds config.json, provenance.json, checkpoints/, metrics/*.jsonl,
@@ -60,6 +65,8 @@ def train(pipeline_file, out, quiet, clip_grad, **options):
     from soundstage.train.loop import Stopped
     from soundstage.train.loop import train as run_training
 
+    if probes is not None:
+        options["probes"] = [p.strip() for p in probes.split(",") if p.strip()]
     if clip_grad is not None:
         options["clip_grad"] = clip_grad or None
     try:

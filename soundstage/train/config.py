@@ -12,6 +12,12 @@ run requires the same settings (a different run needs a different ``--out``). Ke
       epochs: 20
       batch_size: 2            # clips per micro-batch (every frame of a clip is one image)
       lr: 1.0e-4
+      prior: masks             # Stepping Stones' mask prior from the masks stage (masks=SELECTOR picks one)
+
+Mask prior (``prior``): the model takes a per-frame foreground probability as a spatial prior
+(``soundstage.models.avs_mask2former``); ``prior_train`` says where the training frames' prior
+comes from and ``prior_eval`` the evaluated frames' — ``gt`` (the ground-truth mask) or ``masks``
+(the cached stage-1 masks); defaults ``gt`` and ``masks``, as Stepping Stones trains and tests.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass, field
 
 SCHEDULES = ("cosine", "poly", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
+PRIOR_SOURCES = ("gt", "masks")
 
 
 class ConfigError(ValueError):
@@ -52,6 +59,9 @@ class TrainConfig:
     active_select: str | None = None
     text_cues: bool = False
     text_select: str | None = None
+    prior: str | None = None  # "masks" or "masks=SELECTOR": Stepping Stones' mask prior; None: none
+    prior_train: str | None = None  # gt | masks (with a prior; default gt)
+    prior_eval: str | None = None  # masks | gt (with a prior; default masks)
     # data
     train_split: str = "train"
     eval_split: str = "val"
@@ -109,7 +119,22 @@ class TrainConfig:
                 raise ConfigError(f"probes: {e}") from None
         if self.probes and not self.audio:
             self.probes = []
+        self._validate_prior()
         return self
+
+    def _validate_prior(self) -> None:
+        if not self.prior:
+            if self.prior_train or self.prior_eval:
+                raise ConfigError("prior_train/prior_eval need a prior (--prior masks)")
+            return
+        if self.prior != "masks" and not self.prior.startswith("masks="):
+            raise ConfigError(f"prior: {self.prior!r}; use masks (the masks stage's output) or masks=SELECTOR")
+        self.prior_train, self.prior_eval = self.prior_train or "gt", self.prior_eval or "masks"
+        for name in ("prior_train", "prior_eval"):
+            if getattr(self, name) not in PRIOR_SOURCES:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(PRIOR_SOURCES)}")
+        if not self.cache and "masks" in (self.prior_train, self.prior_eval):
+            raise ConfigError("no cache for the masks prior: give --cache or --config PIPELINE.yaml")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,14 +157,18 @@ def resolve_config(pipeline_file: str | None, options: dict) -> TrainConfig:
 
         pipe = load_pipeline(pipeline_file)
         values.update(manifest=pipe.manifest, cache=pipe.cache, pipeline=pipe.path)
-        section = dict(getattr(pipe, "train", None) or {})
-        values.update({k.replace("-", "_"): v for k, v in section.items()})
+        section = {k.replace("-", "_"): v for k, v in (pipe.train or {}).items()}
+        base = os.path.dirname(pipe.path)
+        if isinstance(section.get("model"), str) and os.path.exists(os.path.join(base, section["model"])):
+            section["model"] = os.path.join(base, section["model"])  # a folder next to the file
+        values.update(section)
     values.update({k: v for k, v in options.items() if v is not None})
     for key in ("manifest", "cache", "out"):
         if values.get(key):
             values[key] = os.path.abspath(os.path.expanduser(values[key]))
-    if isinstance(values.get("audio"), str) and values["audio"].lower() == "none":
-        values["audio"] = None
+    for key in ("audio", "prior"):
+        if isinstance(values.get(key), str) and values[key].lower() == "none":
+            values[key] = None
     return TrainConfig.from_dict(values).validate()
 
 

@@ -17,7 +17,8 @@ fingerprint the pipeline file's parameters produce (the one ``soundstage run FIL
 
 Cue roles in training: ``audio`` (a vector per frame, ``[T, D]``), ``active`` (active queries
 per frame: query ids ``[T, k]`` with -1 as padding, or weights ``[T, Q]``), ``text`` (text-cue
-slots ``[T, S, D]`` with their mask field ``[T, S]``). ``collate_ragged`` pads ragged arrays of
+slots ``[T, S, D]`` with their mask field ``[T, S]``), ``prior`` (the masks stage's foreground
+probability per video frame, ``[T, H, W]``, indexed by frame rather than second). ``collate_ragged`` pads ragged arrays of
 a batch to a common shape and returns the validity mask with them.
 """
 
@@ -43,6 +44,8 @@ AUDIO_CUES = {
 ACTIVE_CUES = {"units": ("units", "frame_topk")}
 #: the text-cue stage's (cues, mask) fields
 TEXT_CUES = ("textcues", "cues", "cue_mask")
+#: the mask prior: the masks stage's per-frame foreground probabilities (uint8, p * 255)
+PRIOR_CUE = ("masks", "probs")
 
 
 class CueError(ValueError):
@@ -76,6 +79,15 @@ def active_cue(name: str, selector=None) -> CueSpec:
 def text_cue(selector=None) -> CueSpec:
     stage, field, mask = TEXT_CUES
     return CueSpec("text", stage, field, selector, mask_field=mask)
+
+
+def prior_cue(setting: str) -> CueSpec:
+    """``--prior masks`` (the only masks output) or ``masks=SELECTOR`` (fingerprint or key=value,...)."""
+    name, _, selector = setting.partition("=")
+    if name != "masks":
+        raise CueError(f"--prior {setting!r}: use masks or masks=SELECTOR")
+    stage, field = PRIOR_CUE
+    return CueSpec("prior", stage, field, selector or None)
 
 
 def _stage_field(name: str, option: str, known: dict) -> tuple[str, str]:

@@ -7,7 +7,10 @@ that frame's second (AVSBench frames are one per second; frame i goes with secon
     {"clip_id": str, "frames": int64 [T] (frame indices),
      "pixel_values": float32 [T, 3, S, S], "labels": int64 [T, M, M],
      "audio": float32 [T, D], "active": float32 [T, Q], "text": float32 [T, slots, Dt],
-     "text_mask": bool [T, slots]}                       # cue keys only when configured
+     "text_mask": bool [T, slots], "prior": float32 [T, M, M]}   # cue keys / prior only when configured
+
+The mask prior (``prior``): per frame the ground-truth foreground (``gt``) or the masks stage's
+cached probability of the same video frame (``masks``), resized bilinearly to the mask size.
 
 Images are processed as ``Mask2FormerImageProcessor`` does with ``size={"height": S, "width":
 S}``: RGB, bilinear resize to S x S, scaled by 1/255 and normalised with the ImageNet mean and
@@ -95,9 +98,10 @@ def load_label(row: dict, frame: int, manifest_dir: str, size: int, task: str) -
 class AVSClips(torch.utils.data.Dataset):
     def __init__(self, manifest: str, split: str | list | None, cues: dict, image_size: int, mask_size: int | None = None,
                  task: str = "binary", unlabelled: str = "first", audio_variant: str = "real",
-                 silence: np.ndarray | None = None, num_queries: int | None = None):
+                 silence: np.ndarray | None = None, num_queries: int | None = None, prior: str | None = None):
         """``cues``: role -> (CueSpec, StageReader) (see ``soundstage.train.cues``);
-        ``num_queries``: the model's, for active query ids."""
+        ``num_queries``: the model's, for active query ids; ``prior``: each frame's mask prior
+        from ``gt`` (its ground-truth mask) or ``masks`` (the ``prior`` cue), None: no prior."""
         if task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
         if unlabelled not in UNLABELLED_POLICIES:
@@ -123,8 +127,12 @@ class AVSClips(torch.utils.data.Dataset):
         self.rows = df.to_dict("records")
         self.clip_ids = [r["clip_id"] for r in self.rows]
         self.cues = cues
+        if prior not in (None, "gt", "masks") or (prior == "masks" and "prior" not in cues):
+            raise ValueError(f"prior {prior!r}: use gt, or masks with a prior cue")
+        self.prior = prior
         for role, (spec, reader) in cues.items():
-            check_clips(reader, self.clip_ids, f"{role} cue {spec.stage}:{spec.field}")
+            if role != "prior" or prior == "masks":
+                check_clips(reader, self.clip_ids, f"{role} cue {spec.stage}:{spec.field}")
         self.image_size, self.mask_size = image_size, mask_size or image_size
         self.task, self.unlabelled = task, unlabelled
         self.silence = silence
@@ -154,8 +162,12 @@ class AVSClips(torch.utils.data.Dataset):
             "pixel_values": torch.from_numpy(np.stack([images[f] for f in frames])),
             "labels": torch.from_numpy(np.stack([labels[f] for f in frames])),
         }
+        if self.prior:
+            item["prior"] = torch.from_numpy(self._prior(row, frames, item["labels"]))
         need = int(row["num_frames"])
         for role, (spec, reader) in self.cues.items():
+            if role == "prior":
+                continue
             values = reader[row["clip_id"]]
             cue = self._rows(values[spec.field], need, row["clip_id"], spec)
             if role == "audio":
@@ -167,6 +179,22 @@ class AVSClips(torch.utils.data.Dataset):
                 mask = self._rows(values[spec.mask_field], need, row["clip_id"], spec)
                 item[f"{role}_mask"] = torch.from_numpy(np.ascontiguousarray(mask[seconds]).astype(bool))
         return item
+
+    def _prior(self, row: dict, frames: list[int], labels: torch.Tensor) -> np.ndarray:
+        """``[T, M, M]`` float32 in [0, 1]: the ground-truth foreground, or the cached masks of
+        the same frames (p = stored / 255) bilinearly resized to the mask size."""
+        if self.prior == "gt":
+            return (labels != 0).numpy().astype(np.float32)
+        spec, reader = self.cues["prior"]
+        probs = np.asarray(reader[row["clip_id"]][spec.field])
+        if max(frames) >= len(probs):
+            raise CueError(f"clip {row['clip_id']}: the {spec.stage} prior has {len(probs)} frames, frame {max(frames)} "
+                           "is needed")
+        maps = torch.from_numpy(probs[frames].astype(np.float32) / 255.0)[:, None]
+        size = (self.mask_size, self.mask_size)
+        if tuple(maps.shape[-2:]) != size:
+            maps = torch.nn.functional.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        return maps[:, 0].numpy()
 
     @staticmethod
     def _rows(values: np.ndarray, need: int, clip_id: str, spec: CueSpec) -> np.ndarray:

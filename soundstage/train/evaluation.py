@@ -23,7 +23,7 @@ DEFAULT_PROTOCOL = {"binary": "avsbench-binary", "semantic": "avsbench-semantic"
 def model_inputs(batch: dict, device) -> dict:
     """The model's keyword arguments from a collated batch."""
     names = {"pixel_values": "pixel_values", "audio": "audio", "active": "active", "text": "text",
-             "text_mask": "text_mask"}
+             "text_mask": "text_mask", "prior": "prior"}
     return {arg: batch[key].to(device, non_blocking=True) for key, arg in names.items() if key in batch}
 
 

@@ -85,6 +85,9 @@ def open_trained(path: str, device: str = "auto", dtype: str = "fp32", binary: b
     if binary and cfg.task != "binary":
         raise ConfigError(f"{path} was trained with task {cfg.task!r}; foreground masks need a binary "
                           "(class-agnostic) run")
+    if cfg.prior:
+        raise ConfigError(f"{path} was trained with a mask prior (a stage-2 run); foreground masks come from a run "
+                          "without one, whose frames need nothing but their cues")
     device = resolve_device(device)
     torch_type = torch_dtype(dtype)
     if torch_type != torch.float32 and not device.startswith("cuda"):

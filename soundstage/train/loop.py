@@ -57,6 +57,26 @@ def autocast_for(precision: str, device: str):
 
 
 def train(cfg: TrainConfig, log=print, progress: bool = True) -> dict:
+    with torch_settings(cfg):
+        return _train(cfg, log, progress)
+
+
+@contextlib.contextmanager
+def torch_settings(cfg: TrainConfig):
+    """Deterministic algorithms and the thread count for the run; the caller's come back after."""
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, log, progress: bool) -> dict:
     run = RunDir(cfg.out)
     saved = run.config()
     if saved is not None and same_settings(saved, cfg.to_dict()):
@@ -65,16 +85,13 @@ def train(cfg: TrainConfig, log=print, progress: bool = True) -> dict:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
 
     # -------------------------------------------------------------------- data
     cues = assemble.open_cues(cfg, log=log)
     model = assemble.new_model(cfg, cues).to(device)
     num_queries = model.config.num_queries
-    train_set = assemble.dataset(cfg, cues, cfg.train_split, num_queries=num_queries)
+    train_set = assemble.dataset(cfg, cues, cfg.train_split, num_queries=num_queries, training=True)
     sampler = EpochSampler(len(train_set), cfg.seed)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_frames, num_workers=cfg.workers,
@@ -101,7 +118,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True) -> dict:
         state = load_checkpoint(run.checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         step, epoch, position = state["step"], state["epoch"], state["position"]
         run.keep_records("steps.jsonl", lambda r: r["step"] <= step)
-        run.keep_records("epochs.jsonl", lambda r: r["epoch"] < epoch)
+        run.keep_records("epochs.jsonl", lambda r: r["epoch"] <= epoch)
         log(f"resuming {run.path} at step {step} (epoch {epoch}, {position} clips into it)")
     else:
         run.write_json("config.json", cfg.to_dict())

@@ -1,0 +1,301 @@
+"""The training stage on the synthetic dataset with the tiny Mask2Former and the tiny VGGish cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from fixtures_synth import synth_dir  # noqa: F401
+from PIL import Image
+from safetensors.torch import load_file
+
+from soundstage.cache.reader import MissingClip
+from soundstage.manifests.table import read_manifest, write_manifest
+from soundstage.models.avs_mask2former import AVSMask2Former, build_model
+from soundstage.models.tiny import build_vggish
+from soundstage.pipeline.registry import get_stage
+from soundstage.pipeline.runner import run_stage
+from soundstage.train import assemble
+from soundstage.train.checkpoint import EpochSampler
+from soundstage.train.config import resolve_config
+from soundstage.train.cues import CueSpec, collate_ragged, open_cue, pipeline_output, select_output
+from soundstage.train.data import AVSClips
+from soundstage.train.probes import silence_cue
+
+FAST = {"threads": 1, "batch_size": 2, "lr": 1e-3, "probes": []}
+
+
+@pytest.fixture(scope="module")
+def vggish_cache(synth_dir, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("train")
+    checkpoint = build_vggish(str(root / "vggish.pth"))
+    cache = str(root / "cache")
+    manifest = os.path.join(synth_dir, "manifest.csv")
+    summary = run_stage(get_stage("vggish"), manifest, cache, {"checkpoint": checkpoint}, workers=0, progress=False,
+                        log=lambda *_: None)
+    assert not summary.failed
+    return {"manifest": manifest, "cache": cache, "stage_dir": summary.path, "checkpoint": checkpoint, "root": root}
+
+
+def config(vggish_cache, out, **settings):
+    return resolve_config(None, {"manifest": vggish_cache["manifest"], "cache": vggish_cache["cache"], "out": str(out),
+                                 **FAST, **settings})
+
+
+def raw_field(stage_dir: str, clip_id: str, field: str) -> np.ndarray:
+    """A clip's rows read straight from the HDF5 part files (clip ids, offsets, concatenated data)."""
+    parts = os.path.join(stage_dir, "parts")
+    for name in sorted(os.listdir(parts)):
+        if not name.endswith(".h5") or name.startswith("."):
+            continue
+        with h5py.File(os.path.join(parts, name), "r") as h5:
+            ids = list(h5["clip_id"].asstr()[...])
+            if clip_id in ids:
+                row = ids.index(clip_id)
+                start, stop = h5[f"offsets/{field}"][row : row + 2]
+                return h5[field][start:stop]
+    raise AssertionError(f"{clip_id} not in {stage_dir}")
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def test_dataset_items_equal_independent_reads(vggish_cache, tmp_path):
+    from transformers import Mask2FormerImageProcessorPil as Mask2FormerImageProcessor
+
+    cfg = config(vggish_cache, tmp_path / "run")
+    cues = assemble.open_cues(cfg, log=lambda *_: None)
+    data = AVSClips(cfg.manifest, "val", cues, image_size=64, mask_size=48, task="binary")
+    processor = Mask2FormerImageProcessor(size={"height": 64, "width": 64}, do_resize=True)
+    stage_dir = vggish_cache["stage_dir"]
+    for index, row in enumerate(data.rows):
+        item = data[index]
+        clip_dir = os.path.join(os.path.dirname(cfg.manifest), row["subset"], row["clip_id"])
+        frames = sorted(int(f[:-4]) for f in os.listdir(os.path.join(clip_dir, "frames")))
+        assert item["frames"].tolist() == frames  # val: every frame annotated
+        images = [Image.open(os.path.join(clip_dir, "frames", f"{i}.jpg")).convert("RGB") for i in frames]
+        expected = processor(images=images, return_tensors="pt")["pixel_values"]
+        assert torch.allclose(item["pixel_values"], expected, atol=2e-2)  # the processor's own resize/normalise
+        for i in frames:
+            label = Image.open(os.path.join(clip_dir, "labels_semantic", f"{i}.png")).resize((48, 48), Image.NEAREST)
+            assert np.array_equal(item["labels"][i].numpy(), (np.asarray(label) != 0).astype(np.int64))
+        assert np.array_equal(item["audio"].numpy(), raw_field(stage_dir, row["clip_id"], "embeddings")[frames])
+
+
+def test_v1s_train_policy_first_or_repeat(vggish_cache, tmp_path):
+    cfg = config(vggish_cache, tmp_path / "run")
+    cues = assemble.open_cues(cfg, log=lambda *_: None)
+    rows = read_manifest(cfg.manifest)
+    clip = rows[(rows["subset"] == "v1s") & (rows["split"] == "train")].iloc[0]["clip_id"]
+    first = AVSClips(cfg.manifest, "train", cues, 64, unlabelled="first")
+    repeat = AVSClips(cfg.manifest, "train", cues, 64, unlabelled="repeat")
+    a, b = first[first.clip_ids.index(clip)], repeat[repeat.clip_ids.index(clip)]
+    assert a["frames"].tolist() == [0] and b["frames"].tolist() == [0] * 5
+    assert torch.equal(b["pixel_values"][4], a["pixel_values"][0]) and torch.equal(b["labels"][3], a["labels"][0])
+    raw = raw_field(vggish_cache["stage_dir"], clip, "embeddings")
+    assert np.array_equal(b["audio"].numpy(), raw[:5])  # each repeated frame keeps its own second's cue
+
+
+def test_missing_cache_clip_is_an_error_naming_it(vggish_cache, tmp_path):
+    df = read_manifest(vggish_cache["manifest"])
+    df.loc[df.index[df["split"] == "train"][-1], "clip_id"] = "ghost_clip_42"
+    manifest = os.path.join(os.path.dirname(vggish_cache["manifest"]), "manifest_with_ghost.csv")
+    write_manifest(df, manifest)
+    cfg = config(vggish_cache, tmp_path / "run", manifest=manifest)
+    cues = assemble.open_cues(cfg, log=lambda *_: None)
+    with pytest.raises(MissingClip, match="ghost_clip_42"):
+        AVSClips(manifest, None, cues, 64)
+    result = CliRunner().invoke(_cli(), ["train", "--manifest", manifest, "--cache", vggish_cache["cache"],
+                                         "--out", str(tmp_path / "cli"), "--quiet", "--epochs", "1", "--threads", "1"])
+    assert result.exit_code == 1 and "ghost_clip_42" in result.output and "Traceback" not in result.output
+
+
+def test_selection_api_and_ragged_collate(vggish_cache, tmp_path):
+    by_params = select_output(vggish_cache["cache"], "vggish", "pad=repeat-last", log=lambda *_: None)
+    assert by_params.path == vggish_cache["stage_dir"]
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(f"manifest: {vggish_cache['manifest']}\ncache: {vggish_cache['cache']}\n"
+                        f"stages:\n  vggish:\n    checkpoint: {vggish_cache['checkpoint']}\n"
+                        "train:\n  epochs: 3\n  audio: vggish\n  lr: 0.002\n")
+    assert pipeline_output(str(pipeline), "vggish").path == vggish_cache["stage_dir"]
+    cfg = resolve_config(str(pipeline), {"out": str(tmp_path / "run"), "lr": 0.005})
+    assert (cfg.epochs, cfg.lr, cfg.cache) == (3, 0.005, vggish_cache["cache"])  # options over the file
+    reader = open_cue(CueSpec("audio", "vggish", "embeddings"), stage_dir=by_params.path)
+    values, valid = collate_ragged([reader[c]["embeddings"] for c in list(reader)[:4]])
+    lengths = [len(reader[c]["embeddings"]) for c in list(reader)[:4]]
+    assert values.shape == (4, max(lengths), 128) and valid[:, :, 0].sum(1).tolist() == lengths
+
+
+def test_muted_cue_is_the_stage_output_for_a_silent_clip(vggish_cache, tmp_path):
+    import soundfile as sf
+
+    df = read_manifest(vggish_cache["manifest"]).iloc[:1].copy()
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(5 * 16000, dtype=np.int16), 16000, subtype="PCM_16")
+    df["audio_path"], df["num_frames"] = str(silent), "5"
+    manifest = str(tmp_path / "silent.csv")
+    write_manifest(df, manifest)
+    summary = run_stage(get_stage("vggish"), manifest, str(tmp_path / "cache"),
+                        {"checkpoint": vggish_cache["checkpoint"]}, workers=0, progress=False, log=lambda *_: None)
+    expected = raw_field(summary.path, df.iloc[0]["clip_id"], "embeddings")
+    assert np.array_equal(silence_cue(vggish_cache["stage_dir"], "embeddings", 5), expected)
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+def test_audio_conditioning_changes_the_output_and_masked_text_is_ignored():
+    torch.manual_seed(0)
+    pixels, audio = torch.randn(3, 3, 64, 64), torch.randn(3, 16)
+    for mode in ("add", "cosine"):
+        model = build_model(None, 2, mode, 16).eval()
+        with torch.no_grad():
+            real = model(pixels, audio=audio).masks_queries_logits
+            zeroed = model(pixels, audio=torch.zeros_like(audio)).masks_queries_logits
+            again = model(pixels, audio=audio).masks_queries_logits
+        assert torch.equal(real, again) and not torch.allclose(real, zeroed)
+    model = build_model(None, 2, "add", 16, text_dim=8).eval()
+    text, mask = torch.randn(3, 4, 8), torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    changed = text.clone()
+    changed[~mask] = 100.0  # masked slots' content must not matter
+    active = torch.zeros(3, model.config.num_queries)
+    active[:, :2] = 1
+    with torch.no_grad():
+        a = model(pixels, audio=audio, text=text, text_mask=mask).masks_queries_logits
+        b = model(pixels, audio=audio, text=changed, text_mask=mask).masks_queries_logits
+        c = model(pixels, audio=audio, text=text * 2, text_mask=mask).masks_queries_logits
+        d = model(pixels, audio=audio, active=active, text=text, text_mask=mask).masks_queries_logits
+    assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, c) and not torch.allclose(a, d)
+
+
+def test_save_load_through_save_pretrained(tmp_path):
+    model = build_model(None, 71, "cosine", 16, text_dim=8).eval()
+    model.conditioner.set_audio_statistics(torch.randn(20, 16) * 3 + 1)
+    model.save_pretrained(str(tmp_path / "m"))
+    assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "avs_conditioning.pt").exists()
+    loaded = AVSMask2Former.from_pretrained(str(tmp_path / "m")).eval()
+    inputs = {"pixel_values": torch.randn(2, 3, 64, 64), "audio": torch.randn(2, 16), "text": torch.randn(2, 4, 8),
+              "text_mask": torch.ones(2, 4, dtype=torch.bool)}
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).masks_queries_logits, loaded(**inputs).masks_queries_logits)
+    assert loaded.config.num_labels == 71
+
+
+def test_sampler_resumes_part_way_into_an_epoch():
+    full = EpochSampler(10, seed=3)
+    full.set_epoch(2)
+    tail = EpochSampler(10, seed=3)
+    tail.set_epoch(2, start=4)
+    assert list(tail) == list(full)[4:] and sorted(full) == list(range(10))
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def _cli():
+    from soundstage.cli import main
+
+    return main
+
+
+RUN = {"epochs": 3, "probes": ["muted", "zeroed", "swapped", "noise:10"], "checkpoint_every": 1}
+
+
+def _command(vggish_cache, out) -> list[str]:
+    """The command line of ``config(vggish_cache, out, **RUN)``."""
+    return [sys.executable, "-m", "soundstage.cli", "train", "--manifest", vggish_cache["manifest"], "--cache",
+            vggish_cache["cache"], "--out", str(out), "--epochs", "3", "--batch-size", "2", "--lr", "1e-3",
+            "--threads", "1", "--checkpoint-every", "1", "--probes", ",".join(RUN["probes"]), "--quiet"]
+
+
+def _steps_done(out) -> int:
+    path = os.path.join(out, "checkpoints", "latest.pt")
+    try:
+        return torch.load(path, weights_only=True)["step"]
+    except (FileNotFoundError, EOFError, RuntimeError):
+        return 0
+
+
+@pytest.fixture(scope="module")
+def whole_run(vggish_cache):
+    """An uninterrupted run: 3 epochs of 3 steps, evaluated with every probe after each epoch."""
+    from soundstage.train.loop import train
+
+    out = vggish_cache["root"] / "whole"
+    record = train(config(vggish_cache, out, **RUN), log=lambda *_: None, progress=False)
+    return out, record
+
+
+def test_loss_goes_down_and_the_run_directory_is_complete(whole_run, vggish_cache):
+    run, record = whole_run
+    losses = [json.loads(line)["loss"] for line in (run / "metrics" / "steps.jsonl").read_text().splitlines()]
+    assert len(losses) == 9 and np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert set(record["eval"]) == {"real", "muted", "zeroed", "swapped", "noise:10"}
+    assert record["eval"]["real"]["clips"] == 3 and record["gap_real_muted"]["miou"] is not None
+    assert len((run / "metrics" / "epochs.jsonl").read_text().splitlines()) == 3
+    provenance = json.loads((run / "provenance.json").read_text())
+    assert provenance["cues"]["audio"]["path"] == vggish_cache["stage_dir"]
+    assert provenance["cues"]["audio"]["params"]["checkpoint"] == vggish_cache["checkpoint"]
+    for name in ("config.json", "curves.png", "DONE", "checkpoints/latest.pt", "model/model.safetensors",
+                 "model/avs_conditioning.pt"):
+        assert (run / name).exists(), name
+    state = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    assert state["step"] == 9 and set(state["rng"]) >= {"python", "numpy", "torch"}
+    result = CliRunner().invoke(_cli(), ["evaluate", "--run", str(run), "--split", "val", "--json"])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.output.strip().splitlines()[-1])
+    assert scored["miou"] == pytest.approx(record["eval"]["real"]["miou"])
+    assert {"miou", "fscore", "protocol", "split", "audio", "clips"} <= set(scored)
+    zeroed = CliRunner().invoke(_cli(), ["evaluate", "--run", str(run), "--split", "val", "--audio", "zeroed", "--json"])
+    assert json.loads(zeroed.output.strip().splitlines()[-1])["audio"] == "zeroed"
+
+
+def test_resumed_after_sigterm_and_kill_9_equals_uninterrupted(whole_run, vggish_cache):
+    import threading
+
+    from soundstage.train.loop import Stopped, train
+
+    whole, broken = whole_run[0], vggish_cache["root"] / "broken"
+
+    def send_sigterm_after_step_2():
+        while _steps_done(broken) < 2:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = threading.Thread(target=send_sigterm_after_step_2, daemon=True)
+    sender.start()
+    with pytest.raises(Stopped):
+        train(config(vggish_cache, broken, **RUN), log=lambda *_: None, progress=False)
+    sender.join()
+    stopped_at = _steps_done(broken)
+    assert 2 <= stopped_at < 9
+
+    process = subprocess.Popen(_command(vggish_cache, broken), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while _steps_done(broken) < stopped_at + 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+
+    train(config(vggish_cache, broken, **RUN), log=lambda *_: None, progress=False)
+    a, b = load_file(str(whole / "model" / "model.safetensors")), load_file(str(broken / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ca = torch.load(whole / "model" / "avs_conditioning.pt", weights_only=True)
+    cb = torch.load(broken / "model" / "avs_conditioning.pt", weights_only=True)
+    assert all(torch.equal(ca[k], cb[k]) for k in ca)
+
+    def records(run, name):
+        lines = (run / "metrics" / name).read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "step_seconds"} for line in lines]
+
+    assert records(whole, "steps.jsonl") == records(broken, "steps.jsonl")
+    assert records(whole, "epochs.jsonl") == records(broken, "epochs.jsonl")
