@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
+
+from soundstage.cache.store import StageDir
+from soundstage.pipeline.lifeline import exit_with, parent_token
 from soundstage.pipeline.runner import Summary, plan_stage, run_stage
 from soundstage.pipeline.shard import parse_shard, shard_from_env
 from soundstage.pipeline.stage import Stage
@@ -13,16 +20,6 @@ def sub_shards(shard: tuple[int, int], jobs: int) -> list[tuple[int, int]]:
     return [(i + n * j, n * jobs) for j in range(jobs)]
 
 
-def _run_shard(*args, **kwargs) -> Summary:
-    # loky workers report "loky" as the start method, which the runner's own decoding pool
-    # cannot use: give this process a standard one before the runner makes its pool.
-    import multiprocessing
-
-    if multiprocessing.get_start_method(allow_none=True) not in (None, "fork", "spawn", "forkserver"):
-        multiprocessing.set_start_method("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn", force=True)
-    return run_stage(*args, **kwargs)
-
-
 def run_local(stage: Stage, manifest: str, cache: str, params: dict, upstream_select: dict | None = None,
               shard: str | tuple | None = None, jobs: int = 1, **runner_kwargs) -> Summary:
     if isinstance(shard, str):
@@ -30,16 +27,105 @@ def run_local(stage: Stage, manifest: str, cache: str, params: dict, upstream_se
     shard = shard or shard_from_env() or (0, 1)
     if jobs <= 1 or stage.kind == "global":
         return run_stage(stage, manifest, cache, params, upstream_select, shard=shard, **runner_kwargs)
-    from joblib import Parallel, delayed
 
     if not runner_kwargs.get("fingerprint"):  # plan once here; the shard processes check, not recompute
         plan = plan_stage(stage, manifest, cache, params, upstream_select, log=runner_kwargs.get("log", print))
         plan.dir.initialise(plan.meta)
         runner_kwargs["fingerprint"] = plan.fingerprint
-
     runner_kwargs["progress"] = False  # N bars on one terminal are noise; the summary follows
-    summaries = Parallel(n_jobs=jobs, backend="loky")(
-        delayed(_run_shard)(stage, manifest, cache, params, upstream_select, shard=s, **runner_kwargs)
-        for s in sub_shards(shard, jobs)
-    )
-    return Summary.merge(summaries)
+    runs = [ShardProcess(stage, (manifest, cache, params, upstream_select), s, runner_kwargs) for s in sub_shards(shard, jobs)]
+    with _ForwardStop(runs):
+        outcomes = [run.outcome() for run in runs]
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    if errors:
+        raise errors[0]
+    return Summary.merge(outcomes)
+
+
+class ShardProcess:
+    """One shard of a stage in its own process, which reports its ``Summary`` (or its exception)
+    through a pipe and exits with this process if it is killed."""
+
+    def __init__(self, stage: Stage, args: tuple, shard: tuple[int, int], runner_kwargs: dict):
+        import multiprocessing
+
+        import cloudpickle  # a stage declared in a notebook or a test may hold lambdas
+
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
+        self.shard, self.stage, self.cache_root = shard, stage, args[1]
+        self.fingerprint = runner_kwargs["fingerprint"]
+        self._conn, child_end = context.Pipe(duplex=False)
+        job = cloudpickle.dumps((stage, *args, shard, runner_kwargs))
+        self.process = context.Process(target=_shard_main, args=(job, child_end, parent_token()),
+                                       name=f"soundstage {stage.name} shard {shard[0]}/{shard[1]}")
+        self.process.start()
+        child_end.close()  # the child holds the only writing end: its death reads as EOF here
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            os.kill(self.process.pid, signal.SIGTERM)
+
+    def outcome(self):
+        """The shard's Summary, its exception, or an interrupted Summary when it died without one."""
+        try:
+            result = self._conn.recv()
+        except EOFError:
+            result = None
+        self.process.join()
+        if result is not None:
+            return result
+        code = self.process.exitcode
+        how = f"killed by signal {-code}" if code and code < 0 else f"exit status {code}"
+        path = StageDir.at(self.cache_root, self.stage.name, self.fingerprint).path
+        return Summary(self.stage.name, self.fingerprint, path, self.shard, interrupted=True,
+                       notes=[f"shard {self.shard[0]}/{self.shard[1]} ended without a summary ({how})"])
+
+
+def _shard_main(job: bytes, conn, parent) -> None:
+    import pickle
+
+    exit_with(parent)
+    stage, manifest, cache, params, upstream_select, shard, runner_kwargs = pickle.loads(job)
+    try:
+        result = run_stage(stage, manifest, cache, params, upstream_select, shard=shard, **runner_kwargs)
+    except BaseException as e:  # reported to the parent, which raises it
+        try:
+            pickle.dumps(e)
+            result = e
+        except Exception:
+            result = RuntimeError(f"{type(e).__name__}: {e}")
+    conn.send(result)
+
+
+class _ForwardStop:
+    """While shard processes run: SIGTERM/SIGUSR1 (and a first Ctrl-C) are passed on to them as
+    SIGTERM, so each commits what is finished and reports; a second Ctrl-C aborts."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self, runs: list[ShardProcess]):
+        self.runs, self.stopping, self._old = runs, False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.stopping:
+            raise KeyboardInterrupt
+        if not self.stopping:
+            print(f"stopping: asking {len(self.runs)} shard process(es) to commit what is finished and report",
+                  file=sys.stderr, flush=True)
+        self.stopping = True
+        for run in self.runs:
+            run.stop()
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        if exc[0] is not None:  # an abort here: the shards must not run on unsupervised
+            for run in self.runs:
+                run.stop()

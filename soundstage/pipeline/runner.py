@@ -39,6 +39,7 @@ from soundstage.pipeline.freshness import (
     stored_fit,
     upstream_readers,
 )
+from soundstage.pipeline.lifeline import exit_with, parent_token
 from soundstage.pipeline.resolve import resolve_upstreams
 from soundstage.pipeline.shard import select_shard, shard_from_env, shard_of
 from soundstage.pipeline.stage import ClipError, FitContext, LoadContext, Stage
@@ -192,9 +193,11 @@ def pending_clips(stage: Stage, params: dict, manifest_path: str, cache_root: st
 _WORKER = {}
 
 
-def _worker_init(load, ctx):
+def _worker_init(load, ctx, parent=None):
     _WORKER["load"], _WORKER["ctx"] = load, ctx
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    if parent:  # and when it is gone (kill -9), so is this worker
+        exit_with(parent)
 
 
 def _load_guarded(load, ctx, row):
@@ -229,7 +232,8 @@ def prefetch(load, ctx, rows, workers: int, depth: int):
             yield (row, *_load_guarded(load, ctx, row))
         return
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_worker_init, initargs=(load, ctx))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_worker_init,
+                               initargs=(load, ctx, parent_token()))
     try:
         pending = deque()
         it = iter(rows)
@@ -251,21 +255,27 @@ def prefetch(load, ctx, rows, workers: int, depth: int):
 
 
 class _StopRequested:
-    """SIGTERM/SIGUSR1 set a flag; the loop commits what is finished and returns."""
+    """SIGTERM/SIGUSR1 (SLURM) and a first Ctrl-C set a flag; the loop commits what is finished
+    and returns its summary. A second Ctrl-C aborts at once (KeyboardInterrupt)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.flag = False
         self._old = {}
 
     def __enter__(self):
-        if multiprocessing.current_process().name == "MainProcess" and _in_main_thread():
+        if _in_main_thread():  # the only thread that may set handlers (a shard process's too)
             for sig in self.SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.flag:
+                raise KeyboardInterrupt
+            print("\nstopping after the current batch, committing what is finished (Ctrl-C again: abort now)",
+                  file=sys.stderr, flush=True)
         self.flag = True
 
     def __exit__(self, *exc):
@@ -379,6 +389,8 @@ def run_stage(stage: Stage, manifest_path: str, cache_root: str, params: dict | 
             summary.failed.append((cid, cause))
         if todo:
             _process_clips(plan, todo, summary, writer_id, stop, opts, readers, model)
+        # a stop that came during the last batch still stops what follows (`soundstage run`'s chain)
+        summary.interrupted = summary.interrupted or stop.flag
     summary.seconds = time.monotonic() - start
     return summary
 
