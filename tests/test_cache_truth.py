@@ -371,7 +371,7 @@ def test_a_reader_in_another_process_reads_every_clip_throughout_a_compaction(wa
         assert os.path.exists(ready), proc.stderr.read() if proc.poll() is not None else "reader did not start"
         before = sd.part_paths()
         assert compact_stage(sd, 10_000_000, "compact-test") == (len(rows), 1)
-        time.sleep(0.5)  # let the reader go round after the old parts are gone
+        time.sleep(2.5)  # let the reader go round after the old parts are gone (it looks once a second)
         open(stop, "w").close()
         out, err = proc.communicate(timeout=60)
     finally:

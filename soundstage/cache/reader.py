@@ -1,27 +1,36 @@
 """Reading stage outputs: ``open_stage(stage_dir)`` -> read-only mapping clip_id -> {field: value}.
 
-Safe in DataLoader workers: the reader holds no open file when pickled; each process opens the
-part files it needs lazily and keeps at most ``max_open`` of them open (LRU), so memory stays
-bounded however many parts there are.
+Opening reads the output's cached clip index (``soundstage.cache.index``), not every part.
 
-Numeric fields are read through a memory map of the (immutable, contiguous) dataset, located
-once when the index is built; a clip is one slice and a copy. Strings go through h5py, whose
-library calls are serialised within a process: parallel reading means processes, not threads.
+Reads cost the same however many parts an output has. Numeric fields are read through a memory
+map of the (immutable, contiguous) dataset, located by the index: a clip is one slice and a copy.
+The map is made with the file descriptor closed straight after (a mapping does not need one),
+so every part stays mapped without holding a descriptor: no open-file limit, no LRU to thrash.
+Mappings take address space, not memory; the kernel pages in what is read. Strings go through
+h5py, one whole column of a part at a time, kept decoded (up to ``max_strings`` strings, LRU);
+h5py's library calls are serialised within a process: parallel reading means processes.
+
+Safe in DataLoader workers: the reader holds no map or open file when pickled, and a forked
+process never uses its parent's h5py handles; each process maps what it reads lazily.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
+import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
 
-from soundstage.cache.index import newest_versions, read_header, unreadable
+from soundstage.cache.index import ClipIndex, open_part, part_infos
 from soundstage.cache.maintenance import verify_part
 from soundstage.cache.quarantine import CorruptPart, load_verdicts, repair_hint, verdict
-from soundstage.cache.store import CacheError, StageDir, fields_from_schema, h5py  # h5py after the locking env var
+from soundstage.cache.store import StageDir, fields_from_schema, h5py  # h5py after the locking env var
 
 
 class MissingClip(KeyError):
@@ -32,7 +41,7 @@ class MissingClip(KeyError):
 
 
 class StageReader(Mapping):
-    def __init__(self, stage_dir: str, fields: list[str] | None = None, max_open: int = 128):
+    def __init__(self, stage_dir: str, fields: list[str] | None = None, max_open: int = 16, max_strings: int = 4_000_000):
         self.dir = StageDir(stage_dir)
         if not self.dir.exists():
             raise FileNotFoundError(f"{stage_dir} is not a stage output (no stage.json)")
@@ -44,52 +53,55 @@ class StageReader(Mapping):
             if missing:
                 raise KeyError(f"{stage_dir} has no field(s) {missing}; it has {sorted(known)}")
             self.fields = [f for f in self.fields if f.name in fields]
-        self.max_open = max_open
-        self._open_parts: OrderedDict = OrderedDict()
-        self._pid = os.getpid()
+        self.max_open = max_open  # h5py handles kept open for numeric datasets that cannot be mapped
+        self.max_strings = max_strings  # decoded strings kept (whole columns of parts)
+        self.look_every = 1.0  # seconds between looks for parts replaced under the maps (compaction)
+        self._reset_handles()
         self.refresh()
 
+    def _reset_handles(self) -> None:
+        self._maps: dict = {}  # part -> {field: ndarray view of its mapping}
+        self._h5: OrderedDict = OrderedDict()  # part -> open h5py.File (LRU)
+        self._strings: OrderedDict = OrderedDict()  # (part, field) -> decoded column (LRU)
+        self._strings_held = 0
+        self._pid = os.getpid()
+        self._next_look = time.monotonic() + 1.0
+
     def refresh(self) -> None:
-        """(Re)build the index clip id -> (part, row) and each part's layout from the part files.
+        """(Re)load the clip index (cached; parts new since are read, vanished ones dropped).
 
         The newest version of a clip wins (see ``soundstage.cache.index``); a part that vanishes
         meanwhile (compaction replaced it) makes the listing start again."""
-        for _ in range(20):
-            try:
-                self._build_index()
-                return
-            except FileNotFoundError:
-                continue
-        raise CacheError(f"{self.dir.parts_dir}: parts keep changing while the index is read")
-
-    def _build_index(self) -> None:
-        headers, offsets, layouts = [], {}, {}
-        for path in self.dir.part_paths():
-            try:
-                with h5py.File(path, "r") as h5:
-                    headers.append(read_header(h5, path))
-                    offsets[path] = {f.name: h5[f"offsets/{f.name}"][...] for f in self.fields if f.ragged}
-                    layouts[path] = {f.name: _mappable(h5[f.name]) for f in self.fields if f.dtype != "str"}
-            except Exception as e:
-                if not os.path.exists(path):
-                    raise FileNotFoundError(path) from None
-                raise unreadable(path, e) from None
-        headers.sort(key=lambda h: (h.committed_ns, os.path.basename(h.path)))
-        self.parts = [h.path for h in headers]
-        self._offsets = [offsets[p] for p in self.parts]  # per part: ragged field -> offsets array
-        self._layout = [layouts[p] for p in self.parts]  # per part: numeric field -> (byte offset, dtype, shape) or None
-        number = {p: k for k, p in enumerate(self.parts)}
-        self._versions = newest_versions(headers)
-        self.index = {cid: (number[v.part], v.row) for cid, v in self._versions.items()}
-        self.superseded = sum(len(h.ids) for h in headers) - len(self.index)  # older versions of clips
+        self._parts_dir_mtime = _mtime_ns(self.dir.parts_dir)
+        index = ClipIndex(self.dir, part_infos(self.dir))
+        self.parts = index.parts
+        self._index = index
+        self._offsets = [i.offsets for i in index.infos]  # per part: ragged field -> offsets array
+        self._layout = [i.layout for i in index.infos]  # per part: numeric field -> [offset, dtype, shape] or None
+        self._lookup: dict | None = None  # clip id -> position, built on the first lookup by id
+        self.superseded = index.superseded  # older versions of clips
         self._verdicts = load_verdicts(self.dir)
         self._checked: dict[int, list[str]] = {}  # part -> problems, once checked in this process
         self._suspect = any(verdict(self._verdicts, p) for p in self.parts)
         self.close()  # part numbers changed: handles opened under the old ones are dropped
 
+    def _position(self, clip_id) -> int | None:
+        if self._lookup is None:
+            self._lookup = dict(zip(np.char.decode(self._index.ids, "utf-8").tolist(), range(len(self._index.ids))))
+        return self._lookup.get(clip_id)
+
+    @property
+    def index(self) -> dict:
+        """clip id -> (part number, row) of its newest version (built on demand)."""
+        ix = self._index
+        return {cid.decode(): (int(p), int(r)) for cid, p, r in zip(ix.ids, ix.part, ix.row)}
+
     def digest(self, clip_id: str) -> str | None:
         """Digest of the inputs the clip was computed from (None: recorded before digests were)."""
-        return self._versions[clip_id].digest
+        k = self._position(clip_id)
+        if k is None:
+            raise KeyError(clip_id)
+        return self._index.version(k).digest
 
     def _check(self, p: int) -> None:
         """Refuse a part verify found bad; while the output has one, checksum unverified parts first."""
@@ -102,66 +114,115 @@ class StageReader(Mapping):
         if self._checked[p]:
             raise CorruptPart(f"{self.parts[p]}: {'; '.join(self._checked[p][:3])}; {repair_hint(self.parts[p])}")
 
-    def _open(self, p: int) -> _OpenPart:
-        if os.getpid() != self._pid:  # forked: never use the parent's handles
-            self._open_parts = OrderedDict()
-            self._pid = os.getpid()
-        part = self._open_parts.get(p)
-        if part is None:
-            part = _OpenPart(self.parts[p], self._layout[p])
-            self._open_parts[p] = part
-            while len(self._open_parts) > self.max_open:
-                _, old = self._open_parts.popitem(last=False)
-                old.close()
-        else:
-            self._open_parts.move_to_end(p)
-        return part
-
     def __getitem__(self, clip_id: str) -> dict:
-        try:
-            p, row = self.index[clip_id]
-        except KeyError:
+        k = self._position(clip_id)
+        if k is None:
             meta = self.meta
             raise MissingClip(
                 f"no {meta['stage']} output for clip {clip_id} in {meta['fingerprint']} (not computed yet, or it failed there)"
-            ) from None
+            )
         try:
-            return self._read(p, row)
+            return self._read(int(self._index.part[k]), int(self._index.row[k]))
         except FileNotFoundError:  # the part was replaced (compaction): find the clip again
             self.refresh()
-            if clip_id not in self.index:
+            k = self._position(clip_id)
+            if k is None:
                 raise MissingClip(f"clip {clip_id} is no longer in {self.dir.path} (its part was removed)") from None
-            return self._read(*self.index[clip_id])
+            return self._read(int(self._index.part[k]), int(self._index.row[k]))
 
     def _read(self, p: int, row: int) -> dict:
+        if os.getpid() != self._pid:  # forked: never use the parent's h5py handles
+            self._reset_handles()
+        now = time.monotonic()
+        if now >= self._next_look:
+            self._next_look = now + self.look_every
+            if self._replaced_under_maps():
+                raise FileNotFoundError(self.parts[p])  # __getitem__ re-lists and reads the clip again
         self._check(p)
-        part = self._open(p)
         out = {}
         for f in self.fields:
+            index = row
             if f.ragged:
                 start, stop = self._offsets[p][f.name][row : row + 2]
-                out[f.name] = part.read(f, slice(int(start), int(stop)))
-            else:
-                out[f.name] = part.read(f, row)
+                index = slice(int(start), int(stop))
+            if f.dtype == "str":
+                column = self._string_column(p, f.name)
+                out[f.name] = list(column[index]) if f.ragged else column[index]
+                continue
+            view = self._views(p).get(f.name)
+            out[f.name] = np.array(view[index]) if view is not None else self._h5_file(p)[f.name][index]
         return out
 
+    def _replaced_under_maps(self) -> bool:
+        """Whether a mapped part was removed (compaction): a map keeps its data readable, but also
+        keeps its disk space until unmapped, so the reader moves to the new parts. One stat of the
+        parts directory a second; the mapped parts are looked at only when it changed."""
+        mtime = _mtime_ns(self.dir.parts_dir)
+        if mtime == self._parts_dir_mtime:
+            return False
+        self._parts_dir_mtime = mtime
+        return any(not os.path.exists(self.parts[p]) for p in self._maps)
+
+    def _views(self, p: int) -> dict:
+        views = self._maps.get(p)
+        if views is None:
+            views = {}
+            layout = {name: where for name, where in self._layout[p].items() if where is not None}
+            if layout:
+                whole = map_readonly(self.parts[p])
+                for name, (offset, dtype, shape) in layout.items():
+                    views[name] = np.ndarray(tuple(shape), dtype=np.dtype(dtype), buffer=whole, offset=offset)
+            self._maps[p] = views
+        return views
+
+    def _h5_file(self, p: int):
+        h5 = self._h5.get(p)
+        if h5 is None:
+            h5 = self._h5[p] = open_part(self.parts[p])
+            while len(self._h5) > self.max_open:
+                self._h5.popitem(last=False)[1].close()
+        else:
+            self._h5.move_to_end(p)
+        return h5
+
+    def _string_column(self, p: int, name: str):
+        key = (p, name)
+        column = self._strings.get(key)
+        if column is None:
+            h5 = self._h5.get(p)
+            if h5 is not None:
+                column = h5[name].asstr()[...]
+            else:
+                with open_part(self.parts[p]) as h5:
+                    column = h5[name].asstr()[...]
+            self._strings[key] = column
+            self._strings_held += len(column)
+            while self._strings_held > self.max_strings and len(self._strings) > 1:
+                self._strings_held -= len(self._strings.popitem(last=False)[1])
+        else:
+            self._strings.move_to_end(key)
+        return column
+
     def __iter__(self):
-        return iter(self.index)
+        return (cid.decode() for cid in self._index.ids)
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self._index)
 
     def __contains__(self, clip_id) -> bool:
-        return clip_id in self.index
+        return self._position(clip_id) is not None
 
     def close(self) -> None:
-        for part in self._open_parts.values():
-            part.close()
-        self._open_parts.clear()
+        for h5 in self._h5.values():
+            h5.close()
+        self._h5.clear()
+        self._maps.clear()
+        self._strings.clear()
+        self._strings_held = 0
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_open_parts"] = OrderedDict()
+        state.update(_maps={}, _h5=OrderedDict(), _strings=OrderedDict(), _strings_held=0, _lookup=None)
         return state
 
     def __del__(self):
@@ -174,45 +235,40 @@ class StageReader(Mapping):
         return f"StageReader({self.meta['stage']}/{self.meta['fingerprint']}, {len(self)} clips)"
 
 
-def _mappable(ds) -> tuple | None:
-    """Where a contiguous, unfiltered dataset's bytes are in its file (None: read via h5py)."""
-    if ds.chunks is not None or ds.compression is not None:
-        return None
-    offset = ds.id.get_offset()  # None for an empty dataset that has no storage
-    return None if offset is None else (offset, ds.dtype, ds.shape)
+def _mtime_ns(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        return 0
 
 
-class _OpenPart:
-    """One part file open in this process: a memory map for numbers, h5py only for the rest."""
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
 
-    def __init__(self, path: str, layout: dict):
-        self.path = path
-        self.views = {}
-        if any(v is not None for v in layout.values()):
-            mm = np.memmap(path, mode="r", dtype=np.uint8)
-            for name, where in layout.items():
-                if where is not None:
-                    offset, dtype, shape = where
-                    self.views[name] = np.ndarray(shape, dtype=dtype, buffer=mm, offset=offset)
-        self._h5 = None
 
-    def read(self, field, index):
-        view = self.views.get(field.name)
-        if view is not None:
-            return np.array(view[index])  # a copy: callers never hold the mapping open
-        if self._h5 is None:
-            self._h5 = h5py.File(self.path, "r")
-        ds = self._h5[field.name]
-        if field.dtype == "str":
-            value = ds.asstr()[index]
-            return list(value) if isinstance(index, slice) else value
-        return ds[index]
-
-    def close(self):
-        self.views = {}
-        if self._h5 is not None:
-            self._h5.close()
-            self._h5 = None
+def map_readonly(path: str) -> np.ndarray:
+    """The file's bytes as a read-only array backed by a private memory map whose descriptor is
+    already closed (Python's ``mmap`` keeps a duplicate descriptor per map; this does not).
+    Unmapped when the array and every view of it are gone."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return np.zeros(0, np.uint8)
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, _MAP_FAILED):
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap of {path} failed: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    buffer = (ctypes.c_char * size).from_address(addr)
+    weakref.finalize(buffer, _libc.munmap, addr, size)
+    array = np.frombuffer(buffer, dtype=np.uint8)
+    array.flags.writeable = False
+    return array
 
 
 def read_result(stage_dir: str) -> dict:
@@ -226,7 +282,7 @@ def read_result(stage_dir: str) -> dict:
     return out
 
 
-def open_stage(stage_dir: str, fields: list[str] | None = None, max_open: int = 128):
+def open_stage(stage_dir: str, fields: list[str] | None = None, max_open: int = 16):
     """A reader for a stage output: a clip mapping for per-clip stages, a dict for global ones."""
     meta = StageDir(stage_dir).meta()
     if meta.get("kind") == "global":

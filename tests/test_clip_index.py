@@ -1,0 +1,163 @@
+"""The cached clip index (``clip_index.npz``) and reads that do not depend on the part count."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from soundstage.cache import index as index_module
+from soundstage.cache.index import INDEX_FILE, committed_index, part_infos
+from soundstage.cache.maintenance import compact_stage
+from soundstage.cache.reader import open_stage
+from soundstage.cache.store import Field, StageDir, field_schema
+
+FIELDS = [
+    Field("vec", "float32", (3,)),
+    Field("frames", "int16", (None, 2)),
+    Field("label", "str"),
+    Field("tags", "str", (None,)),
+]
+
+
+def _values(cid: str, version: int = 0) -> dict:
+    k = int(cid[1:])
+    return {
+        "vec": np.array([k, version, -k], np.float32),
+        "frames": np.full((k % 4 + 1, 2), k + version, np.int16),
+        "label": f"label {cid} v{version}",
+        "tags": [f"t{k}", f"v{version}"][: 1 + k % 2],
+    }
+
+
+def _output(tmp_path, parts: int, per_part: int = 3) -> StageDir:
+    sd = StageDir(str(tmp_path / "toy" / "fp"))
+    meta = {"stage": "toy", "version": 1, "fingerprint": "fp", "fields": field_schema(FIELDS)}
+    sd.initialise(meta)
+    for p in range(parts):
+        rows = [(f"c{p * per_part + r}", _values(f"c{p * per_part + r}")) for r in range(per_part)]
+        sd.write_part("w", p, FIELDS, rows, meta, digests=[f"d{cid}" for cid, _ in rows])
+    return sd
+
+
+def _expected(sd: StageDir, version_of=lambda cid: 0) -> dict:
+    return {cid: _values(cid, version_of(cid)) for cid in committed_index(sd)}
+
+
+def _assert_reads(reader, expected: dict) -> None:
+    assert sorted(reader) == sorted(expected)
+    for cid, want in expected.items():
+        got = reader[cid]
+        assert np.array_equal(got["vec"], want["vec"]) and np.array_equal(got["frames"], want["frames"])
+        assert got["label"] == want["label"] and got["tags"] == want["tags"]
+
+
+def _count_part_reads(monkeypatch) -> list:
+    calls = []
+    real = index_module._read_part_info
+    monkeypatch.setattr(index_module, "_read_part_info", lambda path, *a: calls.append(path) or real(path, *a))
+    return calls
+
+
+def test_the_index_is_written_once_and_later_opens_read_no_part(tmp_path, monkeypatch):
+    sd = _output(tmp_path, parts=5)
+    calls = _count_part_reads(monkeypatch)
+    _assert_reads(open_stage(sd.path), {f"c{k}": _values(f"c{k}") for k in range(15)})
+    assert len(calls) == 5 and os.path.exists(os.path.join(sd.path, INDEX_FILE))
+    calls.clear()
+    reader = open_stage(sd.path)
+    assert calls == [] and len(reader) == 15 and reader.digest("c7") == "dc7"
+    assert committed_index(sd, ["c3", "nope"]).keys() == {"c3"} and calls == []
+
+
+def test_a_new_part_is_read_and_added_the_others_come_from_the_index(tmp_path, monkeypatch):
+    sd = _output(tmp_path, parts=3)
+    open_stage(sd.path)
+    meta = sd.meta()
+    sd.write_part("w", 9, FIELDS, [("c100", _values("c100"))], meta, digests=["x"])
+    calls = _count_part_reads(monkeypatch)
+    reader = open_stage(sd.path)
+    assert [os.path.basename(p) for p in calls] == ["w-00009.h5"] and "c100" in reader and len(reader) == 10
+
+
+def test_a_recomputed_clip_reads_its_newest_version_through_the_index(tmp_path):
+    sd = _output(tmp_path, parts=3)
+    open_stage(sd.path)  # index written before the recompute
+    sd.commit_floor_ns = max(i.committed_ns for i in part_infos(sd)) + 1
+    sd.write_part("w2", 0, FIELDS, [("c4", _values("c4", 1))], sd.meta(), digests=["new"])
+    reader = open_stage(sd.path)
+    _assert_reads(reader, _expected(sd, lambda cid: 1 if cid == "c4" else 0))
+    assert reader.digest("c4") == "new" and reader.superseded == 1
+    assert committed_index(sd)["c4"].digest == "new"
+
+
+def test_reads_are_right_after_a_compaction_and_the_index_follows_the_new_parts(tmp_path):
+    sd = _output(tmp_path, parts=6)
+    before = open_stage(sd.path)
+    expected = _expected(sd)
+    _assert_reads(before, expected)  # maps every old part
+    assert compact_stage(sd, 10_000_000, "compact") == (6, 1)
+    before._next_look = 0  # the once-a-second look, now
+    _assert_reads(before, expected)
+    assert [os.path.basename(p) for p in before.parts] == ["compact-00000.h5"]
+    infos = part_infos(sd)
+    assert [i.name for i in infos] == ["compact-00000.h5"]
+    _assert_reads(open_stage(sd.path), expected)
+
+
+def test_a_quarantined_part_drops_out_of_the_index(tmp_path):
+    sd = _output(tmp_path, parts=3)
+    open_stage(sd.path)
+    os.makedirs(os.path.join(sd.path, "quarantine"), exist_ok=True)
+    os.rename(os.path.join(sd.parts_dir, "w-00001.h5"), os.path.join(sd.path, "quarantine", "w-00001.h5"))
+    reader = open_stage(sd.path)
+    assert sorted(reader) == sorted(f"c{k}" for k in (0, 1, 2, 6, 7, 8))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_a_damaged_index_file_or_a_crash_while_writing_it_is_rebuilt_from_the_parts(tmp_path, damage):
+    sd = _output(tmp_path, parts=4)
+    open_stage(sd.path)
+    path = os.path.join(sd.path, INDEX_FILE)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write({"garbage": b"not an index" * 10, "truncated": data[: len(data) // 2], "empty": b""}[damage])
+    with open(os.path.join(sd.path, f".{INDEX_FILE}.tmp-deadbeef"), "wb") as f:  # a writer killed mid-write
+        f.write(data[:100])
+    _assert_reads(open_stage(sd.path), {f"c{k}": _values(f"c{k}") for k in range(12)})
+    assert index_module._load_index_file(sd).keys() == {f"w-{k:05d}.h5" for k in range(4)}  # rewritten whole
+
+
+def test_a_read_only_output_is_read_without_writing_an_index(tmp_path):
+    sd = _output(tmp_path, parts=2)
+    os.chmod(sd.path, 0o555)
+    try:
+        if os.access(sd.path, os.W_OK):
+            pytest.skip("running as a user who can write anyway")
+        _assert_reads(open_stage(sd.path), {f"c{k}": _values(f"c{k}") for k in range(6)})
+        assert not os.path.exists(os.path.join(sd.path, INDEX_FILE))
+    finally:
+        os.chmod(sd.path, 0o755)
+
+
+def test_reading_every_clip_of_many_parts_keeps_no_file_descriptor_open(tmp_path):
+    sd = _output(tmp_path, parts=40, per_part=2)
+    reader = open_stage(sd.path, fields=["vec", "frames"])
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(2):
+        for cid in reader:
+            k = int(cid[1:])
+            assert reader[cid]["vec"][0] == k
+    assert len(os.listdir("/proc/self/fd")) == fds and len(reader._maps) == 40
+
+
+def test_a_pickled_reader_maps_lazily_in_the_new_process(tmp_path):
+    import pickle
+
+    sd = _output(tmp_path, parts=3)
+    reader = open_stage(sd.path)
+    _assert_reads(reader, _expected(sd))
+    clone = pickle.loads(pickle.dumps(reader))
+    assert clone._maps == {} and clone._lookup is None
+    _assert_reads(clone, _expected(sd))
