@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+from soundstage.cache.table import read_manifest
+
 
 def shard_of(clip_id: str, num_shards: int) -> int:
     return int.from_bytes(hashlib.sha1(clip_id.encode("utf-8")).digest()[:8], "big") % num_shards
@@ -44,3 +46,35 @@ def shard_from_env() -> tuple[int, int] | None:
         return None
     index = int(task) + int(os.environ.get("SOUNDSTAGE_SHARD_OFFSET", "0"))
     return index, int(count)
+
+
+def manifest_columns(stage) -> tuple[str, ...] | None:
+    """The manifest columns a run of ``stage`` reads: ``clip_id``, its ``reads`` and its
+    ``required_columns`` (None: every column, for a stage that does not declare ``reads``)."""
+    if stage is None or stage.reads is None:
+        return None
+    return tuple(dict.fromkeys(("clip_id", *stage.reads, *stage.required_columns)))
+
+
+def manifest_share(manifest_path: str, stage=None, shard: tuple[int, int] = (0, 1)) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The usable rows of ``shard`` (unique, non-empty clip ids) as dicts, and (clip_id, cause) of
+    every unusable row. Only the stage's columns are read (``manifest_columns``), and only this
+    shard's rows become dicts: an array task's start-up is about its share of the manifest.
+    With ``stage``, a manifest lacking one of its ``required_columns`` raises ``ManifestError``."""
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
+    needed = (tuple(stage.required_columns), stage.name) if stage is not None else ((), "")
+    df = read_manifest(manifest_path, *needed, only=manifest_columns(stage))
+    mine, bad, seen = [], [], set()
+    for position, raw in enumerate(df["clip_id"].tolist()):
+        cid, number = raw.strip(), position + 2  # line 1 is the header
+        if not cid:
+            bad.append((f"<row {number}>", f"empty clip_id in manifest row {number}"))
+        elif cid in seen:
+            bad.append((cid, f"duplicate clip_id in manifest row {number}"))
+        else:
+            seen.add(cid)
+            if count == 1 or shard_of(raw, count) == index:
+                mine.append(position)
+    return df.iloc[mine].to_dict("records"), bad
