@@ -424,6 +424,60 @@ class StageDir:
         return ShardLock(os.path.join(self.locks_dir, f"{name}.lock"))
 
 
+class PartWriter:
+    """One writer's finished clips: validated against the fields, buffered, and committed as a
+    part every ``commit_every`` clips or ``commit_seconds`` (and on ``commit``)."""
+
+    def __init__(
+        self,
+        sd: StageDir,
+        writer_id: str,
+        fields: list[Field],
+        meta: dict,
+        commit_every: int = 256,
+        commit_seconds: float = 120.0,
+    ):
+        self.dir, self.writer_id, self.fields, self.meta = sd, writer_id, fields, meta
+        self.commit_every, self.commit_seconds = commit_every, commit_seconds
+        self.rows: list = []
+        self.digests: list = []
+        self.sizes: dict = {}  # field -> trailing shape fixed at run time
+        self.seq = 0
+        self.committed = 0
+        self.last_commit = time.monotonic()
+
+    def validate(self, result: dict) -> dict:
+        """One clip's values, checked and converted to what is stored (``ValueError``/``TypeError`` if not)."""
+        missing = [f.name for f in self.fields if f.name not in result]
+        if missing:
+            raise ValueError(f"stage returned no value for field(s) {missing}")
+        return {f.name: coerce_value(f, result[f.name]) for f in self.fields}
+
+    def check_run_time_sizes(self, values: dict) -> None:
+        """Sizes declared None past the first axis are fixed by the first clip, for every clip."""
+        for f in self.fields:
+            if f.dtype == "str" or not any(d is None for d in f.shape[1:]):
+                continue
+            got = tuple(np.shape(values[f.name])[1:])
+            want = self.sizes.setdefault(f.name, got)
+            if got != want:
+                raise ValueError(f"field {f.name}: trailing shape {got} differs from {want} of earlier clips")
+
+    def add(self, clip_id: str, values: dict, digest: str | None = None) -> None:
+        self.rows.append((clip_id, values))
+        self.digests.append(digest)
+        if len(self.rows) >= self.commit_every or time.monotonic() - self.last_commit >= self.commit_seconds:
+            self.commit()
+
+    def commit(self) -> None:
+        if self.rows:
+            self.dir.write_part(self.writer_id, self.seq, self.fields, self.rows, self.meta, digests=self.digests)
+            self.seq += 1
+            self.committed += len(self.rows)
+            self.rows, self.digests = [], []
+        self.last_commit = time.monotonic()
+
+
 class ShardLock:
     """An exclusive flock on a lock file; released by the kernel if the holder dies."""
 

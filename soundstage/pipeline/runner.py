@@ -22,13 +22,11 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from soundstage.cache.index import committed_index
 from soundstage.cache.locks import writer_lock
 from soundstage.cache.maintenance import PINNED
 from soundstage.cache.reader import MissingClip
-from soundstage.cache.store import StageDir, atomic_write_text, coerce_value
+from soundstage.cache.store import PartWriter, StageDir, atomic_write_text
 from soundstage.cache.table import read_manifest
 from soundstage.pipeline.fingerprint import normalise_params, plan_mismatch, stage_meta
 from soundstage.pipeline.freshness import (
@@ -289,50 +287,6 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-class _PartBuffer:
-    """Finished clips waiting to be committed as one part file."""
-
-    def __init__(self, plan: Plan, writer_id: str, commit_every: int, commit_seconds: float):
-        self.plan, self.writer_id = plan, writer_id
-        self.commit_every, self.commit_seconds = commit_every, commit_seconds
-        self.rows: list = []
-        self.sizes: dict = {}  # field -> trailing shape fixed at run time
-        self.seq = 0
-        self.committed = 0
-        self.last_commit = time.monotonic()
-
-    def add(self, clip_id: str, values: dict) -> None:
-        self.rows.append((clip_id, values))
-        if len(self.rows) >= self.commit_every or time.monotonic() - self.last_commit >= self.commit_seconds:
-            self.commit()
-
-    def check_run_time_sizes(self, values: dict) -> None:
-        """Sizes declared None past the first axis are fixed by the first clip, for every clip."""
-        for f in self.plan.stage.fields:
-            if f.dtype == "str" or not any(d is None for d in f.shape[1:]):
-                continue
-            got = tuple(np.shape(values[f.name])[1:])
-            want = self.sizes.setdefault(f.name, got)
-            if got != want:
-                raise ValueError(f"field {f.name}: trailing shape {got} differs from {want} of earlier clips")
-
-    def commit(self) -> None:
-        if self.rows:
-            self.plan.dir.write_part(self.writer_id, self.seq, self.plan.stage.fields, self.rows, self.plan.meta,
-                                     digests=[self.plan.clip_digests.get(cid) for cid, _ in self.rows])
-            self.seq += 1
-            self.committed += len(self.rows)
-            self.rows = []
-        self.last_commit = time.monotonic()
-
-
-def _validate(stage: Stage, result: dict) -> dict:
-    missing = [f.name for f in stage.fields if f.name not in result]
-    if missing:
-        raise ValueError(f"stage returned no value for field(s) {missing}")
-    return {f.name: coerce_value(f, result[f.name]) for f in stage.fields}
-
-
 @dataclass
 class RunOptions:
     """How a run goes; none of it changes what is stored (it is not in the fingerprint)."""
@@ -404,7 +358,7 @@ def _process_clips(plan, todo, summary, writer_id, stop, opts: RunOptions, reade
         model = stage.setup(params)
     if stage.metadata:
         plan.dir.set_metadata(stage.metadata(model, params))
-    buffer = _PartBuffer(plan, writer_id, opts.commit_every, opts.commit_seconds)
+    buffer = PartWriter(plan.dir, writer_id, stage.fields, plan.meta, opts.commit_every, opts.commit_seconds)
     buckets: dict = {}
     bar = _progress_bar(len(todo), f"{stage.name} {summary.shard[0]}/{summary.shard[1]}", opts.progress)
 
@@ -429,7 +383,7 @@ def _process_clips(plan, todo, summary, writer_id, stop, opts: RunOptions, reade
             results = stage.process(model, [item for _, item in batch], params)
             if len(results) != len(batch):
                 raise ValueError(f"stage returned {len(results)} results for {len(batch)} clips")
-            values = [_validate(stage, r) for r in results]
+            values = [buffer.validate(r) for r in results]
         except Exception as e:
             if len(batch) > 1:  # find the clip that breaks the batch; the others go on
                 for one in batch:
@@ -444,7 +398,7 @@ def _process_clips(plan, todo, summary, writer_id, stop, opts: RunOptions, reade
             except ValueError as e:
                 fail(cid, str(e))
                 continue
-            buffer.add(cid, v)
+            buffer.add(cid, v, plan.clip_digests.get(cid))
             streak.clear()
             note = stage.warn(v) if stage.warn else None
             if note:
