@@ -20,8 +20,16 @@ def sub_shards(shard: tuple[int, int], jobs: int) -> list[tuple[int, int]]:
     return [(i + n * j, n * jobs) for j in range(jobs)]
 
 
-def run_local(stage: Stage, manifest: str, cache: str, params: dict, upstream_select: dict | None = None,
-              shard: str | tuple | None = None, jobs: int = 1, **runner_kwargs) -> Summary:
+def run_local(
+    stage: Stage,
+    manifest: str,
+    cache: str,
+    params: dict,
+    upstream_select: dict | None = None,
+    shard: str | tuple | None = None,
+    jobs: int = 1,
+    **runner_kwargs,
+) -> Summary:
     if isinstance(shard, str):
         shard = parse_shard(shard)
     shard = shard or shard_from_env() or (0, 1)
@@ -57,8 +65,9 @@ class ShardProcess:
         self.fingerprint = runner_kwargs["fingerprint"]
         self._conn, child_end = context.Pipe(duplex=False)
         job = cloudpickle.dumps((stage, *args, shard, runner_kwargs))
-        self.process = context.Process(target=_shard_main, args=(job, child_end, parent_token()),
-                                       name=f"soundstage {stage.name} shard {shard[0]}/{shard[1]}")
+        self.process = context.Process(
+            target=_shard_main, args=(job, child_end, parent_token()), name=f"soundstage {stage.name} shard {shard[0]}/{shard[1]}"
+        )
         self.process.start()
         child_end.close()  # the child holds the only writing end: its death reads as EOF here
 
@@ -78,8 +87,14 @@ class ShardProcess:
         code = self.process.exitcode
         how = f"killed by signal {-code}" if code and code < 0 else f"exit status {code}"
         path = StageDir.at(self.cache_root, self.stage.name, self.fingerprint).path
-        return Summary(self.stage.name, self.fingerprint, path, self.shard, interrupted=True,
-                       notes=[f"shard {self.shard[0]}/{self.shard[1]} ended without a summary ({how})"])
+        return Summary(
+            self.stage.name,
+            self.fingerprint,
+            path,
+            self.shard,
+            interrupted=True,
+            notes=[f"shard {self.shard[0]}/{self.shard[1]} ended without a summary ({how})"],
+        )
 
 
 def _shard_main(job: bytes, conn, parent) -> None:
@@ -117,8 +132,11 @@ class _ForwardStop:
         if signum == signal.SIGINT and self.stopping:
             raise KeyboardInterrupt
         if not self.stopping:
-            print(f"stopping: asking {len(self.runs)} shard process(es) to commit what is finished and report",
-                  file=sys.stderr, flush=True)
+            print(
+                f"stopping: asking {len(self.runs)} shard process(es) to commit what is finished and report",
+                file=sys.stderr,
+                flush=True,
+            )
         self.stopping = True
         for run in self.runs:
             run.stop()

@@ -163,9 +163,17 @@ def load_pipeline(path: str) -> Pipeline:
     for name in STAGE_MODULES:  # stages the file does not name still get the file's defaults
         resources.setdefault(name, dict(doc.get("resources") or {}))
         shards.setdefault(name, doc.get("shards"))
-    return Pipeline(path=os.path.abspath(path), manifest=_resolve(base, doc.get("manifest")), cache=_resolve(base, doc.get("cache")),
-                    stages=stages, resources=resources, shards=shards, executor=executor, declared=declared,
-                    train=_train_section(path, doc.get("train")))
+    return Pipeline(
+        path=os.path.abspath(path),
+        manifest=_resolve(base, doc.get("manifest")),
+        cache=_resolve(base, doc.get("cache")),
+        stages=stages,
+        resources=resources,
+        shards=shards,
+        executor=executor,
+        declared=declared,
+        train=_train_section(path, doc.get("train")),
+    )
 
 
 def _train_section(path: str, section) -> dict:
@@ -181,7 +189,9 @@ def _train_section(path: str, section) -> dict:
 @click.argument("stage_names", nargs=-1, metavar="[STAGE]...")
 @click.option("--executor", type=click.Choice(["local", "slurm"]), help="where shards run (default: the file's, else local)")
 @click.option("--shards", type=click.IntRange(min=1), help="shards of every per-clip stage (overrides the file)")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="local: run this many shards in parallel processes")
+@click.option(
+    "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="local: run this many shards in parallel processes"
+)
 @click.option("--workers", type=click.IntRange(min=0), help="decoding worker processes per shard")
 @click.option("--wait", is_flag=True, help="slurm: block until the jobs finish, then print the summary")
 @click.option("--dry-run", is_flag=True, help="print what would run (the sbatch scripts for slurm) without running it")
@@ -191,8 +201,16 @@ def run(pipeline_file, stage_names, executor, shards, jobs, workers, wait, dry_r
 
     try:
         pipe = load_pipeline(pipeline_file)
-        code = run_pipeline(pipe, list(stage_names) or None, executor=executor or pipe.executor or "local", shards=shards,
-                            jobs=jobs, workers=workers, wait=wait, dry_run=dry_run)
+        code = run_pipeline(
+            pipe,
+            list(stage_names) or None,
+            executor=executor or pipe.executor or "local",
+            shards=shards,
+            jobs=jobs,
+            workers=workers,
+            wait=wait,
+            dry_run=dry_run,
+        )
     except (ValueError, RuntimeError, OSError, KeyError) as e:  # PipelineError and ManifestError are ValueErrors
         raise click.ClickException(str(e)) from None
     click.get_current_context().exit(code)
