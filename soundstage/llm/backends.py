@@ -28,7 +28,9 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+
+from soundstage.pipeline.stage import Param
 
 log = logging.getLogger("soundstage.llm")
 
@@ -97,23 +99,49 @@ class _Retryable(Exception):
         self.retry_after = retry_after  # what the server asked for (Retry-After), in seconds
 
 
-class OpenAIChatEndpoint:
-    """An OpenAI-compatible chat-completions server, asked with bounded concurrency and retries."""
+@dataclass(frozen=True)
+class HttpSettings:
+    """How an endpoint is asked. None of it changes an answer, so none of it is in the cache key."""
 
-    def __init__(self, url: str, model: str, max_new_tokens: int = 256, timeout: float = 120.0,
-                 max_attempts: int = 4, concurrency: int = 8, backoff: float = 1.0, backoff_max: float = 60.0):
+    timeout: float = 120.0  # seconds before a request counts as timed out
+    max_attempts: int = 4  # per answer: timeouts, connection errors, HTTP 5xx and 429 are retried
+    concurrency: int = 8  # requests in flight at once
+    backoff: float = 1.0  # seconds before the first retry; doubles per retry (with jitter)
+    backoff_max: float = 60.0  # longest wait between attempts
+
+    @classmethod
+    def from_params(cls, params: dict) -> HttpSettings:
+        """The settings among a stage's parameters (``http_params``)."""
+        return cls(**{f.name: params[f.name] for f in fields(cls) if f.name in params})
+
+
+def http_params() -> list[Param]:
+    """``--timeout``, ``--max-attempts``, ``--concurrency``, ``--backoff``: the transport options of a
+    stage that asks an endpoint (defaults from ``HttpSettings``)."""
+    d = HttpSettings()
+    return [
+        Param("timeout", float, d.timeout, "seconds before an HTTP request counts as timed out", fingerprint=False),
+        Param("max_attempts", int, d.max_attempts, "HTTP attempts per answer (timeouts, connection errors, 5xx, 429)",
+              fingerprint=False),
+        Param("concurrency", int, d.concurrency, "HTTP requests in flight at once", fingerprint=False),
+        Param("backoff", float, d.backoff, "seconds before the first retry; doubles per retry", fingerprint=False),
+    ]
+
+
+class OpenAIChatEndpoint:
+    """An OpenAI-compatible chat-completions server, asked with bounded concurrency and retries.
+    ``http`` (or its fields as keywords) says how (``HttpSettings``)."""
+
+    def __init__(self, url: str, model: str, max_new_tokens: int = 256, http: HttpSettings | None = None, **settings):
         self.url = chat_completions_url(url)
         self.model = model
         self.max_new_tokens = max_new_tokens
-        self.timeout = timeout
-        self.max_attempts = max(1, max_attempts)
-        self.concurrency = max(1, concurrency)
-        self.backoff = backoff
-        self.backoff_max = backoff_max
+        self.http = replace(http or HttpSettings(), **settings)
         self.sleep = time.sleep  # replaceable, so tests can see the delays without waiting
 
     def generate(self, conversations: list) -> list[Generation]:
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(conversations)))) as pool:
+        workers = min(max(1, self.http.concurrency), max(1, len(conversations)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(self._ask, conversations))
 
     def _ask(self, messages: list) -> Generation:
@@ -122,18 +150,19 @@ class OpenAIChatEndpoint:
         headers = {"Content-Type": "application/json"}
         if os.environ.get(API_KEY_ENV):
             headers["Authorization"] = f"Bearer {os.environ[API_KEY_ENV]}"
-        for attempt in range(1, self.max_attempts + 1):
+        max_attempts = max(1, self.http.max_attempts)
+        for attempt in range(1, max_attempts + 1):
             try:
                 return Generation(self._post(body, headers), attempt)
             except _Retryable as e:
-                if attempt == self.max_attempts:
+                if attempt == max_attempts:
                     return Generation(None, attempt, f"{e} (gave up after {attempt} attempts)")
                 # exponential backoff with jitter (many threads must not retry in lockstep),
                 # at least what the server asked for
-                delay = self.backoff * 2 ** (attempt - 1) * random.uniform(0.75, 1.25)
-                delay = min(self.backoff_max, max(delay, e.retry_after))
+                delay = self.http.backoff * 2 ** (attempt - 1) * random.uniform(0.75, 1.25)
+                delay = min(self.http.backoff_max, max(delay, e.retry_after))
                 log.warning("LLM request failed (%s); attempt %d/%d in %.2f s", e, attempt + 1,
-                            self.max_attempts, delay)
+                            max_attempts, delay)
                 self.sleep(delay)
             except ValueError as e:  # a definite answer that is not usable: retrying would repeat it
                 return Generation(None, attempt, str(e))
@@ -142,7 +171,7 @@ class OpenAIChatEndpoint:
     def _post(self, body: bytes, headers: dict) -> str:
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(request, timeout=self.http.timeout) as response:
                 payload = response.read()
         except urllib.error.HTTPError as e:
             detail = e.read()[:200].decode("utf-8", "replace")
@@ -150,10 +179,10 @@ class OpenAIChatEndpoint:
                 raise _Retryable(f"HTTP {e.code}: {detail}", _seconds(e.headers.get("Retry-After"))) from None
             raise ValueError(f"HTTP {e.code}: {detail}") from None
         except TimeoutError:
-            raise _Retryable(f"timed out after {self.timeout:g} s") from None
+            raise _Retryable(f"timed out after {self.http.timeout:g} s") from None
         except urllib.error.URLError as e:
             if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                raise _Retryable(f"timed out after {self.timeout:g} s") from None
+                raise _Retryable(f"timed out after {self.http.timeout:g} s") from None
             raise _Retryable(f"connection failed: {e.reason}") from None
         except (ConnectionError, http.client.HTTPException) as e:
             raise _Retryable(f"connection failed: {e!r}") from None

@@ -29,7 +29,7 @@ import logging
 
 import click
 
-from soundstage.llm.backends import Generation, OpenAIChatEndpoint, TransformersChatLM
+from soundstage.llm.backends import Generation, HttpSettings, OpenAIChatEndpoint, TransformersChatLM, http_params
 from soundstage.llm.parse import ERROR, OK, Vocabulary, parse_answer
 from soundstage.llm.prompt import PromptError, load_template, template_identity
 from soundstage.models.device import device_param, dtype_param, resolve_device
@@ -56,10 +56,8 @@ class SourcesModel:
     def __init__(self, params):
         self.template = load_template(params["prompt_file"] or None)
         if params["llm_endpoint"]:
-            self.backend = OpenAIChatEndpoint(
-                params["llm_endpoint"], params["llm"], max_new_tokens=params["max_new_tokens"],
-                timeout=params["timeout"], max_attempts=params["max_attempts"],
-                concurrency=params["concurrency"], backoff=params["backoff"])
+            self.backend = OpenAIChatEndpoint(params["llm_endpoint"], params["llm"], params["max_new_tokens"],
+                                              HttpSettings.from_params(params))
         else:
             self.backend = TransformersChatLM(
                 params["llm"], device=resolve_device(params["device"]), dtype=params["dtype"],
@@ -197,13 +195,9 @@ STAGE = Stage(
         dtype_param("bf16", "local LLM weights dtype"),
         device_param("local LLM device (auto: cuda when available)"),
         Param("llm_batch_size", int, 16, "prompts per generate call of a local LLM", fingerprint=False),
-        Param("timeout", float, 120.0, "seconds before an HTTP request counts as timed out", fingerprint=False),
-        Param("max_attempts", int, 4, "HTTP attempts per answer (timeouts, connection errors, 5xx, 429)",
-              fingerprint=False),
-        Param("concurrency", int, 8, "HTTP requests in flight at once", fingerprint=False),
+        *http_params(),
         Param("on_error", str, "fail", "an answer that could not be obtained: fail the clip so a rerun asks "
               "again, or store it as status error", choices=("fail", "store"), omit_default=True),
-        Param("backoff", float, 1.0, "seconds before the first retry; doubles per retry", fingerprint=False),
     ],
     fields=_answer_fields("", (None,), "per frame") + _answer_fields("clip_", (), "all captions of the clip"),
     load=load,
