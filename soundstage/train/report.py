@@ -73,6 +73,7 @@ class Scorer:
 
     def __init__(self, model, cfg, device):
         self.model, self.cfg, self.device = model, cfg, device
+        self.gt_classes: set[int] = set()  # classes the scored ground truth holds
 
     @torch.no_grad()
     def outputs(self, data, indices=None):
@@ -99,6 +100,7 @@ class Scorer:
         per_subset = {s: Accumulator(primary, **options) for s in sorted(set(subsets.values()))}
         frames: dict[str, list] = {}
         for clip_ids, _, scores, labels in self.outputs(data):
+            self.gt_classes.update(torch.unique(labels).tolist())
             for name, acc in overall.items():
                 acc.update(self._pred(scores, name), labels, videos=clip_ids)
             argmax = scores.argmax(1).numpy()
@@ -347,7 +349,8 @@ def write_report(run_path: str, out_dir: str, split: str | None = None, cache: s
     sub_rows = [[s, sum(1 for c in subsets.values() if c == s)] + [per_subset[v][s].get("miou") for v in variants]
                 + [per_subset["real"][s].get("fscore")] for s in sorted(per_subset["real"])]
     sections.append(f"<h2>Per subset ({html.escape(primary)})</h2>" + _table(sub_header, sub_rows))
-    sections.append("<h2>Per class</h2>" + _per_class(results["real"], clips, rows, semantic, variants))
+    sections.append("<h2>Per class</h2>" + _per_class(results["real"], clips, rows, semantic, variants,
+                                                       scorer.gt_classes))
     for title in chosen:
         sections.append(f"<h2>{html.escape(title.capitalize())} clips</h2>" + _img(
             pictures[title], title, "ground truth outlined in green, prediction in red (real audio); "
@@ -379,13 +382,13 @@ def _run_summary(run, cfg, recorded: dict, weights: str, split: str, clips: int)
     return _table(["run", html.escape(run.path)], rows)
 
 
-def _per_class(result: dict, clips: dict, rows: dict, semantic: bool, variants) -> str:
+def _per_class(result: dict, clips: dict, rows: dict, semantic: bool, variants, gt_classes: set) -> str:
     if semantic:
         per_class = result["avsbench-semantic"].get("per_class_iou", [])
-        named = [(AVSBENCH_CLASSES[i] if i < len(AVSBENCH_CLASSES) else str(i), v) for i, v in enumerate(per_class)]
-        seen = [(n, v) for n, v in named if v > 0]
-        return ("<p>avsbench-semantic per-class IoU (classes with a score; the mean counts the others as 0).</p>"
-                + _table(["class", "IoU"], sorted(seen, key=lambda x: -x[1])))
+        shown = [(AVSBENCH_CLASSES[i] if i < len(AVSBENCH_CLASSES) else str(i), v)
+                 for i, v in enumerate(per_class) if v > 0 or i in gt_classes]
+        return ("<p>avsbench-semantic per-class IoU of the classes in the ground truth or scored (the mean over "
+                "all classes counts the others as 0).</p>" + _table(["class", "IoU"], sorted(shown, key=lambda x: -x[1])))
     members: dict[str, list] = {}
     for cid, row in rows.items():
         for name in filter(None, str(row.get("a_obj", "")).split("_")):
