@@ -78,7 +78,8 @@ class StageReader(Mapping):
         self._index = index
         self._offsets = [i.offsets for i in index.infos]  # per part: ragged field -> offsets array
         self._layout = [i.layout for i in index.infos]  # per part: numeric field -> [offset, dtype, shape] or None
-        self._lookup: dict | None = None  # clip id -> position, built on the first lookup by id
+        self._lookup: dict | None = None  # clip id -> position, built once many lookups were made
+        self._lookups = 0
         self.superseded = index.superseded  # older versions of clips
         self._verdicts = load_verdicts(self.dir)
         self._checked: dict[int, list[str]] = {}  # part -> problems, once checked in this process
@@ -86,7 +87,13 @@ class StageReader(Mapping):
         self.close()  # part numbers changed: handles opened under the old ones are dropped
 
     def _position(self, clip_id) -> int | None:
+        """Position of the clip in the index: a binary search for the first lookups (an array task
+        asks about its share only), a dict once many are made (a training run reads every clip)."""
         if self._lookup is None:
+            self._lookups += 1
+            if self._lookups <= 4096:
+                k = int(self._index.positions([clip_id])[0]) if isinstance(clip_id, str) else -1
+                return k if k >= 0 else None
             self._lookup = dict(zip(np.char.decode(self._index.ids, "utf-8").tolist(), range(len(self._index.ids))))
         return self._lookup.get(clip_id)
 
