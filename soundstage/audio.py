@@ -11,7 +11,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from soundstage.pipeline.stage import ClipError
+from soundstage.pipeline.stage import ClipError, Param
 
 TARGET_SR = 16000
 
@@ -36,11 +36,21 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def load_audio(path: str, target_sr: int = TARGET_SR) -> Audio:
+def max_seconds_param(default: float | None = None):
+    """The ``--max-seconds`` parameter of an audio stage (not in the fingerprint: it decides which
+    clips are tried, not their values)."""
+    return Param("max_seconds", float, default, "refuse clips longer than this many seconds, before decoding: "
+                 "each is recorded as failed (cause: its length), so one huge clip cannot take the run down "
+                 "(memory per clip grows with its length; see the README). Empty or 0: no limit",
+                 fingerprint=False)
+
+
+def load_audio(path: str, target_sr: int = TARGET_SR, max_seconds: float | None = None) -> Audio:
     """Read ``path``, average channels to mono and resample to ``target_sr``.
 
-    Raises ``ClipError`` with a short cause for a missing, unreadable or empty file, so the
-    runner records the clip as failed instead of substituting anything.
+    Raises ``ClipError`` with a short cause for a missing, unreadable or empty file, or one longer
+    than ``max_seconds`` (read from its header, before decoding), so the runner records the clip
+    as failed instead of substituting anything.
     """
     import soundfile as sf
 
@@ -48,6 +58,12 @@ def load_audio(path: str, target_sr: int = TARGET_SR) -> Audio:
         raise ClipError(f"missing audio {path}")
     if os.path.getsize(path) == 0:
         raise ClipError(f"zero-byte audio {path}")
+    try:
+        seconds = sf.info(path).duration if max_seconds else 0.0
+    except Exception as e:  # soundfile raises LibsndfileError/RuntimeError for corrupt files
+        raise ClipError(f"unreadable audio {path}: {e}") from None
+    if max_seconds and seconds > max_seconds:
+        raise ClipError(f"audio {path} is {seconds:.1f} s long, over --max-seconds {max_seconds:g}")
     try:
         data, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError/RuntimeError for corrupt files

@@ -37,3 +37,25 @@ AFTER = Stage(
     fields=[Field("n", "int64", ())],
     load=load_after, process=as_results,
 )
+
+
+def process_dies_on_long(model, items, params):
+    """Stands in for a model that the kernel kills (out of memory) on a long clip."""
+    if params["die_on_long"] and any(len(it["wave"]) > 16000 * 1.5 for it in items):
+        os.kill(os.getpid(), 9)
+    if params["marker_dir"]:
+        for it in items:
+            open(os.path.join(params["marker_dir"], f"{len(it['wave'])}-{time.monotonic_ns()}"), "w").close()
+    return [{"n": len(it["wave"])} for it in items]
+
+
+def long_wave(item) -> bool:
+    return len(item["wave"]) > 16000 * 1.5
+
+
+FRAGILE_ON_LONG = Stage(
+    name="toy-fragile-long", version=1,
+    params=[Param("die_on_long", bool, False, fingerprint=False, is_flag=True), Param("marker_dir", str, "", fingerprint=False)],
+    fields=[Field("n", "int64", ())],
+    load=load_wave, process=process_dies_on_long, risky=long_wave, default_batch_size=64,
+)

@@ -28,6 +28,7 @@ from soundstage.cache.maintenance import PINNED
 from soundstage.cache.reader import MissingClip
 from soundstage.cache.store import PartWriter, StageDir, atomic_write_text
 from soundstage.cache.table import read_manifest
+from soundstage.pipeline.attempts import Attempts
 from soundstage.pipeline.fingerprint import normalise_params, plan_mismatch, stage_meta
 from soundstage.pipeline.freshness import (
     clip_digests,
@@ -336,6 +337,7 @@ def run_stage(stage: Stage, manifest_path: str, cache_root: str, params: dict | 
         selection = select_work(mine, committed_index(plan.dir), plan.clip_digests, opts.force)
         todo = selection.todo
         summary.cached, summary.stale, summary.undigested = selection.cached, selection.stale, selection.undigested
+        todo = _skip_clips_that_killed_a_run(plan, writer_prefix, writer_id, todo, summary, opts.force)
         for cid, cause in bad_rows:  # unusable manifest rows: each reported by the shard of its id
             if shard[1] > 1 and shard_of(cid, shard[1]) != shard[0]:
                 continue
@@ -347,6 +349,20 @@ def run_stage(stage: Stage, manifest_path: str, cache_root: str, params: dict | 
         summary.interrupted = summary.interrupted or stop.flag
     summary.seconds = time.monotonic() - start
     return summary
+
+
+def _skip_clips_that_killed_a_run(plan, writer_prefix, writer_id, todo, summary, force):
+    """Clips an earlier run died in (``Stage.risky`` ones) are failures, not tried again unless ``force``."""
+    attempts = Attempts(plan.dir.path, writer_prefix)
+    died = attempts.collect()
+    if force:
+        attempts.forget(died)
+        return todo
+    for row in todo:
+        if row["clip_id"] in died:
+            plan.dir.record_failure(writer_id, row["clip_id"], died[row["clip_id"]])
+            summary.failed.append((row["clip_id"], died[row["clip_id"]]))
+    return [row for row in todo if row["clip_id"] not in died]
 
 
 def _process_clips(plan, todo, summary, writer_id, stop, opts: RunOptions, readers, model=None):
@@ -411,6 +427,12 @@ def _process_clips(plan, todo, summary, writer_id, stop, opts: RunOptions, reade
             cid = row["clip_id"]
             if not ok:
                 fail(cid, item, detail, systemic)
+            elif stage.risky and stage.risky(item):  # alone, after everything before it is done and committed
+                for key in list(buckets):
+                    run_batch(buckets.pop(key))
+                buffer.commit()
+                with Attempts(plan.dir.path, writer_id.rsplit("-", 1)[0]).running(cid):
+                    run_batch([(cid, item)])
             else:
                 key = stage.batch_key(item) if stage.batch_key else None
                 bucket = buckets.setdefault(key, [])

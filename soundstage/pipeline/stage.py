@@ -87,6 +87,10 @@ class Stage:
     process: Callable | None = None
     setup: Callable | None = None
     batch_key: Callable | None = None
+    # (item) -> True for an item that may exhaust memory (e.g. very long audio): the runner commits
+    # what is finished, then runs it alone and marked, so that if the process dies in it the next
+    # run records it as failed instead of dying again (soundstage.pipeline.attempts)
+    risky: Callable | None = None
     default_batch_size: int = 8
     # (values of one clip) -> a short note worth counting in the summary, e.g. "2 frames
     # unparseable"; the clip is still done. For outcomes a user should see but that are data.

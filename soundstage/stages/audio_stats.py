@@ -7,7 +7,7 @@ measured on the 16 kHz mono signal every audio stage sees. Second i covers sampl
 
 import numpy as np
 
-from soundstage.audio import TARGET_SR, load_audio
+from soundstage.audio import TARGET_SR, load_audio, max_seconds_param
 from soundstage.manifests.table import resolve_path
 from soundstage.pipeline.stage import Field, Param, Stage
 
@@ -25,7 +25,7 @@ def per_second_rms_db(wave: np.ndarray, sr: int = TARGET_SR) -> np.ndarray:
 
 
 def load(row, ctx):
-    audio = load_audio(resolve_path(row["audio_path"], ctx.manifest_dir))
+    audio = load_audio(resolve_path(row["audio_path"], ctx.manifest_dir), max_seconds=ctx.params.get("max_seconds"))
     rms_db = per_second_rms_db(audio.wave)
     return {
         "sample_rate": audio.orig_sample_rate,
@@ -42,7 +42,8 @@ STAGE = Stage(
     required_columns=("audio_path",),
     version=1,
     help="Sample rate, channels, duration, per-second RMS (dB) and silence flags of each clip.",
-    params=[Param("silence_db", float, -60.0, "a second quieter than this (dB RMS, full scale = 0) is silent")],
+    params=[Param("silence_db", float, -60.0, "a second quieter than this (dB RMS, full scale = 0) is silent"),
+            max_seconds_param()],
     fields=[
         Field("sample_rate", "int32", (), "original sample rate (Hz)"),
         Field("channels", "int32", (), "original channel count"),

@@ -4,7 +4,11 @@ The audio half of the "active queries" preprocessing (bias_in_AVS, ACM MM 2024: 
 above 0.4 per second select queries), from an official
 fine-tuned BEATs checkpoint (``soundstage.models.beats``). Per clip:
 
-- ``clip_probs``: one pass over the whole clip;
+- ``clip_probs``: one pass over the whole clip when it is at most ``clip_window`` seconds long (10 by
+  default: BEATs was fine-tuned on 10 s AudioSet clips, and AVSBench clips are 5 or 10 s). A longer
+  clip is cut into the fewest equal windows of at most ``clip_window`` seconds and gets the mean of
+  their probabilities, so memory stays bounded however long the audio (one pass over a 10-minute
+  clip needs memory quadratic in its length); ``clip_window: 0`` keeps one pass at any length;
 - ``second_probs``: one pass per 1 s window, second i = samples [16000 i, 16000 (i + 1)), so
   second i lines up with video frame i (AVSBench frames are 1 per second);
 - ``second_embeddings``: the mean over that window's patches of the last encoder layer.
@@ -21,10 +25,12 @@ these by ``soundstage tags``; class names come from the checkpoint's ``label_dic
 ``soundstage.stages.tags``).
 """
 
+import math
+
 import numpy as np
 import torch
 
-from soundstage.audio import TARGET_SR, load_audio
+from soundstage.audio import TARGET_SR, load_audio, max_seconds_param
 from soundstage.manifests.table import frame_count, resolve_path
 from soundstage.models.beats import BEATs, min_samples
 from soundstage.models.device import device_param, dtype_param, resolve_device, torch_dtype
@@ -32,6 +38,12 @@ from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.stage import ClipError, Field, Param, Stage
 
 SECOND = TARGET_SR  # samples per window
+#: samples one model call takes at most (8 clips of 10 s, or 80 one-second windows): memory per call is bounded
+SAMPLES_PER_CALL = 8 * 10 * SECOND
+#: default clip_window (seconds): the length BEATs was fine-tuned on (AudioSet clips)
+CLIP_WINDOW = 10.0
+#: clips longer than this are run alone, after what is finished is committed (see ``Stage.risky``)
+RISKY_SECONDS = 120
 
 
 def second_count(row: dict, num_samples: int) -> int:
@@ -44,7 +56,7 @@ def second_count(row: dict, num_samples: int) -> int:
 
 
 def load(row, ctx):
-    wave = load_audio(resolve_path(row["audio_path"], ctx.manifest_dir)).wave
+    wave = load_audio(resolve_path(row["audio_path"], ctx.manifest_dir), max_seconds=ctx.params.get("max_seconds")).wave
     seconds = second_count(row, len(wave))
     if seconds < 1 or len(wave) < min_samples():
         raise ClipError(f"audio of {len(wave) / SECOND:.3f} s is too short for BEATs (needs {min_samples()} samples)")
@@ -92,20 +104,45 @@ def _run(model, waves: list) -> tuple[np.ndarray, np.ndarray]:
         return probs.float().cpu().numpy(), features.mean(dim=1).float().cpu().numpy()
 
 
+def _run_all(model, waves: list) -> tuple[np.ndarray, np.ndarray]:
+    """``_run`` over any number of waveforms: equal lengths share calls of at most SAMPLES_PER_CALL."""
+    probs, features = [None] * len(waves), [None] * len(waves)
+    for length in sorted({len(w) for w in waves}):
+        same = [k for k, w in enumerate(waves) if len(w) == length]
+        per_call = max(1, SAMPLES_PER_CALL // length)
+        for start in range(0, len(same), per_call):
+            chunk = same[start:start + per_call]
+            p, e = _run(model, [waves[k] for k in chunk])
+            for j, k in enumerate(chunk):
+                probs[k], features[k] = p[j], e[j]
+    return np.stack(probs), np.stack(features)
+
+
+def clip_windows(wave: np.ndarray, window_seconds: float) -> list[np.ndarray]:
+    """The fewest equal windows of at most ``window_seconds`` (0: the whole clip)."""
+    count = math.ceil(len(wave) / (window_seconds * SECOND)) if window_seconds else 1
+    return np.array_split(wave, max(count, 1))
+
+
 def process(model, items, params):
-    clip_probs, _ = _run(model, [item["wave"] for item in items])
-    # every window of every clip; full seconds all have SECOND samples and share one pass
-    windows = [(i, s, item["wave"][s * SECOND:(s + 1) * SECOND])
+    # clip level: the mean over each clip's windows (one window for a clip no longer than clip_window)
+    windows = [(i, w) for i, item in enumerate(items) for w in clip_windows(item["wave"], params.get("clip_window", CLIP_WINDOW))]
+    window_probs, _ = _run_all(model, [w for _, w in windows])
+    owner = np.array([i for i, _ in windows])
+    clip_probs = [window_probs[owner == i].mean(axis=0) for i in range(len(items))]
+    # every second of every clip; full seconds all have SECOND samples and share calls
+    seconds = [(i, s, item["wave"][s * SECOND:(s + 1) * SECOND])
                for i, item in enumerate(items) for s in range(item["seconds"])]
-    probs = [np.zeros((item["seconds"], clip_probs.shape[1]), np.float32) for item in items]
-    embeddings = [np.zeros((item["seconds"], model.embed_dim), np.float32) for item in items]
-    for length in sorted({len(w) for _, _, w in windows}):
-        same = [(i, s, w) for i, s, w in windows if len(w) == length]
-        p, e = _run(model, [w for _, _, w in same])
-        for k, (i, s, _) in enumerate(same):
-            probs[i][s], embeddings[i][s] = p[k], e[k]
-    return [{"clip_probs": clip_probs[i], "second_probs": probs[i], "second_embeddings": embeddings[i]}
-            for i in range(len(items))]
+    probs, embeddings = _run_all(model, [w for _, _, w in seconds])
+    out = []
+    for i in range(len(items)):
+        mine = [k for k, (owner_i, _, _) in enumerate(seconds) if owner_i == i]
+        out.append({"clip_probs": clip_probs[i], "second_probs": probs[mine], "second_embeddings": embeddings[mine]})
+    return out
+
+
+def risky(item) -> bool:
+    return len(item["wave"]) > RISKY_SECONDS * SECOND
 
 
 STAGE = Stage(
@@ -117,11 +154,15 @@ STAGE = Stage(
     params=[
         Param("checkpoint", str, None, "official fine-tuned BEATs checkpoint .pt (cfg, model, label_dict)",
               identity=model_identity),
+        Param("clip_window", float, CLIP_WINDOW, "clip_probs of a clip longer than this (seconds): the mean over the fewest "
+              "equal windows no longer than this, so memory stays bounded (0: one pass at any length)"),
+        max_seconds_param(),
         dtype_param(),
         device_param(),
     ],
     fields=[
-        Field("clip_probs", "float16", (None,), "[classes] sigmoid probabilities, one pass over the whole clip"),
+        Field("clip_probs", "float16", (None,), "[classes] sigmoid probabilities: one pass over the clip, or the "
+              "mean over its clip_window windows"),
         Field("second_probs", "float16", (None, None), "[seconds, classes] one pass per 1 s window (= video frame)"),
         Field("second_embeddings", "float16", (None, None), "[seconds, dim] mean last-layer patch features per second"),
     ],
@@ -130,6 +171,7 @@ STAGE = Stage(
     metadata=metadata,
     process=process,
     batch_key=batch_key,
+    risky=risky,
     default_batch_size=8,
     resources={"gpus": 1, "cpus": 8, "mem": "32G"},
 )

@@ -8,17 +8,23 @@ chunking are those of fairseq (see ``soundstage.models.hubert``).
 
 import numpy as np
 
-from soundstage.audio import load_audio
+from soundstage.audio import TARGET_SR, load_audio, max_seconds_param
 from soundstage.manifests.table import resolve_path
 from soundstage.models.device import device_param, dtype_param, resolve_device
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.stage import Field, Param, Stage
 
 DEFAULT_MODEL = "facebook/hubert-base-ls960"
+#: clips longer than this are run alone, after what is finished is committed (see ``Stage.risky``)
+RISKY_SECONDS = 120
 
 
 def load(row, ctx):
-    return load_audio(resolve_path(row["audio_path"], ctx.manifest_dir)).wave
+    return load_audio(resolve_path(row["audio_path"], ctx.manifest_dir), max_seconds=ctx.params.get("max_seconds")).wave
+
+
+def risky(wave) -> bool:
+    return len(wave) > RISKY_SECONDS * TARGET_SR
 
 
 def setup(params):
@@ -51,6 +57,7 @@ STAGE = Stage(
         Param("layer", int, 7, "1-based transformer block whose output is stored (fairseq output_layer)"),
         dtype_param(),
         device_param(),
+        max_seconds_param(),
     ],
     fields=[
         Field("features", "float16", (None, None), "[frames, dim], 50 frames/s; dim is the model's width"),
@@ -59,6 +66,7 @@ STAGE = Stage(
     setup=setup,
     process=process,
     batch_key=len,  # the sample count: only equal-length clips share a batch (no padding)
+    risky=risky,
     default_batch_size=16,
     resources={"gpus": 1, "cpus": 8, "mem": "32G"},
 )

@@ -21,7 +21,7 @@ audio" cue) with a model from ``setup``.
 
 import numpy as np
 
-from soundstage.audio import TARGET_SR, load_audio, resample
+from soundstage.audio import TARGET_SR, load_audio, max_seconds_param, resample
 from soundstage.manifests.table import frame_count, resolve_path
 from soundstage.models import vggish
 from soundstage.models.device import device_param, resolve_device
@@ -68,7 +68,7 @@ def embed_waveform(model: vggish.VGGishEmbedder, waveform: np.ndarray, sample_ra
 
 
 def load(row, ctx):
-    wave = load_audio(resolve_path(row["audio_path"], ctx.manifest_dir)).wave
+    wave = load_audio(resolve_path(row["audio_path"], ctx.manifest_dir), max_seconds=ctx.params.get("max_seconds")).wave
     raw = vggish.example_count(len(wave))
     rows = row_count(row, raw)
     if rows < 1:
@@ -105,6 +105,7 @@ STAGE = Stage(
         Param("pad", str, "repeat-last", "with num_frames: fill missing rows by repeating the last one "
               "(AVSBench) or with zeros", choices=PAD_CHOICES),
         device_param(),
+        max_seconds_param(),
     ],
     fields=[
         Field("embeddings", "float32", (None, vggish.EMBEDDING_SIZE),
