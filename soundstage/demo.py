@@ -58,6 +58,20 @@ DEMO_STAGES = {
     "textcues": [("encoder", "model:text_encoder", "")],
 }
 
+#: the pipeline file's ``train:`` section: [(setting, demo value, comment)]
+DEMO_TRAIN = [
+    ("audio", "vggish", "the cue: vggish | beats | beats-probs | units | STAGE:FIELD"),
+    ("conditioning", "add", "add (AVSBench, bias_in_AVS) | cosine (Stepping Stones) | none"),
+    ("task", "binary", "binary (S4/MS3) | semantic (AVSS, 71 classes)"),
+    ("epochs", 30, "real: 50-150"),
+    ("batch_size", 2, "clips per step (all their frames)"),
+    ("lr", 0.001, "real: 1e-4 from the pretrained model"),
+    ("warmup_steps", 10, ""),
+    ("eval_every", 10, "epochs between evaluations (real, muted, zeroed, swapped, noise:10)"),
+    ("threads", 1, "a tiny model trains fastest on one thread of a busy CPU"),
+]
+DEMO_RUN = "demo"  # OUT/runs/<name>
+
 STAND_IN_WARNING = """\
 ==============================================================================
   soundstage demo — TINY RANDOM STAND-IN MODELS: every number is MEANINGLESS.
@@ -157,6 +171,12 @@ def pipeline_text(out_dir: str, models: dict[str, str], stages: list[str]) -> st
                 comment = f"real: {TINY_MODELS[model][2]}" + (f" ({comment})" if comment else "")
             entry = f"    {param}: {json.dumps(value)}"
             lines.append(f"{entry:<44}# {comment}" if comment else entry)
+    lines += ["", "# soundstage train --config pipeline.yaml --out runs/NAME  (options override these)",
+              "train:",
+              "  # model: facebook/mask2former-swin-base-ade-semantic   # real; default: the tiny stand-in config"]
+    for setting, value, comment in DEMO_TRAIN:
+        entry = f"  {setting}: {json.dumps(value)}"
+        lines.append(f"{entry:<44}# {comment}" if comment else entry)
     body = "\n".join(lines) + "\n"
     return f"{GENERATED_MARK}{_digest(body)}\n{body}"
 
@@ -253,7 +273,9 @@ def how_to_go_real(pipeline_path: str, stages: list[str]) -> str:
               help="where the shards run (slurm: submit array jobs and wait for them)")
 @click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True,
               help="shards of every per-clip stage (local: parallel processes)")
-def demo(out_dir, clips, seed, executor, shards):
+@click.option("--train-epochs", type=click.IntRange(min=0),
+              help="epochs of the demo training (default: the pipeline file's; 0: no training)")
+def demo(out_dir, clips, seed, executor, shards, train_epochs):
     """Run the whole pipeline on a synthetic dataset with TINY RANDOM STAND-IN models (no download).
 
     Writes OUT/data, OUT/models, OUT/pipeline.yaml and OUT/cache; a second run computes nothing.
@@ -300,9 +322,37 @@ def demo(out_dir, clips, seed, executor, shards):
                    f"  one clip:   soundstage tags show --cache {pipe.cache} -- {clip_ids[0]}\n"
                    f"  in Python:  soundstage.cache.open_stage('{after[-1]['path']}')['{clip_ids[0]}']")
         click.echo(TINY_OUTPUTS_NOTE)
+    if not incomplete and train_epochs != 0:
+        train_demo_model(pipeline_path, os.path.join(out_dir, "runs", DEMO_RUN), manifest, train_epochs)
     click.echo("\n" + how_to_go_real(pipeline_path, stages))
     click.echo(f"\ndemo finished in {time.monotonic() - start:.1f} s")
     click.get_current_context().exit(code or (1 if incomplete else 0))
+
+
+def train_demo_model(pipeline_path: str, run_dir: str, manifest: str, epochs: int | None) -> None:
+    """Train the tiny model as the pipeline file's ``train:`` section says, and print how it
+    scores with its real audio and with the audio replaced."""
+    from soundstage.manifests.table import read_manifest
+    from soundstage.train.cli import audio_table
+    from soundstage.train.config import ConfigError, resolve_config
+    from soundstage.train.cues import CueError
+    from soundstage.train.loop import train
+
+    splits = set(read_manifest(manifest)["split"])
+    if not {"train", "val"} <= splits:
+        click.echo("\ntraining: skipped, the dataset needs train and val clips (--clips 9 or more)")
+        return
+    options = {"out": run_dir, **({"epochs": epochs} if epochs else {})}
+    click.echo(f"\ntraining the tiny audio-conditioned Mask2Former into {run_dir} "
+               f"(reproduce: soundstage train --config {pipeline_path} --out DIR)")
+    try:
+        cfg = resolve_config(pipeline_path, options)
+        with _quiet_transformers():
+            record = train(cfg, log=click.echo, progress=True)
+    except (ConfigError, CueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(audio_table(record))
+    click.echo("real vs muted/zeroed/swapped/noise: how much the model listens (it must lose accuracy without audio)")
 
 
 def _read_json(path: str) -> dict:

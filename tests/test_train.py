@@ -299,3 +299,33 @@ def test_resumed_after_sigterm_and_kill_9_equals_uninterrupted(whole_run, vggish
 
     assert records(whole, "steps.jsonl") == records(broken, "steps.jsonl")
     assert records(whole, "epochs.jsonl") == records(broken, "epochs.jsonl")
+
+
+class _FakeReader(dict):
+    """A cue output in memory: clip id -> {field: array}."""
+
+    meta = {"stage": "active-queries", "fingerprint": "test"}
+
+
+def test_active_query_lists_become_multi_hot_weights(vggish_cache):
+    from soundstage.train.cues import active_cue
+    from soundstage.train.data import CueError
+
+    rows = read_manifest(vggish_cache["manifest"])
+    val = rows[rows["split"] == "val"]
+    spec = active_cue("active-queries")
+    assert spec.lengths_field == "frame_lengths"
+    lists = {cid: [[t % 4, 5], [], *[[7]] * (int(n) - 2)]
+             for t, (cid, n) in enumerate(zip(val["clip_id"], val["num_frames"]))}
+    reader = _FakeReader({cid: {"query_ids": np.array([q for ids in frames for q in ids], np.int32),
+                                "frame_lengths": np.array([len(ids) for ids in frames], np.int32)}
+                          for cid, frames in lists.items()})
+    data = AVSClips(vggish_cache["manifest"], "val", {"active": (spec, reader)}, 64, num_queries=8)
+    for index, cid in enumerate(data.clip_ids):
+        expected = np.zeros((len(lists[cid]), 8), np.float32)
+        for frame, ids in enumerate(lists[cid]):
+            expected[frame, ids] = 1
+        assert np.array_equal(data[index]["active"].numpy(), expected)
+    too_few = AVSClips(vggish_cache["manifest"], "val", {"active": (spec, reader)}, 64, num_queries=6)
+    with pytest.raises(CueError, match="outside the model's 6 queries"):
+        too_few[0]

@@ -21,7 +21,9 @@ def _settings(**options) -> dict:
               "(default: the tiny stand-in config shipped in the package)")
 @click.option("--audio", help="audio cue: vggish | beats | beats-probs | units | STAGE:FIELD | none")
 @click.option("--audio-select", help="which output of the audio stage: FINGERPRINT or key=value,...")
-@click.option("--active", help="active queries per frame: units | STAGE:FIELD (query ids)")
+@click.option("--active", help="active queries per frame: active-queries | units | STAGE:FIELD (query ids)")
+@click.option("--num-queries", type=click.IntRange(min=1), help="decoder queries (default: the model's; "
+              "active query ids must be below it)")
 @click.option("--text-cues/--no-text-cues", default=None, help="queries also attend to the textcues stage's slots")
 @click.option("--prior", help="Stepping Stones' mask prior: masks (the masks stage's output) or masks=SELECTOR; none")
 @click.option("--prior-train", type=click.Choice(["gt", "masks"]), help="prior of training frames (default gt)")

@@ -16,7 +16,8 @@ listing the candidates when the choice is ambiguous. ``pipeline_output`` gives t
 fingerprint the pipeline file's parameters produce (the one ``soundstage run FILE`` writes).
 
 Cue roles in training: ``audio`` (a vector per frame, ``[T, D]``), ``active`` (active queries
-per frame: query ids ``[T, k]`` with -1 as padding, or weights ``[T, Q]``), ``text`` (text-cue
+per frame: query ids ``[T, k]`` with -1 as padding, the ``active-queries`` stage's lists, or
+weights ``[T, Q]``), ``text`` (text-cue
 slots ``[T, S, D]`` with their mask field ``[T, S]``), ``prior`` (the masks stage's foreground
 probability per video frame, ``[T, H, W]``, indexed by frame rather than second). ``collate_ragged`` pads ragged arrays of
 a batch to a common shape and returns the validity mask with them.
@@ -41,7 +42,9 @@ AUDIO_CUES = {
     "units": ("units", "frame_hist"),
 }
 #: --active NAME -> (stage, field) of per-second query ids
-ACTIVE_CUES = {"units": ("units", "frame_topk")}
+ACTIVE_CUES = {"units": ("units", "frame_topk"), "active-queries": ("active-queries", "query_ids")}
+#: cue fields that hold every frame's values concatenated -> the field with the count per frame
+RAGGED_PER_FRAME = {("active-queries", "query_ids"): "frame_lengths"}
 #: the text-cue stage's (cues, mask) fields
 TEXT_CUES = ("textcues", "cues", "cue_mask")
 #: the mask prior: the masks stage's per-frame foreground probabilities (uint8, p * 255)
@@ -60,6 +63,7 @@ class CueSpec:
     #: which output of the stage: fingerprint (prefix), "key=value,...", a dict, or None (the only one)
     selector: str | dict | None = None
     mask_field: str | None = None  # text cues: the slot mask
+    lengths_field: str | None = None  # values of all frames concatenated: the count per frame
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,7 +77,7 @@ def audio_cue(name: str, selector=None) -> CueSpec:
 
 def active_cue(name: str, selector=None) -> CueSpec:
     stage, field = ACTIVE_CUES.get(name) or _stage_field(name, "--active", ACTIVE_CUES)
-    return CueSpec("active", stage, field, selector)
+    return CueSpec("active", stage, field, selector, lengths_field=RAGGED_PER_FRAME.get((stage, field)))
 
 
 def text_cue(selector=None) -> CueSpec:
@@ -124,7 +128,7 @@ def pipeline_output(pipeline_file: str, stage: str) -> StageDir:
 def open_cue(spec: CueSpec, cache: str | None = None, stage_dir: str | None = None, log=print) -> StageReader:
     """A reader of the spec's field(s), from ``stage_dir`` or chosen in ``cache`` by its selector."""
     path = stage_dir or select_output(cache, spec.stage, spec.selector, log=log).path
-    fields = [spec.field] + ([spec.mask_field] if spec.mask_field else [])
+    fields = [spec.field] + [f for f in (spec.mask_field, spec.lengths_field) if f]
     try:
         return StageReader(path, fields=fields)
     except KeyError as e:

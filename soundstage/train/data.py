@@ -169,7 +169,10 @@ class AVSClips(torch.utils.data.Dataset):
             if role == "prior":
                 continue
             values = reader[row["clip_id"]]
-            cue = self._rows(values[spec.field], need, row["clip_id"], spec)
+            cue = values[spec.field]
+            if spec.lengths_field:  # one list per frame, concatenated: pad to [T, longest] with -1
+                cue = padded_lists(cue, values[spec.lengths_field])
+            cue = self._rows(cue, need, row["clip_id"], spec)
             if role == "audio":
                 cue = self._audio_variant(cue, index, need)
             if role == "active":
@@ -240,6 +243,15 @@ def active_weights(cue: np.ndarray, clip_id: str, num_queries: int) -> np.ndarra
     rows, cols = np.nonzero(ids >= 0)
     weights[rows, ids[rows, cols]] = 1.0
     return weights
+
+
+def padded_lists(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated per-frame lists -> ``[frames, longest]`` with -1 after each list's end."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    out = np.full((len(lengths), max(int(lengths.max(initial=0)), 1)), -1, dtype=np.int64)
+    for i, chunk in enumerate(np.split(np.asarray(values), np.cumsum(lengths)[:-1])):
+        out[i, : len(chunk)] = chunk
+    return out
 
 
 def collate_frames(items: list[dict]) -> dict:
