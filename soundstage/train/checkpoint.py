@@ -3,8 +3,9 @@
 A checkpoint is one ``torch.save`` file of plain containers and tensors — loadable with
 ``torch.load(weights_only=True)`` — holding the model, optimizer, scheduler and AMP scaler
 states, the step, the epoch, the sampler's position in the epoch and every random state
-(Python, NumPy, torch CPU, each CUDA device; DataLoader workers are seeded from a generator
-that is itself derived from (seed, epoch), see ``EpochSampler.loader_generator``).
+(Python, NumPy, torch CPU, each CUDA device). DataLoader workers take their seeds from the
+loader's own generator, seeded with the run's seed when the loader is made (again on resume), so
+they do not depend on where the run stopped; the data pipeline draws no random numbers anyway.
 
 Writing: to a temporary file in the same folder, flushed, fsynced, renamed over the target and
 the folder fsynced, so ``kill -9`` at any moment leaves the previous checkpoint or the new one,
@@ -120,10 +121,6 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return max(0, len(self.order()[self.rank::self.world_size]) - self.start)
-
-    def loader_generator(self) -> torch.Generator:
-        """The DataLoader's generator for this epoch (it seeds the workers): fixed by seed and epoch."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 7919)
 
 
 class StopSignals:
