@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -9,9 +10,11 @@ import pytest
 
 from soundstage.cache import index as index_module
 from soundstage.cache.index import INDEX_FILE, committed_index, part_infos
-from soundstage.cache.maintenance import compact_stage
+from soundstage.cache.maintenance import compact_stage, merge_shard_parts
 from soundstage.cache.reader import open_stage
 from soundstage.cache.store import Field, StageDir, field_schema
+from soundstage.pipeline.runner import run_stage
+from soundstage.pipeline.stage import Stage
 
 FIELDS = [
     Field("vec", "float32", (3,)),
@@ -161,3 +164,75 @@ def test_a_pickled_reader_maps_lazily_in_the_new_process(tmp_path):
     clone = pickle.loads(pickle.dumps(reader))
     assert clone._maps == {} and clone._lookup is None
     _assert_reads(clone, _expected(sd))
+
+
+# ----------------------------------------------------------------------- runs through the index
+
+
+def _load_value(row, ctx):
+    return {"vec": np.full(3, float(row["value"]), np.float32), "label": row["value"]}
+
+
+CHEAP = Stage(
+    "cheap",
+    1,
+    fields=[Field("vec", "float32", (3,)), Field("label", "str")],
+    load=_load_value,
+    reads=("value",),
+)
+
+
+def _manifest(tmp_path, n: int, value=lambda k: k, extra_columns: int = 3) -> str:
+    import pandas as pd
+
+    columns = {"clip_id": [f"c{k:03d}" for k in range(n)], "value": [str(value(k)) for k in range(n)]}
+    columns.update({f"other{j}": [f"x{j}"] * n for j in range(extra_columns)})
+    path = str(tmp_path / "manifest.csv")
+    pd.DataFrame(columns).to_csv(path, index=False)
+    return path
+
+
+def test_a_run_merges_its_shards_small_parts_and_a_rerun_finds_every_clip_cached(tmp_path):
+    manifest, cache = _manifest(tmp_path, 40), str(tmp_path / "cache")
+    first = run_stage(CHEAP, manifest, cache, commit_every=2, progress=False)
+    assert first.done == 40
+    sd = StageDir(first.path)
+    assert len(sd.part_paths()) == 1  # 20 parts of 2 clips merged into one
+    reader = open_stage(sd.path)
+    assert len(reader) == 40 and all(reader[f"c{k:03d}"]["vec"][0] == k for k in range(40))
+    again = run_stage(CHEAP, manifest, cache, commit_every=2, progress=False)
+    assert (again.done, again.cached, again.stale) == (0, 40, 0)
+
+
+def test_merging_keeps_only_the_newest_version_of_recomputed_clips(tmp_path):
+    manifest, cache = _manifest(tmp_path, 40), str(tmp_path / "cache")
+    run_stage(CHEAP, manifest, cache, commit_every=40, progress=False)
+    manifest = _manifest(tmp_path, 40, value=lambda k: k + 100 if k % 2 else k)  # half the clips are stale
+    again = run_stage(CHEAP, manifest, cache, commit_every=1, progress=False)
+    assert (again.done, again.stale, again.cached) == (20, 20, 20)
+    sd = StageDir(again.path)
+    reader = open_stage(sd.path)
+    assert len(sd.part_paths()) == 1 and reader.superseded == 0  # 21 parts merged, older versions dropped
+    assert [reader[f"c{k:03d}"]["vec"][0] for k in range(40)] == [k + 100 if k % 2 else k for k in range(40)]
+    assert run_stage(CHEAP, manifest, cache, progress=False).cached == 40
+
+
+def test_merge_shard_parts_touches_only_its_shards_parts(tmp_path):
+    manifest, cache = _manifest(tmp_path, 60), str(tmp_path / "cache")
+    for i in range(2):
+        run_stage(CHEAP, manifest, cache, shard=(i, 2), commit_every=1, progress=False)
+    sd = StageDir(run_stage(CHEAP, manifest, cache, shard=(0, 2), progress=False).path)
+    names = [os.path.basename(p) for p in sd.part_paths()]
+    assert sum(n.startswith("s00000of00002") for n in names) == 1 and sum(n.startswith("s00001of00002") for n in names) == 1
+    assert merge_shard_parts(sd, "s00000of00002", "s00000of00002-x", min_parts=1) == 0  # one part: nothing to merge
+
+
+def test_an_array_task_reads_only_its_columns_and_rows(tmp_path, monkeypatch):
+    from soundstage.pipeline import shard as shard_module
+
+    manifest = _manifest(tmp_path, 50, extra_columns=5)
+    mine, bad = shard_module.manifest_share(manifest, CHEAP, (1, 4))
+    assert bad == [] and mine and all(set(r) == {"clip_id", "value"} for r in mine)
+    assert {r["clip_id"] for r in mine} == {f"c{k:03d}" for k in range(50) if shard_module.shard_of(f"c{k:03d}", 4) == 1}
+    everything, _ = shard_module.manifest_share(manifest, dataclasses.replace(CHEAP, reads=None), (0, 1))
+    assert len(everything) == 50 and len(everything[0]) == 7  # a stage without reads sees every column

@@ -7,10 +7,10 @@ import os
 
 import numpy as np
 
-from soundstage.cache.index import ClipVersion, newest_versions, part_headers, read_header
+from soundstage.cache.index import clip_index, read_header
 from soundstage.cache.locks import exclusive_lock
 from soundstage.cache.quarantine import CorruptPart, failed_parts, record_verdicts, repair_hint
-from soundstage.cache.store import PART_FORMAT, CacheError, StageDir, array_checksum, fsync_dir, h5py
+from soundstage.cache.store import PART_FORMAT, CacheError, StageDir, dataset_checksum, fields_from_schema, fsync_dir, h5py
 
 #: written beside a whole-dataset result when a run reused it for other clips (``--reuse-fit``)
 PINNED = "pinned.json"
@@ -116,12 +116,11 @@ def verify_part(path: str, fields, per_clip: bool = True) -> tuple[list[str], li
             problems.append(f"{name}: a clip id appears twice within the part")
         for dataset, expected in checksums.items():
             try:
-                ds = h5[dataset]
-                data = ds.asstr()[...] if h5py.check_string_dtype(ds.dtype) else ds[...]
+                actual = dataset_checksum(h5[dataset])  # streamed: one block in memory, not the dataset
             except Exception as e:
                 problems.append(f"{name}: dataset {dataset} unreadable ({e})")
                 continue
-            if array_checksum(data) != expected:
+            if actual != expected:
                 problems.append(f"{name}: checksum mismatch in {dataset}")
         for f in fields:
             if f.name not in h5:
@@ -202,36 +201,70 @@ def compact_stage(sd: StageDir, target_bytes: int, writer_id: str) -> tuple[int,
     if meta.get("kind") == "global":
         return 0, 0
     with exclusive_lock(sd, "compact"):
-        fields = sd.fields()
-        headers = part_headers(sd)
-        newest = newest_versions(headers)
-        sd.commit_floor_ns = max([sd.commit_floor_ns, *(h.committed_ns + 1 for h in headers)])
-        small = [h for h in headers if os.path.getsize(h.path) < target_bytes]
+        index = clip_index(sd)
+        small = [p for p, info in enumerate(index.infos) if info.size < target_bytes]
         if len(small) < 2:
-            return len(headers), len(headers)
-        for h in small:
-            problems, _ = verify_part(h.path, fields)
-            if problems:
-                raise CorruptPart(f"cannot compact {sd.path}: {'; '.join(problems[:3])}; {repair_hint(h.path)}")
-        groups, group, size = [], [], 0
-        for h in small:
-            group.append(h)
-            size += os.path.getsize(h.path)
-            if size >= target_bytes:
-                groups.append(group)
-                group, size = [], 0
-        if group:
+            return len(index.parts), len(index.parts)
+        _merge(sd, meta, index, small, writer_id, target_bytes)
+        return len(index.parts), len(sd.part_paths())
+
+
+#: a writer merges its shard's parts smaller than this when it has at least MERGE_MIN_PARTS of them
+MERGE_TARGET_BYTES = 64 << 20
+MERGE_MIN_PARTS = 16
+
+
+def merge_shard_parts(
+    sd: StageDir, writer_prefix: str, writer_id: str, target_bytes: int = MERGE_TARGET_BYTES, min_parts: int = MERGE_MIN_PARTS
+) -> int:
+    """Merge the small parts of one shard (names starting with ``writer_prefix``), called by the
+    writer of that shard while it holds the shard lock: a slow stage committing every 120 s, or
+    many reruns, leave many tiny parts, and each part costs start-up and reading. Safe beside the
+    writers of other shards: they write other names, and writers of another shard count are
+    refused while this one runs, so no other process commits a version of these parts' clips
+    meanwhile. The same rules as ``compact_stage`` (newest versions only, checksummed first,
+    commit before removal). Returns how many parts were merged away."""
+    index = clip_index(sd)
+    small = [p for p, info in enumerate(index.infos) if info.name.startswith(writer_prefix + "-") and info.size < target_bytes]
+    if len(small) < min_parts:
+        return 0
+    written = _merge(sd, sd.meta(), index, small, writer_id, target_bytes)
+    return len(small) - written
+
+
+def _merge(sd: StageDir, meta: dict, index, parts: list[int], writer_id: str, target_bytes: int) -> int:
+    """Merge the parts at positions ``parts`` of ``index`` (a ``ClipIndex``) into parts of about
+    ``target_bytes``; returns how many parts were written."""
+    fields = fields_from_schema(meta["fields"])
+    sd.commit_floor_ns = max(sd.commit_floor_ns, index.max_committed_ns + 1)
+    for p in parts:
+        problems, _ = verify_part(index.parts[p], fields)
+        if problems:
+            raise CorruptPart(f"cannot merge parts of {sd.path}: {'; '.join(problems[:3])}; {repair_hint(index.parts[p])}")
+    groups, group, size = [], [], 0
+    for p in parts:
+        group.append(p)
+        size += index.infos[p].size
+        if size >= target_bytes:
             groups.append(group)
-        for seq, group in enumerate(groups):
-            rows, digests = [], []
-            for h in group:
-                for row, (cid, values) in enumerate(_read_part(h.path, fields)):
-                    if newest[cid] == ClipVersion(h.path, row, newest[cid].digest):  # older versions are dropped
-                        rows.append((cid, values))
-                        digests.append(h.digests[row] if h.digests is not None else None)
-            if rows:
-                sd.write_part(writer_id, seq, fields, rows, meta, digests=digests)
-            for h in group:
-                os.remove(h.path)
-            fsync_dir(sd.parts_dir)
-        return len(headers), len(sd.part_paths())
+            group, size = [], 0
+    if group:
+        groups.append(group)
+    written = 0
+    for seq, group in enumerate(groups):
+        rows, digests = [], []
+        for p in group:
+            info = index.infos[p]
+            at = index.positions(np.char.decode(info.ids, "utf-8").tolist())
+            newest = (index.part[at] == p) & (index.row[at] == np.arange(len(info.ids)))  # older versions are dropped
+            for row, (cid, values) in enumerate(_read_part(index.parts[p], fields)):
+                if newest[row]:
+                    rows.append((cid, values))
+                    digests.append(info.digests[row].decode() or None if info.digests is not None else None)
+        if rows:
+            sd.write_part(writer_id, seq, fields, rows, meta, digests=digests)
+            written += 1
+        for p in group:
+            os.remove(index.parts[p])
+        fsync_dir(sd.parts_dir)
+    return written

@@ -110,6 +110,19 @@ class StageReader(Mapping):
             raise KeyError(clip_id)
         return self._index.version(k).digest
 
+    def lengths(self, field: str, clip_ids) -> np.ndarray:
+        """Rows of the ragged ``field`` per clip of ``clip_ids``, from the index (nothing is read):
+        what a caller needs to allocate one array for many clips before filling it."""
+        out = np.empty(len(clip_ids), np.int64)
+        for k, cid in enumerate(clip_ids):
+            at = self._position(cid)
+            if at is None:
+                raise MissingClip(f"no {self.meta['stage']} output for clip {cid} in {self.meta['fingerprint']}")
+            p, row = int(self._index.part[at]), int(self._index.row[at])
+            offsets = self._offsets[p][field]
+            out[k] = offsets[row + 1] - offsets[row]
+        return out
+
     def _check(self, p: int) -> None:
         """Refuse a part verify found bad; while the output has one, checksum unverified parts first."""
         if p not in self._checked:

@@ -86,11 +86,37 @@ def array_checksum(values) -> str:
     if isinstance(values, np.ndarray) and values.dtype != object:
         digest.update(str(values.dtype).encode())
         digest.update(str(values.shape).encode())
-        digest.update(np.ascontiguousarray(values).tobytes())
+        digest.update(np.ascontiguousarray(values))  # hashed in place: no bytes copy of the array
     else:
-        for v in values:
-            digest.update((v.decode() if isinstance(v, bytes) else str(v)).encode("utf-8"))
-            digest.update(b"\0")
+        _update_with_strings(digest, values)
+    return digest.hexdigest()
+
+
+def _update_with_strings(digest, values) -> None:
+    for v in values:
+        digest.update((v.decode() if isinstance(v, bytes) else str(v)).encode("utf-8"))
+        digest.update(b"\0")
+
+
+def dataset_checksum(ds, block_bytes: int = 16 << 20) -> str:
+    """``array_checksum`` of an HDF5 dataset, read in blocks of rows: memory stays at one block
+    however large the part (verify and compaction checksum whole parts)."""
+    digest = hashlib.sha256()
+    strings = h5py.check_string_dtype(ds.dtype) is not None
+    if not strings:
+        digest.update(str(ds.dtype).encode())
+        digest.update(str(ds.shape).encode())
+    if not ds.shape or ds.shape[0] == 0:
+        if not strings and ds.size:
+            digest.update(np.ascontiguousarray(ds[()]))
+        return digest.hexdigest()
+    row_bytes = max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)))
+    step = max(1, block_bytes // (row_bytes if not strings else 64))
+    for start in range(0, ds.shape[0], step):
+        if strings:
+            _update_with_strings(digest, ds.asstr()[start : start + step])
+        else:
+            digest.update(np.ascontiguousarray(ds[start : start + step]))
     return digest.hexdigest()
 
 
@@ -343,17 +369,11 @@ class StageDir:
         return [os.path.join(self.parts_dir, n) for n in names]
 
     def committed_ids(self) -> set[str]:
-        done = set()
-        for path in self.part_paths():
-            try:
-                with h5py.File(path, "r") as h5:
-                    done.update(h5["clip_id"].asstr()[...].tolist())
-            except Exception as e:  # name the file: h5py's message does not
-                raise CacheError(
-                    f"{path}: unreadable part file ({type(e).__name__}: {e}); run `soundstage verify "
-                    f"--repair {self.path}` to move it to quarantine/"
-                ) from None
-        return done
+        """Every committed clip id, from the output's clip index (``soundstage.cache.index``: one
+        file read, parts opened only when new)."""
+        from soundstage.cache.index import clip_index  # it builds on this module
+
+        return set(np.char.decode(clip_index(self).ids, "utf-8").tolist())
 
     def write_part(
         self,
@@ -401,27 +421,59 @@ class StageDir:
             f.flush()
             os.fsync(f.fileno())
 
+    def merge_failure_records(self, writer_prefix: str, keep: str) -> int:
+        """Fold the failure records of a shard's earlier writers (``writer_prefix``; we hold its
+        lock) into one file: the latest record per clip, none for clips committed since. So
+        records do not grow with reruns. ``keep``: this writer's own file, left alone. The merged
+        file replaces the old one atomically before the others are removed (a crash leaves a
+        record twice at worst; the latest wins). Returns the records kept (0: nothing to fold)."""
+        names = [
+            n
+            for n in (os.listdir(self.failures_dir) if os.path.isdir(self.failures_dir) else [])
+            if n.startswith(f"{writer_prefix}-") and n.endswith(".jsonl") and n != keep
+        ]
+        merged_name = f"{writer_prefix}-merged.jsonl"
+        if not names or names == [merged_name]:
+            return 0
+        latest = _latest_records(os.path.join(self.failures_dir, n) for n in sorted(names))
+        committed = self.committed_ids() if latest else set()
+        lines = [json.dumps(rec) for cid, rec in latest.items() if cid not in committed]
+        atomic_write_text(os.path.join(self.failures_dir, merged_name), "".join(line + "\n" for line in lines))
+        for n in names:
+            if n != merged_name:
+                os.remove(os.path.join(self.failures_dir, n))
+        fsync_dir(self.failures_dir)
+        return len(lines)
+
     def failures(self) -> dict[str, dict]:
         """Latest failure record per clip id (clips committed since then are not failures)."""
-        out: dict[str, dict] = {}
         if not os.path.isdir(self.failures_dir):
-            return out
-        for name in sorted(os.listdir(self.failures_dir)):
-            if not name.endswith(".jsonl"):
-                continue
-            with open(os.path.join(self.failures_dir, name), encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # the half-written last line of a killed writer
-                    if rec["clip_id"] not in out or rec["time"] >= out[rec["clip_id"]]["time"]:
-                        out[rec["clip_id"]] = rec
-        return out
+            return {}
+        names = sorted(n for n in os.listdir(self.failures_dir) if n.endswith(".jsonl"))
+        return _latest_records(os.path.join(self.failures_dir, n) for n in names)
 
     # -- locks
     def lock(self, name: str) -> ShardLock:
         return ShardLock(os.path.join(self.locks_dir, f"{name}.lock"))
+
+
+def _latest_records(paths) -> dict[str, dict]:
+    """The latest failure record per clip id in the JSON-lines files ``paths``."""
+    out: dict[str, dict] = {}
+    for path in paths:
+        try:
+            f = open(path, encoding="utf-8")
+        except FileNotFoundError:  # merged away by the shard's writer meanwhile
+            continue
+        with f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the half-written last line of a killed writer
+                if rec["clip_id"] not in out or rec["time"] >= out[rec["clip_id"]]["time"]:
+                    out[rec["clip_id"]] = rec
+    return out
 
 
 class PartWriter:

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 from soundstage.cache.index import committed_index
 from soundstage.cache.locks import writer_lock
-from soundstage.cache.maintenance import PINNED
+from soundstage.cache.maintenance import PINNED, merge_shard_parts
 from soundstage.cache.reader import MissingClip
-from soundstage.cache.store import PartWriter, StageDir, atomic_write_text
+from soundstage.cache.store import CacheError, PartWriter, StageDir, atomic_write_text
 from soundstage.cache.table import read_manifest
 from soundstage.pipeline.attempts import Attempts
 from soundstage.pipeline.fingerprint import normalise_params, plan_mismatch, stage_meta
@@ -40,7 +40,7 @@ from soundstage.pipeline.freshness import (
 )
 from soundstage.pipeline.lifeline import exit_with, parent_token
 from soundstage.pipeline.resolve import resolve_upstreams
-from soundstage.pipeline.shard import select_shard, shard_from_env, shard_of
+from soundstage.pipeline.shard import manifest_share, select_shard, shard_from_env, shard_of
 from soundstage.pipeline.stage import ClipError, FitContext, LoadContext, Stage
 
 
@@ -321,8 +321,7 @@ def run_stage(stage: Stage, manifest_path: str, cache_root: str, params: dict | 
         plan.dir.initialise(plan.meta)
         return _run_global(plan, summary, start, opts.log, opts.force, opts.reuse_fit)
 
-    rows, bad_rows = manifest_rows(manifest_path, stage)
-    mine = select_shard(rows, *shard)
+    mine, bad_rows = manifest_share(manifest_path, stage, shard)  # by column: start-up costs the shard's share
     summary.selected = len(mine)
     # a first attempt validates its parameters and loads the model before the output exists,
     # so a typo leaves no empty output behind
@@ -332,9 +331,10 @@ def run_stage(stage: Stage, manifest_path: str, cache_root: str, params: dict | 
     writer_id = f"{writer_prefix}-{uuid.uuid4().hex[:8]}"
     with writer_lock(plan.dir, shard), _StopRequested() as stop:
         plan.dir.remove_stale_temp_files(writer_prefix)
+        plan.dir.merge_failure_records(writer_prefix, keep=f"{writer_id}.jsonl")  # records do not grow with reruns
         readers = upstream_readers(plan)
         plan.clip_digests = clip_digests(stage.reads, plan.manifest_dir, mine, readers)
-        selection = select_work(mine, committed_index(plan.dir), plan.clip_digests, opts.force)
+        selection = select_work(mine, committed_index(plan.dir, plan.clip_digests), plan.clip_digests, opts.force)
         todo = selection.todo
         summary.cached, summary.stale, summary.undigested = selection.cached, selection.stale, selection.undigested
         todo = _skip_clips_that_killed_a_run(plan, writer_prefix, writer_id, todo, summary, opts.force)
@@ -345,6 +345,11 @@ def run_stage(stage: Stage, manifest_path: str, cache_root: str, params: dict | 
             summary.failed.append((cid, cause))
         if todo:
             _process_clips(plan, todo, summary, writer_id, stop, opts, readers, model)
+        if not (summary.interrupted or stop.flag):  # many small parts of this shard become a few
+            try:
+                merge_shard_parts(plan.dir, writer_prefix, f"{writer_prefix}-{uuid.uuid4().hex[:8]}")
+            except CacheError as e:
+                summary.notes.append(f"small parts left unmerged: {e}")
         # a stop that came during the last batch still stops what follows (`soundstage run`'s chain)
         summary.interrupted = summary.interrupted or stop.flag
     summary.seconds = time.monotonic() - start

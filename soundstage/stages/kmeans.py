@@ -33,8 +33,17 @@ from soundstage.pipeline.stage import Param, Stage, Upstream
 
 
 def read_sample(reader, clip_ids) -> np.ndarray:
-    """All frames of ``clip_ids`` from a hubert cache, as one float32 array."""
-    return np.concatenate([np.asarray(reader[cid]["features"], dtype=np.float32) for cid in clip_ids])
+    """All frames of ``clip_ids`` from a hubert cache, as one float32 array: allocated once from
+    the frame counts in the cache's index and filled clip by clip, so the peak is the sample and
+    one clip (not a list of float32 copies and then their concatenation: twice the sample)."""
+    lengths = reader.lengths("features", clip_ids)
+    dim = np.shape(reader[clip_ids[0]]["features"])[1:] if len(clip_ids) else (0,)
+    sample = np.empty((int(lengths.sum()), *dim), dtype=np.float32)
+    at = 0
+    for cid, n in zip(clip_ids, lengths.tolist()):
+        sample[at : at + n] = reader[cid]["features"]
+        at += n
+    return sample
 
 
 def fit(ctx):

@@ -1,0 +1,104 @@
+"""What keeps large outputs cheap: failure records that do not grow with reruns, checksums read
+in blocks, and the k-means sample filled into one array."""
+
+from __future__ import annotations
+
+import json
+import os
+import tracemalloc
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from soundstage.cache.maintenance import verify_part
+from soundstage.cache.reader import open_stage
+from soundstage.cache.store import Field, StageDir, array_checksum, dataset_checksum, field_schema, write_part_file
+from soundstage.pipeline.runner import run_stage
+from soundstage.pipeline.stage import ClipError, Stage
+from soundstage.stages.kmeans import read_sample
+
+
+def _load(row, ctx):
+    if row["value"] == "bad":
+        raise ClipError("bad value")
+    return {"x": np.float32(float(row["value"]))}
+
+
+FLAKY = Stage("flaky", 1, fields=[Field("x", "float32")], load=_load, reads=("value",))
+
+
+def _records(sd: StageDir) -> int:
+    return sum(len(open(os.path.join(sd.failures_dir, n)).readlines()) for n in os.listdir(sd.failures_dir))
+
+
+def test_failure_records_do_not_grow_with_reruns_and_clips_done_since_leave_them(tmp_path):
+    values = ["bad" if k % 3 == 0 else str(k) for k in range(30)]
+    manifest, cache = str(tmp_path / "m.csv"), str(tmp_path / "cache")
+    pd.DataFrame({"clip_id": [f"c{k}" for k in range(30)], "value": values}).to_csv(manifest, index=False)
+    for _ in range(3):
+        summary = run_stage(FLAKY, manifest, cache, progress=False)
+        assert len(summary.failed) == 10
+    sd = StageDir(summary.path)
+    assert _records(sd) <= 20  # the last run's 10 and the earlier runs folded into 10
+    run_stage(FLAKY, manifest, cache, progress=False)
+    assert _records(sd) <= 20 and len(sd.failures()) == 10
+    values[0] = "0"  # fixed in the manifest: done by the next run, its record goes at the run after
+    pd.DataFrame({"clip_id": [f"c{k}" for k in range(30)], "value": values}).to_csv(manifest, index=False)
+    assert len(run_stage(FLAKY, manifest, cache, progress=False).failed) == 9
+    run_stage(FLAKY, manifest, cache, progress=False)
+    assert "c0" not in sd.failures() and sd.status([f"c{k}" for k in range(30)]).failed.keys() == {
+        f"c{k}" for k in range(3, 30, 3)
+    }
+    records = [json.loads(line) for n in os.listdir(sd.failures_dir) for line in open(os.path.join(sd.failures_dir, n))]
+    assert all(r["clip_id"] != "c0" for r in records)
+
+
+def test_checksums_read_in_blocks_equal_the_whole_array_checksum(tmp_path):
+    path = str(tmp_path / "p.h5")
+    columns = {
+        "f16": np.random.default_rng(0).random((999, 5)).astype(np.float16),
+        "empty": np.zeros((0, 4), np.float32),
+        "flags": np.arange(17) % 2 == 0,
+        "names": ["a", "bé", ""] * 7,
+    }
+    write_part_file(path, columns, {})
+    with h5py.File(path, "r") as h5:
+        stored = json.loads(h5.attrs["checksums"])
+        for name, values in columns.items():
+            independent = array_checksum(np.asarray(values) if isinstance(values, np.ndarray) else values)
+            assert stored[name] == independent == dataset_checksum(h5[name], block_bytes=64)
+
+
+def test_verify_reads_a_part_in_blocks_not_whole(tmp_path):
+    sd = StageDir(str(tmp_path / "big" / "fp"))
+    fields = [Field("features", "float32", (None, 64))]
+    meta = {"stage": "big", "version": 1, "fingerprint": "fp", "fields": field_schema(fields)}
+    sd.initialise(meta)
+    rows = [(f"c{k}", {"features": np.full((2000, 64), k, np.float32)}) for k in range(8)]  # 4 MB
+    path = sd.write_part("w", 0, fields, rows, meta)
+    tracemalloc.start()
+    problems, ids = verify_part(path, fields)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert problems == [] and len(ids) == 8 and peak < 4 * 2**20  # below one copy of the dataset
+
+
+def test_the_kmeans_sample_is_one_array_filled_in_place(tmp_path):
+    sd = StageDir(str(tmp_path / "hubert" / "fp"))
+    fields = [Field("features", "float16", (None, 32))]
+    meta = {"stage": "hubert", "version": 1, "fingerprint": "fp", "fields": field_schema(fields)}
+    sd.initialise(meta)
+    rng = np.random.default_rng(1)
+    values = {f"c{k}": rng.random((200 + k, 32)).astype(np.float16) for k in range(40)}
+    for p in range(4):
+        sd.write_part("w", p, fields, [(cid, {"features": values[cid]}) for cid in list(values)[p * 10 : p * 10 + 10]], meta)
+    reader = open_stage(sd.path)
+    chosen = sorted(values)[::3]
+    expected = np.concatenate([values[c].astype(np.float32) for c in chosen])
+    tracemalloc.start()
+    sample = read_sample(reader, chosen)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert sample.dtype == np.float32 and np.array_equal(sample, expected)
+    assert peak < 1.2 * sample.nbytes  # the sample and one clip, not twice the sample
