@@ -101,8 +101,9 @@ def main():
     torch.manual_seed(0)
     torch.save(vggish_model.VGGish().state_dict(), checkpoint)
     params = {"checkpoint": checkpoint}
-    summary = run_stage(get_stage("vggish"), manifest, os.path.join(root, "cache"), params, workers=0,
-                        progress=False, log=lambda *_: None)
+    summary = run_stage(
+        get_stage("vggish"), manifest, os.path.join(root, "cache"), params, workers=0, progress=False, log=lambda *_: None
+    )
     reader = open_cue(CueSpec("audio", "vggish", "embeddings"), stage_dir=summary.path)
     spec = CueSpec("audio", "vggish", "embeddings")
 
@@ -124,14 +125,19 @@ def main():
     batch = collate_frames([data[i] for i in range(min(2, len(data)))])
     model = build_model(args.model, 2, "add", 128).to(args.device).train()
     name = args.model or "tiny stand-in"
-    print(f"training step, {name}, {len(batch['labels'])} frames of {size}x{size}, device {args.device}"
-          + (f", {args.threads} CPU thread(s)" if args.device == "cpu" else "") + ":")
+    print(
+        f"training step, {name}, {len(batch['labels'])} frames of {size}x{size}, device {args.device}"
+        + (f", {args.threads} CPU thread(s)" if args.device == "cpu" else "")
+        + ":"
+    )
     results = {}
     for precision in ("fp32", "bf16"):
         times = step_times(model, batch, args.device, precision, args.steps)
         results[precision] = statistics.median(times)
-        print(f"  {precision}: median {results[precision] * 1000:8.1f} ms/step  "
-              f"(min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f}, {args.steps} steps)")
+        print(
+            f"  {precision}: median {results[precision] * 1000:8.1f} ms/step  "
+            f"(min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f}, {args.steps} steps)"
+        )
     print(f"  speed-up bf16 / fp32: {results['fp32'] / results['bf16']:.2f}x")
     np.set_printoptions()
 

@@ -40,15 +40,17 @@ def vggish_cache(synth_dir, tmp_path_factory):  # noqa: F811
     checkpoint = build_vggish(str(root / "vggish.pth"))
     cache = str(root / "cache")
     manifest = os.path.join(synth_dir, "manifest.csv")
-    summary = run_stage(get_stage("vggish"), manifest, cache, {"checkpoint": checkpoint}, workers=0, progress=False,
-                        log=lambda *_: None)
+    summary = run_stage(
+        get_stage("vggish"), manifest, cache, {"checkpoint": checkpoint}, workers=0, progress=False, log=lambda *_: None
+    )
     assert not summary.failed
     return {"manifest": manifest, "cache": cache, "stage_dir": summary.path, "checkpoint": checkpoint, "root": root}
 
 
 def config(vggish_cache, out, **settings):
-    return resolve_config(None, {"manifest": vggish_cache["manifest"], "cache": vggish_cache["cache"], "out": str(out),
-                                 **FAST, **settings})
+    return resolve_config(
+        None, {"manifest": vggish_cache["manifest"], "cache": vggish_cache["cache"], "out": str(out), **FAST, **settings}
+    )
 
 
 def raw_field(stage_dir: str, clip_id: str, field: str) -> np.ndarray:
@@ -114,8 +116,23 @@ def test_missing_cache_clip_is_an_error_naming_it(vggish_cache, tmp_path):
     cues = assemble.open_cues(cfg, log=lambda *_: None)
     with pytest.raises(MissingClip, match="ghost_clip_42"):
         AVSClips(manifest, None, cues, 64)
-    result = CliRunner().invoke(_cli(), ["train", "--manifest", manifest, "--cache", vggish_cache["cache"],
-                                         "--out", str(tmp_path / "cli"), "--quiet", "--epochs", "1", "--threads", "1"])
+    result = CliRunner().invoke(
+        _cli(),
+        [
+            "train",
+            "--manifest",
+            manifest,
+            "--cache",
+            vggish_cache["cache"],
+            "--out",
+            str(tmp_path / "cli"),
+            "--quiet",
+            "--epochs",
+            "1",
+            "--threads",
+            "1",
+        ],
+    )
     assert result.exit_code == 1 and "ghost_clip_42" in result.output and "Traceback" not in result.output
 
 
@@ -123,9 +140,11 @@ def test_selection_api_and_ragged_collate(vggish_cache, tmp_path):
     by_params = select_output(vggish_cache["cache"], "vggish", "pad=repeat-last", log=lambda *_: None)
     assert by_params.path == vggish_cache["stage_dir"]
     pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text(f"manifest: {vggish_cache['manifest']}\ncache: {vggish_cache['cache']}\n"
-                        f"stages:\n  vggish:\n    checkpoint: {vggish_cache['checkpoint']}\n"
-                        "train:\n  epochs: 3\n  audio: vggish\n  lr: 0.002\n")
+    pipeline.write_text(
+        f"manifest: {vggish_cache['manifest']}\ncache: {vggish_cache['cache']}\n"
+        f"stages:\n  vggish:\n    checkpoint: {vggish_cache['checkpoint']}\n"
+        "train:\n  epochs: 3\n  audio: vggish\n  lr: 0.002\n"
+    )
     assert pipeline_output(str(pipeline), "vggish").path == vggish_cache["stage_dir"]
     cfg = resolve_config(str(pipeline), {"out": str(tmp_path / "run"), "lr": 0.005})
     assert (cfg.epochs, cfg.lr, cfg.cache) == (3, 0.005, vggish_cache["cache"])  # options over the file
@@ -144,8 +163,15 @@ def test_muted_cue_is_the_stage_output_for_a_silent_clip(vggish_cache, tmp_path)
     df["audio_path"], df["num_frames"] = str(silent), "5"
     manifest = str(tmp_path / "silent.csv")
     write_manifest(df, manifest)
-    summary = run_stage(get_stage("vggish"), manifest, str(tmp_path / "cache"),
-                        {"checkpoint": vggish_cache["checkpoint"]}, workers=0, progress=False, log=lambda *_: None)
+    summary = run_stage(
+        get_stage("vggish"),
+        manifest,
+        str(tmp_path / "cache"),
+        {"checkpoint": vggish_cache["checkpoint"]},
+        workers=0,
+        progress=False,
+        log=lambda *_: None,
+    )
     expected = raw_field(summary.path, df.iloc[0]["clip_id"], "embeddings")
     assert np.array_equal(silence_cue(vggish_cache["stage_dir"], "embeddings", 5), expected)
 
@@ -183,8 +209,12 @@ def test_save_load_through_save_pretrained(tmp_path):
     model.save_pretrained(str(tmp_path / "m"))
     assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "avs_conditioning.pt").exists()
     loaded = AVSMask2Former.from_pretrained(str(tmp_path / "m")).eval()
-    inputs = {"pixel_values": torch.randn(2, 3, 64, 64), "audio": torch.randn(2, 16), "text": torch.randn(2, 4, 8),
-              "text_mask": torch.ones(2, 4, dtype=torch.bool)}
+    inputs = {
+        "pixel_values": torch.randn(2, 3, 64, 64),
+        "audio": torch.randn(2, 16),
+        "text": torch.randn(2, 4, 8),
+        "text_mask": torch.ones(2, 4, dtype=torch.bool),
+    }
     with torch.no_grad():
         assert torch.equal(model(**inputs).masks_queries_logits, loaded(**inputs).masks_queries_logits)
     assert loaded.config.num_labels == 71
@@ -212,9 +242,31 @@ RUN = {"epochs": 3, "probes": ["muted", "zeroed", "swapped", "noise:10"], "check
 
 def _command(vggish_cache, out) -> list[str]:
     """The command line of ``config(vggish_cache, out, **RUN)``."""
-    return [sys.executable, "-m", "soundstage.cli", "train", "--manifest", vggish_cache["manifest"], "--cache",
-            vggish_cache["cache"], "--out", str(out), "--epochs", "3", "--batch-size", "2", "--lr", "1e-3",
-            "--threads", "1", "--checkpoint-every", "1", "--probes", ",".join(RUN["probes"]), "--quiet"]
+    return [
+        sys.executable,
+        "-m",
+        "soundstage.cli",
+        "train",
+        "--manifest",
+        vggish_cache["manifest"],
+        "--cache",
+        vggish_cache["cache"],
+        "--out",
+        str(out),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--threads",
+        "1",
+        "--checkpoint-every",
+        "1",
+        "--probes",
+        ",".join(RUN["probes"]),
+        "--quiet",
+    ]
 
 
 def _steps_done(out) -> int:
@@ -245,8 +297,14 @@ def test_loss_goes_down_and_the_run_directory_is_complete(whole_run, vggish_cach
     provenance = json.loads((run / "provenance.json").read_text())
     assert provenance["cues"]["audio"]["path"] == vggish_cache["stage_dir"]
     assert provenance["cues"]["audio"]["params"]["checkpoint"] == vggish_cache["checkpoint"]
-    for name in ("config.json", "curves.png", "DONE", "checkpoints/latest.pt", "model/model.safetensors",
-                 "model/avs_conditioning.pt"):
+    for name in (
+        "config.json",
+        "curves.png",
+        "DONE",
+        "checkpoints/latest.pt",
+        "model/model.safetensors",
+        "model/avs_conditioning.pt",
+    ):
         assert (run / name).exists(), name
     state = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
     assert state["step"] == 9 and set(state["rng"]) >= {"python", "numpy", "torch"}
@@ -315,11 +373,16 @@ def test_active_query_lists_become_multi_hot_weights(vggish_cache):
     val = rows[rows["split"] == "val"]
     spec = active_cue("active-queries")
     assert spec.lengths_field == "frame_lengths"
-    lists = {cid: [[t % 4, 5], [], *[[7]] * (int(n) - 2)]
-             for t, (cid, n) in enumerate(zip(val["clip_id"], val["num_frames"]))}
-    reader = _FakeReader({cid: {"query_ids": np.array([q for ids in frames for q in ids], np.int32),
-                                "frame_lengths": np.array([len(ids) for ids in frames], np.int32)}
-                          for cid, frames in lists.items()})
+    lists = {cid: [[t % 4, 5], [], *[[7]] * (int(n) - 2)] for t, (cid, n) in enumerate(zip(val["clip_id"], val["num_frames"]))}
+    reader = _FakeReader(
+        {
+            cid: {
+                "query_ids": np.array([q for ids in frames for q in ids], np.int32),
+                "frame_lengths": np.array([len(ids) for ids in frames], np.int32),
+            }
+            for cid, frames in lists.items()
+        }
+    )
     data = AVSClips(vggish_cache["manifest"], "val", {"active": (spec, reader)}, 64, num_queries=8)
     for index, cid in enumerate(data.clip_ids):
         expected = np.zeros((len(lists[cid]), 8), np.float32)

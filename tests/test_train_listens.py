@@ -22,11 +22,23 @@ def test_the_trained_model_beats_its_muted_score(tmp_path):
     manifest = make_synthetic_dataset(str(tmp_path / "data"), clips=24, seed=0, workers=1)
     checkpoint = build_vggish(str(tmp_path / "vggish.pth"))
     cache = str(tmp_path / "cache")
-    run_stage(get_stage("vggish"), manifest, cache, {"checkpoint": checkpoint}, workers=0, progress=False,
-              log=lambda *_: None)
-    cfg = resolve_config(None, {"manifest": manifest, "cache": cache, "out": str(tmp_path / "run"), "epochs": 12,
-                                "batch_size": 2, "lr": 2e-3, "warmup_steps": 5, "threads": 1, "eval_every": 12,
-                                "probes": ["muted", "zeroed"], "seed": 0})
+    run_stage(get_stage("vggish"), manifest, cache, {"checkpoint": checkpoint}, workers=0, progress=False, log=lambda *_: None)
+    cfg = resolve_config(
+        None,
+        {
+            "manifest": manifest,
+            "cache": cache,
+            "out": str(tmp_path / "run"),
+            "epochs": 12,
+            "batch_size": 2,
+            "lr": 2e-3,
+            "warmup_steps": 5,
+            "threads": 1,
+            "eval_every": 12,
+            "probes": ["muted", "zeroed"],
+            "seed": 0,
+        },
+    )
     record = train(cfg, log=lambda *_: None, progress=False)
     real, muted, zeroed = (record["eval"][v]["miou"] for v in ("real", "muted", "zeroed"))
     assert real > 0.25, record["eval"]

@@ -92,15 +92,32 @@ class MaskPrior(nn.Module):
 
 
 class QueryConditioner(nn.Module):
-    def __init__(self, hidden_dim: int, num_queries: int, mode: str = "add", audio_dim: int | None = None,
-                 audio_hidden: int = 512, text_dim: int | None = None, text_heads: int = 1, prior: bool = False):
+    def __init__(
+        self,
+        hidden_dim: int,
+        num_queries: int,
+        mode: str = "add",
+        audio_dim: int | None = None,
+        audio_hidden: int = 512,
+        text_dim: int | None = None,
+        text_heads: int = 1,
+        prior: bool = False,
+    ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"conditioning mode must be one of {MODES}, not {mode!r}")
         if mode != "none" and not audio_dim:
             raise ValueError(f"conditioning mode {mode!r} needs the audio cue's width (audio_dim)")
-        self.config = {"hidden_dim": hidden_dim, "num_queries": num_queries, "mode": mode, "audio_dim": audio_dim,
-                       "audio_hidden": audio_hidden, "text_dim": text_dim, "text_heads": text_heads, "prior": prior}
+        self.config = {
+            "hidden_dim": hidden_dim,
+            "num_queries": num_queries,
+            "mode": mode,
+            "audio_dim": audio_dim,
+            "audio_hidden": audio_hidden,
+            "text_dim": text_dim,
+            "text_heads": text_heads,
+            "prior": prior,
+        }
         self.prior = MaskPrior(hidden_dim) if prior else None
         self.mode = mode
         self.num_queries = num_queries
@@ -179,7 +196,8 @@ class AVSMask2Former(nn.Module):
         kwargs["inputs_embeds"] = self.conditioner(kwargs["inputs_embeds"], **self._cues)
         if self._prior is not None:
             kwargs["multi_stage_positional_embeddings"] = self.conditioner.prior.position_embeddings(
-                kwargs["multi_stage_positional_embeddings"], kwargs["feature_size_list"], self._prior)
+                kwargs["multi_stage_positional_embeddings"], kwargs["feature_size_list"], self._prior
+            )
         return args, kwargs
 
     def _prior_mask_features(self, module, args, kwargs):
@@ -197,14 +215,18 @@ class AVSMask2Former(nn.Module):
         prior_mask = self.conditioner.prior.attention_mask(self._prior, size, module.num_heads, attention_mask.shape[1])
         return predicted, prior_mask.to(attention_mask.device)
 
-    def forward(self, pixel_values, audio=None, active=None, text=None, text_mask=None, mask_labels=None,
-                class_labels=None, prior=None):
+    def forward(
+        self, pixel_values, audio=None, active=None, text=None, text_mask=None, mask_labels=None, class_labels=None, prior=None
+    ):
         """One image per frame: ``pixel_values [N, 3, H, W]`` and the cues of the same N frames
         (``prior [N, H', W']`` for a model built with a mask prior). With
         ``mask_labels``/``class_labels`` the output carries transformers' Mask2Former loss."""
         if (prior is None) != (self.conditioner.prior is None):
-            raise ValueError("this model was built with a mask prior: pass prior per frame" if prior is None
-                             else "this model was built without a mask prior; it takes no prior")
+            raise ValueError(
+                "this model was built with a mask prior: pass prior per frame"
+                if prior is None
+                else "this model was built without a mask prior; it takes no prior"
+            )
         self._cues = {"audio": audio, "active": active, "text": text, "text_mask": text_mask}
         self._prior, self._first_mask_pending = prior, prior is not None
         try:
@@ -228,8 +250,10 @@ class AVSMask2Former(nn.Module):
 
         conditioning = os.path.join(path, CONDITIONING_CONFIG)
         if not os.path.exists(conditioning):
-            raise FileNotFoundError(f"{path} holds no audio conditioning ({CONDITIONING_CONFIG}); "
-                                    "it is not a model saved by AVSMask2Former.save_pretrained")
+            raise FileNotFoundError(
+                f"{path} holds no audio conditioning ({CONDITIONING_CONFIG}); "
+                "it is not a model saved by AVSMask2Former.save_pretrained"
+            )
         with open(conditioning, encoding="utf-8") as f:
             conditioner = QueryConditioner(**json.load(f))
         conditioner.load_state_dict(torch.load(os.path.join(path, CONDITIONING_WEIGHTS), weights_only=True))
@@ -237,9 +261,17 @@ class AVSMask2Former(nn.Module):
             return cls(Mask2FormerForUniversalSegmentation.from_pretrained(path), conditioner)
 
 
-def build_model(base: str | None, num_labels: int, mode: str, audio_dim: int | None, text_dim: int | None = None,
-                num_queries: int | None = None, loss_weights: dict | None = None, seed: int = 0,
-                prior: bool = False) -> AVSMask2Former:
+def build_model(
+    base: str | None,
+    num_labels: int,
+    mode: str,
+    audio_dim: int | None,
+    text_dim: int | None = None,
+    num_queries: int | None = None,
+    loss_weights: dict | None = None,
+    seed: int = 0,
+    prior: bool = False,
+) -> AVSMask2Former:
     """A new AVS model: ``base`` is a transformers Mask2Former (hub id or folder), whose class
     head is replaced to predict ``num_labels`` classes, or None for the tiny config shipped in
     ``soundstage/data/tiny/mask2former.json`` (random weights, seeded). ``loss_weights``:
@@ -266,10 +298,18 @@ def build_model(base: str | None, num_labels: int, mode: str, audio_dim: int | N
             mask2former = Mask2FormerForUniversalSegmentation(config)
         else:
             mask2former = Mask2FormerForUniversalSegmentation.from_pretrained(
-                base, ignore_mismatched_sizes=True, **overrides, **labels)
+                base, ignore_mismatched_sizes=True, **overrides, **labels
+            )
         config = mask2former.config
-        conditioner = QueryConditioner(config.hidden_dim, config.num_queries, mode=mode, audio_dim=audio_dim,
-                                       text_dim=text_dim, text_heads=config.num_attention_heads, prior=prior)
+        conditioner = QueryConditioner(
+            config.hidden_dim,
+            config.num_queries,
+            mode=mode,
+            audio_dim=audio_dim,
+            text_dim=text_dim,
+            text_heads=config.num_attention_heads,
+            prior=prior,
+        )
     return AVSMask2Former(mask2former, conditioner)
 
 

@@ -92,9 +92,17 @@ def cue_width(cues: dict, role: str) -> int | None:
 
 def new_model(cfg: TrainConfig, cues: dict) -> AVSMask2Former:
     weights = {k: getattr(cfg, k) for k in ("class_weight", "mask_weight", "dice_weight", "no_object_weight")}
-    model = build_model(cfg.model, TASKS[cfg.task], cfg.conditioning, cue_width(cues, "audio"),
-                        text_dim=cue_width(cues, "text"), num_queries=cfg.num_queries, loss_weights=weights,
-                        seed=cfg.seed, prior=bool(cfg.prior))
+    model = build_model(
+        cfg.model,
+        TASKS[cfg.task],
+        cfg.conditioning,
+        cue_width(cues, "audio"),
+        text_dim=cue_width(cues, "text"),
+        num_queries=cfg.num_queries,
+        loss_weights=weights,
+        seed=cfg.seed,
+        prior=bool(cfg.prior),
+    )
     if "audio" in cues:
         spec, reader = cues["audio"]
         rows = [np.asarray(reader[cid][spec.field], dtype=np.float32) for cid in train_clip_ids(cfg)]
@@ -126,14 +134,31 @@ def silence_for(run: RunDir, cues: dict, seconds: int, device: str = "cpu") -> n
     return values
 
 
-def dataset(cfg: TrainConfig, cues: dict, split: str, variant: str = "real", silence=None,
-            num_queries: int | None = None, training: bool = False) -> AVSClips:
+def dataset(
+    cfg: TrainConfig,
+    cues: dict,
+    split: str,
+    variant: str = "real",
+    silence=None,
+    num_queries: int | None = None,
+    training: bool = False,
+) -> AVSClips:
     """The clips of ``split``; ``training``: with the training frames' mask prior (``prior_train``)
     rather than the evaluated frames' (``prior_eval``)."""
     prior = (cfg.prior_train if training else cfg.prior_eval) if cfg.prior else None
-    return AVSClips(cfg.manifest, split, cues, image_size(cfg), cfg.mask_size, task=cfg.task,
-                    unlabelled=cfg.unlabelled, audio_variant=variant, silence=silence, num_queries=num_queries,
-                    prior=prior)
+    return AVSClips(
+        cfg.manifest,
+        split,
+        cues,
+        image_size(cfg),
+        cfg.mask_size,
+        task=cfg.task,
+        unlabelled=cfg.unlabelled,
+        audio_variant=variant,
+        silence=silence,
+        num_queries=num_queries,
+        prior=prior,
+    )
 
 
 def max_frames(data: AVSClips) -> int:

@@ -71,20 +71,24 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str, *, model, optimizer, scheduler, scaler, step: int, epoch: int, position: int,
-                    extra: dict | None = None) -> None:
+def save_checkpoint(
+    path: str, *, model, optimizer, scheduler, scaler, step: int, epoch: int, position: int, extra: dict | None = None
+) -> None:
     """``position``: items of ``epoch`` already consumed (the sampler resumes after them)."""
-    atomic_torch_save({
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else {},
-        "step": step,
-        "epoch": epoch,
-        "position": position,
-        "rng": rng_state(),
-        "extra": extra or {},
-    }, path)
+    atomic_torch_save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "step": step,
+            "epoch": epoch,
+            "position": position,
+            "rng": rng_state(),
+            "extra": extra or {},
+        },
+        path,
+    )
 
 
 def load_checkpoint(path: str, *, model, optimizer, scheduler, scaler) -> dict:
@@ -117,10 +121,10 @@ class EpochSampler(torch.utils.data.Sampler):
         return torch.randperm(self.size, generator=generator).tolist()
 
     def __iter__(self):
-        return iter(self.order()[self.rank::self.world_size][self.start:])
+        return iter(self.order()[self.rank :: self.world_size][self.start :])
 
     def __len__(self) -> int:
-        return max(0, len(self.order()[self.rank::self.world_size]) - self.start)
+        return max(0, len(self.order()[self.rank :: self.world_size]) - self.start)
 
 
 class StopSignals:

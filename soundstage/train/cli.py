@@ -12,18 +12,26 @@ def _settings(**options) -> dict:
 
 
 @click.command("train")
-@click.option("--config", "pipeline_file", type=click.Path(exists=True, dir_okay=False),
-              help="pipeline file: manifest, cache, the stages' parameters and a train: section")
+@click.option(
+    "--config",
+    "pipeline_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="pipeline file: manifest, cache, the stages' parameters and a train: section",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="run directory (runs/NAME); rerun to resume")
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False), help="manifest (default: the pipeline file's)")
 @click.option("--cache", type=click.Path(file_okay=False), help="cache root (default: the pipeline file's)")
-@click.option("--model", help="transformers Mask2Former to start from, e.g. facebook/mask2former-swin-base-ade-semantic "
-              "(default: the tiny stand-in config shipped in the package)")
+@click.option(
+    "--model",
+    help="transformers Mask2Former to start from, e.g. facebook/mask2former-swin-base-ade-semantic "
+    "(default: the tiny stand-in config shipped in the package)",
+)
 @click.option("--audio", help="audio cue: vggish | beats | beats-probs | units | STAGE:FIELD | none")
 @click.option("--audio-select", help="which output of the audio stage: FINGERPRINT or key=value,...")
 @click.option("--active", help="active queries per frame: active-queries | units | STAGE:FIELD (query ids)")
-@click.option("--num-queries", type=click.IntRange(min=1), help="decoder queries (default: the model's; "
-              "active query ids must be below it)")
+@click.option(
+    "--num-queries", type=click.IntRange(min=1), help="decoder queries (default: the model's; active query ids must be below it)"
+)
 @click.option("--text-cues/--no-text-cues", default=None, help="queries also attend to the textcues stage's slots")
 @click.option("--prior", help="Stepping Stones' mask prior: masks (the masks stage's output) or masks=SELECTOR; none")
 @click.option("--prior-train", type=click.Choice(["gt", "masks"]), help="prior of training frames (default gt)")
@@ -43,8 +51,11 @@ def _settings(**options) -> dict:
 @click.option("--freeze-backbone/--train-backbone", default=None)
 @click.option("--image-size", type=click.IntRange(min=32))
 @click.option("--mask-size", type=click.IntRange(min=8))
-@click.option("--unlabelled", type=click.Choice(["first", "repeat"]),
-              help="frames without labels (v1s train): train on frame 0 only, or repeat frame 0 per second")
+@click.option(
+    "--unlabelled",
+    type=click.Choice(["first", "repeat"]),
+    help="frames without labels (v1s train): train on frame 0 only, or repeat frame 0 per second",
+)
 @click.option("--device", help="cpu, cuda, cuda:1, ... (default auto)")
 @click.option("--workers", type=click.IntRange(min=0), help="DataLoader worker processes")
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's)")
@@ -52,8 +63,10 @@ def _settings(**options) -> dict:
 @click.option("--seed", type=int)
 @click.option("--checkpoint-every", type=click.IntRange(min=1), help="optimizer steps between checkpoints")
 @click.option("--protocol", help="evaluation protocol (default: avsbench-binary / avsbench-semantic)")
-@click.option("--probes", help="audio replacements scored at each evaluation, comma-separated "
-              "(default muted,zeroed,swapped,noise:10; '' for none)")
+@click.option(
+    "--probes",
+    help="audio replacements scored at each evaluation, comma-separated (default muted,zeroed,swapped,noise:10; '' for none)",
+)
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def train(pipeline_file, out, quiet, clip_grad, probes, **options):
     """Train an audio-conditioned Mask2Former on the manifest's frames and the cached cues.

@@ -98,8 +98,13 @@ class TrainConfig:
         from soundstage.models.avs_mask2former import MODES
         from soundstage.train.data import TASKS, UNLABELLED_POLICIES, parse_variant
 
-        choices = {"task": TASKS, "conditioning": MODES, "schedule": SCHEDULES, "precision": PRECISIONS,
-                   "unlabelled": UNLABELLED_POLICIES}
+        choices = {
+            "task": TASKS,
+            "conditioning": MODES,
+            "schedule": SCHEDULES,
+            "precision": PRECISIONS,
+            "unlabelled": UNLABELLED_POLICIES,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")

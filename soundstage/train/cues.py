@@ -120,8 +120,10 @@ def pipeline_output(pipeline_file: str, stage: str) -> StageDir:
     pipe = load_pipeline(pipeline_file)
     sd = StageDir.at(pipe.cache, stage, expected_fingerprint(stage, pipe.stages))
     if not sd.exists():
-        raise CueError(f"{pipeline_file}: no {stage} output {os.path.basename(sd.path)} in {pipe.cache} yet "
-                       f"(run `soundstage run {pipeline_file} {stage}`)")
+        raise CueError(
+            f"{pipeline_file}: no {stage} output {os.path.basename(sd.path)} in {pipe.cache} yet "
+            f"(run `soundstage run {pipeline_file} {stage}`)"
+        )
     return sd
 
 
@@ -141,17 +143,25 @@ def check_clips(reader: StageReader, clip_ids, what: str) -> None:
     if missing:
         meta = reader.meta
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise MissingClip(f"{what}: {len(missing)} clip(s) missing from {meta['stage']} output {meta['fingerprint']} "
-                          f"({reader.dir.path}): {shown}. Run `soundstage {meta['stage']}` for them")
+        raise MissingClip(
+            f"{what}: {len(missing)} clip(s) missing from {meta['stage']} output {meta['fingerprint']} "
+            f"({reader.dir.path}): {shown}. Run `soundstage {meta['stage']}` for them"
+        )
 
 
 def provenance(reader: StageReader) -> dict:
     """What a run records about a cache it read: path, fingerprint and the stage.json identity."""
     meta = reader.meta
-    return {"path": os.path.abspath(reader.dir.path), "stage": meta["stage"], "version": meta.get("version"),
-            "fingerprint": meta["fingerprint"], "params": meta.get("params", {}),
-            "fingerprint_payload": meta.get("fingerprint_payload", {}), "upstream": meta.get("upstream", {}),
-            "clips": len(reader)}
+    return {
+        "path": os.path.abspath(reader.dir.path),
+        "stage": meta["stage"],
+        "version": meta.get("version"),
+        "fingerprint": meta["fingerprint"],
+        "params": meta.get("params", {}),
+        "fingerprint_payload": meta.get("fingerprint_payload", {}),
+        "upstream": meta.get("upstream", {}),
+        "clips": len(reader),
+    }
 
 
 def collate_ragged(arrays) -> tuple[torch.Tensor, torch.Tensor]:

@@ -96,9 +96,20 @@ def load_label(row: dict, frame: int, manifest_dir: str, size: int, task: str) -
 
 
 class AVSClips(torch.utils.data.Dataset):
-    def __init__(self, manifest: str, split: str | list | None, cues: dict, image_size: int, mask_size: int | None = None,
-                 task: str = "binary", unlabelled: str = "first", audio_variant: str = "real",
-                 silence: np.ndarray | None = None, num_queries: int | None = None, prior: str | None = None):
+    def __init__(
+        self,
+        manifest: str,
+        split: str | list | None,
+        cues: dict,
+        image_size: int,
+        mask_size: int | None = None,
+        task: str = "binary",
+        unlabelled: str = "first",
+        audio_variant: str = "real",
+        silence: np.ndarray | None = None,
+        num_queries: int | None = None,
+        prior: str | None = None,
+    ):
         """``cues``: role -> (CueSpec, StageReader) (see ``soundstage.train.cues``);
         ``num_queries``: the model's, for active query ids; ``prior``: each frame's mask prior
         from ``gt`` (its ground-truth mask) or ``masks`` (the ``prior`` cue), None: no prior."""
@@ -116,8 +127,10 @@ class AVSClips(torch.utils.data.Dataset):
             bad = df[df["problem"] != ""]
             if len(bad):
                 row = bad.iloc[0]
-                raise CueError(f"manifest {manifest}: {len(bad)} clip(s) with problems, e.g. {row['clip_id']}: "
-                               f"{row['problem']} (fix or remove them)")
+                raise CueError(
+                    f"manifest {manifest}: {len(bad)} clip(s) with problems, e.g. {row['clip_id']}: "
+                    f"{row['problem']} (fix or remove them)"
+                )
         if split is not None:
             splits = [split] if isinstance(split, str) else list(split)
             df = df[df["split"].isin(splits)]
@@ -191,8 +204,9 @@ class AVSClips(torch.utils.data.Dataset):
         spec, reader = self.cues["prior"]
         probs = np.asarray(reader[row["clip_id"]][spec.field])
         if max(frames) >= len(probs):
-            raise CueError(f"clip {row['clip_id']}: the {spec.stage} prior has {len(probs)} frames, frame {max(frames)} "
-                           "is needed")
+            raise CueError(
+                f"clip {row['clip_id']}: the {spec.stage} prior has {len(probs)} frames, frame {max(frames)} is needed"
+            )
         maps = torch.from_numpy(probs[frames].astype(np.float32) / 255.0)[:, None]
         size = (self.mask_size, self.mask_size)
         if tuple(maps.shape[-2:]) != size:
@@ -236,8 +250,10 @@ def active_weights(cue: np.ndarray, clip_id: str, num_queries: int) -> np.ndarra
     if np.issubdtype(cue.dtype, np.floating):
         return cue
     if cue.max(initial=-1) >= num_queries:
-        raise CueError(f"clip {clip_id}: active query id {int(cue.max())} is outside the model's "
-                       f"{num_queries} queries (ids must lie in [0, {num_queries}))")
+        raise CueError(
+            f"clip {clip_id}: active query id {int(cue.max())} is outside the model's "
+            f"{num_queries} queries (ids must lie in [0, {num_queries}))"
+        )
     ids = cue.reshape(len(cue), -1)
     weights = np.zeros((len(cue), num_queries), dtype=np.float32)
     rows, cols = np.nonzero(ids >= 0)
@@ -257,8 +273,10 @@ def padded_lists(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 def collate_frames(items: list[dict]) -> dict:
     """A batch of clips as one batch of frames: tensors concatenated along frames, plus
     ``clip_ids`` and ``clip_index [N]`` (which clip each frame belongs to)."""
-    batch = {"clip_ids": [it["clip_id"] for it in items],
-             "clip_index": torch.cat([torch.full((len(it["frames"]),), i) for i, it in enumerate(items)])}
+    batch = {
+        "clip_ids": [it["clip_id"] for it in items],
+        "clip_index": torch.cat([torch.full((len(it["frames"]),), i) for i, it in enumerate(items)]),
+    }
     for key in items[0]:
         if key == "clip_id":
             continue

@@ -22,8 +22,14 @@ DEFAULT_PROTOCOL = {"binary": "avsbench-binary", "semantic": "avsbench-semantic"
 
 def model_inputs(batch: dict, device) -> dict:
     """The model's keyword arguments from a collated batch."""
-    names = {"pixel_values": "pixel_values", "audio": "audio", "active": "active", "text": "text",
-             "text_mask": "text_mask", "prior": "prior"}
+    names = {
+        "pixel_values": "pixel_values",
+        "audio": "audio",
+        "active": "active",
+        "text": "text",
+        "text_mask": "text_mask",
+        "prior": "prior",
+    }
     return {arg: batch[key].to(device, non_blocking=True) for key, arg in names.items() if key in batch}
 
 
@@ -35,8 +41,9 @@ def predictions(outputs, size, task: str, two_channel: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, task: str, protocol: str | None = None, device="cpu", autocast=None,
-             batch_size: int = 4, workers: int = 0) -> dict:
+def evaluate(
+    model, dataset, task: str, protocol: str | None = None, device="cpu", autocast=None, batch_size: int = 4, workers: int = 0
+) -> dict:
     """The protocol's result dict (``miou``, ``fscore``, ...) plus ``clips`` and ``frames``."""
     protocol = protocol or DEFAULT_PROTOCOL[task]
     proto = PROTOCOLS[protocol]
@@ -47,8 +54,14 @@ def evaluate(model, dataset, task: str, protocol: str | None = None, device="cpu
     if proto.kind == "semantic":
         options["num_classes"] = model.config.num_labels
     accumulator = Accumulator(protocol, **options)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         collate_fn=collate_frames, generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_frames,
+        generator=torch.Generator().manual_seed(0),
+    )
     was_training = model.training
     model.eval()
     frames = 0

@@ -80,8 +80,10 @@ def _train(cfg: TrainConfig, log, progress: bool) -> dict:
     run = RunDir(cfg.out)
     saved = run.config()
     if saved is not None and same_settings(saved, cfg.to_dict()):
-        raise ConfigError(f"{run.path} holds a run with other settings ({', '.join(same_settings(saved, cfg.to_dict()))}); "
-                          "resume it with the same settings or choose another --out")
+        raise ConfigError(
+            f"{run.path} holds a run with other settings ({', '.join(same_settings(saved, cfg.to_dict()))}); "
+            "resume it with the same settings or choose another --out"
+        )
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -94,18 +96,32 @@ def _train(cfg: TrainConfig, log, progress: bool) -> dict:
     train_set = assemble.dataset(cfg, cues, cfg.train_split, num_queries=num_queries, training=True)
     sampler = EpochSampler(len(train_set), cfg.seed)
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_frames, num_workers=cfg.workers,
-        pin_memory=device.startswith("cuda"), persistent_workers=cfg.workers > 0,
-        generator=torch.Generator().manual_seed(cfg.seed))
+        train_set,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        collate_fn=collate_frames,
+        num_workers=cfg.workers,
+        pin_memory=device.startswith("cuda"),
+        persistent_workers=cfg.workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / cfg.batch_size) / cfg.accumulate)
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
 
     # -------------------------------------------------------------------- optimisation
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-        lr_factor, warmup=cfg.warmup_steps, total=total_steps, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio,
-        power=cfg.poly_power))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        functools.partial(
+            lr_factor,
+            warmup=cfg.warmup_steps,
+            total=total_steps,
+            schedule=cfg.schedule,
+            min_ratio=cfg.min_lr_ratio,
+            power=cfg.poly_power,
+        ),
+    )
     scaler = torch.amp.GradScaler(torch.device(device).type) if cfg.precision == "fp16" else None
     autocast = autocast_for(cfg.precision, device)
 
@@ -127,8 +143,16 @@ def _train(cfg: TrainConfig, log, progress: bool) -> dict:
             run.keep_records(name, lambda r: False)
 
     def checkpoint():
-        save_checkpoint(run.checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                        step=step, epoch=epoch, position=position)
+        save_checkpoint(
+            run.checkpoint,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            step=step,
+            epoch=epoch,
+            position=position,
+        )
 
     # -------------------------------------------------------------------- the loop
     model.train()
@@ -167,8 +191,16 @@ def _train(cfg: TrainConfig, log, progress: bool) -> dict:
 
                 seconds = time.perf_counter() - started
                 if step % cfg.log_every == 0:
-                    run.append("steps.jsonl", {"step": step, "epoch": epoch, **parts,
-                                               "lr": scheduler.get_last_lr()[0], "step_seconds": round(seconds, 4)})
+                    run.append(
+                        "steps.jsonl",
+                        {
+                            "step": step,
+                            "epoch": epoch,
+                            **parts,
+                            "lr": scheduler.get_last_lr()[0],
+                            "step_seconds": round(seconds, 4),
+                        },
+                    )
                 bar.set_postfix(loss=f"{parts['loss']:.4f}", step_s=f"{seconds:.2f}", epoch=epoch)
                 bar.update(1)
                 if step % cfg.checkpoint_every == 0 or signals.received:
@@ -207,8 +239,16 @@ def evaluate_run(cfg, run: RunDir, model, cues, epoch: int, step: int, device, a
             probe_set = assemble.dataset(cfg, cues, cfg.eval_split, num_queries=num_queries)
             silence = assemble.silence_for(run, cues, assemble.max_frames(probe_set))
         data = assemble.dataset(cfg, cues, cfg.eval_split, variant, silence=silence, num_queries=num_queries)
-        results[variant] = evaluate(model, data, cfg.task, cfg.protocol, device=device, autocast=autocast,
-                                    batch_size=cfg.eval_batch_size, workers=cfg.workers)
+        results[variant] = evaluate(
+            model,
+            data,
+            cfg.task,
+            cfg.protocol,
+            device=device,
+            autocast=autocast,
+            batch_size=cfg.eval_batch_size,
+            workers=cfg.workers,
+        )
     record = {"epoch": epoch, "step": step, "split": cfg.eval_split, "eval": results}
     steps = [r["loss"] for r in run.records("steps.jsonl") if r["epoch"] == epoch - 1]
     record["train_loss"] = float(np.mean(steps)) if steps else None

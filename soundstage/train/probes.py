@@ -36,8 +36,10 @@ def silent_values(stage_dir: str, seconds: int, device: str = "cpu") -> dict:
     meta = sd.meta()
     stage = get_stage(meta["stage"])
     if stage.version != meta.get("version"):
-        raise ValueError(f"{stage_dir} was made by {stage.name} version {meta.get('version')}, this soundstage has "
-                         f"version {stage.version}: the silence cue would not be comparable")
+        raise ValueError(
+            f"{stage_dir} was made by {stage.name} version {meta.get('version')}, this soundstage has "
+            f"version {stage.version}: the silence cue would not be comparable"
+        )
     given = dict(meta.get("params", {}))
     if any(p.name == "device" for p in stage.params):
         given["device"] = device
@@ -51,10 +53,15 @@ def silent_values(stage_dir: str, seconds: int, device: str = "cpu") -> dict:
         else:
             upstream[alias] = {SILENCE_ID: silent_values(up_dir.path, seconds, device)}
     with tempfile.TemporaryDirectory(prefix="soundstage-silence-") as tmp:
-        sf.write(os.path.join(tmp, "silence.wav"), np.zeros(seconds * TARGET_SR, dtype=np.int16), TARGET_SR,
-                 subtype="PCM_16")
-        row = {"clip_id": SILENCE_ID, "audio_path": "silence.wav", "num_frames": str(seconds),
-               "audio_sample_rate": str(TARGET_SR), "audio_channels": "1", "audio_seconds": str(float(seconds))}
+        sf.write(os.path.join(tmp, "silence.wav"), np.zeros(seconds * TARGET_SR, dtype=np.int16), TARGET_SR, subtype="PCM_16")
+        row = {
+            "clip_id": SILENCE_ID,
+            "audio_path": "silence.wav",
+            "num_frames": str(seconds),
+            "audio_sample_rate": str(TARGET_SR),
+            "audio_channels": "1",
+            "audio_seconds": str(float(seconds)),
+        }
         item = stage.load(row, LoadContext(params=params, upstream=upstream, manifest_dir=tmp))
         model = stage.setup(params) if stage.setup else None
         return stage.process(model, [item], params)[0]

@@ -38,8 +38,9 @@ def run_model(run: RunDir, cfg: TrainConfig, cues: dict) -> tuple[AVSMask2Former
     return model, run.checkpoint
 
 
-def evaluate_saved_run(path: str, split: str | None = None, audio: str = "real", protocol: str | None = None,
-                       device: str = "auto", log=print) -> dict:
+def evaluate_saved_run(
+    path: str, split: str | None = None, audio: str = "real", protocol: str | None = None, device: str = "auto", log=print
+) -> dict:
     run, cfg, recorded = load_run(path)
     split = split or cfg.eval_split
     cues = assemble.open_cues(cfg, recorded=recorded, log=log)
@@ -51,11 +52,21 @@ def evaluate_saved_run(path: str, split: str | None = None, audio: str = "real",
     if audio == "muted":
         if "audio" not in cues:
             raise ConfigError("the run has no audio cue to mute")
-        silence = assemble.silence_for(run, cues, assemble.max_frames(
-            assemble.dataset(cfg, cues, split, num_queries=num_queries)))
+        silence = assemble.silence_for(
+            run, cues, assemble.max_frames(assemble.dataset(cfg, cues, split, num_queries=num_queries))
+        )
     data = assemble.dataset(cfg, cues, split, audio, silence=silence, num_queries=num_queries)
     protocol = protocol or cfg.protocol or DEFAULT_PROTOCOL[cfg.task]
     result = evaluate(model, data, cfg.task, protocol, device=device, batch_size=cfg.eval_batch_size)
-    return {"miou": result.get("miou"), "fscore": result.get("fscore"), "protocol": protocol, "split": split,
-            "audio": audio, "clips": result["clips"], "frames": result["frames"], "run": run.path, "weights": source,
-            "result": result}
+    return {
+        "miou": result.get("miou"),
+        "fscore": result.get("fscore"),
+        "protocol": protocol,
+        "split": split,
+        "audio": audio,
+        "clips": result["clips"],
+        "frames": result["frames"],
+        "run": run.path,
+        "weights": source,
+        "result": result,
+    }
