@@ -117,8 +117,9 @@ def job_name(stage_name: str) -> str:
     return f"soundstage-{stage_name}"
 
 
-def slurm_job(work: StageWork) -> slurm.SlurmJob:
-    """The array job (or single job, for a whole-dataset stage) that finishes ``work``."""
+def slurm_job(work: StageWork, out=print) -> slurm.SlurmJob:
+    """The array job (or single job, for a whole-dataset stage) that finishes ``work``; the stage's
+    default resources are cut to what the partition has (``out`` says what was capped)."""
     stage, array = work.stage, not work.whole_dataset
     shard_ids = work.missing_shards(work.shards) if array else None
     what = (
@@ -131,7 +132,9 @@ def slurm_job(work: StageWork) -> slurm.SlurmJob:
         command=[*slurm.SOUNDSTAGE_COMMAND, stage.name, *work.cli_args],
         log_dir=os.path.join(work.dir.path, "logs"),
         workdir=os.getcwd(),
-        resources=slurm.Resources.merged(stage.resources, work.resources),
+        resources=slurm.Resources.merged(
+            slurm.fit_defaults(stage.resources, work.resources, out, f"{stage.name}: "), work.resources
+        ),
         num_shards=work.shards if array else None,
         shard_ids=shard_ids,
         description=f"soundstage stage {stage.name}, output {work.dir.path}\n{what}",
@@ -220,7 +223,7 @@ class SlurmExecutor(Executor):
 
     def run(self, works: list[StageWork]) -> int:
         out = self.out
-        planned = [(work, None if work.complete else slurm_job(work)) for work in works]
+        planned = [(work, None if work.complete else slurm_job(work, out)) for work in works]
         jobs, running = [], {}
         for work, job in planned:
             head = f"{work.stage.name} {os.path.basename(work.dir.path)}"

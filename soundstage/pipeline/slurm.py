@@ -51,6 +51,27 @@ FINISHED_STATES = {
 }
 
 
+#: pending reasons after which a job never starts by itself: it asks for more than the partition,
+#: its QOS or its account allow per job, or an upstream job it needs has failed
+NEVER_REASONS = {
+    "PartitionConfig",
+    "PartitionNodeLimit",
+    "PartitionTimeLimit",
+    "BadConstraints",
+    "InvalidAccount",
+    "InvalidQOS",
+    "DependencyNeverSatisfied",
+    "QOSMaxCpuPerJobLimit",
+    "QOSMaxGRESPerJob",
+    "QOSMaxMemoryPerJob",
+    "QOSMaxNodePerJobLimit",
+    "QOSMaxWallDurationPerJobLimit",
+    "AssocMaxCpuPerJobLimit",
+    "AssocMaxNodePerJobLimit",
+    "AssocMaxWallDurationPerJobLimit",
+}
+
+
 class SlurmError(RuntimeError):
     pass
 
@@ -293,7 +314,13 @@ def active_jobs(script_dir: str) -> list[str]:
 
 def job_states(job_ids: Sequence[str]) -> dict[str, str] | None:
     """task id -> state for the jobs squeue still knows; None when squeue could not be asked."""
-    proc = _run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%F|%i|%T"], check=False)
+    queue = queue_states(job_ids)
+    return None if queue is None else {task: state for task, (state, _) in queue.items()}
+
+
+def queue_states(job_ids: Sequence[str]) -> dict[str, tuple[str, str]] | None:
+    """task id -> (state, reason) for the jobs squeue still knows; None when squeue could not be asked."""
+    proc = _run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%F|%i|%T|%r"], check=False)
     if proc.returncode != 0:
         if "Invalid job id" in proc.stderr:  # all of them are finished and purged
             return {}
@@ -301,8 +328,8 @@ def job_states(job_ids: Sequence[str]) -> dict[str, str] | None:
     states = {}
     for line in proc.stdout.splitlines():
         parts = line.strip().split("|")
-        if len(parts) == 3 and parts[0] in job_ids:
-            states[parts[1]] = parts[2]
+        if len(parts) == 4 and parts[0] in job_ids:
+            states[parts[1]] = (parts[2], parts[3])
     return states
 
 
@@ -320,8 +347,8 @@ def wait_for_jobs(job_ids: Sequence[str], poll_seconds: float | None = None, log
     shown = None
     failures_in_a_row = 0
     while job_ids:
-        states = job_states(job_ids)
-        if states is None:
+        queue = queue_states(job_ids)
+        if queue is None:
             failures_in_a_row += 1
             if failures_in_a_row >= 30:
                 raise SlurmError("squeue has not answered for a long time; the jobs may still run")
@@ -329,10 +356,19 @@ def wait_for_jobs(job_ids: Sequence[str], poll_seconds: float | None = None, log
             failures_in_a_row = 0
             # "123_[4-9]" stands for tasks not started yet; they show up by their own ids later
             last = {t: s for t, s in last.items() if "[" not in t}
-            last.update(states)
-            active = {t: s for t, s in states.items() if s not in FINISHED_STATES}
+            last.update({t: state for t, (state, _) in queue.items()})
+            active = {t: sr for t, sr in queue.items() if sr[0] not in FINISHED_STATES}
             if not active:
                 return last
+            stuck = {t: reason for t, (state, reason) in active.items() if state == "PENDING" and reason in NEVER_REASONS}
+            if stuck:
+                _run(["scancel", *job_ids], check=False)
+                reasons = ", ".join(f"{t} {r}" for t, r in sorted(stuck.items())[:5])
+                raise SlurmError(
+                    f"SLURM says job(s) can never run ({reasons}{_meaning(set(stuck.values()))}); cancelled "
+                    f"{','.join(job_ids)}. Ask for less (--cpus, --mem, --gpus, --time or resources: in the pipeline "
+                    f"file) or another --partition, then run again: only unfinished work is submitted"
+                )
             counts = _count_states(active)
             if counts != shown:
                 log("waiting for SLURM jobs " + ",".join(job_ids) + ": " + counts)
@@ -341,8 +377,129 @@ def wait_for_jobs(job_ids: Sequence[str], poll_seconds: float | None = None, log
     return last
 
 
-def _count_states(states: Mapping[str, str]) -> str:
+def _meaning(reasons: set[str]) -> str:
+    if reasons & {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit"}:
+        return ": more than any node of the partition has, or a longer time than it allows"
+    if "DependencyNeverSatisfied" in reasons:
+        return ": a job it waits for failed"
+    return ""
+
+
+def _count_states(states: Mapping[str, tuple[str, str]]) -> str:
+    """How many tasks are in each state, with the reason SLURM gives for those that wait:
+    ``2 pending (Resources), 1 running``."""
     counts: dict[str, int] = {}
-    for s in states.values():
-        counts[s] = counts.get(s, 0) + 1
-    return ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+    for state, reason in states.values():
+        label = state.lower() + (f" ({reason})" if state == "PENDING" and reason not in ("", "None") else "")
+        counts[label] = counts.get(label, 0) + 1
+    return ", ".join(f"{n} {label}" for label, n in sorted(counts.items()))
+
+
+# ------------------------------------------------------------------------------- partition limits
+
+
+@dataclass
+class PartitionLimits:
+    """The most one task can get in a partition: over its nodes, and its time limit."""
+
+    name: str
+    cpus: int
+    mem_mb: int
+    gpus: int
+    time: str | None  # None: no limit
+
+    def describe(self) -> str:
+        return f"partition {self.name}: at most {self.cpus} CPUs, {self.mem_mb}M, {self.gpus or 'no'} GPU(s) per node" + (
+            f", time {self.time}" if self.time else ""
+        )
+
+
+def partition_limits(partition: str | None = None) -> PartitionLimits | None:
+    """Limits of ``partition`` (default: the cluster's default partition) from ``sinfo``; None
+    where SLURM cannot be asked."""
+    try:
+        proc = _run(["sinfo", "-h", "-N", "-o", "%P|%N|%c|%m|%G|%l"], check=False)
+    except SlurmError:
+        return None
+    rows = [line.strip().split("|") for line in proc.stdout.splitlines() if line.count("|") == 5]
+    if proc.returncode != 0 or not rows:
+        return None
+    name = partition or next((r[0].rstrip("*") for r in rows if r[0].endswith("*")), None)
+    mine = [r for r in rows if r[0].rstrip("*") == name]
+    if not mine:
+        return None
+    limit = mine[0][5]
+    return PartitionLimits(
+        name=name,
+        cpus=max(int(r[2].rstrip("+")) for r in mine),
+        mem_mb=max(int(r[3].rstrip("+")) for r in mine),
+        gpus=max(_gpu_count(r[4]) for r in mine),
+        time=None if limit in ("infinite", "UNLIMITED", "n/a") else limit,
+    )
+
+
+def _gpu_count(gres: str) -> int:
+    """GPUs in an sinfo gres string such as ``gpu:a100:4(S:0-1),shard:8`` (0 for ``(null)``)."""
+    total = 0
+    for item in gres.split(","):
+        parts = item.split("(")[0].split(":")
+        if parts[0] == "gpu" and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def mem_mb(value: str | int) -> int:
+    """SLURM memory ("32G", "500M", "1T", 2048) in MB."""
+    text = str(value).strip().upper()
+    units = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2}
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(float(text))
+
+
+def _time_minutes(value: str) -> float:
+    """SLURM time ("1-02:00:00", "02:00:00", "30:00", "90") in minutes."""
+    days, _, rest = str(value).rpartition("-")
+    parts = [float(p) for p in rest.split(":")]
+    if len(parts) == 1:
+        minutes = parts[0]
+    elif len(parts) == 2:
+        minutes = parts[0] + parts[1] / 60
+    else:
+        minutes = parts[0] * 60 + parts[1] + parts[2] / 60
+    return minutes + (float(days) * 24 * 60 if days else 0)
+
+
+def fit_defaults(defaults: Mapping, given: Mapping, log: Callable = print, what: str = "") -> dict:
+    """A stage's default ``defaults`` cut to what the partition can give one task; values the user
+    ``given`` are kept as asked (and only warned about). Says what was capped."""
+    limits = partition_limits(given.get("partition"))
+    if limits is None:
+        return dict(defaults)
+    fitted, capped, beyond = dict(defaults), [], []
+    checks = {
+        "cpus": (lambda v: int(v) > limits.cpus, limits.cpus, f"{limits.cpus} CPUs"),
+        "mem": (lambda v: mem_mb(v) > limits.mem_mb, f"{limits.mem_mb}M", f"{limits.mem_mb}M"),
+        "gpus": (
+            lambda v: _gpu_count(f"gpu:{v}") > limits.gpus,
+            None if not limits.gpus else limits.gpus,
+            f"{limits.gpus} GPU(s)" if limits.gpus else "no GPU",
+        ),
+        "time": (
+            lambda v: limits.time is not None and _time_minutes(v) > _time_minutes(limits.time),
+            limits.time,
+            f"time {limits.time}",
+        ),
+    }
+    for key, (too_much, cap, text) in checks.items():
+        if given.get(key) is not None:
+            if too_much(given[key]):
+                beyond.append(f"{key} {given[key]} (at most {text})")
+        elif defaults.get(key) not in (None, 0, "0") and too_much(defaults[key]):
+            fitted[key] = cap
+            capped.append(f"{key} {defaults[key]} -> {cap if cap is not None else 'none'}")
+    if capped:
+        log(f"{what}default resources fitted to {limits.describe()}: {', '.join(capped)}")
+    if beyond:
+        log(f"{what}warning: asks for more than {limits.describe()}: {', '.join(beyond)}; SLURM will not start it")
+    return fitted

@@ -44,9 +44,25 @@ MEAN = Stage(
 )
 
 
+def load_length(row, ctx):
+    return {"chars": len(row["clip_id"])}
+
+
+HUNGRY = Stage(
+    name="test-hungry",
+    version=1,
+    help="The length of each clip id, asking by default for more than any test node has (test stage).",
+    fields=[Field("chars", "int32", ())],
+    load=load_length,
+    process=lambda model, items, params: items,
+    resources={"cpus": 64, "mem": "1T", "gpus": 1},
+)
+
+
 def register() -> None:
     """Make the test stages known to this process (``soundstage test-loudest``, ``test-mean``)."""
     from soundstage.stages import register_stage
 
     register_stage("test-loudest", f"{__name__}:LOUDEST")
     register_stage("test-mean", f"{__name__}:MEAN")
+    register_stage("test-hungry", f"{__name__}:HUNGRY")
