@@ -236,3 +236,17 @@ def test_an_array_task_reads_only_its_columns_and_rows(tmp_path, monkeypatch):
     assert {r["clip_id"] for r in mine} == {f"c{k:03d}" for k in range(50) if shard_module.shard_of(f"c{k:03d}", 4) == 1}
     everything, _ = shard_module.manifest_share(manifest, dataclasses.replace(CHEAP, reads=None), (0, 1))
     assert len(everything) == 50 and len(everything[0]) == 7  # a stage without reads sees every column
+
+
+def test_jobs_read_the_manifest_once_and_each_process_gets_its_share(tmp_path):
+    from soundstage.pipeline.local import run_local
+
+    manifest = _manifest(tmp_path, 30)
+    with open(manifest, "a") as f:
+        f.write("c005,5,x0,x1,x2\n, 1,x0,x1,x2\n")  # a duplicate and an empty id: each reported once
+    summary = run_local(CHEAP, manifest, str(tmp_path / "cache"), {}, jobs=3, progress=False)
+    assert summary.done == 30 and sorted(cid for cid, _ in summary.failed) == ["<row 33>", "c005"]
+    reader = open_stage(summary.path)
+    assert len(reader) == 30 and reader["c017"]["label"] == "17"
+    again = run_local(CHEAP, manifest, str(tmp_path / "cache"), {}, jobs=3, progress=False)
+    assert again.cached == 30 and again.done == 0

@@ -10,7 +10,7 @@ import threading
 from soundstage.cache.store import StageDir
 from soundstage.pipeline.lifeline import exit_with, parent_token
 from soundstage.pipeline.runner import Summary, plan_stage, run_stage
-from soundstage.pipeline.shard import parse_shard, shard_from_env
+from soundstage.pipeline.shard import manifest_shares, parse_shard, shard_from_env
 from soundstage.pipeline.stage import Stage
 
 
@@ -41,7 +41,12 @@ def run_local(
         plan.dir.initialise(plan.meta)
         runner_kwargs["fingerprint"] = plan.fingerprint
     runner_kwargs["progress"] = False  # N bars on one terminal are noise; the summary follows
-    runs = [ShardProcess(stage, (manifest, cache, params, upstream_select), s, runner_kwargs) for s in sub_shards(shard, jobs)]
+    shards = sub_shards(shard, jobs)  # the manifest is read once, here, and each process gets its share
+    shares = manifest_shares(manifest, stage, shards)
+    runs = [
+        ShardProcess(stage, (manifest, cache, params, upstream_select), s, {**runner_kwargs, "share": share})
+        for s, share in zip(shards, shares)
+    ]
     with _ForwardStop(runs):
         outcomes = [run.outcome() for run in runs]
     errors = [o for o in outcomes if isinstance(o, BaseException)]

@@ -303,6 +303,7 @@ class RunOptions:
     force: bool = False  # recompute every selected clip (or refit)
     reuse_fit: str | None = None  # whole-dataset stages: keep the stored fit with this key or fingerprint (prefix)
     max_consecutive_errors: int = 20  # this many clips failing in a row, not for their input: SystemicFailure (0: never)
+    share: tuple | None = None  # (rows, unusable rows) of this shard, read already (--jobs reads the manifest once)
 
 
 def run_stage(stage: Stage, manifest_path: str, cache_root: str, params: dict | None = None,
@@ -321,7 +322,8 @@ def run_stage(stage: Stage, manifest_path: str, cache_root: str, params: dict | 
         plan.dir.initialise(plan.meta)
         return _run_global(plan, summary, start, opts.log, opts.force, opts.reuse_fit)
 
-    mine, bad_rows = manifest_share(manifest_path, stage, shard)  # by column: start-up costs the shard's share
+    # by column, and only this shard's rows: start-up costs the shard's share
+    mine, bad_rows = opts.share if opts.share is not None else manifest_share(manifest_path, stage, shard)
     summary.selected = len(mine)
     # a first attempt validates its parameters and loads the model before the output exists,
     # so a typo leaves no empty output behind

@@ -61,12 +61,24 @@ def manifest_share(manifest_path: str, stage=None, shard: tuple[int, int] = (0, 
     every unusable row. Only the stage's columns are read (``manifest_columns``), and only this
     shard's rows become dicts: an array task's start-up is about its share of the manifest.
     With ``stage``, a manifest lacking one of its ``required_columns`` raises ``ManifestError``."""
-    index, count = shard
-    if not 0 <= index < count:
-        raise ValueError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
+    (rows, bad), *_ = manifest_shares(manifest_path, stage, [shard])
+    return rows, bad
+
+
+def manifest_shares(manifest_path: str, stage, shards: list[tuple[int, int]]) -> list[tuple[list[dict], list]]:
+    """``manifest_share`` for several shards of one count, reading the manifest once (``--jobs``
+    hands each process its share instead of each reading the whole manifest)."""
+    counts = {count for _, count in shards}
+    if len(counts) != 1:
+        raise ValueError(f"shards of one count expected, got {shards}")
+    (count,) = counts
+    for index, _ in shards:
+        if not 0 <= index < count:
+            raise ValueError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
     needed = (tuple(stage.required_columns), stage.name) if stage is not None else ((), "")
     df = read_manifest(manifest_path, *needed, only=manifest_columns(stage))
-    mine, bad, seen = [], [], set()
+    positions = {index: [] for index, _ in shards}
+    bad, seen = [], set()
     for position, raw in enumerate(df["clip_id"].tolist()):
         cid, number = raw.strip(), position + 2  # line 1 is the header
         if not cid:
@@ -75,6 +87,7 @@ def manifest_share(manifest_path: str, stage=None, shard: tuple[int, int] = (0, 
             bad.append((cid, f"duplicate clip_id in manifest row {number}"))
         else:
             seen.add(cid)
-            if count == 1 or shard_of(raw, count) == index:
+            mine = positions.get(0 if count == 1 else shard_of(raw, count))
+            if mine is not None:
                 mine.append(position)
-    return df.iloc[mine].to_dict("records"), bad
+    return [(df.iloc[positions[index]].to_dict("records"), bad) for index, _ in shards]
