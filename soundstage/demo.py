@@ -322,10 +322,15 @@ def demo(out_dir, clips, seed, executor, shards, train_epochs):
                    f"  one clip:   soundstage tags show --cache {pipe.cache} -- {clip_ids[0]}\n"
                    f"  in Python:  soundstage.cache.open_stage('{after[-1]['path']}')['{clip_ids[0]}']")
         click.echo(TINY_OUTPUTS_NOTE)
+    report = None
     if not incomplete and train_epochs != 0:
-        train_demo_model(pipeline_path, os.path.join(out_dir, "runs", DEMO_RUN), manifest, train_epochs)
+        run_dir = os.path.join(out_dir, "runs", DEMO_RUN)
+        train_demo_model(pipeline_path, run_dir, manifest, train_epochs)
+        report = masks_and_report(pipe.cache, manifest, run_dir, os.path.join(out_dir, "report"))
     click.echo("\n" + how_to_go_real(pipeline_path, stages))
     click.echo(f"\ndemo finished in {time.monotonic() - start:.1f} s")
+    if report:
+        click.echo(f"report: {report}   (open it in a browser)")
     click.get_current_context().exit(code or (1 if incomplete else 0))
 
 
@@ -353,6 +358,29 @@ def train_demo_model(pipeline_path: str, run_dir: str, manifest: str, epochs: in
         raise click.ClickException(str(e)) from None
     click.echo(audio_table(record))
     click.echo("real vs muted/zeroed/swapped/noise: how much the model listens (it must lose accuracy without audio)")
+
+
+def masks_and_report(cache: str, manifest: str, run_dir: str, report_dir: str, out=click.echo) -> str | None:
+    """After training: the run's stage-1 masks for every clip (the masks stage, as Stepping Stones'
+    stage 2 would read them) and the run's report page, whose path is returned. The page is
+    rewritten only when the run finished after it was written."""
+    from soundstage.pipeline.runner import run_stage
+    from soundstage.stages import get_stage
+    from soundstage.train.report import write_report
+
+    done = os.path.join(run_dir, "DONE")
+    if not os.path.exists(done):
+        out("report: skipped, the demo run did not finish")
+        return None
+    with _quiet_transformers():
+        summary = run_stage(get_stage("masks"), manifest, cache, {"run": run_dir}, progress=False, log=lambda *_: None)
+    out(f"\nstage-1 masks of every clip: {summary.format().splitlines()[0]}\n"
+        f"  as PNGs: soundstage export masks --manifest {manifest} --cache {cache} --out DIR")
+    page = os.path.join(report_dir, "index.html")
+    if os.path.exists(page) and os.path.getmtime(page) >= os.path.getmtime(done):
+        return page
+    with _quiet_transformers():
+        return write_report(run_dir, report_dir, cache=cache, log=lambda *_: None)
 
 
 def _read_json(path: str) -> dict:

@@ -64,7 +64,9 @@ def test_demo_computes_every_stage_for_every_clip(first_run):
     assert len(clip_ids) == CLIPS
 
     outputs = stage_outputs(out_dir)
-    assert set(outputs) == set(BUILTIN_STAGES)  # every shipped stage ran, each exactly once
+    # every shipped stage ran, each exactly once; masks reads a trained run, and the demo trains
+    # only with train and val clips (not with 3 clips)
+    assert set(outputs) == set(BUILTIN_STAGES) - {"masks"}
     for name, dirs in outputs.items():
         assert len(dirs) == 1, (name, dirs)
         if name == "kmeans":

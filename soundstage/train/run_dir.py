@@ -104,14 +104,15 @@ def file_sha256(path: str) -> str:
 
 
 def plot_curves(run: RunDir) -> str:
-    """``curves.png``: training loss per step; validation mIoU and F per audio variant per epoch."""
+    """``curves.png``: training loss per step; validation mIoU and F per audio variant per epoch;
+    the audio sensitivity (real − each replacement, mIoU) per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     steps, epochs = run.records("steps.jsonl"), run.records("epochs.jsonl")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8)
     axes[0].set(title="training loss", xlabel="step", ylabel="loss")
     variants = list(epochs[-1]["eval"]) if epochs else []
@@ -119,11 +120,18 @@ def plot_curves(run: RunDir) -> str:
         xs = [r["epoch"] for r in epochs if variant in r["eval"]]
         axes[1].plot(xs, [r["eval"][variant].get("miou") for r in epochs if variant in r["eval"]], marker="o", label=variant)
         axes[2].plot(xs, [r["eval"][variant].get("fscore") for r in epochs if variant in r["eval"]], marker="o", label=variant)
+        if variant != "real":
+            gaps = [
+                _difference(r["eval"]["real"].get("miou"), r["eval"][variant].get("miou")) for r in epochs if variant in r["eval"]
+            ]
+            axes[3].plot(xs, gaps, marker="o", label=f"real - {variant}")
+    axes[3].axhline(0.0, color="grey", lw=0.6)
+    axes[3].set(title="audio sensitivity (mIoU lost without the real audio)", xlabel="epoch")
     split = epochs[-1].get("split", "") if epochs else ""
     axes[1].set(title=f"{split} mIoU by audio", xlabel="epoch")
     axes[2].set(title=f"{split} F-score by audio", xlabel="epoch")
     for ax in axes[1:]:
-        if variants:
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
     path = run.file("curves.png")
@@ -131,3 +139,7 @@ def plot_curves(run: RunDir) -> str:
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
     return path
+
+
+def _difference(a, b):
+    return None if a is None or b is None else a - b
