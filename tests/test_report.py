@@ -94,3 +94,28 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(trained_run
         assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
     finally:
         browser.quit()
+
+
+def test_demo_ends_with_the_runs_masks_and_report(trained_run, tmp_path):
+    """The demo's last step (after training): the run's stage-1 masks for every clip, then the
+    report page, whose path is printed; a page newer than the finished run is kept as it is."""
+    from soundstage.cache import open_stage
+    from soundstage.demo import masks_and_report
+    from soundstage.manifests.table import read_manifest
+
+    cache, report_dir = str(tmp_path / "cache"), tmp_path / "report"
+    report_dir.mkdir()
+    page = report_dir / "index.html"
+    page.write_text("<html>an earlier report of this run</html>")
+    said = []
+    assert masks_and_report(cache, trained_run["manifest"], trained_run["run"], str(report_dir), out=said.append) == str(page)
+    assert page.read_text() == "<html>an earlier report of this run</html>"
+    (output,) = os.listdir(os.path.join(cache, "masks"))
+    clips = set(read_manifest(trained_run["manifest"])["clip_id"])
+    assert set(open_stage(os.path.join(cache, "masks", output))) == clips
+    assert any(output in line for line in said) and any("export masks" in line for line in said)
+    # no finished run (e.g. too few clips to train): nothing, and it says so
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    assert masks_and_report(cache, trained_run["manifest"], str(unfinished), str(report_dir), out=said.append) is None
+    assert "skipped" in said[-1]
