@@ -46,8 +46,11 @@ def main():
     ):
         sd = StageDir(os.path.join(args.dir, dtype))
         field = Field("probs", dtype, (None, None, None))
-        meta = {"stage": "bench", "fingerprint": dtype, "fields": [{"name": "probs", "dtype": dtype,
-                                                                     "shape": [None, None, None], "help": ""}]}
+        meta = {
+            "stage": "bench",
+            "fingerprint": dtype,
+            "fields": [{"name": "probs", "dtype": dtype, "shape": [None, None, None], "help": ""}],
+        }
         sd.initialise(meta)
         rows = [(cid, {"probs": encode(m)}) for cid, m in clips.items()]
         sd.write_part("bench", 0, [field], rows, meta)

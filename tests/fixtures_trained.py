@@ -36,8 +36,7 @@ def train_tiny(manifest: str, cache: str, out: str, **settings) -> str:
     from soundstage.train.config import resolve_config
     from soundstage.train.loop import train
 
-    options = dict(manifest=manifest, cache=cache, out=out, epochs=1, max_steps=2, batch_size=2, probes=[],
-                   eval_batch_size=8)
+    options = dict(manifest=manifest, cache=cache, out=out, epochs=1, max_steps=2, batch_size=2, probes=[], eval_batch_size=8)
     options.update(settings)
     train(resolve_config(None, options), log=lambda *_: None, progress=False)
     return out
@@ -55,8 +54,9 @@ def trained_run(tmp_path_factory, synth_dir):  # noqa: F811
         manifest = absolute_manifest(os.path.join(synth_dir, "manifest.csv"), os.path.join(root, "manifest.csv"))
         cache = os.path.join(root, "cache")
         checkpoint = build_vggish(os.path.join(root, "vggish.pth"))
-        summary = run_stage(get_stage("vggish"), manifest, cache, {"checkpoint": checkpoint, "device": "cpu"},
-                            progress=False, log=lambda *_: None)
+        summary = run_stage(
+            get_stage("vggish"), manifest, cache, {"checkpoint": checkpoint, "device": "cpu"}, progress=False, log=lambda *_: None
+        )
         assert summary.ok, summary.format()
         run = train_tiny(manifest, cache, os.path.join(root, "runs", "stage1"))
         _MADE[session] = {"root": root, "manifest": manifest, "cache": cache, "run": run}

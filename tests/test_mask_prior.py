@@ -33,10 +33,8 @@ def test_prior_enters_mask_features_first_attention_mask_and_position_embeddings
     decoder.register_forward_pre_hook(lambda m, a, k: seen.update(before={**k}), with_kwargs=True, prepend=True)
     decoder.register_forward_pre_hook(lambda m, a, k: seen.update(after={**k}), with_kwargs=True)
     model.mask2former.model.pixel_level_module.register_forward_hook(lambda m, a, out: seen.update(pixel=out))
-    decoder.layers[0].register_forward_pre_hook(lambda m, a, k: seen.update(first=k["encoder_attention_mask"]),
-                                                with_kwargs=True)
-    decoder.layers[1].register_forward_pre_hook(lambda m, a, k: seen.update(second=k["encoder_attention_mask"]),
-                                                with_kwargs=True)
+    decoder.layers[0].register_forward_pre_hook(lambda m, a, k: seen.update(first=k["encoder_attention_mask"]), with_kwargs=True)
+    decoder.layers[1].register_forward_pre_hook(lambda m, a, k: seen.update(second=k["encoder_attention_mask"]), with_kwargs=True)
     pixels, audio = torch.randn(2, 3, 64, 64), torch.randn(2, 16)
     prior = _smooth_prior(2, 64)
     with torch.no_grad():
@@ -52,8 +50,11 @@ def test_prior_enters_mask_features_first_attention_mask_and_position_embeddings
 
     # position embeddings: + the embedding of the region each position's prior falls in
     weights = model.conditioner.prior.regions.weight
-    for before, after, size in zip(seen["before"]["multi_stage_positional_embeddings"],
-                                   seen["after"]["multi_stage_positional_embeddings"], seen["after"]["feature_size_list"]):
+    for before, after, size in zip(
+        seen["before"]["multi_stage_positional_embeddings"],
+        seen["after"]["multi_stage_positional_embeddings"],
+        seen["after"]["feature_size_list"],
+    ):
         p = resized(size).flatten(1).T.numpy()  # [h*w, N]
         region = np.where(p <= 0.4, 0, np.where(p >= 0.6, 2, 1))
         assert set(np.unique(region)) == {0, 1, 2}
@@ -92,8 +93,14 @@ def test_training_with_the_prior_runs_and_the_prior_changes_the_output(trained_r
     cache = tmp_path / "cache"
     cache.mkdir()
     os.symlink(os.path.join(trained_run["cache"], "vggish"), cache / "vggish")
-    masks = run_stage(get_stage("masks"), trained_run["manifest"], str(cache), {"run": trained_run["run"], "device": "cpu"},
-                      progress=False, log=lambda *_: None)
+    masks = run_stage(
+        get_stage("masks"),
+        trained_run["manifest"],
+        str(cache),
+        {"run": trained_run["run"], "device": "cpu"},
+        progress=False,
+        log=lambda *_: None,
+    )
     assert masks.ok
     run = train_tiny(trained_run["manifest"], str(cache), str(tmp_path / "stage2"), prior="masks")
     config = json.load(open(os.path.join(run, "config.json")))

@@ -37,16 +37,16 @@ def _independent_probability(trained, row, manifest_dir):
     from soundstage.train.data import load_image
 
     frames = int(row["num_frames"])
-    pixels = torch.from_numpy(np.stack([load_image(frame_path(row, i, manifest_dir), trained.image_size)
-                                        for i in range(frames)]))
+    pixels = torch.from_numpy(np.stack([load_image(frame_path(row, i, manifest_dir), trained.image_size) for i in range(frames)]))
     spec, reader = trained.cues["audio"]
     audio = np.asarray(reader[row["clip_id"]][spec.field], np.float32)
     audio = np.concatenate([audio, np.repeat(audio[-1:], max(0, frames - len(audio)), 0)])[:frames]
     with torch.no_grad():
         out = trained.model(pixel_values=pixels, audio=torch.from_numpy(audio))
     classes = torch.softmax(out.class_queries_logits, -1)[..., :2]  # [T, Q, 2] without "no object"
-    masks = torch.sigmoid(torch.nn.functional.interpolate(out.masks_queries_logits, size=(224, 224), mode="bilinear",
-                                                          align_corners=False))
+    masks = torch.sigmoid(
+        torch.nn.functional.interpolate(out.masks_queries_logits, size=(224, 224), mode="bilinear", align_corners=False)
+    )
     s = (classes[..., None, None] * masks[:, :, None]).sum(1)  # [T, 2, H, W]
     return (s[:, 1] / (s[:, 0] + s[:, 1])).numpy()
 
@@ -95,8 +95,12 @@ def test_masks_fingerprint_is_the_runs_content_not_its_path(trained_run, tmp_pat
     moved = str(tmp_path / "elsewhere")
     shutil.copytree(trained_run["run"], moved)
     stage = get_stage("masks")
-    plan = lambda run, size=224: plan_stage(stage, trained_run["manifest"], trained_run["cache"],  # noqa: E731
-                                            {"run": run, "size": size}, log=lambda *_: None).fingerprint
+
+    def plan(run, size=224):
+        return plan_stage(
+            stage, trained_run["manifest"], trained_run["cache"], {"run": run, "size": size}, log=lambda *_: None
+        ).fingerprint
+
     assert plan(trained_run["run"]) == plan(moved)
     assert plan(trained_run["run"], 112) != plan(trained_run["run"])
     weights = os.path.join(moved, "model", "model.safetensors")
@@ -109,15 +113,15 @@ def test_masks_fingerprint_is_the_runs_content_not_its_path(trained_run, tmp_pat
 
 
 def test_masks_needs_exactly_one_source(trained_run, tmp_path):
-    result = CliRunner().invoke(main, ["masks", "--manifest", trained_run["manifest"], "--cache", str(tmp_path / "c"),
-                                       "--workers", "0", "--no-progress"])
+    result = CliRunner().invoke(
+        main, ["masks", "--manifest", trained_run["manifest"], "--cache", str(tmp_path / "c"), "--workers", "0", "--no-progress"]
+    )
     assert result.exit_code == 1 and "exactly one of --run" in result.output
     assert not os.path.exists(tmp_path / "c" / "masks") or not os.listdir(tmp_path / "c" / "masks")
 
 
 def _export(manifest, cache, out, *extra):
-    return CliRunner().invoke(main, ["export", "masks", "--manifest", manifest, "--cache", cache,
-                                                     "--out", str(out), *extra])
+    return CliRunner().invoke(main, ["export", "masks", "--manifest", manifest, "--cache", cache, "--out", str(out), *extra])
 
 
 def test_export_writes_one_binary_png_per_frame_of_every_clip_and_split(trained_run, predicted, tmp_path):
@@ -145,8 +149,10 @@ def test_export_writes_one_binary_png_per_frame_of_every_clip_and_split(trained_
     # a lower threshold marks at least as many pixels
     low = _export(trained_run["manifest"], predicted["cache"], tmp_path / "low", "--threshold", "0.3")
     assert low.exit_code == 0
-    count = lambda d: sum(int((np.asarray(Image.open(p)) == 255).sum())  # noqa: E731
-                          for p in glob.glob(str(d / "**" / "*.png"), recursive=True))
+
+    def count(folder):
+        return sum(int((np.asarray(Image.open(p)) == 255).sum()) for p in glob.glob(str(folder / "**" / "*.png"), recursive=True))
+
     assert count(tmp_path / "low") >= count(tmp_path / "png224")
 
 

@@ -15,8 +15,15 @@ from fixtures_trained import trained_run  # noqa: F401
 
 from soundstage.cli import main
 
-EXPECTED_PICTURES = {"curves.png", "best.png", "worst.png", "audio-sensitive.png", "real-vs-muted.png", "tags.png",
-                     "clusters.png"}
+EXPECTED_PICTURES = {
+    "curves.png",
+    "best.png",
+    "worst.png",
+    "audio-sensitive.png",
+    "real-vs-muted.png",
+    "tags.png",
+    "clusters.png",
+}
 
 
 def _browser_paths():
@@ -32,9 +39,12 @@ def _tag_and_unit_caches(manifest: str, cache: str, models: str) -> None:
 
     paths = build_tiny_models(models, names=["beats", "hubert"])
     quiet = {"progress": False, "log": lambda *_: None}
-    for stage, params in (("beats", {"checkpoint": paths["beats"], "device": "cpu"}),
-                          ("hubert", {"model": paths["hubert"], "layer": 2, "device": "cpu"}),
-                          ("kmeans", {"k": 8, "percent": 1.0}), ("units", {"top_k": 3})):
+    for stage, params in (
+        ("beats", {"checkpoint": paths["beats"], "device": "cpu"}),
+        ("hubert", {"model": paths["hubert"], "layer": 2, "device": "cpu"}),
+        ("kmeans", {"k": 8, "percent": 1.0}),
+        ("units", {"top_k": 3}),
+    ):
         assert run_stage(get_stage(stage), manifest, cache, params, **quiet).ok
 
 
@@ -51,8 +61,9 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(trained_run
     cache = str(tmp_path / "cache")
     _tag_and_unit_caches(trained_run["manifest"], cache, str(tmp_path / "models"))
     out = tmp_path / "report"
-    result = CliRunner().invoke(main, ["report", "--run", trained_run["run"], "--out", str(out), "--cache", cache,
-                                       "--device", "cpu"])
+    result = CliRunner().invoke(
+        main, ["report", "--run", trained_run["run"], "--out", str(out), "--cache", cache, "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     page = str(out / "index.html")
     assert f"report: {page}" in result.output
@@ -60,8 +71,17 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(trained_run
     sources = set(re.findall(r'<img src="([^"]+)"', text))
     assert sources == EXPECTED_PICTURES
     assert all(os.path.getsize(out / name) > 0 for name in sources)
-    for heading in ("Curves", "Audio sensitivity", "Per subset", "Per class", "Best clips", "Worst clips",
-                    "Audio-sensitive clips", "Real vs muted audio", "From the caches"):
+    for heading in (
+        "Curves",
+        "Audio sensitivity",
+        "Per subset",
+        "Per class",
+        "Best clips",
+        "Worst clips",
+        "Audio-sensitive clips",
+        "Real vs muted audio",
+        "From the caches",
+    ):
         assert f"<h2>{heading}" in text
     for variant in ("real", "muted", "zeroed", "swapped", "noise:10", "real − muted"):
         assert f"<tr><td>{variant}</td>" in text
@@ -69,15 +89,22 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(trained_run
     # the scores on the page are those of `soundstage evaluate --run` (another code path)
     scores = json.load(open(out / "scores.json", encoding="utf-8"))
     for audio in ("real", "muted"):
-        evaluated = evaluate_saved_run(trained_run["run"], audio=audio, protocol="avsbench-binary", device="cpu",
-                                       log=lambda *_: None)
+        evaluated = evaluate_saved_run(
+            trained_run["run"], audio=audio, protocol="avsbench-binary", device="cpu", log=lambda *_: None
+        )
         assert scores["protocols"][audio]["avsbench-binary"]["miou"] == pytest.approx(evaluated["miou"], abs=1e-6)
         assert scores["protocols"][audio]["avsbench-binary"]["fscore"] == pytest.approx(evaluated["fscore"], abs=1e-6)
 
     options = Options()
     options.binary_location = binary
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1300,5000",
-                     "--allow-file-access-from-files"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1300,5000",
+        "--allow-file-access-from-files",
+    ):
         options.add_argument(argument)
     browser = webdriver.Chrome(options=options, service=Service(driver))
     try:
@@ -86,7 +113,8 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(trained_run
         assert "soundstage report" in browser.title
         images = browser.execute_script(
             "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth, "
-            "i.getBoundingClientRect().width])")
+            "i.getBoundingClientRect().width])"
+        )
         assert {src for src, *_ in images} == EXPECTED_PICTURES
         not_shown = [src for src, complete, natural, shown in images if not (complete and natural > 0 and shown > 0)]
         assert not not_shown, f"images not displayed: {not_shown}"

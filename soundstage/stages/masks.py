@@ -44,8 +44,12 @@ def import_identity(folder):
         return None
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--import {folder}: no such folder")
-    files = {os.path.relpath(os.path.join(root, n), folder): cached_file_sha256(os.path.join(root, n))
-             for root, _dirs, names in os.walk(folder) for n in names if n.endswith(".png")}
+    files = {
+        os.path.relpath(os.path.join(root, n), folder): cached_file_sha256(os.path.join(root, n))
+        for root, _dirs, names in os.walk(folder)
+        for n in names
+        if n.endswith(".png")
+    }
     if not files:
         raise ValueError(f"--import {folder}: no PNG masks in it (expected <label>/<uid>/<i>.png)")
     return {"png_files": stable_hash(files, 64), "count": len(files)}
@@ -92,8 +96,10 @@ def load(row, ctx):
 
 def setup(params):
     if bool(params["run"]) == bool(params["import"]):
-        raise ValueError("give exactly one of --run RUN (a trained binary model predicts the masks) "
-                         "or --import DIR (released masks, <label>/<uid>/<i>.png)")
+        raise ValueError(
+            "give exactly one of --run RUN (a trained binary model predicts the masks) "
+            "or --import DIR (released masks, <label>/<uid>/<i>.png)"
+        )
     if params["import"]:
         return None
     from soundstage.train.inference import open_trained
@@ -108,8 +114,7 @@ def process(model, items, params):
     from soundstage.train.inference import clip_cues, foreground, to_uint8
 
     try:
-        clips = [{"pixel_values": it["pixel_values"], **clip_cues(model, it["clip_id"], len(it["pixel_values"]))}
-                 for it in items]
+        clips = [{"pixel_values": it["pixel_values"], **clip_cues(model, it["clip_id"], len(it["pixel_values"]))} for it in items]
     except CueError as e:
         raise ClipError(str(e)) from None
     return [{"probs": to_uint8(p)} for p in foreground(model, clips, params["size"])]
@@ -121,8 +126,13 @@ STAGE = Stage(
     help="Stepping-stone masks: foreground probability per frame from a trained binary run, or imported PNGs.",
     params=[
         Param("run", str, None, "training run (runs/NAME) of a binary model: predict the masks", identity=run_identity),
-        Param("import", str, None, "instead: folder of released masks <label>/<uid>/<i>.png (0/255, --size square)",
-              identity=import_identity),
+        Param(
+            "import",
+            str,
+            None,
+            "instead: folder of released masks <label>/<uid>/<i>.png (0/255, --size square)",
+            identity=import_identity,
+        ),
         Param("size", int, DEFAULT_SIZE, "side of the stored square probability maps (Stepping Stones: 224)"),
         dtype_param(),
         device_param(),

@@ -69,8 +69,12 @@ def run_identity(path: str | None) -> dict | None:
     if not path:
         return None
     run, cfg, recorded = load_run(path)
-    return {"weights": model_identity(weights_path(run)), "task": cfg.task, "image_size": assemble.image_size(cfg),
-            "cues": {role: entry["fingerprint"] for role, entry in sorted(recorded.items())}}
+    return {
+        "weights": model_identity(weights_path(run)),
+        "task": cfg.task,
+        "image_size": assemble.image_size(cfg),
+        "cues": {role: entry["fingerprint"] for role, entry in sorted(recorded.items())},
+    }
 
 
 @functools.lru_cache(maxsize=8)
@@ -83,11 +87,12 @@ def open_trained(path: str, device: str = "auto", dtype: str = "fp32", binary: b
     """The run at ``path`` ready for inference; ``binary``: refuse a semantic (71-class) run."""
     run, cfg, recorded = load_run(path)
     if binary and cfg.task != "binary":
-        raise ConfigError(f"{path} was trained with task {cfg.task!r}; foreground masks need a binary "
-                          "(class-agnostic) run")
+        raise ConfigError(f"{path} was trained with task {cfg.task!r}; foreground masks need a binary (class-agnostic) run")
     if cfg.prior:
-        raise ConfigError(f"{path} was trained with a mask prior (a stage-2 run); foreground masks come from a run "
-                          "without one, whose frames need nothing but their cues")
+        raise ConfigError(
+            f"{path} was trained with a mask prior (a stage-2 run); foreground masks come from a run "
+            "without one, whose frames need nothing but their cues"
+        )
     device = resolve_device(device)
     torch_type = torch_dtype(dtype)
     if torch_type != torch.float32 and not device.startswith("cuda"):
@@ -102,8 +107,9 @@ def clip_cues(trained: Trained, clip_id: str, seconds: int) -> dict[str, np.ndar
     out = {}
     for role, (spec, reader) in trained.cues.items():
         if clip_id not in reader:
-            raise CueError(f"clip {clip_id} is not in the {role} cue {spec.stage} {reader.meta['fingerprint']} "
-                           "the run was trained on")
+            raise CueError(
+                f"clip {clip_id} is not in the {role} cue {spec.stage} {reader.meta['fingerprint']} the run was trained on"
+            )
         values = reader[clip_id]
         rows = AVSClips._rows(values[spec.field], seconds, clip_id, spec)
         if role == "active":
@@ -129,8 +135,11 @@ def foreground(trained: Trained, clips: list[dict], size: int) -> list[np.ndarra
         if key != "pixel_values":
             inputs[key] = np.concatenate([c[key] for c in clips])
     kwargs = {k: torch.from_numpy(v).to(trained.device) for k, v in inputs.items()}
-    autocast = (torch.autocast(device_type=torch.device(trained.device).type, dtype=trained.dtype)
-                if trained.dtype != torch.float32 else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device_type=torch.device(trained.device).type, dtype=trained.dtype)
+        if trained.dtype != torch.float32
+        else contextlib.nullcontext()
+    )
     with autocast:
         outputs = trained.model(**kwargs)
     scores = class_scores(outputs, (size, size)).clamp_min(EPS)  # float32 [N, 2, size, size]

@@ -44,8 +44,10 @@ from soundstage.train.evaluation import DEFAULT_PROTOCOL, model_inputs
 from soundstage.train.run_eval import load_run, run_model
 
 VARIANTS = ("real", "muted", "zeroed", "swapped", "noise:10")
-PROTOCOLS = {"binary": ("avsbench-binary", "bias-in-avs", "stepping-stones", "segpref"),
-             "semantic": ("avsbench-semantic", "cavp-dataset")}
+PROTOCOLS = {
+    "binary": ("avsbench-binary", "bias-in-avs", "stepping-stones", "segpref"),
+    "semantic": ("avsbench-semantic", "cavp-dataset"),
+}
 EPS = 1e-6
 TAG_THRESHOLD = 0.4
 SHOWN_CLIPS = 3  # clips per picture grid
@@ -79,8 +81,9 @@ class Scorer:
     def outputs(self, data, indices=None):
         """Yield (clip_ids of the frames, frame indices, log class scores [N, C, H, W], labels)."""
         subset = data if indices is None else torch.utils.data.Subset(data, indices)
-        loader = torch.utils.data.DataLoader(subset, batch_size=self.cfg.eval_batch_size, shuffle=False,
-                                             collate_fn=collate_frames)
+        loader = torch.utils.data.DataLoader(
+            subset, batch_size=self.cfg.eval_batch_size, shuffle=False, collate_fn=collate_frames
+        )
         self.model.eval()
         for batch in loader:
             out = self.model(**model_inputs(batch, self.device))
@@ -170,8 +173,9 @@ def grid(path: str, panels: list[list[tuple[np.ndarray, str]]], row_titles: list
             if c < len(row):
                 ax.imshow(row[c][0])
                 ax.set_title(row[c][1], fontsize=7)
-        axes[r][0].text(-0.08, 0.5, row_titles[r], transform=axes[r][0].transAxes, rotation=90, va="center",
-                        ha="right", fontsize=7)
+        axes[r][0].text(
+            -0.08, 0.5, row_titles[r], transform=axes[r][0].transAxes, rotation=90, va="center", ha="right", fontsize=7
+        )
     fig.tight_layout()
     return _save(fig, path)
 
@@ -221,8 +225,13 @@ def tag_histogram(cache: str, clip_ids: list[str], selector, out_dir: str) -> tu
     top = counts.most_common(25)
     if not top:
         return None, f"{note}: no clip has a tag with p >= {TAG_THRESHOLD}"
-    picture = bars(os.path.join(out_dir, "tags.png"), [n for n, _ in top], [c for _, c in top],
-                   f"AudioSet tags (p >= {TAG_THRESHOLD}) of {len(present)} clips ({tagged} tagged)", "clips")
+    picture = bars(
+        os.path.join(out_dir, "tags.png"),
+        [n for n, _ in top],
+        [c for _, c in top],
+        f"AudioSet tags (p >= {TAG_THRESHOLD}) of {len(present)} clips ({tagged} tagged)",
+        "clips",
+    )
     return picture, note
 
 
@@ -273,7 +282,9 @@ def _table(header: list[str], rows: list[list]) -> str:
 def _img(name: str | None, alt: str, note: str = "") -> str:
     if not name:
         return f"<p class=note>{html.escape(note or 'not available')}</p>"
-    return f'<figure><img src="{html.escape(name)}" alt="{html.escape(alt)}"><figcaption>{html.escape(note)}</figcaption></figure>'
+    return (
+        f'<figure><img src="{html.escape(name)}" alt="{html.escape(alt)}"><figcaption>{html.escape(note)}</figcaption></figure>'
+    )
 
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
@@ -282,8 +293,16 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-widt
 .note{color:#777}figure{margin:0 0 1.5em}figcaption{color:#555;font-size:.85em}"""
 
 
-def write_report(run_path: str, out_dir: str, split: str | None = None, cache: str | None = None, device: str = "auto",
-                 beats: str | None = None, units: str | None = None, log=print) -> str:
+def write_report(
+    run_path: str,
+    out_dir: str,
+    split: str | None = None,
+    cache: str | None = None,
+    device: str = "auto",
+    beats: str | None = None,
+    units: str | None = None,
+    log=print,
+) -> str:
     """Write ``out_dir/index.html`` and its pictures; returns the page's path."""
     from soundstage.cache.table import read_manifest
 
@@ -322,62 +341,113 @@ def write_report(run_path: str, out_dir: str, split: str | None = None, cache: s
     index = {cid: i for i, cid in enumerate(real.clip_ids)}
     manifest_dir = real.manifest_dir
     for title, picked in chosen.items():
-        pictures[title] = _clip_grid(scorer, datasets["real"], [index[c] for c in picked], rows, manifest_dir, semantic,
-                                     clips["real"], os.path.join(out_dir, f"{title}.png"))
+        pictures[title] = _clip_grid(
+            scorer,
+            datasets["real"],
+            [index[c] for c in picked],
+            rows,
+            manifest_dir,
+            semantic,
+            clips["real"],
+            os.path.join(out_dir, f"{title}.png"),
+        )
     if "muted" in datasets:
-        pictures["real-vs-muted"] = _real_vs_muted(scorer, datasets, [index[c] for c in chosen["audio-sensitive"]], rows,
-                                                   manifest_dir, semantic, clips, os.path.join(out_dir, "real-vs-muted.png"))
+        pictures["real-vs-muted"] = _real_vs_muted(
+            scorer,
+            datasets,
+            [index[c] for c in chosen["audio-sensitive"]],
+            rows,
+            manifest_dir,
+            semantic,
+            clips,
+            os.path.join(out_dir, "real-vs-muted.png"),
+        )
 
     manifest_ids = read_manifest(cfg.manifest)["clip_id"].tolist()
     tags_png, tags_note = tag_histogram(cache, manifest_ids, beats, out_dir)
     clusters_png, clusters_note = cluster_histogram(cache, manifest_ids, units, out_dir)
     curves = curve_pictures(run, out_dir)
 
-    sections = [f"<h1>soundstage run report: {html.escape(os.path.basename(run.path))}</h1>",
-                _run_summary(run, cfg, recorded, weights, split, len(real))]
-    sections.append("<h2>Curves</h2>" + (_img(curves[0], "curves", "loss per step; metrics per evaluation and audio "
-                                                  "variant (metrics/*.jsonl)") if curves else "<p class=note>no metrics recorded yet</p>"))
+    sections = [
+        f"<h1>soundstage run report: {html.escape(os.path.basename(run.path))}</h1>",
+        _run_summary(run, cfg, recorded, weights, split, len(real)),
+    ]
+    sections.append(
+        "<h2>Curves</h2>"
+        + (
+            _img(curves[0], "curves", "loss per step; metrics per evaluation and audio variant (metrics/*.jsonl)")
+            if curves
+            else "<p class=note>no metrics recorded yet</p>"
+        )
+    )
     header = ["audio"] + [f"{p} {k}" for p in PROTOCOLS[cfg.task] for k in ("mIoU", "F")]
     table = [[v] + [results[v][p].get(k) for p in PROTOCOLS[cfg.task] for k in ("miou", "fscore")] for v in variants]
     if "muted" in results:
-        table.append(["real − muted"] + [results["real"][p].get(k) - results["muted"][p].get(k)
-                                         for p in PROTOCOLS[cfg.task] for k in ("miou", "fscore")])
-    sections.append(f"<h2>Audio sensitivity ({html.escape(split)}, {len(real)} clips)</h2>"
-                    "<p>The same clips with the audio cue real, muted (digital silence through the cue's own model), "
-                    "zeroed, swapped with another clip's, and noised at 10 dB SNR.</p>" + _table(header, table))
+        table.append(
+            ["real − muted"]
+            + [results["real"][p].get(k) - results["muted"][p].get(k) for p in PROTOCOLS[cfg.task] for k in ("miou", "fscore")]
+        )
+    sections.append(
+        f"<h2>Audio sensitivity ({html.escape(split)}, {len(real)} clips)</h2>"
+        "<p>The same clips with the audio cue real, muted (digital silence through the cue's own model), "
+        "zeroed, swapped with another clip's, and noised at 10 dB SNR.</p>" + _table(header, table)
+    )
     sub_header = ["subset", "clips"] + [f"{v} mIoU" for v in variants] + ["real F"]
-    sub_rows = [[s, sum(1 for c in subsets.values() if c == s)] + [per_subset[v][s].get("miou") for v in variants]
-                + [per_subset["real"][s].get("fscore")] for s in sorted(per_subset["real"])]
+    sub_rows = [
+        [s, sum(1 for c in subsets.values() if c == s)]
+        + [per_subset[v][s].get("miou") for v in variants]
+        + [per_subset["real"][s].get("fscore")]
+        for s in sorted(per_subset["real"])
+    ]
     sections.append(f"<h2>Per subset ({html.escape(primary)})</h2>" + _table(sub_header, sub_rows))
-    sections.append("<h2>Per class</h2>" + _per_class(results["real"], clips, rows, semantic, variants,
-                                                       scorer.gt_classes))
+    sections.append("<h2>Per class</h2>" + _per_class(results["real"], clips, rows, semantic, variants, scorer.gt_classes))
     for title in chosen:
-        sections.append(f"<h2>{html.escape(title.capitalize())} clips</h2>" + _img(
-            pictures[title], title, "ground truth outlined in green, prediction in red (real audio); "
-            "title: clip IoU"))
+        sections.append(
+            f"<h2>{html.escape(title.capitalize())} clips</h2>"
+            + _img(pictures[title], title, "ground truth outlined in green, prediction in red (real audio); title: clip IoU")
+        )
     if "real-vs-muted" in pictures:
-        sections.append("<h2>Real vs muted audio</h2>" + _img(pictures["real-vs-muted"], "real vs muted",
-                                                                "the most audio-sensitive clips: each frame predicted "
-                                                                "with the real audio, then muted"))
-    sections.append("<h2>From the caches</h2>" + _img(tags_png, "tags", tags_note) + _img(clusters_png, "clusters", clusters_note))
+        sections.append(
+            "<h2>Real vs muted audio</h2>"
+            + _img(
+                pictures["real-vs-muted"],
+                "real vs muted",
+                "the most audio-sensitive clips: each frame predicted with the real audio, then muted",
+            )
+        )
+    sections.append(
+        "<h2>From the caches</h2>" + _img(tags_png, "tags", tags_note) + _img(clusters_png, "clusters", clusters_note)
+    )
     page = os.path.join(out_dir, "index.html")
-    text = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(os.path.basename(run.path))} — "
-            f"soundstage report</title><style>{STYLE}</style></head><body>{''.join(sections)}</body></html>\n")
+    text = (
+        f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(os.path.basename(run.path))} — "
+        f"soundstage report</title><style>{STYLE}</style></head><body>{''.join(sections)}</body></html>\n"
+    )
     with open(page + ".tmp", "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(page + ".tmp", page)
     with open(os.path.join(out_dir, "scores.json"), "w", encoding="utf-8") as f:
-        json.dump({"split": split, "protocols": results, "per_subset": per_subset, "clip_iou": clips,
-                   "shown": chosen}, f, indent=1, default=float)
+        json.dump(
+            {"split": split, "protocols": results, "per_subset": per_subset, "clip_iou": clips, "shown": chosen},
+            f,
+            indent=1,
+            default=float,
+        )
     return page
 
 
 def _run_summary(run, cfg, recorded: dict, weights: str, split: str, clips: int) -> str:
     steps = run.records("steps.jsonl")
-    rows = [["task", cfg.task], ["model", cfg.model or "tiny stand-in (soundstage/data/tiny/mask2former.json)"],
-            ["audio cue", cfg.audio or "none"], ["conditioning", cfg.conditioning],
-            ["steps done", steps[-1]["step"] if steps else 0], ["finished", "yes" if run.done else "no"],
-            ["weights", weights], ["report split", f"{split} ({clips} clips)"]]
+    rows = [
+        ["task", cfg.task],
+        ["model", cfg.model or "tiny stand-in (soundstage/data/tiny/mask2former.json)"],
+        ["audio cue", cfg.audio or "none"],
+        ["conditioning", cfg.conditioning],
+        ["steps done", steps[-1]["step"] if steps else 0],
+        ["finished", "yes" if run.done else "no"],
+        ["weights", weights],
+        ["report split", f"{split} ({clips} clips)"],
+    ]
     rows += [[f"{role} cache", f"{entry['stage']} {entry['fingerprint']}"] for role, entry in sorted(recorded.items())]
     return _table(["run", html.escape(run.path)], rows)
 
@@ -385,18 +455,25 @@ def _run_summary(run, cfg, recorded: dict, weights: str, split: str, clips: int)
 def _per_class(result: dict, clips: dict, rows: dict, semantic: bool, variants, gt_classes: set) -> str:
     if semantic:
         per_class = result["avsbench-semantic"].get("per_class_iou", [])
-        shown = [(AVSBENCH_CLASSES[i] if i < len(AVSBENCH_CLASSES) else str(i), v)
-                 for i, v in enumerate(per_class) if v > 0 or i in gt_classes]
-        return ("<p>avsbench-semantic per-class IoU of the classes in the ground truth or scored (the mean over "
-                "all classes counts the others as 0).</p>" + _table(["class", "IoU"], sorted(shown, key=lambda x: -x[1])))
+        shown = [
+            (AVSBENCH_CLASSES[i] if i < len(AVSBENCH_CLASSES) else str(i), v)
+            for i, v in enumerate(per_class)
+            if v > 0 or i in gt_classes
+        ]
+        return (
+            "<p>avsbench-semantic per-class IoU of the classes in the ground truth or scored (the mean over "
+            "all classes counts the others as 0).</p>" + _table(["class", "IoU"], sorted(shown, key=lambda x: -x[1]))
+        )
     members: dict[str, list] = {}
     for cid, row in rows.items():
         for name in filter(None, str(row.get("a_obj", "")).split("_")):
             members.setdefault(name, []).append(cid)
-    table = [[name, len(ids)] + [float(np.mean([clips[v][c] for c in ids])) for v in variants]
-             for name, ids in sorted(members.items())]
-    return ("<p>Mean clip IoU of the clips in which the class sounds (manifest <code>a_obj</code>).</p>"
-            + _table(["class", "clips"] + [f"{v} IoU" for v in variants], table))
+    table = [
+        [name, len(ids)] + [float(np.mean([clips[v][c] for c in ids])) for v in variants] for name, ids in sorted(members.items())
+    ]
+    return "<p>Mean clip IoU of the clips in which the class sounds (manifest <code>a_obj</code>).</p>" + _table(
+        ["class", "clips"] + [f"{v} IoU" for v in variants], table
+    )
 
 
 def _predicted(scorer: Scorer, data, indices) -> dict:
@@ -417,8 +494,12 @@ def _clip_grid(scorer, data, indices, rows, manifest_dir, semantic, scores, path
     for cid, frames in predicted.items():
         shown = sorted(frames)[:SHOWN_FRAMES]
         size = frames[shown[0]][0].shape[0]
-        panels.append([(overlay(frame_image(rows[cid], f, manifest_dir, size), frames[f][0], frames[f][1], semantic),
-                        f"frame {f}") for f in shown])
+        panels.append(
+            [
+                (overlay(frame_image(rows[cid], f, manifest_dir, size), frames[f][0], frames[f][1], semantic), f"frame {f}")
+                for f in shown
+            ]
+        )
         titles.append(f"{cid}\nIoU {scores[cid]:.3f}")
     return grid(path, panels, titles)
 
@@ -440,12 +521,17 @@ def _real_vs_muted(scorer, datasets, indices, rows, manifest_dir, semantic, clip
     return grid(path, panels, titles)
 
 
-
 @click.command("report")
-@click.option("--run", "run_path", required=True, type=click.Path(exists=True, file_okay=False),
-              help="training run directory (runs/NAME)")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="folder for index.html and its pictures (files of the same names are replaced)")
+@click.option(
+    "--run", "run_path", required=True, type=click.Path(exists=True, file_okay=False), help="training run directory (runs/NAME)"
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="folder for index.html and its pictures (files of the same names are replaced)",
+)
 @click.option("--split", help="split to score and show (default: the run's evaluation split)")
 @click.option("--cache", help="cache root for the tag and cluster histograms (default: the run's)")
 @click.option("--beats", help="which beats output for the tag histogram: FINGERPRINT or key=value,...")
@@ -459,8 +545,16 @@ def report(run_path, out_dir, split, cache, beats, units, device):
     from soundstage.train.cues import CueError
 
     try:
-        page = write_report(run_path, out_dir, split=split, cache=cache, device=device, beats=beats, units=units,
-                            log=lambda m: click.echo(m, err=True))
+        page = write_report(
+            run_path,
+            out_dir,
+            split=split,
+            cache=cache,
+            device=device,
+            beats=beats,
+            units=units,
+            log=lambda m: click.echo(m, err=True),
+        )
     except (ConfigError, CueError, MissingClip, ReportError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"report: {page}")
