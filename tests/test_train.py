@@ -392,3 +392,13 @@ def test_active_query_lists_become_multi_hot_weights(vggish_cache):
     too_few = AVSClips(vggish_cache["manifest"], "val", {"active": (spec, reader)}, 64, num_queries=6)
     with pytest.raises(CueError, match="outside the model's 6 queries"):
         too_few[0]
+
+
+def test_a_run_directory_refuses_other_settings(whole_run, vggish_cache):
+    from soundstage.train.config import ConfigError
+    from soundstage.train.loop import train
+
+    with pytest.raises(ConfigError, match="lr"):
+        train(config(vggish_cache, whole_run[0], **{**RUN, "lr": 5e-3}), log=lambda *_: None, progress=False)
+    result = CliRunner().invoke(_cli(), _command(vggish_cache, whole_run[0])[3:] + ["--lr", "0.005"])
+    assert result.exit_code == 1 and "other settings" in result.output
