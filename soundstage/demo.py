@@ -148,7 +148,7 @@ def pipeline_text(out_dir: str, models: dict[str, str], stages: list[str]) -> st
     lines = [
         "# soundstage demo pipeline: TINY RANDOM STAND-IN models on a synthetic dataset (meaningless numbers).",
         "# To use real data and real models, edit this file: point `manifest` at your manifest",
-        "# (soundstage manifest avsbench /path/to/AVSBench OUT) and each model line at the real model",
+        "# (soundstage manifest avsbench /path/to/AVSBench -o OUT.csv) and each model line at the real model",
         "# named in its comment (a hub id downloads once and then works offline), then",
         "#   soundstage run pipeline.yaml                                  # on this machine",
         "#   soundstage run pipeline.yaml --executor slurm --shards 64 --wait   # on a SLURM cluster",
@@ -250,7 +250,7 @@ def how_to_go_real(pipeline_path: str, stages: list[str]) -> str:
     from soundstage.models.tiny import TINY_MODELS
 
     lines = [f"To run on real data with real models, edit {pipeline_path}:",
-             "  manifest:  your dataset's manifest  (soundstage manifest avsbench /path/to/AVSBench OUT)"]
+             "  manifest:  your dataset's manifest  (soundstage manifest avsbench /path/to/AVSBench -o OUT.csv)"]
     for stage in stages:
         for param, value, _ in DEMO_STAGES[stage]:
             model = _model_value(value)

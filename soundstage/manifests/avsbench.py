@@ -326,6 +326,7 @@ def build_avsbench_manifest(
     splits: tuple[str, ...] | None = None,
     workers: int = 16,
     decode: bool = False,
+    progress: bool = False,
 ) -> BuildResult:
     """One row per metadata row (after the subset/split filters), files checked, absolute paths."""
     root = os.path.abspath(root)
@@ -338,7 +339,7 @@ def build_avsbench_manifest(
     else:
         clips = _object_clips(root, subsets, splits)
 
-    reports = check_clips([c.check for c in clips], workers=workers, decode=decode)
+    reports = check_clips([c.check for c in clips], workers=workers, decode=decode, progress=progress)
     seen: set[str] = set()
     for clip, report in zip(clips, reports):
         clip.row.update(report.audio)

@@ -112,9 +112,23 @@ def check_clip(clip: ClipCheck, decode: bool = False) -> ClipReport:
     return ClipReport(problems=problems, audio=audio_facts)
 
 
-def check_clips(clips: list[ClipCheck], workers: int = 16, decode: bool = False) -> list[ClipReport]:
-    """Reports in the order of ``clips``; ``workers`` threads (1 = in this thread)."""
-    if workers <= 1 or len(clips) < 2:
-        return [check_clip(c, decode) for c in clips]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda c: check_clip(c, decode), clips))
+def check_clips(clips: list[ClipCheck], workers: int = 16, decode: bool = False, progress: bool = False) -> list[ClipReport]:
+    """Reports in the order of ``clips``; ``workers`` threads (1 = in this thread); ``progress``: a
+    bar on stderr (updated every 30 s when stderr is not a terminal, e.g. in a job's log)."""
+    import sys
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(clips), desc="checking clips", unit="clip", disable=not progress, file=sys.stderr,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)
+
+    def check(c):
+        report = check_clip(c, decode)
+        bar.update(1)
+        return report
+
+    with bar:
+        if workers <= 1 or len(clips) < 2:
+            return [check(c) for c in clips]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(check, clips))

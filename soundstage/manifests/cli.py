@@ -28,7 +28,8 @@ def manifest():
               help="Threads opening files.")
 @click.option("--relative", is_flag=True, help="Write paths relative to the manifest's folder (default absolute).")
 @click.option("--decode", is_flag=True, help="Decode every image fully instead of checking headers (slower).")
-def avsbench(root, output, subsets, splits, strict, workers, relative, decode):
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar while checking.")
+def avsbench(root, output, subsets, splits, strict, workers, relative, decode, progress):
     """Read an AVSBench release at ROOT and write one checked row per clip.
 
     ROOT holds either the unified release (metadata.csv, label2idx.json, v1s/ v1m/ v2/) or the
@@ -40,7 +41,8 @@ def avsbench(root, output, subsets, splits, strict, workers, relative, decode):
 
     started = time.perf_counter()
     try:
-        result = build_avsbench_manifest(root, subsets or None, splits or None, workers=workers, decode=decode)
+        result = build_avsbench_manifest(root, subsets or None, splits or None, workers=workers, decode=decode,
+                                         progress=progress)
     except MetadataError as e:
         raise click.ClickException(str(e)) from None
     table = result.manifest

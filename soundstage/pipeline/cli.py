@@ -9,6 +9,7 @@ else the declaration's default.
 from __future__ import annotations
 
 import os
+import re
 
 import click
 from click.core import ParameterSource
@@ -78,15 +79,38 @@ EXECUTOR_OPTIONS = {
     "time": dict(type=str, help="SLURM time limit, e.g. 4:00:00"),
     "mem": dict(type=str, help="SLURM memory per task, e.g. 32G"),
     "cpus": dict(type=int, help="CPUs per task"),
-    "gpus": dict(type=int, help="GPUs per task"),
+    "gpus": dict(
+        type=click.STRING, callback=lambda ctx, param, value: _gpus(value), help="GPUs per task: COUNT or TYPE:COUNT (a100:2)"
+    ),
     "max_parallel": dict(type=click.IntRange(min=1), help="at most this many array tasks at once (%P)"),
 }
 
 RESERVED = set(RUNNER_OPTIONS) | set(EXECUTOR_OPTIONS)
+#: options about clips and shards: a whole-dataset stage (one fit) hides them, and refuses the ones
+#: a user would expect to change what runs (array tasks still pass the others: they do no harm)
+PER_CLIP_OPTIONS = {
+    "shard",
+    "jobs",
+    "workers",
+    "batch_size",
+    "commit_every",
+    "max_consecutive_errors",
+    "allow_failed_clips",
+    "shards",
+    "max_parallel",
+}
+REFUSED_FOR_WHOLE_DATASET = ("shard", "jobs", "shards")
 
 
-def _make_option(name: str, spec: dict) -> click.Option:
-    spec = dict(spec)
+def _gpus(value: str | None) -> str | None:
+    """``--gpus`` as SLURM's gres takes it: a count, or ``type:count`` (as a pipeline file's resources)."""
+    if value is None or re.fullmatch(r"(?:[A-Za-z0-9_.-]+:)?\d+", value.strip()):
+        return value and value.strip()
+    raise click.BadParameter(f"{value!r}: give a count (2) or TYPE:COUNT (a100:2)", param_hint="--gpus")
+
+
+def _make_option(name: str, spec: dict, hidden: bool = False) -> click.Option:
+    spec = dict(spec, hidden=hidden)
     if spec.get("default") is True or spec.get("default") is False and not spec.get("is_flag"):
         return click.Option([f"--{_flag_name(name)}/--no-{_flag_name(name)}", name], **spec)
     return click.Option([f"--{_flag_name(name)}", name], **spec)
@@ -114,7 +138,8 @@ def stage_command(stage: Stage) -> click.Command:
     clash = RESERVED & {p.name for p in stage.params}
     if clash:
         raise ValueError(f"stage {stage.name}: parameter name(s) {sorted(clash)} are runner options")
-    options = [_make_option(n, s) for n, s in RUNNER_OPTIONS.items()]
+    whole_dataset = stage.kind == "global"
+    options = [_make_option(n, s, whole_dataset and n in PER_CLIP_OPTIONS) for n, s in RUNNER_OPTIONS.items()]
     options += [
         click.Option(
             [f"--{up.stage}", _upstream_dest(up.stage)],
@@ -124,11 +149,16 @@ def stage_command(stage: Stage) -> click.Command:
         for up in stage.upstream
     ]
     options += [_param_option(p) for p in stage.params]
-    options += [_make_option(n, s) for n, s in EXECUTOR_OPTIONS.items()]
+    options += [_make_option(n, s, whole_dataset and n in PER_CLIP_OPTIONS) for n, s in EXECUTOR_OPTIONS.items()]
     options += list(stage.cli_options)
 
     def callback(**values):
         ctx = click.get_current_context()
+        given = [n for n in REFUSED_FOR_WHOLE_DATASET if ctx.get_parameter_source(n) != ParameterSource.DEFAULT]
+        if whole_dataset and given:
+            raise click.UsageError(
+                f"{stage.name} is one fit over the whole dataset: {', '.join('--' + _flag_name(n) for n in given)} does not apply"
+            )
         try:
             code = invoke_stage(stage, values, lambda name: ctx.get_parameter_source(name) == ParameterSource.DEFAULT)
         except click.ClickException:

@@ -68,7 +68,7 @@ def fingerprint_payload(stage: Stage, params: dict, upstream_fingerprints: dict)
         if not p.fingerprint:
             continue
         value = params[p.name]
-        if p.omit_default and value == p.default:
+        if p.omit_default and value == p.default or p.applies and not p.applies(params):
             continue
         keyed[p.name] = p.identity(value) if p.identity is not None else value
     return {
@@ -86,7 +86,7 @@ def fingerprint(stage: Stage, params: dict, upstream_fingerprints: dict) -> str:
 def shown_params(stage: Stage, params: dict) -> dict:
     """The fingerprinted parameters as given (paths, not content hashes): stage.json's ``params``."""
     params = normalise_params(stage, params)
-    return {p.name: params[p.name] for p in stage.params if p.fingerprint}
+    return {p.name: params[p.name] for p in stage.params if p.fingerprint and (not p.applies or p.applies(params))}
 
 
 def stage_meta(stage: Stage, params: dict, upstream: dict[str, tuple[str, str]]) -> dict:

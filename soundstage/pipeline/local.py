@@ -20,6 +20,14 @@ def sub_shards(shard: tuple[int, int], jobs: int) -> list[tuple[int, int]]:
     return [(i + n * j, n * jobs) for j in range(jobs)]
 
 
+def quiet_model_loading(progress: bool) -> None:
+    """Model libraries' own bars (the Hugging Face hub's, transformers' "Loading weights") follow
+    ``--no-progress`` and stay out of logs without a terminal (SLURM): through the hub's documented
+    environment variable, read when those libraries are first imported and by every child process."""
+    if not progress or not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def run_local(
     stage: Stage,
     manifest: str,
@@ -30,6 +38,7 @@ def run_local(
     jobs: int = 1,
     **runner_kwargs,
 ) -> Summary:
+    quiet_model_loading(runner_kwargs.get("progress", True))
     if isinstance(shard, str):
         shard = parse_shard(shard)
     shard = shard or shard_from_env() or (0, 1)

@@ -320,7 +320,7 @@ def run_stage(stage: Stage, manifest_path: str, cache_root: str, params: dict | 
     summary = Summary(stage.name, plan.fingerprint, plan.dir.path, shard)
     if stage.kind == "global":
         plan.dir.initialise(plan.meta)
-        return _run_global(plan, summary, start, opts.log, opts.force, opts.reuse_fit)
+        return _run_global(plan, summary, start, opts.log, opts.force, opts.reuse_fit, opts.progress)
 
     # by column, and only this shard's rows: start-up costs the shard's share
     mine, bad_rows = opts.share if opts.share is not None else manifest_share(manifest_path, stage, shard)
@@ -468,7 +468,9 @@ def _progress_bar(total: int, desc: str, enabled: bool):
                 mininterval=0.5 if interactive else 30.0, file=sys.stderr)
 
 
-def _run_global(plan: Plan, summary: Summary, start: float, log, force: bool = False, reuse_fit: str | None = None) -> Summary:
+def _run_global(
+    plan: Plan, summary: Summary, start: float, log, force: bool = False, reuse_fit: str | None = None, progress: bool = False
+) -> Summary:
     """Fit once; a stored fit is reused only for the same clips (their ids and upstream digests)."""
     sd = plan.dir
     with writer_lock(sd, None):
@@ -488,7 +490,9 @@ def _run_global(plan: Plan, summary: Summary, start: float, log, force: bool = F
             if note:  # pinned for other clips: status says so
                 atomic_write_text(pinned, json.dumps({"clips": len(rows), "fit_key_now": key, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
         else:
-            ctx = FitContext(params=plan.params, upstream=readers, clip_ids=[r["clip_id"] for r in rows], rows=rows, log=log)
+            ctx = FitContext(
+                params=plan.params, upstream=readers, clip_ids=[r["clip_id"] for r in rows], rows=rows, log=log, progress=progress
+            )
             arrays = plan.stage.fit(ctx)
             sd.write_result(arrays, {"fit_key": key, "fit_clips": len(rows)})
             if os.path.exists(pinned):

@@ -52,6 +52,9 @@ class Param:
     multiple: bool = False
     is_flag: bool = False
     omit_default: bool = False
+    #: (all parameter values) -> whether this one matters; one that does not (k with imported
+    #: centroids) is left out of the key and of what stage.json and status show
+    applies: Callable[[dict], bool] | None = None
 
     @property
     def option(self) -> str:
@@ -154,6 +157,7 @@ class FitContext:
     clip_ids: list
     rows: list  # manifest rows (dicts) of clip_ids, same order
     log: Callable[[str], None] = print
+    progress: bool = False  # show a bar for long steps (--progress)
 
 
 class ClipError(Exception):

@@ -16,7 +16,10 @@ the estimator.
 The k-means code itself (fitting, assignment, importing) is ``soundstage.models.kmeans``.
 """
 
+import sys
+
 import numpy as np
+from tqdm import tqdm
 
 from soundstage.models.device import device_param
 from soundstage.models.kmeans import (  # noqa: F401 (also importable from here, as before)
@@ -32,7 +35,7 @@ from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.stage import Param, Stage, Upstream
 
 
-def read_sample(reader, clip_ids) -> np.ndarray:
+def read_sample(reader, clip_ids, progress: bool = False) -> np.ndarray:
     """All frames of ``clip_ids`` from a hubert cache, as one float32 array: allocated once from
     the frame counts in the cache's index and filled clip by clip, so the peak is the sample and
     one clip (not a list of float32 copies and then their concatenation: twice the sample)."""
@@ -40,9 +43,13 @@ def read_sample(reader, clip_ids) -> np.ndarray:
     dim = np.shape(reader[clip_ids[0]]["features"])[1:] if len(clip_ids) else (0,)
     sample = np.empty((int(lengths.sum()), *dim), dtype=np.float32)
     at = 0
+    bar = tqdm(total=len(clip_ids), desc="kmeans: reading features", unit="clip", disable=not progress, file=sys.stderr,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)
     for cid, n in zip(clip_ids, lengths.tolist()):
+        bar.update(1)
         sample[at : at + n] = reader[cid]["features"]
         at += n
+    bar.close()
     return sample
 
 
@@ -56,7 +63,7 @@ def fit(ctx):
     if not cached:
         raise ValueError("the hubert cache holds none of the manifest's clips")
     sample = sample_clip_ids(cached, params["percent"], params["seed"])
-    x = read_sample(reader, sample)
+    x = read_sample(reader, sample, ctx.progress)
     ctx.log(f"kmeans: {len(sample)} clips, {len(x)} frames of dim {x.shape[1]}")
     if params["import_centroids"]:
         centroids = load_centroids(params["import_centroids"], params["trust_pickle"])
@@ -82,7 +89,8 @@ STAGE = Stage(
     help="Learn K centroids from a sample of the hubert features (fairseq learn_kmeans), or import them.",
     upstream=[Upstream("hubert", "hubert")],
     params=[
-        Param("k", int, 100, "number of clusters (ignored with --import-centroids)"),
+        Param("k", int, 100, "number of clusters (not used with --import-centroids: the file has them)",
+              applies=lambda params: not params["import_centroids"]),
         Param("percent", float, 0.1, "fraction of the cached clips to fit on (fairseq --percent; <= 0 or >= 1: all)"),
         Param("seed", int, 0, "seed of the clip sample and of the k-means initialisation"),
         Param("backend", str, "faiss", "faiss (GPU if present), or sklearn MiniBatchKMeans with fairseq's settings",
