@@ -34,7 +34,13 @@ def read_manifest(path: str, columns: tuple[str, ...] = (), needed_by: str = "",
         df = df if wanted is None else df[[c for c in df.columns if c in wanted]]
     else:
         usecols = None if wanted is None else wanted.__contains__
-        df = pd.read_csv(io.StringIO(_utf8_text(path)), dtype=str, keep_default_na=False, usecols=usecols)
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:  # pandas decodes the bytes itself: no decoded copy of the whole file
+            df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False, usecols=usecols, encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            _check_utf8(path, raw)
+            raise
     missing = [c for c in (*REQUIRED_COLUMNS, *columns) if c not in df.columns]
     if missing:
         by = f", which {needed_by} reads" if needed_by else ""
@@ -42,12 +48,10 @@ def read_manifest(path: str, columns: tuple[str, ...] = (), needed_by: str = "",
     return df.fillna("").astype(str)
 
 
-def _utf8_text(path: str) -> str:
-    """The file decoded as UTF-8; other bytes are an error naming the row (line 1 is the header)."""
-    with open(path, "rb") as f:
-        raw = f.read()
+def _check_utf8(path: str, raw: bytes) -> None:
+    """Bytes that are not UTF-8: an error naming the row (line 1 is the header)."""
     try:
-        return raw.decode("utf-8-sig")
+        raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         row = raw[: e.start].count(b"\n") + 1
         raise ManifestError(

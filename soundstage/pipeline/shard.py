@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+import numpy as np
+
 from soundstage.cache.table import read_manifest
 
 
@@ -77,17 +79,24 @@ def manifest_shares(manifest_path: str, stage, shards: list[tuple[int, int]]) ->
             raise ValueError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
     needed = (tuple(stage.required_columns), stage.name) if stage is not None else ((), "")
     df = read_manifest(manifest_path, *needed, only=manifest_columns(stage))
-    positions = {index: [] for index, _ in shards}
-    bad, seen = [], set()
-    for position, raw in enumerate(df["clip_id"].tolist()):
-        cid, number = raw.strip(), position + 2  # line 1 is the header
-        if not cid:
-            bad.append((f"<row {number}>", f"empty clip_id in manifest row {number}"))
-        elif cid in seen:
-            bad.append((cid, f"duplicate clip_id in manifest row {number}"))
-        else:
-            seen.add(cid)
-            mine = positions.get(0 if count == 1 else shard_of(raw, count))
-            if mine is not None:
-                mine.append(position)
-    return [(df.iloc[positions[index]].to_dict("records"), bad) for index, _ in shards]
+    ids = df["clip_id"]
+    stripped = ids.str.strip()
+    empty = (stripped == "").to_numpy()
+    duplicate = (stripped.duplicated() & ~empty).to_numpy()  # the first row of an id is kept
+    bad = [
+        (f"<row {k + 2}>", f"empty clip_id in manifest row {k + 2}")  # line 1 is the header
+        if empty[k]
+        else (stripped.iat[k], f"duplicate clip_id in manifest row {k + 2}")
+        for k in np.flatnonzero(empty | duplicate).tolist()
+    ]
+    usable = np.flatnonzero(~(empty | duplicate))
+    if count == 1:
+        numbers = np.zeros(len(usable), np.int64)
+    else:
+        sha1, from_bytes = hashlib.sha1, int.from_bytes
+        numbers = np.fromiter(
+            (from_bytes(sha1(c.encode("utf-8")).digest()[:8], "big") % count for c in ids.to_numpy()[usable]),
+            np.int64,
+            len(usable),
+        )
+    return [(df.iloc[usable[numbers == index]].to_dict("records"), bad) for index, _ in shards]
