@@ -138,6 +138,8 @@ STAGE = Stage(
         device_param(),
     ],
     fields=[Field("probs", "uint8", (None, None, None), "[frames, size, size] foreground probability as round(255 p)")],
+    reads=("subset", "num_frames", "frames_dir", "frame_pattern"),  # manifest columns load uses (files digested too)
+    required_columns=("subset", "num_frames", "frames_dir", "frame_pattern"),
     load=load,
     setup=setup,
     process=process,
