@@ -250,3 +250,21 @@ def test_jobs_read_the_manifest_once_and_each_process_gets_its_share(tmp_path):
     assert len(reader) == 30 and reader["c017"]["label"] == "17"
     again = run_local(CHEAP, manifest, str(tmp_path / "cache"), {}, jobs=3, progress=False)
     assert again.cached == 30 and again.done == 0
+
+
+def test_strings_read_from_their_bytes_and_from_parts_written_before_those_existed(tmp_path):
+    from soundstage.cache.store import PART_FORMAT, UTF8_GROUP, commit_file, pack_columns, write_part_file
+
+    sd = _output(tmp_path, parts=1)
+    meta = sd.meta()
+    odd = {"label": "ünïcödé ✓", "tags": ["", "ß", "日本語"]}
+    sd.write_part("w", 5, FIELDS, [("u1", {**_values("c1"), **odd}), ("u2", {**_values("c2"), "label": "", "tags": []})], meta)
+    columns = {k: v for k, v in pack_columns(FIELDS, [("old", {**_values("c3"), **odd})]).items() if not k.startswith(UTF8_GROUP)}
+    tmp = os.path.join(sd.parts_dir, ".tmp-old.h5")
+    write_part_file(tmp, columns, {"format": PART_FORMAT, "stage": "toy", "fingerprint": "fp", "committed_ns": 1})
+    commit_file(tmp, os.path.join(sd.parts_dir, "old-00000.h5"))
+    reader = open_stage(sd.path)
+    assert (reader["u1"]["label"], reader["u1"]["tags"]) == (odd["label"], odd["tags"])
+    assert (reader["u2"]["label"], reader["u2"]["tags"]) == ("", [])
+    assert (reader["old"]["label"], reader["old"]["tags"]) == (odd["label"], odd["tags"])  # through h5py
+    assert reader["c1"]["tags"] == _values("c1")["tags"]

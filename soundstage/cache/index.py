@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from soundstage.cache.quarantine import CorruptPart, load_verdicts, repair_hint, verdict
-from soundstage.cache.store import CacheError, StageDir, fsync_dir, h5py
+from soundstage.cache.store import UTF8_GROUP, CacheError, StageDir, fsync_dir, h5py
 
 DIGEST_DATASET = "input_digest"
 INDEX_FILE = "clip_index.npz"
@@ -128,6 +128,10 @@ def _read_part_info(path: str, fields, stamp: tuple[int, int]) -> PartInfo:
             f.name: h5[f"offsets/{f.name}"][...].astype(np.int64) for f in fields if f.ragged and f"offsets/{f.name}" in h5
         }
         layout = {f.name: _mappable(h5[f.name]) for f in fields if f.dtype != "str" and f.name in h5}
+        for f in fields:  # string fields as bytes + offsets (parts written before these have none)
+            if f.dtype == "str" and f"{UTF8_GROUP}/{f.name}" in h5:
+                for name in (f"{UTF8_GROUP}/{f.name}", f"{UTF8_GROUP}/offsets/{f.name}"):
+                    layout[name] = _mappable(h5[name])
     digests = None if header.digests is None else _encode([d or "" for d in header.digests])
     return PartInfo(os.path.basename(path), *stamp, header.committed_ns, _encode(header.ids), digests, offsets, layout)
 

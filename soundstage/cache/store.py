@@ -17,6 +17,8 @@ Part file schema (plain h5py / h5ls can read it):
     /<field>            [sum of lengths, *shape[1:]]     ragged field, clips concatenated
     /offsets/<field>    int64 [n + 1]                    clip k is rows offsets[k]:offsets[k+1]
     /input_digest       vlen UTF-8 [n]                   digest of the inputs each clip was computed from
+    /utf8/<field>       uint8 [bytes]                    a string field's strings, UTF-8, concatenated
+    /utf8/offsets/<field> int64 [strings + 1]            string k is bytes offsets[k]:offsets[k+1]
     attrs: format, stage, fingerprint, fields (JSON schema), checksums (JSON: dataset -> sha256),
            created, committed_ns (commit time: the newest version of a clip wins), soundstage_version
 
@@ -48,6 +50,7 @@ from soundstage import __version__  # noqa: E402
 from soundstage.cache.schema import Field, field_schema, fields_from_schema  # noqa: E402,F401
 
 PART_FORMAT = "soundstage-part/1"
+UTF8_GROUP = "utf8"  # string fields again as bytes + offsets, for memory-mapped reads
 STR_DTYPE = h5py.string_dtype("utf-8")
 
 
@@ -175,7 +178,22 @@ def pack_columns(fields: list[Field], rows: list[tuple[str, dict]]) -> dict:
             columns[f.name] = values
         else:
             columns[f.name] = np.stack(values).astype(f.dtype) if values else np.zeros((0, *(d or 0 for d in f.shape)), f.dtype)
+        if f.dtype == "str":
+            columns.update(utf8_columns(f.name, columns[f.name]))
     return columns
+
+
+def utf8_columns(name: str, strings: list[str]) -> dict:
+    """A string field again as one UTF-8 byte array and int64 offsets (string k is bytes
+    ``offsets[k]:offsets[k+1]``): contiguous numbers, so readers memory-map them like features
+    instead of opening each part with h5py for its strings (what a reader's first touch of a part
+    cost). The variable-length dataset stays for h5py/h5ls users."""
+    encoded = [s.encode("utf-8") for s in strings]
+    lengths = np.fromiter((len(b) for b in encoded), np.int64, len(encoded))
+    return {
+        f"{UTF8_GROUP}/{name}": np.frombuffer(b"".join(encoded), np.uint8).copy(),
+        f"{UTF8_GROUP}/offsets/{name}": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+    }
 
 
 def write_part_file(path: str, columns: dict, attrs: dict) -> None:
