@@ -100,6 +100,8 @@ def setup(params):
             "give exactly one of --run RUN (a trained binary model predicts the masks) "
             "or --import DIR (released masks, <label>/<uid>/<i>.png)"
         )
+    if params["size"] < 1:
+        raise ValueError(f"--size {params['size']}: the side of the stored maps must be at least 1")
     if params["import"]:
         return None
     from soundstage.train.inference import open_trained
