@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from soundstage.cache.reader import MissingClip
@@ -68,33 +70,117 @@ def _settings(**options) -> dict:
     help="audio replacements scored at each evaluation, comma-separated (default muted,zeroed,swapped,noise:10; '' for none)",
 )
 @click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    help="DDP processes on this machine (one per GPU; gloo on CPU); --batch-size is per process",
+)
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, help="machines of a multi-node run (one launcher each)")
+@click.option("--node-rank", type=click.IntRange(min=0), help="this machine's index (default $SLURM_NODEID, else 0)")
+@click.option("--master-addr", help="multi-node: the address of node 0 (the rendezvous)")
+@click.option("--master-port", type=click.IntRange(min=1, max=65535), help="multi-node: a free port on node 0")
+@click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", help="slurm: submit the training as a job")
+@click.option("--nodes", type=click.IntRange(min=1), default=1, help="slurm: nodes")
+@click.option("--gpus-per-node", type=click.IntRange(min=0), default=0, help="slurm: GPUs per node, one process each")
+@click.option(
+    "--cpus-per-node", type=click.IntRange(min=1), help="slurm: CPUs per node (--cpus-per-task of the one task per node)"
+)
+@click.option("--partition", help="slurm: partition")
+@click.option("--time", "time_limit", help="slurm: time limit per run of the job, e.g. 24:00:00 (it requeues itself)")
+@click.option("--mem", help="slurm: memory per node, e.g. 64G")
+@click.option("--account", help="slurm: account")
+@click.option("--qos", help="slurm: QOS")
+@click.option("--dry-run", is_flag=True, help="slurm: print the sbatch script and submit nothing")
+@click.option("--wait", is_flag=True, help="slurm: follow the job (through requeues) until it ends, then print the scores")
 def train(pipeline_file, out, quiet, clip_grad, probes, **options):
     """Train an audio-conditioned Mask2Former on the manifest's frames and the cached cues.
 
     The run directory holds config.json, provenance.json, checkpoints/, metrics/*.jsonl,
     curves.png and model/. Rerunning the same command resumes from the last checkpoint;
-    SIGTERM/SIGUSR1 checkpoint and exit with status 75."""
+    SIGTERM/SIGUSR1 checkpoint and exit with status 75.
+
+    --nproc N trains on N DDP processes (global batch = --batch-size x N); under torchrun each
+    process is a rank by itself. --executor slurm submits the same training as a job that
+    requeues itself at its time limit (see the README, "Training on several GPUs / SLURM")."""
     from soundstage.pipeline.pipeline_file import PipelineError
     from soundstage.train.config import ConfigError, resolve_config
     from soundstage.train.cues import CueError
-    from soundstage.train.loop import Stopped
-    from soundstage.train.loop import train as run_training
 
+    launcher = {k: options.pop(k) for k in ("nproc", "nnodes", "node_rank", "master_addr", "master_port")}
+    cluster = {
+        k: options.pop(k)
+        for k in ("executor", "nodes", "gpus_per_node", "cpus_per_node", "partition", "time_limit", "mem", "account", "qos")
+    }
+    dry_run, wait = options.pop("dry_run"), options.pop("wait")
     if probes is not None:
         options["probes"] = [p.strip() for p in probes.split(",") if p.strip()]
     if clip_grad is not None:
         options["clip_grad"] = clip_grad or None
     try:
         cfg = resolve_config(pipeline_file, _settings(out=out, **options))
-        result = run_training(cfg, log=click.echo, progress=not quiet)
-    except Stopped as e:
-        click.echo(str(e), err=True)
-        click.get_current_context().exit(75)
     except (ConfigError, CueError, MissingClip, PipelineError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
-    if result:
+    ctx = click.get_current_context()
+    if cluster["executor"] == "slurm":
+        from soundstage.train.slurm_job import submit_training
+
+        ctx.exit(submit_training(ctx, cfg, cluster, launcher["nproc"], dry_run=dry_run, wait=wait, quiet=quiet))
+    if dry_run or wait:
+        raise click.UsageError("--dry-run and --wait go with --executor slurm")
+    if launcher["nproc"] > 1 or launcher["nnodes"] > 1:
+        from soundstage.train.launch import launch
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise click.UsageError("--nproc: this process is already a rank of a DDP run (torchrun); leave --nproc out")
+        node_rank = launcher["node_rank"]
+        if node_rank is None:
+            node_rank = int(os.environ.get("SLURM_NODEID", 0))
+        try:
+            code = launch(
+                cfg,
+                launcher["nproc"],
+                nnodes=launcher["nnodes"],
+                node_rank=node_rank,
+                master_addr=launcher["master_addr"],
+                master_port=launcher["master_port"],
+                quiet=quiet,
+                log=lambda line: click.echo(line, err=True),
+            )
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+        ctx.exit(code)
+    ctx.exit(run_training_command(cfg, quiet))
+
+
+def run_training_command(cfg, quiet: bool = False) -> int:
+    """Train (or resume) ``cfg`` in this process — one rank of a DDP run when the environment
+    says so — and print the last evaluation (rank 0). Returns 0, or 75 when stopped by a signal;
+    user mistakes raise ``click.ClickException`` (in a launched rank: printed by rank 0, status 1)."""
+    from soundstage.pipeline.pipeline_file import PipelineError
+    from soundstage.train.config import ConfigError
+    from soundstage.train.cues import CueError
+    from soundstage.train.distributed import Distributed
+    from soundstage.train.loop import Stopped
+    from soundstage.train.loop import train as run_training
+
+    dist = Distributed.from_env()
+    try:
+        result = run_training(cfg, log=click.echo, progress=not quiet, dist=dist)
+    except Stopped as e:
+        if dist.main:
+            click.echo(str(e), err=True)
+        return 75
+    except (ConfigError, CueError, MissingClip, PipelineError, FileNotFoundError) as e:
+        if "SOUNDSTAGE_LAUNCHER" not in os.environ:
+            raise click.ClickException(str(e)) from None
+        if dist.main:
+            click.ClickException(str(e)).show()
+        return 1
+    if result and dist.main:
         click.echo(f"run: {cfg.out}")
         click.echo(audio_table(result))
+    return 0
 
 
 def audio_table(record: dict) -> str:

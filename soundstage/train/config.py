@@ -86,6 +86,9 @@ class TrainConfig:
     threads: int | None = None  # CPU threads of torch (None: torch's default); 1 is fastest for tiny models on a busy machine
     seed: int = 0
     deterministic: bool = True
+    # processes of the run (DDP; set by the run itself, not an option): one optimizer step sees
+    # batch_size x accumulate x world_size clips, so resuming needs the same count
+    world_size: int = 1
     # bookkeeping
     checkpoint_every: int = 50  # optimizer steps (and at every epoch end)
     eval_every: int = 1  # epochs

@@ -15,6 +15,7 @@ import torch
 from soundstage.metrics import PROTOCOLS, Accumulator
 from soundstage.models.avs_mask2former import class_scores
 from soundstage.train.data import collate_frames
+from soundstage.train.distributed import Distributed, rank_indices, reduce_accumulator
 
 EPS = 1e-6
 DEFAULT_PROTOCOL = {"binary": "avsbench-binary", "semantic": "avsbench-semantic"}
@@ -42,9 +43,22 @@ def predictions(outputs, size, task: str, two_channel: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model, dataset, task: str, protocol: str | None = None, device="cpu", autocast=None, batch_size: int = 4, workers: int = 0
+    model,
+    dataset,
+    task: str,
+    protocol: str | None = None,
+    device="cpu",
+    autocast=None,
+    batch_size: int = 4,
+    workers: int = 0,
+    dist: Distributed | None = None,
 ) -> dict:
-    """The protocol's result dict (``miou``, ``fscore``, ...) plus ``clips`` and ``frames``."""
+    """The protocol's result dict (``miou``, ``fscore``, ...) plus ``clips`` and ``frames``.
+
+    ``dist``: with several ranks each scores whole protocol batches of clips (group ``g`` on
+    rank ``g mod W``) and the Accumulator totals are summed over ranks, so every rank returns
+    what one process scoring the whole split returns."""
+    dist = dist or Distributed()
     protocol = protocol or DEFAULT_PROTOCOL[task]
     proto = PROTOCOLS[protocol]
     two_channel = bool(proto.defaults.get("two_channel"))
@@ -54,8 +68,11 @@ def evaluate(
     if proto.kind == "semantic":
         options["num_classes"] = model.config.num_labels
     accumulator = Accumulator(protocol, **options)
+    share = dataset
+    if dist.active:
+        share = torch.utils.data.Subset(dataset, rank_indices(len(dataset), accumulator.options.get("batch_size") or 1, dist))
     loader = torch.utils.data.DataLoader(
-        dataset,
+        share,
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -76,6 +93,9 @@ def evaluate(
             frames += len(labels)
     finally:
         model.train(was_training)
+    if dist.active:
+        reduce_accumulator(accumulator, dist, str(device))
+        frames = int(dist.sum(frames))
     result = accumulator.compute()
     result.update(clips=len(dataset), frames=frames)
     return _plain(result)

