@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,3 +146,93 @@ def test_killed_rank_then_relaunch_resumes_and_equals_the_uninterrupted_run(two_
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]
+
+
+# ------------------------------------------------------------------------------------ SLURM
+
+needs_slurm = pytest.mark.skipif(
+    shutil.which("sbatch") is None, reason="sbatch not on PATH: no SLURM here (CI starts one with .ci/slurm/start.sh)"
+)
+
+
+def test_sbatch_script_of_a_multi_node_gpu_training(vggish_cache, tmp_path):  # noqa: F811
+    from click.testing import CliRunner
+
+    from soundstage.cli import main
+
+    out = str(tmp_path / "runs" / "big")
+    args = ["train", "--manifest", vggish_cache["manifest"], "--cache", vggish_cache["cache"], "--out", out]
+    args += ["--batch-size", "2", "--text-cues", "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "4"]
+    args += ["--partition", "gpu", "--time", "24:00:00", "--mem", "64G", "--account", "lab", "--qos", "long", "--dry-run"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("# sbatch --parsable ") and lines[0].endswith(".sbatch")
+    assert lines[1:3] == ["#!/bin/bash", f"# soundstage train: run directory {out}"]
+    assert "# 2 node(s) x 4 process(es) = 8 DDP rank(s) (NCCL); global batch = 2 x 1 x 8 clips" in lines
+    sbatch = [line for line in lines if line.startswith("#SBATCH")]
+    assert sbatch == [
+        f"#SBATCH --output={out}/slurm/%j.out",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --job-name=soundstage-train-big",
+        f"#SBATCH --chdir={os.getcwd()}",
+        "#SBATCH --kill-on-invalid-dep=yes",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=lab",
+        "#SBATCH --qos=long",
+        "#SBATCH --gres=gpu:4",
+        "#SBATCH --mem=64G",
+        "#SBATCH --time=24:00:00",
+        "#SBATCH --signal=B:USR1@120",
+        "#SBATCH --requeue",
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+    ]
+    (srun,) = [line for line in lines if line.startswith("srun ")]
+    assert srun == (
+        f"srun --kill-on-bad-exit=1 {sys.executable} -m soundstage.cli train --out {out} --manifest {vggish_cache['manifest']} "
+        f"--cache {vggish_cache['cache']} --text-cues --batch-size 2 "
+        '--nproc 4 --nnodes 2 --master-addr "$head" --master-port "$port" --quiet &'
+    )
+    assert 'trap \'echo "USR1: asking the tasks to save and stop"; scancel --signal=USR1 "$SLURM_JOB_ID"\' USR1' in lines
+    assert 'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in lines
+    assert lines[-8:] == [
+        'while kill -0 "$step" 2>/dev/null; do wait "$step"; done',
+        'wait "$step"; status=$?',
+        'if [ "$status" -eq 75 ]; then',
+        '    echo "stopped with its state saved: requeueing job $SLURM_JOB_ID, $(date)"',
+        '    scontrol requeue "$SLURM_JOB_ID"',
+        "    exit 0",
+        "fi",
+        'exit "$status"',
+    ]
+    assert not os.path.exists(out)  # a dry run writes nothing
+    result = CliRunner().invoke(main, [*args[:-1], "--nproc", "2"])
+    assert result.exit_code != 0 and "--nproc and --gpus-per-node disagree" in result.output
+
+
+@needs_slurm
+def test_slurm_job_stopped_with_usr1_requeues_and_equals_the_local_run(two_processes, vggish_cache, tmp_path):  # noqa: F811
+    out = str(tmp_path / "runs" / "slurm")
+    command = cli(*cli_options(vggish_cache, out, 2), "--executor", "slurm", "--nproc", 2, "--cpus-per-node", 2, "--wait")
+    env = {**os.environ, "SOUNDSTAGE_SLURM_POLL_SECONDS": "1"}
+    follower = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    steps = os.path.join(out, "metrics", "steps.jsonl")
+    deadline = time.time() + 300
+    while not (os.path.exists(steps) and len(open(steps).read().splitlines()) >= 1):
+        assert follower.poll() is None, follower.stdout.read()
+        assert time.time() < deadline, "the job did not start training within 5 minutes"
+        time.sleep(0.2)
+    (log,) = [name for name in os.listdir(os.path.join(out, "slurm")) if name.endswith(".out")]
+    job_id = log[: -len(".out")]
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)  # as SLURM does before a time limit
+    output = follower.communicate(timeout=600)[0]
+    assert follower.returncode == 0, output
+    with open(os.path.join(out, "slurm", log)) as f:
+        job_log = f.read()
+    assert "requeueing job" in job_log and "resuming" in job_log, job_log
+    assert "run 1," in job_log  # the requeued run
+    a, b = weights(two_processes), weights(out)
+    for name in a:
+        np.testing.assert_allclose(b[name].numpy(), a[name].numpy(), rtol=1e-6, atol=1e-7, err_msg=name)
+    assert [r["step"] for r in records(out, "steps.jsonl")] == [1, 2, 3, 4]

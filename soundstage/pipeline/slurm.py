@@ -218,6 +218,57 @@ def render_scripts(job: SlurmJob, max_array_size: int = DEFAULT_MAX_ARRAY_SIZE) 
     return scripts
 
 
+#: a command's exit status meaning "stopped on a signal after saving its state; run me again"
+STOPPED_STATUS = 75
+
+
+def render_requeue_script(job: SlurmJob, command: str, setup: Sequence[str] = (), stopped_status: int = STOPPED_STATUS) -> str:
+    """A single job that runs ``command`` (shell text) as one ``srun`` step — once per node with
+    ``--ntasks-per-node=1`` in ``job.resources.extra`` — and requeues itself when the step stops
+    with ``stopped_status`` (state saved, more to do):
+
+    * ``--signal=B:USR1@T`` makes SLURM signal this shell T seconds before the time limit; the
+      trap passes USR1 on to the step's tasks (``scancel --signal=USR1``, which reaches the
+      tasks and not this shell), which save their state and exit with ``stopped_status``;
+      ``scancel --signal=USR1 JOB`` from outside (a preemption hook, a person) reaches the tasks
+      directly, with the same result;
+    * the shell then runs ``scontrol requeue``: the job goes back to the queue under the same id
+      and reruns this script, whose command resumes from the saved state; ``--open-mode=append``
+      keeps one log across the runs (each run starts with a line giving its restart count);
+    * any other status ends the job with that status (``srun --kill-on-bad-exit`` stops the
+      other nodes' tasks when one fails).
+
+    ``setup``: shell lines run first (e.g. finding the rendezvous host)."""
+    header = ["#!/bin/bash"] + [f"# {line}" for line in job.description.splitlines()]
+    opts = [f"--output={os.path.join(job.log_dir, '%j.out')}", "--open-mode=append", f"--job-name={job.name}"]
+    opts += [f"--chdir={job.workdir}", "--kill-on-invalid-dep=yes", *job.resources.sbatch_options()]
+    body = [
+        "set -uo pipefail",
+        "export PYTHONUNBUFFERED=1",
+        'echo "job $SLURM_JOB_ID, run ${SLURM_RESTART_COUNT:-0}, on $SLURM_JOB_NODELIST, $(date)"',
+        *setup,
+        "# USR1 to this shell (time limit ahead): pass it on to the tasks, which checkpoint and exit",
+        'trap \'echo "USR1: asking the tasks to save and stop"; scancel --signal=USR1 "$SLURM_JOB_ID"\' USR1',
+        f"srun --kill-on-bad-exit=1 {command} &",
+        "step=$!",
+        "# a trapped signal ends `wait` early: wait until the step has really ended",
+        'while kill -0 "$step" 2>/dev/null; do wait "$step"; done',
+        'wait "$step"; status=$?',
+        f'if [ "$status" -eq {stopped_status} ]; then',
+        '    echo "stopped with its state saved: requeueing job $SLURM_JOB_ID, $(date)"',
+        '    scontrol requeue "$SLURM_JOB_ID"',
+        "    exit 0",
+        "fi",
+        'exit "$status"',
+    ]
+    return "\n".join(header + [f"#SBATCH {o}" for o in opts] + body) + "\n"
+
+
+def shell_command(argv: Sequence[str]) -> str:
+    """``argv`` as one shell line, each word quoted where needed."""
+    return _shell_command(argv)
+
+
 # ------------------------------------------------------------------------------- talking to SLURM
 
 
