@@ -7,10 +7,11 @@ paths, frames, labels of AVSBench) is ``soundstage.manifests``' business, which 
 
 from __future__ import annotations
 
-import io
 import os
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 REQUIRED_COLUMNS = ("clip_id",)
 
@@ -26,6 +27,8 @@ def read_manifest(path: str, columns: tuple[str, ...] = (), needed_by: str = "",
     manifest without them is one error, not a failure per clip. ``only``: read just ``clip_id``
     and these columns (those present): a 24-column manifest of 200k clips costs what its few
     columns cost, not what row dictionaries of all of them would."""
+    import pandas as pd  # here: a shard process handed its rows (--jobs) never needs it
+
     if not os.path.exists(path):
         raise ManifestError(f"manifest {path} does not exist")
     wanted = None if only is None else {*REQUIRED_COLUMNS, *columns, *only}
@@ -34,12 +37,11 @@ def read_manifest(path: str, columns: tuple[str, ...] = (), needed_by: str = "",
         df = df if wanted is None else df[[c for c in df.columns if c in wanted]]
     else:
         usecols = None if wanted is None else wanted.__contains__
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:  # pandas decodes the bytes itself: no decoded copy of the whole file
-            df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False, usecols=usecols, encoding="utf-8-sig")
+        try:  # streamed from the file: memory holds the columns read, not the file
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, usecols=usecols, encoding="utf-8-sig")
         except UnicodeDecodeError:
-            _check_utf8(path, raw)
+            with open(path, "rb") as f:
+                _check_utf8(path, f.read())
             raise
     missing = [c for c in (*REQUIRED_COLUMNS, *columns) if c not in df.columns]
     if missing:

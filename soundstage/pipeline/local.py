@@ -75,6 +75,9 @@ class ShardProcess:
 
         method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
         context = multiprocessing.get_context(method)
+        if method == "forkserver":  # the fork server imports the engine (and the stage) once; shards fork from it
+            modules = ["soundstage.pipeline.runner", getattr(stage.load, "__module__", None)]
+            context.set_forkserver_preload([m for m in modules if m and m != "__main__"])
         self.shard, self.stage, self.cache_root = shard, stage, args[1]
         self.fingerprint = runner_kwargs["fingerprint"]
         self._conn, child_end = context.Pipe(duplex=False)
