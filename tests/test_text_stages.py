@@ -200,7 +200,7 @@ def _known_cache(tmp_path, models):
     manifest.write_text("clip_id,vid\n" + "".join(f"{c},shared_vid\n" for c in KNOWN))
     cache = str(tmp_path / "cache")
     # stand-in upstreams: captions are not read by the stand-in sources, only needed to exist
-    run_stage(dataclasses.replace(caption.STAGE, setup=None, load=lambda row, ctx: None,
+    run_stage(dataclasses.replace(caption.STAGE, setup=None, load=lambda row, ctx: None, required_columns=(),
                                   process=lambda m, items, p: [{"captions": ["x"]} for _ in items]),
               str(manifest), cache, {"model": models["blip"]}, **QUIET)
     run_stage(_stand_in_sources(), str(manifest), cache, {"llm": models["lm"]}, **QUIET)
