@@ -169,6 +169,7 @@ import json, sys
 sys.path.insert(0, {here!r})
 from bench_scale import CHEAP
 from soundstage.pipeline.local import run_local
+import pandas  # what reading a manifest needs: a fixed cost, not the share's
 hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1]
 print(json.dumps({{"rss_mb": int(hwm) / 1024}}))
 """
@@ -201,7 +202,7 @@ def bench_startup(root, n, manifest, cache, first):
     task = min((run_child(manifest, cache, shard="0/100") for _ in range(2)), key=lambda r: r["seconds"])
     assert full["cached"] == n and task["cached"] == task["selected"], (full, task)
     print(f"\n2. all-cached start-up, {n} clips, 24-column manifest (first run computing all: {first['seconds']:.1f} s)")
-    print(f"{'':22}{'clips':>8}{'time':>9}{'peak RSS':>10}{'above imports':>15}")
+    print(f"{'':22}{'clips':>8}{'time':>9}{'peak RSS':>10}{'above imports':>15}  (imports: engine + pandas)")
     for name, r in (("whole manifest", full), ("array task 0/100", task)):
         print(f"{name:22}{r['selected']:>8}{r['seconds']:>7.2f} s{r['rss_mb']:>7.0f} MB{r['rss_mb'] - base:>12.0f} MB")
     print(f"task/whole: time {task['seconds'] / full['seconds']:.2f}, memory above imports "

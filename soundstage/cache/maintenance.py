@@ -42,8 +42,15 @@ def stage_status(sd: StageDir) -> dict:
         if fitted:
             extra["fit"] = fit_status(sd, broken)
     else:
+        try:  # from the clip index: parts opened only when new
+            index = clip_index(sd)
+        except CacheError:  # a part does not open: each is looked at below, the broken ones listed
+            index = None
+        if index is not None:
+            done_ids = set(np.char.decode(index.ids, "utf-8").tolist())
+            extra["no_input_digest"] = int(np.count_nonzero(~index.has_digests | (index.digests == b"")))
         unknown = 0
-        for path in parts:
+        for path in parts if index is None else []:
             try:
                 with h5py.File(path, "r") as h5:
                     header = read_header(h5, path)
@@ -52,7 +59,7 @@ def stage_status(sd: StageDir) -> dict:
                 continue
             done_ids.update(header.ids)
             unknown += len(header.ids) if header.digests is None else sum(d is None for d in header.digests)
-        extra["no_input_digest"] = unknown
+        extra.setdefault("no_input_digest", unknown)
     broken += [f"{p}: failed verification ({'; '.join(v[:2])})" for p, v in _failed_parts_or_note(sd, broken).items()]
     failed = {cid for cid in sd.failures() if cid not in done_ids}
     return {
