@@ -308,11 +308,16 @@ def map_readonly(path: str) -> np.ndarray:
             raise OSError(err, f"mmap of {path} failed: {os.strerror(err)}")
     finally:
         os.close(fd)
-    buffer = (ctypes.c_char * size).from_address(addr)
-    weakref.finalize(buffer, _libc.munmap, addr, size)
-    array = np.frombuffer(buffer, dtype=np.uint8)
-    array.flags.writeable = False
-    return array
+    return np.asarray(_Mapping(addr, size))
+
+
+class _Mapping:
+    """Owner of one map: numpy arrays over it keep it alive; unmapped when the last one goes.
+    (An ``__array_interface__`` rather than a ctypes array: ctypes makes a new type per size.)"""
+
+    def __init__(self, addr: int, size: int):
+        self.__array_interface__ = {"data": (addr, True), "shape": (size,), "typestr": "|u1", "version": 3}
+        weakref.finalize(self, _libc.munmap, addr, size)
 
 
 def read_result(stage_dir: str) -> dict:
