@@ -26,6 +26,7 @@ from test_train import config, vggish_cache  # noqa: F401
 
 from soundstage.models.avs_mask2former import AVSMask2Former, class_scores
 from soundstage.train import assemble
+from soundstage.train.config import resolve_config
 from soundstage.train.data import collate_frames
 from soundstage.train.evaluation import model_inputs
 from soundstage.train.launch import launch
@@ -59,7 +60,8 @@ def cli_options(vggish_cache, out, batch_size: int) -> list:  # noqa: F811
 @pytest.fixture(scope="module")
 def one_process(vggish_cache, tmp_path_factory):  # noqa: F811
     out = str(tmp_path_factory.mktemp("ddp") / "one")
-    train(config(vggish_cache, out, **{**SETTINGS, "batch_size": 4}), log=lambda *_: None, progress=False)
+    reference = config(vggish_cache, out, **{**SETTINGS, "batch_size": 4, "split_invariant_loss": True})
+    train(reference, log=lambda *_: None, progress=False)
     return out
 
 
@@ -209,6 +211,32 @@ def test_sbatch_script_of_a_multi_node_gpu_training(vggish_cache, tmp_path):  # 
     assert not os.path.exists(out)  # a dry run writes nothing
     result = CliRunner().invoke(main, [*args[:-1], "--nproc", "2"])
     assert result.exit_code != 0 and "--nproc and --gpus-per-node disagree" in result.output
+
+
+def test_pipeline_train_step_is_submitted_after_the_stage_jobs(vggish_cache, tmp_path):  # noqa: F811
+    from click.testing import CliRunner
+
+    from soundstage.cli import main
+
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(
+        f"manifest: {vggish_cache['manifest']}\ncache: {tmp_path / 'cache'}\n"
+        f"stages:\n  vggish:\n    checkpoint: {vggish_cache['checkpoint']}\n"
+        "train:\n  out: runs/avs\n  audio: vggish\n  epochs: 3\n"
+        "  step: {nodes: 1, nproc: 2, cpus_per_node: 2, time: '01:00:00'}\n"
+    )
+    result = CliRunner().invoke(main, ["run", str(pipeline), "--executor", "slurm", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    stage_line = next(line for line in result.output.splitlines() if line.startswith("# --- soundstage-vggish"))
+    train_line = next(line for line in result.output.splitlines() if line.startswith("# --- train: "))
+    assert result.output.index(stage_line) < result.output.index(train_line)
+    assert "--dependency=afterok:<soundstage-vggish>" in train_line
+    train_script = result.output[result.output.index(train_line) :]
+    assert f"srun --kill-on-bad-exit=1 {sys.executable} -m soundstage.cli train --config {pipeline} --nproc 2" in train_script
+    assert "#SBATCH --cpus-per-task=2" in train_script and "#SBATCH --time=01:00:00" in train_script
+    assert f"#SBATCH --output={os.path.abspath('runs/avs')}/slurm/%j.out" in train_script
+    # soundstage train --config ignores the step: mapping
+    assert resolve_config(str(pipeline), {}).epochs == 3
 
 
 @needs_slurm

@@ -220,6 +220,9 @@ class SlurmExecutor(Executor):
 
     wait: bool = False
     poll_seconds: float | None = None
+    #: jobs submitted after every stage job (``afterok`` on all of them): callables
+    #: ``(after_ids, dry_run, out) -> job ids`` (the pipeline file's follow-up steps, see ``pipeline_steps``)
+    followers: list = field(default_factory=list)
 
     def run(self, works: list[StageWork]) -> int:
         out = self.out
@@ -236,7 +239,7 @@ class SlurmExecutor(Executor):
                 running[job.name] = queued
                 continue
             jobs.append((job, [job_name(up.stage) for up in work.stage.upstream]))
-        if not jobs and not running:
+        if not jobs and not running and not self.followers:
             out("nothing to submit: every output is complete in the cache")
             return report(works, self.rows(), out) if self.wait else 0
         if not self.dry_run:  # the tasks find the planned fingerprint's stage.json and check it
@@ -244,9 +247,11 @@ class SlurmExecutor(Executor):
                 if job is not None and work.meta is not None:
                     work.dir.initialise(work.meta)
         submission = slurm.submit_jobs(jobs, dry_run=self.dry_run, out=out, running=running)
+        stage_ids = submission.all_ids()
+        follower_ids = [j for follow in self.followers for j in follow(stage_ids, self.dry_run, out)]
         if self.dry_run:
             return 0
-        ids = submission.all_ids()
+        ids = stage_ids + follower_ids
         if not self.wait:
             out(f"follow with: squeue -j {','.join(ids)}   and   soundstage status --cache {self.cache}")
             return 0
@@ -372,4 +377,27 @@ def run_pipeline(
         )
     if executor == "local":
         return LocalExecutor(pipe.manifest, cache, dry_run, out, runner_options={"workers": workers}).run(works)
-    return SlurmExecutor(pipe.manifest, cache, dry_run, out, wait=wait, poll_seconds=poll_seconds).run(works)
+    followers = pipeline_steps(pipe) if targets is None else []
+    runner = SlurmExecutor(pipe.manifest, cache, dry_run, out, wait=wait, poll_seconds=poll_seconds, followers=followers)
+    return runner.run(works)
+
+
+#: entry point group of the pipeline file's follow-up steps: a top-level section ``NAME:`` with a
+#: ``step:`` mapping is submitted, after every stage job, by the builder registered as ``NAME``
+#: (``builder(pipe) -> (after_ids, dry_run, out) -> job ids``); ``train`` is one
+STEP_ENTRY_POINTS = "soundstage.steps"
+
+
+def pipeline_steps(pipe) -> list:
+    """The follow-up steps the pipeline file asks for (``soundstage run --executor slurm``)."""
+    from importlib.metadata import entry_points
+
+    sections = {"train": pipe.train}
+    wanted = [name for name, section in sections.items() if isinstance(section, dict) and section.get("step")]
+    builders = {ep.name: ep for ep in entry_points(group=STEP_ENTRY_POINTS)}
+    steps = []
+    for name in wanted:
+        if name not in builders:
+            raise click.ClickException(f"{pipe.path}: {name}: step: no installed step builder named {name!r}")
+        steps.append(builders[name].load()(pipe))
+    return steps

@@ -89,6 +89,10 @@ class TrainConfig:
     # processes of the run (DDP; set by the run itself, not an option): one optimizer step sees
     # batch_size x accumulate x world_size clips, so resuming needs the same count
     world_size: int = 1
+    # the Mask2Former loss made independent of how a batch is split over processes (normalisers
+    # summed over ranks, sample points drawn per frame; soundstage.train.distributed). None: on
+    # with several processes; true on one process gives the exact reference of a DDP run
+    split_invariant_loss: bool | None = None
     # bookkeeping
     checkpoint_every: int = 50  # optimizer steps (and at every epoch end)
     eval_every: int = 1  # epochs
@@ -166,6 +170,7 @@ def resolve_config(pipeline_file: str | None, options: dict) -> TrainConfig:
         pipe = load_pipeline(pipeline_file)
         values.update(manifest=pipe.manifest, cache=pipe.cache, pipeline=pipe.path)
         section = {k.replace("-", "_"): v for k, v in (pipe.train or {}).items()}
+        section.pop("step", None)  # how `soundstage run` submits the training (soundstage.train.slurm_job)
         base = os.path.dirname(pipe.path)
         if isinstance(section.get("model"), str) and os.path.exists(os.path.join(base, section["model"])):
             section["model"] = os.path.join(base, section["model"])  # a folder next to the file

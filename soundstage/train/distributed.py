@@ -18,8 +18,9 @@ rank ``r`` resumes at ``position / W`` of its share.
 **A loss independent of the split.** transformers' Mask2Former criterion normalises by the
 batch's own mask count and class weights and draws its random sample points from the global
 RNG in batch order, so its gradient on a batch split over ranks differs from the whole batch's.
-``SplitInvariantLoss`` (installed for every run, one process or many) makes three changes on
-the criterion instance, reusing transformers' code for everything else:
+``SplitInvariantLoss`` (installed for runs on several processes, and on one process with the
+setting ``split_invariant_loss: true``) makes three changes on the criterion instance, reusing
+transformers' code for everything else:
 
 * the mask count (mask/dice normaliser) and the sum of class weights (cross-entropy normaliser)
   are totals over all ranks (``all_reduce``), divided by ``W`` because DDP averages gradients —
@@ -29,8 +30,10 @@ the criterion instance, reusing transformers' code for everything else:
   the same step gets the same points in any batch, on any rank;
 * the rest (Hungarian matching, uncertainty sampling, losses) is transformers' own code.
 
-So a run on ``W`` processes with batch ``B`` equals a one-process run with batch ``B·W`` up to
-float rounding (tests/test_train_ddp.py). Dropout (0 in the tiny model) is the one draw left
+So a run on ``W`` processes with batch ``B`` equals a one-process run with batch ``B·W`` and
+``split_invariant_loss: true`` up to float rounding (tests/test_train_ddp.py). (A plain
+one-process run keeps transformers' own draws from the global RNG: the same distribution of
+sample points, other values, so the same training statistically but not bit for bit.) Dropout (0 in the tiny model) is the one draw left
 to each rank's own RNG; checkpoints hold rank 0's random states.
 """
 

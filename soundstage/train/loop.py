@@ -145,7 +145,8 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
         ),
     )
     scaler = torch.amp.GradScaler(torch.device(device).type) if cfg.precision == "fp16" else None
-    split_loss = SplitInvariantLoss(model, dist, cfg.seed)
+    split_invariant = dist.active if cfg.split_invariant_loss is None else cfg.split_invariant_loss
+    split_loss = SplitInvariantLoss(model, dist, cfg.seed) if split_invariant else None
     autocast = autocast_for(cfg.precision, device)
 
     # -------------------------------------------------------------------- start or resume
@@ -213,7 +214,8 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
                 rank_loss = 0.0
                 for k, (batch, weight) in enumerate(micro_batches):
                     mask_labels, class_labels = targets(batch["labels"], device)
-                    split_loss.prepare(class_labels, frame_keys(batch), step, weight, device)
+                    if split_loss:
+                        split_loss.prepare(class_labels, frame_keys(batch), step, weight, device)
                     last = k == len(micro_batches) - 1
                     with contextlib.nullcontext() if last or not dist.active else trained.no_sync():
                         with autocast() if autocast else contextlib.nullcontext():

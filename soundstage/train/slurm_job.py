@@ -172,3 +172,69 @@ def submit_training(
     if records:
         click.echo(audio_table(records[-1]))
     return 0
+
+
+#: keys of the ``step:`` mapping of a pipeline file's ``train:`` section (the submit options)
+STEP_KEYS = ("nodes", "gpus_per_node", "nproc", "cpus_per_node", "partition", "time", "mem", "account", "qos")
+
+
+def pipeline_step(pipe):
+    """The ``train`` step of ``soundstage run PIPELINE.yaml --executor slurm``: the pipeline file's
+    ``train:`` section with a ``step:`` mapping is submitted as the training job, ``afterok`` on
+    every stage job of the same launch (it starts once the caches it reads are complete)::
+
+        train:
+          out: runs/avs-vggish       # the run directory (relative to where `soundstage run` runs)
+          audio: vggish
+          epochs: 20
+          step: {nodes: 1, gpus_per_node: 4, time: "24:00:00", partition: gpu}
+
+    The job runs ``soundstage train --config PIPELINE.yaml`` (the same section) on the step's
+    resources, exactly as ``soundstage train --config PIPELINE.yaml --executor slurm`` would."""
+    from soundstage.train.config import ConfigError, resolve_config
+
+    step = {k.replace("-", "_"): v for k, v in (pipe.train.get("step") or {}).items()}
+    unknown = sorted(set(step) - set(STEP_KEYS))
+    if unknown:
+        raise click.ClickException(
+            f"{pipe.path}: train: step: unknown key(s) {', '.join(unknown)}; known: {', '.join(STEP_KEYS)}"
+        )
+    try:
+        cfg = resolve_config(pipe.path, {})
+    except ConfigError as e:
+        raise click.ClickException(f"{pipe.path}: train: {e}") from None
+    cluster = {
+        "executor": "slurm",
+        "nodes": int(step.get("nodes", 1)),
+        "gpus_per_node": int(step.get("gpus_per_node", 0)),
+        "cpus_per_node": step.get("cpus_per_node"),
+        "partition": step.get("partition"),
+        "time_limit": step.get("time"),
+        "mem": step.get("mem"),
+        "account": step.get("account"),
+        "qos": step.get("qos"),
+    }
+    nproc = int(step.get("nproc", 1))
+
+    def submit(after: list[str], dry_run: bool, out) -> list[str]:
+        job, text = render(cfg, ["--config", pipe.path], cluster, nproc)
+        path = os.path.join(job.log_dir, f"train-{time.strftime('%Y%m%d-%H%M%S')}.sbatch")
+        if dry_run:
+            out("# --- train: " + slurm.shell_command(slurm.sbatch_argv(path, after)))
+            out(text)
+            return ["<train>"]
+        queued = slurm.active_jobs(job.log_dir)
+        if queued:
+            out(f"train {cfg.out}: job(s) {','.join(queued)} of an earlier launch still queued or running; not submitted again")
+            return queued
+        if RunDir(cfg.out).done:
+            out(f"train {cfg.out}: the run is complete, skipped")
+            return []
+        os.makedirs(job.log_dir, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+        job_id = slurm.submit_script(path, after)
+        out(f"submitted train as job {job_id}" + (f" (after {':'.join(after)})" if after else "") + f"; log in {job.log_dir}")
+        return [job_id]
+
+    return submit
