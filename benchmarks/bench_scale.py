@@ -22,6 +22,7 @@ ratio measured in one run; start-up figures come from fresh processes (time, CPU
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -124,6 +125,11 @@ def bench_reads(root, n, reads, repeat=3):
     many = write_output(os.path.join(root, "reads", "many"), n, 256)
     one = write_output(os.path.join(root, "reads", "one"), n, n)
     parts_many, parts_one = len(many.part_paths()), len(one.part_paths())
+    for sd in (many, one):
+        open_stage(sd.path)  # writes the clip index
+    gc.collect()
+    os.sync()  # written data flushed before reading: writeback must not land in one side's timing
+    time.sleep(5)
     order = [f"clip{k:07d}" for k in random.Random(0).sample(range(n), min(reads, n))]
     print(f"\n1. random reads, {n} clips ({len(order)} reads, random order; fields: float16 [4-12, 16], str): "
           f"{parts_many} parts vs {parts_one}; best of {repeat}, many and one interleaved")
