@@ -32,7 +32,7 @@ from soundstage.train.evaluation import model_inputs
 from soundstage.train.launch import launch
 from soundstage.train.loop import targets, train
 
-# 12 synthetic clips, 8 in train: 2 steps of 4 clips per epoch; evaluation on val after each
+# 12 synthetic clips, 6 in train: 2 steps of 4 + 2 clips per epoch; evaluation on val after each
 SETTINGS = {"epochs": 2, "lr": 2e-3, "probes": ["zeroed"], "checkpoint_every": 1}
 
 
@@ -254,6 +254,7 @@ def test_slurm_job_stopped_with_usr1_requeues_and_equals_the_local_run(two_proce
     (log,) = [name for name in os.listdir(os.path.join(out, "slurm")) if name.endswith(".out")]
     job_id = log[: -len(".out")]
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)  # as SLURM does before a time limit
+    release_when_requeued(job_id, follower)
     output = follower.communicate(timeout=600)[0]
     assert follower.returncode == 0, output
     with open(os.path.join(out, "slurm", log)) as f:
@@ -264,3 +265,15 @@ def test_slurm_job_stopped_with_usr1_requeues_and_equals_the_local_run(two_proce
     for name in a:
         np.testing.assert_allclose(b[name].numpy(), a[name].numpy(), rtol=1e-6, atol=1e-7, err_msg=name)
     assert [r["step"] for r in records(out, "steps.jsonl")] == [1, 2, 3, 4]
+
+
+def release_when_requeued(job_id: str, follower, timeout: float = 300) -> None:
+    """SLURM holds a requeued job back for a while (pending, reason BeginTime); start it now
+    rather than let the test wait (``scontrol update StartTime=now``)."""
+    deadline = time.time() + timeout
+    while follower.poll() is None and time.time() < deadline:
+        queue = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"], capture_output=True, text=True).stdout.strip()
+        if queue == "PENDING|BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+            return
+        time.sleep(0.5)

@@ -177,22 +177,23 @@ class SplitInvariantLoss:
         self.num_masks, self.weight_sum = (float(x) for x in self.dist.sum(local, device))
 
     @contextlib.contextmanager
-    def _rng(self, frame: int, purpose: int):
+    def _own_rng(self):
+        """The global RNG is reseeded per frame inside and restored after: the run's own random
+        stream is not touched by the loss."""
         device = self.criterion.empty_weight.device
-        devices = [device] if device.type == "cuda" else []
-        words = [self.seed & 0xFFFFFFFF, self.step, self.keys[frame], self.layer, purpose]
-        seed = int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            if devices:
-                torch.cuda.manual_seed(seed)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             yield
+
+    def _seed(self, frame: int, purpose: int) -> None:
+        words = [self.seed & 0xFFFFFFFF, self.step, self.keys[frame], self.layer, purpose]
+        torch.manual_seed(int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1))
 
     def _match(self, masks, classes, mask_labels, class_labels):
         self.layer += 1
         matched = []
-        for i in range(len(masks)):
-            with self._rng(i, 0):
+        with self._own_rng():
+            for i in range(len(masks)):
+                self._seed(i, 0)
                 matched += self._match_frame(
                     masks[i : i + 1], classes[i : i + 1], mask_labels[i : i + 1], class_labels[i : i + 1]
                 )
@@ -200,10 +201,11 @@ class SplitInvariantLoss:
 
     def _loss_masks(self, masks, mask_labels, indices, num_masks):
         total: dict = {}
-        for i in range(len(masks)):
-            with self._rng(i, 1):
+        with self._own_rng():
+            for i in range(len(masks)):
+                self._seed(i, 1)
                 part = self._mask_losses(masks[i : i + 1], mask_labels[i : i + 1], indices[i : i + 1], num_masks)
-            total = {k: total.get(k, 0) + v for k, v in part.items()}
+                total = {k: total.get(k, 0) + v for k, v in part.items()}
         return total
 
     def _num_masks(self, class_labels, device):

@@ -95,7 +95,7 @@ def evaluate(
         model.train(was_training)
     if dist.active:
         reduce_accumulator(accumulator, dist, str(device))
-        frames = int(dist.sum(frames))
+        frames = int(dist.sum(frames, str(device)))
     result = accumulator.compute()
     result.update(clips=len(dataset), frames=frames)
     return _plain(result)

@@ -172,7 +172,7 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
     if dist.active:
         # find_unused_parameters: some of Mask2Former's parameters take no part in the loss
         trained = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.startswith("cuda") else None, find_unused_parameters=True
+            model, device_ids=[torch.device(device)] if device.startswith("cuda") else None, find_unused_parameters=True
         )
 
     def checkpoint():
