@@ -387,11 +387,19 @@ class StageDir:
         return [os.path.join(self.parts_dir, n) for n in names]
 
     def committed_ids(self) -> set[str]:
-        """Every committed clip id, from the output's clip index (``soundstage.cache.index``: one
-        file read, parts opened only when new)."""
-        from soundstage.cache.index import clip_index  # it builds on this module
-
-        return set(np.char.decode(clip_index(self).ids, "utf-8").tolist())
+        """Every committed clip id, read from the parts (``soundstage.cache.index.committed_index``
+        answers from the cached clip index instead)."""
+        done = set()
+        for path in self.part_paths():
+            try:
+                with h5py.File(path, "r") as h5:
+                    done.update(h5["clip_id"].asstr()[...].tolist())
+            except Exception as e:  # name the file: h5py's message does not
+                raise CacheError(
+                    f"{path}: unreadable part file ({type(e).__name__}: {e}); run `soundstage verify "
+                    f"--repair {self.path}` to move it to quarantine/"
+                ) from None
+        return done
 
     def write_part(
         self,
@@ -439,10 +447,11 @@ class StageDir:
             f.flush()
             os.fsync(f.fileno())
 
-    def merge_failure_records(self, writer_prefix: str, keep: str) -> int:
+    def merge_failure_records(self, writer_prefix: str, keep: str, committed) -> int:
         """Fold the failure records of a shard's earlier writers (``writer_prefix``; we hold its
         lock) into one file: the latest record per clip, none for clips committed since. So
-        records do not grow with reruns. ``keep``: this writer's own file, left alone. The merged
+        records do not grow with reruns. ``keep``: this writer's own file, left alone;
+        ``committed``: the shard's committed clip ids (a set or mapping). The merged
         file replaces the old one atomically before the others are removed (a crash leaves a
         record twice at worst; the latest wins). Returns the records kept (0: nothing to fold)."""
         names = [
@@ -454,7 +463,6 @@ class StageDir:
         if not names or names == [merged_name]:
             return 0
         latest = _latest_records(os.path.join(self.failures_dir, n) for n in sorted(names))
-        committed = self.committed_ids() if latest else set()
         lines = [json.dumps(rec) for cid, rec in latest.items() if cid not in committed]
         atomic_write_text(os.path.join(self.failures_dir, merged_name), "".join(line + "\n" for line in lines))
         for n in names:

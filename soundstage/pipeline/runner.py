@@ -333,10 +333,11 @@ def run_stage(stage: Stage, manifest_path: str, cache_root: str, params: dict | 
     writer_id = f"{writer_prefix}-{uuid.uuid4().hex[:8]}"
     with writer_lock(plan.dir, shard), _StopRequested() as stop:
         plan.dir.remove_stale_temp_files(writer_prefix)
-        plan.dir.merge_failure_records(writer_prefix, keep=f"{writer_id}.jsonl")  # records do not grow with reruns
         readers = upstream_readers(plan)
         plan.clip_digests = clip_digests(stage.reads, plan.manifest_dir, mine, readers)
-        selection = select_work(mine, committed_index(plan.dir, plan.clip_digests), plan.clip_digests, opts.force)
+        committed = committed_index(plan.dir, plan.clip_digests)
+        plan.dir.merge_failure_records(writer_prefix, f"{writer_id}.jsonl", committed)  # records do not grow with reruns
+        selection = select_work(mine, committed, plan.clip_digests, opts.force)
         todo = selection.todo
         summary.cached, summary.stale, summary.undigested = selection.cached, selection.stale, selection.undigested
         todo = _skip_clips_that_killed_a_run(plan, writer_prefix, writer_id, todo, summary, opts.force)
