@@ -108,6 +108,34 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(one_process,
         assert json.load(f)["world_size"] == 2
 
 
+def test_evaluation_split_over_ranks_equals_one_process(tmp_path):
+    """Every protocol kind, including one scored per batch of 4 videos (segpref): 11 videos of 5
+    frames split over 2 gloo ranks, totals summed == one process scoring all of them."""
+    import ddp_metrics_rank
+
+    from soundstage.train.distributed import Distributed
+    from soundstage.train.launch import free_port
+
+    g = torch.Generator().manual_seed(0)
+    data = {
+        "binary_pred": torch.randn(11, 5, 16, 16, generator=g) * 3,
+        "binary_gt": (torch.rand(11, 5, 16, 16, generator=g) > 0.6).long(),
+        "semantic_pred": torch.randn(11, 5, 4, 16, 16, generator=g) * 3,
+        "semantic_gt": torch.randint(0, 4, (11, 5, 16, 16), generator=g),
+    }
+    data["binary_gt"][3] = 0  # a video without foreground
+    torch.save(data, tmp_path / "data.pt")
+    out = str(tmp_path / "two.json")
+    torch.multiprocessing.spawn(ddp_metrics_rank.rank_main, args=(2, free_port(), str(tmp_path / "data.pt"), out), nprocs=2)
+    with open(out) as f:
+        two = json.load(f)
+    for protocol in ddp_metrics_rank.PROTOCOLS:
+        one = ddp_metrics_rank.score(protocol, data, Distributed())
+        for key, value in one.items():
+            if isinstance(value, (int, float)):
+                assert two[protocol][key] == pytest.approx(value, rel=1e-9, abs=1e-12), (protocol, key)
+
+
 def gradient_free(model, batch) -> set[str]:
     """Parameters whose gradient on ``batch`` is zero up to rounding (1e-6 of the largest)."""
     model.train()
