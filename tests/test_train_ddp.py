@@ -295,6 +295,48 @@ def test_slurm_job_stopped_with_usr1_requeues_and_equals_the_local_run(two_proce
     assert [r["step"] for r in records(out, "steps.jsonl")] == [1, 2, 3, 4]
 
 
+@needs_slurm
+def test_requeue_script_passes_the_time_limit_signal_from_the_batch_shell_to_the_tasks(tmp_path):
+    """The time-limit path: ``--signal=B:USR1@120`` signals the batch shell only (``scancel
+    --batch`` here); its trap must pass USR1 to the task, whose 75 makes the job requeue itself."""
+    from soundstage.pipeline import slurm
+
+    ready = tmp_path / "ready"
+    task = (
+        "import os, signal, sys, time\n"
+        "if int(os.environ.get('SLURM_RESTART_COUNT', '0')):\n"
+        "    print('second run'); sys.exit(0)\n"
+        "signal.signal(signal.SIGUSR1, lambda *_: sys.exit(75))\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        "time.sleep(120); sys.exit(1)\n"
+    )
+    job = slurm.SlurmJob(
+        name="soundstage-requeue-test",
+        command=[],
+        log_dir=str(tmp_path / "logs"),
+        workdir=str(tmp_path),
+        resources=slurm.Resources(cpus=1, time="00:05:00", extra=["--nodes=1", "--ntasks-per-node=1"]),
+    )
+    os.makedirs(job.log_dir)
+    script = tmp_path / "job.sbatch"
+    script.write_text(slurm.render_requeue_script(job, slurm.shell_command([sys.executable, "-c", task])))
+    job_id = slurm.submit_script(str(script))
+    deadline = time.time() + 120
+    while not ready.exists():
+        assert time.time() < deadline, "the task did not start"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    waiter = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        release_when_requeued(job_id, waiter, timeout=120)
+    finally:
+        waiter.kill()
+    slurm.wait_for_jobs([job_id], poll_seconds=0.5, log=lambda *_: None)
+    log = (tmp_path / "logs" / f"{job_id}.out").read_text()
+    assert "USR1: asking the tasks to save and stop" in log
+    assert "requeueing job" in log and "run 1," in log and "second run" in log, log
+
+
 def release_when_requeued(job_id: str, follower, timeout: float = 300) -> None:
     """SLURM holds a requeued job back for a while (pending, reason BeginTime); start it now
     rather than let the test wait (``scontrol update StartTime=now``)."""
