@@ -126,8 +126,11 @@ def train(pipeline_file, out, quiet, clip_grad, probes, **options):
         from soundstage.train.slurm_job import submit_training
 
         ctx.exit(submit_training(ctx, cfg, cluster, launcher["nproc"], dry_run=dry_run, wait=wait, quiet=quiet))
-    if dry_run or wait:
-        raise click.UsageError("--dry-run and --wait go with --executor slurm")
+    given = [name for name in ("nodes", "gpus_per_node", "cpus_per_node", "partition", "time_limit", "mem", "account", "qos")
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]  # fmt: skip
+    if dry_run or wait or given:
+        options_given = ", ".join(f"--{n.replace('_limit', '').replace('_', '-')}" for n in given) or "--dry-run/--wait"
+        raise click.UsageError(f"{options_given}: for --executor slurm")
     if launcher["nproc"] > 1 or launcher["nnodes"] > 1:
         from soundstage.train.launch import launch
 
