@@ -158,8 +158,11 @@ class SplitInvariantLoss:
         self.queries = int(model.config.num_queries)
         self._match_frame = criterion.matcher.forward
         self._mask_losses = criterion.loss_masks
+        self._sample_frame = criterion.sample_points_using_uncertainty
         criterion.matcher.forward = self._match
         criterion.loss_masks = self._loss_masks
+        criterion.sample_points_using_uncertainty = self._sample_points
+        self._boxes: list[int] = []
         criterion.loss_labels = self._loss_labels
         criterion.get_num_masks = self._num_masks
         self.keys: list[int] = []
@@ -200,13 +203,21 @@ class SplitInvariantLoss:
         return matched
 
     def _loss_masks(self, masks, mask_labels, indices, num_masks):
-        total: dict = {}
+        self._boxes = [len(src) for src, _ in indices]  # matched queries per frame, in frame order
+        return self._mask_losses(masks, mask_labels, indices, num_masks)
+
+    def _sample_points(self, logits, uncertainty_function, num_points, oversample_ratio, importance_sample_ratio):
+        """transformers' uncertainty sampling, run per frame on that frame's matched masks (the
+        rows of ``logits`` come frame by frame) with the frame's own seed."""
+        parts, start = [], 0
         with self._own_rng():
-            for i in range(len(masks)):
-                self._seed(i, 1)
-                part = self._mask_losses(masks[i : i + 1], mask_labels[i : i + 1], indices[i : i + 1], num_masks)
-                total = {k: total.get(k, 0) + v for k, v in part.items()}
-        return total
+            for frame, count in enumerate(self._boxes):
+                if count:
+                    self._seed(frame, 1)
+                    args = (uncertainty_function, num_points, oversample_ratio, importance_sample_ratio)
+                    parts.append(self._sample_frame(logits[start : start + count], *args))
+                start += count
+        return torch.cat(parts)
 
     def _num_masks(self, class_labels, device):
         return torch.clamp(torch.as_tensor(self.num_masks / self.dist.world_size, dtype=torch.float, device=device), min=1)
