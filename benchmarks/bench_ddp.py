@@ -6,7 +6,9 @@ there are N GPUs). The one-process run is timed twice: with transformers' own lo
 split-invariant loss that DDP runs use (``split_invariant_loss: true``), which separates the cost of
 that loss (per-frame matching and point sampling) from the cost of communication. Weak scaling: each process keeps B clips per step, so N processes see N·B
 clips per step. Step time is rank 0's median ``step_seconds`` (metrics/steps.jsonl: forward,
-backward with the gradient all-reduce, optimizer step), the first step left out.
+backward with the gradient all-reduce, optimizer step), the first step left out. The three runs are
+repeated ``--repeats`` times, interleaved, and each figure is the median over the repeats (the
+machine's load changes while it runs).
 
     efficiency = (clips/s on N processes) / (N x clips/s on 1 process)
 
@@ -46,6 +48,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=48)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,18 +68,29 @@ def main() -> None:
             "threads": args.threads,
             "device": args.device,
         }
-        one = os.path.join(tmp, "one")
-        train(resolve_config(None, {**settings, "out": one}), log=lambda *_: None, progress=False)
-        exact = os.path.join(tmp, "one-split-invariant")
-        train(resolve_config(None, {**settings, "out": exact, "split_invariant_loss": True}), log=lambda *_: None, progress=False)
-        many = os.path.join(tmp, "many")
-        code = launch(resolve_config(None, {**settings, "out": many}), args.nproc, quiet=True, log=print)
-        assert code == 0, f"the {args.nproc}-process run failed ({code})"
-        t1, t1_exact, tn = step_seconds(one), step_seconds(exact), step_seconds(many)
+        times: dict[str, list] = {"one": [], "exact": [], "many": []}
+        for repeat in range(args.repeats):
+            one = os.path.join(tmp, f"one-{repeat}")
+            train(resolve_config(None, {**settings, "out": one}), log=lambda *_: None, progress=False)
+            exact = os.path.join(tmp, f"one-split-invariant-{repeat}")
+            train(
+                resolve_config(None, {**settings, "out": exact, "split_invariant_loss": True}),
+                log=lambda *_: None,
+                progress=False,
+            )
+            many = os.path.join(tmp, f"many-{repeat}")
+            code = launch(resolve_config(None, {**settings, "out": many}), args.nproc, quiet=True, log=print)
+            assert code == 0, f"the {args.nproc}-process run failed ({code})"
+            for name, run in (("one", one), ("exact", exact), ("many", many)):
+                times[name].append(step_seconds(run))
+        t1, t1_exact, tn = (statistics.median(times[name]) for name in ("one", "exact", "many"))
 
     rate1, rate1_exact, rate_n = args.batch_size / t1, args.batch_size / t1_exact, args.nproc * args.batch_size / tn
     device = args.device if args.device != "cpu" else f"CPU, {os.cpu_count()} cores, {args.threads} thread(s) per process"
-    print(f"device: {device}; torch {torch.__version__}; {args.steps} steps of {args.batch_size} clips per process")
+    print(
+        f"device: {device}; torch {torch.__version__}; {args.steps} steps of {args.batch_size} clips per process; "
+        f"median of {args.repeats} interleaved repeats"
+    )
     print(f"{'processes':>9} {'loss':<16} {'step s':>8} {'clips/s':>8}")
     print(f"{1:>9} {'transformers':<16} {t1:>8.3f} {rate1:>8.2f}")
     print(f"{1:>9} {'split-invariant':<16} {t1_exact:>8.3f} {rate1_exact:>8.2f}")
