@@ -25,9 +25,9 @@ transformers' code for everything else:
 * the mask count (mask/dice normaliser) and the sum of class weights (cross-entropy normaliser)
   are totals over all ranks (``all_reduce``), divided by ``W`` because DDP averages gradients —
   as the reference Mask2Former all-reduces its mask count;
-* the matcher and the point-sampled mask losses run per frame, with their random points drawn
-  from a generator seeded by (run seed, step, clip id, frame, decoder layer): the same frame at
-  the same step gets the same points in any batch, on any rank;
+* the matcher and the uncertainty point sampling of the mask losses run per frame, with the
+  global RNG reseeded from (run seed, step, clip id, frame, decoder layer) for each frame and
+  restored after: the same frame at the same step gets the same points in any batch, on any rank;
 * the rest (Hungarian matching, uncertainty sampling, losses) is transformers' own code.
 
 So a run on ``W`` processes with batch ``B`` equals a one-process run with batch ``B·W`` and
