@@ -322,6 +322,10 @@ def demo(out_dir, clips, seed, executor, shards, train_epochs):
                    f"  one clip:   soundstage tags show --cache {pipe.cache} -- {clip_ids[0]}\n"
                    f"  in Python:  soundstage.cache.open_stage('{after[-1]['path']}')['{clip_ids[0]}']")
         click.echo(TINY_OUTPUTS_NOTE)
+    queries_ok = True
+    if not incomplete:
+        mapping = os.path.join(out_dir, "models", "query_mapping.json")
+        queries_ok = active_queries(pipeline_path, pipe.cache, manifest, mapping)
     report = None
     if not incomplete and train_epochs != 0:
         run_dir = os.path.join(out_dir, "runs", DEMO_RUN)
@@ -331,7 +335,7 @@ def demo(out_dir, clips, seed, executor, shards, train_epochs):
     click.echo(f"\ndemo finished in {time.monotonic() - start:.1f} s")
     if report:
         click.echo(f"report: {report}   (open it in a browser)")
-    click.get_current_context().exit(code or (1 if incomplete else 0))
+    click.get_current_context().exit(code or (1 if incomplete or not queries_ok else 0))
 
 
 def train_demo_model(pipeline_path: str, run_dir: str, manifest: str, epochs: int | None) -> None:
@@ -381,6 +385,24 @@ def masks_and_report(cache: str, manifest: str, run_dir: str, report_dir: str, o
         return page
     with _quiet_transformers():
         return write_report(run_dir, report_dir, cache=cache, log=lambda *_: None)
+
+
+def active_queries(pipeline_path: str, cache: str, manifest: str, mapping_path: str, out=click.echo) -> bool:
+    """bias_in_AVS's active queries from the demo's units and BEATs tags, through the documented
+    default mapping (written once, beside the models: it keys the output, so it is never replaced)."""
+    from soundstage.pipeline.runner import run_stage
+    from soundstage.stages import get_stage
+    from soundstage.stages.export import query_mapping
+
+    if not os.path.exists(mapping_path):
+        click.get_current_context().invoke(query_mapping, config=pipeline_path, out_path=mapping_path)
+    summary = run_stage(get_stage("active-queries"), manifest, cache, {"mapping": mapping_path},
+                        progress=False, log=lambda *_: None)
+    out(f"\nactive queries (bias_in_AVS) of every clip, through the default mapping {mapping_path}:\n"
+        f"active-queries {os.path.basename(summary.path)}  {summary.done + summary.cached}/{summary.selected} clips, "
+        f"{len(summary.failed)} failed\n"
+        f"  as .pth files: soundstage export active-queries --manifest {manifest} --cache {cache} --out DIR")
+    return summary.ok
 
 
 def _read_json(path: str) -> dict:
