@@ -273,15 +273,16 @@ def test_slurm_job_stopped_with_usr1_requeues_and_equals_the_local_run(two_proce
     command = cli(*cli_options(vggish_cache, out, 2), "--executor", "slurm", "--nproc", 2, "--cpus-per-node", 2, "--wait")
     env = {**os.environ, "SOUNDSTAGE_SLURM_POLL_SECONDS": "1"}
     follower = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-    steps = os.path.join(out, "metrics", "steps.jsonl")
     deadline = time.time() + 300
-    while not (os.path.exists(steps) and len(open(steps).read().splitlines()) >= 1):
+    while not _job_log_says(out, "using the only vggish output"):  # the ranks are up, before the loop
         assert follower.poll() is None, follower.stdout.read()
         assert time.time() < deadline, "the job did not start training within 5 minutes"
         time.sleep(0.2)
     (log,) = [name for name in os.listdir(os.path.join(out, "slurm")) if name.endswith(".out")]
     job_id = log[: -len(".out")]
-    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)  # as SLURM does before a time limit
+    # as SLURM does before a time limit; before the first step, so the run cannot end first: the
+    # signal waits for the loop, which stops after step 1
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
     release_when_requeued(job_id, follower)
     output = follower.communicate(timeout=600)[0]
     assert follower.returncode == 0, output
@@ -293,6 +294,7 @@ def test_slurm_job_stopped_with_usr1_requeues_and_equals_the_local_run(two_proce
     for name in a:
         np.testing.assert_allclose(b[name].numpy(), a[name].numpy(), rtol=1e-6, atol=1e-7, err_msg=name)
     assert [r["step"] for r in records(out, "steps.jsonl")] == [1, 2, 3, 4]
+    assert "stopped by SIGUSR1 at step 1" in job_log
 
 
 @needs_slurm
@@ -335,6 +337,12 @@ def test_requeue_script_passes_the_time_limit_signal_from_the_batch_shell_to_the
     log = (tmp_path / "logs" / f"{job_id}.out").read_text()
     assert "USR1: asking the tasks to save and stop" in log
     assert "requeueing job" in log and "run 1," in log and "second run" in log, log
+
+
+def _job_log_says(run: str, text: str) -> bool:
+    folder = os.path.join(run, "slurm")
+    logs = [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".out")] if os.path.isdir(folder) else []
+    return any(text in open(path).read() for path in logs)
 
 
 def release_when_requeued(job_id: str, follower, timeout: float = 300) -> None:

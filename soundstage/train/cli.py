@@ -132,6 +132,9 @@ def train(pipeline_file, out, quiet, clip_grad, probes, **options):
         options_given = ", ".join(f"--{n.replace('_limit', '').replace('_', '-')}" for n in given) or "--dry-run/--wait"
         raise click.UsageError(f"{options_given}: for --executor slurm")
     if launcher["nproc"] > 1 or launcher["nnodes"] > 1:
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGUSR1])  # launch() takes them
         from soundstage.train.launch import launch
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -164,9 +167,10 @@ def run_training_command(cfg, quiet: bool = False) -> int:
     from soundstage.train.config import ConfigError
     from soundstage.train.cues import CueError
     from soundstage.train.distributed import Distributed
-    from soundstage.train.loop import Stopped
+    from soundstage.train.loop import Stopped, hold_stop_signals
     from soundstage.train.loop import train as run_training
 
+    hold_stop_signals()  # the loop takes them (a stop before it starts is kept for it)
     dist = Distributed.from_env()
     try:
         result = run_training(cfg, log=click.echo, progress=not quiet, dist=dist)

@@ -58,6 +58,7 @@ def launch(
     """Run ``cfg`` on ``nproc`` local ranks (of ``nproc × nnodes``); returns the exit status."""
     if nnodes > 1 and not (master_addr and master_port):
         raise ValueError("--nnodes > 1 needs --master-addr and --master-port (node 0's address and a free port)")
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, list(FORWARDED))  # until the handlers below are in place
     pid, started = lifeline.parent_token()
     common = {
         "MASTER_ADDR": master_addr or "127.0.0.1",
@@ -79,6 +80,7 @@ def launch(
                 os.kill(proc.pid, FORWARDED[number])
 
     previous = {number: signal.signal(number, forward) for number in FORWARDED}
+    signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile goes on now
     try:
         return _supervise(ranks, node_rank * nproc, log)
     finally:
@@ -108,6 +110,8 @@ def _supervise(ranks: list, first_rank: int, log) -> int:
 
 def worker_main() -> int:
     """One rank started by ``launch``: the settings come from the environment."""
+    # a stop signal before the training loop runs stays pending for it (the loop delivers it)
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGUSR1])
     from soundstage.train.cli import run_training_command
 
     pid, _, started = os.environ.get("SOUNDSTAGE_LAUNCHER", "").partition(":")

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import math
 import random
+import signal
 import time
 
 import numpy as np
@@ -76,6 +77,30 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, dist: Distributed 
 
 def _quiet(*args, **kwargs) -> None:
     pass
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+def hold_stop_signals() -> None:
+    """Keep SIGTERM/SIGUSR1 pending (blocked) until the training loop takes them: the command
+    calls this first, so a stop signal during start-up (imports, caches, model) or after the loop
+    (final evaluation, saving) neither kills the process nor is lost before the loop."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, [getattr(signal, name) for name in STOP_SIGNALS])
+
+
+@contextlib.contextmanager
+def stop_signals_delivered():
+    """Inside: stop signals are delivered (pending ones at once); after: the caller's mask again."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_UNBLOCK, [getattr(signal, name) for name in STOP_SIGNALS])
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager
@@ -193,7 +218,7 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
     trained.train()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     last_eval = {}
-    with StopSignals() as signals:
+    with StopSignals() as signals, stop_signals_delivered():
         while epoch < cfg.epochs and step < total_steps:
             sampler.set_epoch(epoch, position // dist.world_size)
             batches = iter(loader)
