@@ -342,7 +342,7 @@ def train_demo_model(pipeline_path: str, run_dir: str, manifest: str, epochs: in
     """Train the tiny model as the pipeline file's ``train:`` section says, and print how it
     scores with its real audio and with the audio replaced."""
     from soundstage.manifests.table import read_manifest
-    from soundstage.train.cli import audio_table
+    from soundstage.train.command import audio_table
     from soundstage.train.config import ConfigError, resolve_config
     from soundstage.train.cues import CueError
     from soundstage.train.loop import train

@@ -7,6 +7,7 @@ import os
 import click
 
 from soundstage.cache.reader import MissingClip
+from soundstage.train.command import audio_table, run_training_command  # noqa: F401 (re-exported)
 
 
 def _settings(**options) -> dict:
@@ -157,45 +158,3 @@ def train(pipeline_file, out, quiet, clip_grad, probes, **options):
             raise click.ClickException(str(e)) from None
         ctx.exit(code)
     ctx.exit(run_training_command(cfg, quiet))
-
-
-def run_training_command(cfg, quiet: bool = False) -> int:
-    """Train (or resume) ``cfg`` in this process — one rank of a DDP run when the environment
-    says so — and print the last evaluation (rank 0). Returns 0, or 75 when stopped by a signal;
-    user mistakes raise ``click.ClickException`` (in a launched rank: printed by rank 0, status 1)."""
-    from soundstage.pipeline.pipeline_file import PipelineError
-    from soundstage.train.config import ConfigError
-    from soundstage.train.cues import CueError
-    from soundstage.train.distributed import Distributed
-    from soundstage.train.loop import Stopped, hold_stop_signals
-    from soundstage.train.loop import train as run_training
-
-    hold_stop_signals()  # the loop takes them (a stop before it starts is kept for it)
-    dist = Distributed.from_env()
-    try:
-        result = run_training(cfg, log=click.echo, progress=not quiet, dist=dist)
-    except Stopped as e:
-        if dist.main:
-            click.echo(str(e), err=True)
-        return 75
-    except (ConfigError, CueError, MissingClip, PipelineError, FileNotFoundError) as e:
-        if "SOUNDSTAGE_LAUNCHER" not in os.environ:
-            raise click.ClickException(str(e)) from None
-        if dist.main:
-            click.ClickException(str(e)).show()
-        return 1
-    if result and dist.main:
-        click.echo(f"run: {cfg.out}")
-        click.echo(audio_table(result))
-    return 0
-
-
-def audio_table(record: dict) -> str:
-    """The last evaluation, one line per audio variant."""
-    lines = [f"{'audio':<10} {'mIoU':>8} {'F':>8}   ({record.get('split')}, epoch {record.get('epoch')})"]
-    for variant, result in record.get("eval", {}).items():
-        lines.append(f"{variant:<10} {result.get('miou', float('nan')):>8.4f} {result.get('fscore', float('nan')):>8.4f}")
-    gap = record.get("gap_real_muted")
-    if gap and gap.get("miou") is not None:
-        lines.append(f"{'real-muted':<10} {gap['miou']:>8.4f} {gap['fscore']:>8.4f}")
-    return "\n".join(lines)

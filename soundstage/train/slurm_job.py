@@ -130,7 +130,7 @@ def submit_training(
 ) -> int:
     """Write and submit the job (print it with ``dry_run``); with ``wait`` follow it through its
     requeues and print the last evaluation. Returns the exit status."""
-    from soundstage.train.cli import audio_table
+    from soundstage.train.command import audio_table
 
     if cluster["gpus_per_node"] and nproc > 1 and nproc != cluster["gpus_per_node"]:
         raise click.UsageError("--nproc and --gpus-per-node disagree: on GPU nodes there is one process per GPU")
