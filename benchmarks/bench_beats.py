@@ -34,8 +34,17 @@ from soundstage.models.beats import BEATs, tiny_config  # noqa: E402
 from soundstage.models.fbank import num_frames  # noqa: E402
 from soundstage.stages.beats import STAGE  # noqa: E402
 
-REAL = dict(embed_dim=512, encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072,
-            encoder_attention_heads=12, conv_pos=128, conv_pos_groups=16, num_buckets=320, max_distance=800)
+REAL = dict(
+    embed_dim=512,
+    encoder_layers=12,
+    encoder_embed_dim=768,
+    encoder_ffn_embed_dim=3072,
+    encoder_attention_heads=12,
+    conv_pos=128,
+    conv_pos_groups=16,
+    num_buckets=320,
+    max_distance=800,
+)
 
 
 def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> tuple[float, float]:
@@ -76,7 +85,7 @@ def one_at_a_time(model: BEATs, items: list) -> None:
             wave = torch.from_numpy(item["wave"])[None]
             model.extract_features(wave)
             for s in range(item["seconds"]):
-                window = wave[:, s * 16000:(s + 1) * 16000]
+                window = wave[:, s * 16000 : (s + 1) * 16000]
                 features, _ = model.encode(window)
                 model.classify(features)
                 features.mean(dim=1)
@@ -103,33 +112,46 @@ def main():
     model = STAGE.setup({"checkpoint": path, "device": "cpu", "dtype": "fp32"})
 
     rng = np.random.default_rng(0)
-    items = [{"wave": (0.1 * rng.standard_normal(16000 * args.seconds)).astype(np.float32), "seconds": args.seconds}
-             for _ in range(args.clips)]
+    items = [
+        {"wave": (0.1 * rng.standard_normal(16000 * args.seconds)).astype(np.float32), "seconds": args.seconds}
+        for _ in range(args.clips)
+    ]
     flops = clip_flops(model, items[0]["wave"])
 
     # The machine may be shared: rates are given per wall second and per CPU second of this
     # process (what it got of the cores); the roofline is the best of measurements around the runs.
     peaks = [matmul_flops_per_s()]
     STAGE.process(model, items[:1], {})  # warm-up
-    stage_s, stage_cpu = _timed(lambda: [STAGE.process(model, items[i:i + args.batch], {})
-                                         for i in range(0, len(items), args.batch)])
+    stage_s, stage_cpu = _timed(
+        lambda: [STAGE.process(model, items[i : i + args.batch], {}) for i in range(0, len(items), args.batch)]
+    )
     peaks.append(matmul_flops_per_s())
     loop_s, loop_cpu = _timed(lambda: one_at_a_time(model, items))
     peaks.append(matmul_flops_per_s())
     peak, peak_cpu = max(p for p, _ in peaks), max(c for _, c in peaks)
 
-    print(f"BEATs {args.size}: {cfg['encoder_layers']} layers x {cfg['encoder_embed_dim']}, "
-          f"{args.clips} clips of {args.seconds} s, fp32 CPU, {args.threads} threads")
+    print(
+        f"BEATs {args.size}: {cfg['encoder_layers']} layers x {cfg['encoder_embed_dim']}, "
+        f"{args.clips} clips of {args.seconds} s, fp32 CPU, {args.threads} threads"
+    )
     print(f"FLOPs per {args.seconds} s clip (clip pass + {args.seconds} one-second passes): {flops / 1e9:.1f} GFLOP")
-    print(f"matmul roofline (float32 2048^3 torch.mm, best of {len(peaks)}): {peak / 1e9:.1f} GFLOP/s per wall s, "
-          f"{peak_cpu / 1e9:.1f} per CPU s; load average {os.getloadavg()[0]:.1f}")
-    print(f"{'':36s} {'wall s':>7s} {'CPU s':>7s} {'clips/s':>8s} {'x realtime':>10s} "
-          f"{'GFLOP/s':>8s} {'of matmul':>9s} {'per CPU s':>10s}")
-    for name, seconds, cpu in ((f"stage (process, batch {args.batch})", stage_s, stage_cpu),
-                               ("one clip at a time", loop_s, loop_cpu)):
+    print(
+        f"matmul roofline (float32 2048^3 torch.mm, best of {len(peaks)}): {peak / 1e9:.1f} GFLOP/s per wall s, "
+        f"{peak_cpu / 1e9:.1f} per CPU s; load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"{'':36s} {'wall s':>7s} {'CPU s':>7s} {'clips/s':>8s} {'x realtime':>10s} "
+        f"{'GFLOP/s':>8s} {'of matmul':>9s} {'per CPU s':>10s}"
+    )
+    for name, seconds, cpu in (
+        (f"stage (process, batch {args.batch})", stage_s, stage_cpu),
+        ("one clip at a time", loop_s, loop_cpu),
+    ):
         rate, rate_cpu = flops * args.clips / seconds, flops * args.clips / cpu
-        print(f"{name:36s} {seconds:7.2f} {cpu:7.2f} {args.clips / seconds:8.2f} {args.clips * args.seconds / seconds:10.1f} "
-              f"{rate / 1e9:8.1f} {rate / peak:9.0%} {rate_cpu / peak_cpu:10.0%}")
+        print(
+            f"{name:36s} {seconds:7.2f} {cpu:7.2f} {args.clips / seconds:8.2f} {args.clips * args.seconds / seconds:10.1f} "
+            f"{rate / 1e9:8.1f} {rate / peak:9.0%} {rate_cpu / peak_cpu:10.0%}"
+        )
     print(f"speed-up of the stage over the loop: {loop_s / stage_s:.2f}x", flush=True)
 
     if args.runner_clips:
@@ -138,13 +160,23 @@ def main():
         from soundstage.pipeline.runner import run_stage
 
         manifest = make_synthetic_dataset(os.path.join(tmp, "data"), clips=args.runner_clips, seed=0, workers=0)
-        summary = run_stage(STAGE, manifest, os.path.join(tmp, "cache"), {"checkpoint": path, "device": "cpu"},
-                            workers=1, batch_size=args.batch, progress=False, log=lambda *_: None)
+        summary = run_stage(
+            STAGE,
+            manifest,
+            os.path.join(tmp, "cache"),
+            {"checkpoint": path, "device": "cpu"},
+            workers=1,
+            batch_size=args.batch,
+            progress=False,
+            log=lambda *_: None,
+        )
         assert summary.ok, summary.format()
         audio_s = float(read_manifest(manifest)["num_frames"].astype(int).sum())
-        print(f"runner on the synthetic dataset: {args.runner_clips} clips, {audio_s:.0f} s of audio in "
-              f"{summary.seconds:.1f} s ({audio_s / summary.seconds:.1f}x realtime; model load, decoding, "
-              "mixed 5/10 s clip lengths and HDF5 commits included)")
+        print(
+            f"runner on the synthetic dataset: {args.runner_clips} clips, {audio_s:.0f} s of audio in "
+            f"{summary.seconds:.1f} s ({audio_s / summary.seconds:.1f}x realtime; model load, decoding, "
+            "mixed 5/10 s clip lengths and HDF5 commits included)"
+        )
 
 
 if __name__ == "__main__":

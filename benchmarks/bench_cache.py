@@ -35,8 +35,12 @@ def write_all(root: str, data: dict, field: Field):
         torch.save(torch.from_numpy(arr), os.path.join(root, "pth", f"{cid}.pth"))
         np.save(os.path.join(root, "npy", f"{cid}.npy"), arr)
     sd = StageDir(os.path.join(root, "cache", "bench", "0"))
-    meta = {"stage": "bench", "fingerprint": "0", "kind": "per_clip",
-            "fields": [{"name": field.name, "dtype": field.dtype, "shape": list(field.shape)}]}
+    meta = {
+        "stage": "bench",
+        "fingerprint": "0",
+        "kind": "per_clip",
+        "fields": [{"name": field.name, "dtype": field.dtype, "shape": list(field.shape)}],
+    }
     sd.initialise(meta)
     items = list(data.items())
     for seq, start in enumerate(range(0, len(items), 256)):
@@ -89,11 +93,18 @@ def main():
     ap.add_argument("--dir", default="/tmp/soundstage_bench_cache")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    bench("HuBERT-like features [250 or 500, 768] float16", os.path.join(args.dir, "features"),
-          make_data(args.clips, lambda rng: (int(rng.choice([250, 500])), 768), 0),
-          Field("features", "float16", (None, 768)))
-    bench("per-second probabilities [10, 527] float16", os.path.join(args.dir, "probs"),
-          make_data(args.small_clips, lambda rng: (10, 527), 1), Field("probs", "float16", (10, 527)))
+    bench(
+        "HuBERT-like features [250 or 500, 768] float16",
+        os.path.join(args.dir, "features"),
+        make_data(args.clips, lambda rng: (int(rng.choice([250, 500])), 768), 0),
+        Field("features", "float16", (None, 768)),
+    )
+    bench(
+        "per-second probabilities [10, 527] float16",
+        os.path.join(args.dir, "probs"),
+        make_data(args.small_clips, lambda rng: (10, 527), 1),
+        Field("probs", "float16", (10, 527)),
+    )
     shutil.rmtree(args.dir, ignore_errors=True)
 
 

@@ -31,13 +31,19 @@ FIELD = Field("features", "float16", (None, 768))
 def build(root: str, clips: int) -> str:
     shutil.rmtree(root, ignore_errors=True)
     sd = StageDir(os.path.join(root, "bench", "0"))
-    meta = {"stage": "bench", "fingerprint": "0", "kind": "per_clip",
-            "fields": [{"name": FIELD.name, "dtype": FIELD.dtype, "shape": list(FIELD.shape)}]}
+    meta = {
+        "stage": "bench",
+        "fingerprint": "0",
+        "kind": "per_clip",
+        "fields": [{"name": FIELD.name, "dtype": FIELD.dtype, "shape": list(FIELD.shape)}],
+    }
     sd.initialise(meta)
     rng = np.random.default_rng(0)
     for seq, start in enumerate(range(0, clips, 256)):
-        rows = [(f"clip{i:06d}", {"features": rng.standard_normal((int(rng.integers(240, 500)), 768)).astype(np.float16)})
-                for i in range(start, min(clips, start + 256))]
+        rows = [
+            (f"clip{i:06d}", {"features": rng.standard_normal((int(rng.integers(240, 500)), 768)).astype(np.float16)})
+            for i in range(start, min(clips, start + 256))
+        ]
         sd.write_part("bench", seq, [FIELD], rows, meta)
     return sd.path
 
@@ -72,8 +78,10 @@ def main():
     t = time.perf_counter()
     verify_stage(StageDir(path))
     results["verify once"] = time.perf_counter() - t
-    print(f"{len(ids)} clips, {len(StageDir(path).part_paths())} parts, {size / 1e6:.0f} MB; "
-          f"reading {len(order)} random clips ({args.fraction:.0%})")
+    print(
+        f"{len(ids)} clips, {len(StageDir(path).part_paths())} parts, {size / 1e6:.0f} MB; "
+        f"reading {len(order)} random clips ({args.fraction:.0%})"
+    )
     for name, seconds in results.items():
         print(f"  {name:<17} {seconds:7.3f} s   {seconds / results['plain']:6.1f}x plain")
     shutil.rmtree(args.dir, ignore_errors=True)

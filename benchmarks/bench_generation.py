@@ -76,8 +76,10 @@ def main():
 
     template = load_template()
     conversations = [template.messages([c]) for c in captions(args.prompts)]
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads; "
-          f"{args.prompts} prompts, Llama hidden {args.hidden} x {args.layers} layers, {args.new_tokens} new tokens")
+    print(
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads; "
+        f"{args.prompts} prompts, Llama hidden {args.hidden} x {args.layers} layers, {args.new_tokens} new tokens"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_chat_lm(os.path.join(tmp, "lm"), hidden=args.hidden, layers=args.layers, heads=4)
         probe = TransformersChatLM(model_dir)
@@ -88,13 +90,17 @@ def main():
         for bs in args.batch_sizes:
             seconds, texts = time_local(model_dir, conversations, bs, args.new_tokens)
             same = sum(a == b for a, b in zip(texts, reference))
-            print(f"batched, {bs:3d} / call   : {seconds:7.2f} s  ({args.prompts / seconds:6.2f} prompts/s)  "
-                  f"speed-up x{single / seconds:5.2f}; identical answers {same}/{args.prompts}")
+            print(
+                f"batched, {bs:3d} / call   : {seconds:7.2f} s  ({args.prompts / seconds:6.2f} prompts/s)  "
+                f"speed-up x{single / seconds:5.2f}; identical answers {same}/{args.prompts}"
+            )
 
     for concurrency in (1, 8):
         seconds = time_http(conversations, concurrency, args.http_delay)
-        print(f"HTTP, {args.http_delay:.2f} s latency, concurrency {concurrency}: {seconds:6.2f} s "
-              f"({args.prompts / seconds:6.2f} prompts/s)")
+        print(
+            f"HTTP, {args.http_delay:.2f} s latency, concurrency {concurrency}: {seconds:6.2f} s "
+            f"({args.prompts / seconds:6.2f} prompts/s)"
+        )
 
 
 if __name__ == "__main__":

@@ -91,10 +91,12 @@ def main():
     paths = [resolve_path(r["audio_path"], os.path.dirname(manifest)) for r in rows]
     durations = [load_audio(p).wave.shape[0] for p in paths]
     audio_seconds = sum(durations) / 16000
-    print(f"# {len(paths)} clips, {audio_seconds:.0f} s of audio ({sorted(set(d // 16000 for d in durations))} s long); "
-          f"model {'tiny' if args.tiny else 'base-shape'} ({config.num_hidden_layers} layers x {config.hidden_size}), "
-          f"layer {args.layer}, {args.device} {args.dtype}, torch threads {torch.get_num_threads()}, "
-          f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"# {len(paths)} clips, {audio_seconds:.0f} s of audio ({sorted(set(d // 16000 for d in durations))} s long); "
+        f"model {'tiny' if args.tiny else 'base-shape'} ({config.num_hidden_layers} layers x {config.hidden_size}), "
+        f"layer {args.layer}, {args.device} {args.dtype}, torch threads {torch.get_num_threads()}, "
+        f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}"
+    )
 
     # reference: the per-file loop of dump_hubert_feature.py (model loading included, as in the stage)
     start = time.perf_counter()
@@ -109,8 +111,16 @@ def main():
     # the stage, through the runner
     params = {"model": model_dir, "layer": args.layer, "device": args.device, "dtype": args.dtype}
     start = time.perf_counter()
-    summary = run_stage(get_stage("hubert"), manifest, os.path.join(work, "cache"), params, workers=args.workers,
-                        batch_size=args.batch_size, progress=False, log=lambda *_: None)
+    summary = run_stage(
+        get_stage("hubert"),
+        manifest,
+        os.path.join(work, "cache"),
+        params,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        progress=False,
+        log=lambda *_: None,
+    )
     t_stage = time.perf_counter() - start
     assert summary.ok and summary.done == len(paths), summary.format()
 
@@ -122,12 +132,18 @@ def main():
     print()
     print("| run | wall s | clips/s | audio s per s | achieved GFLOP/s | fraction of matmul peak |")
     print("|---|---|---|---|---|---|")
-    for name, t in (("reference per-file loop (dump_hubert_feature)", t_ref),
-                    (f"hubert stage (batch {args.batch_size}, {args.workers} workers)", t_stage)):
-        print(f"| {name} | {t:.1f} | {len(paths) / t:.2f} | {audio_seconds / t:.1f} | {flops / t / 1e9:.1f} | "
-              f"{flops / t / peak:.2f} |")
-    print(f"\nspeed-up of the stage: {t_ref / t_stage:.2f}x; measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (before/after: {peaks[0] / 1e9:.1f}/{peaks[1] / 1e9:.1f}); "
-          f"{flops / len(paths) / 1e9:.1f} GFLOP per clip (forward to layer {args.layer})")
+    for name, t in (
+        ("reference per-file loop (dump_hubert_feature)", t_ref),
+        (f"hubert stage (batch {args.batch_size}, {args.workers} workers)", t_stage),
+    ):
+        print(
+            f"| {name} | {t:.1f} | {len(paths) / t:.2f} | {audio_seconds / t:.1f} | {flops / t / 1e9:.1f} | "
+            f"{flops / t / peak:.2f} |"
+        )
+    print(
+        f"\nspeed-up of the stage: {t_ref / t_stage:.2f}x; measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (before/after: {peaks[0] / 1e9:.1f}/{peaks[1] / 1e9:.1f}); "
+        f"{flops / len(paths) / 1e9:.1f} GFLOP per clip (forward to layer {args.layer})"
+    )
 
 
 if __name__ == "__main__":

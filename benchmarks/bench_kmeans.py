@@ -59,10 +59,12 @@ def main():
     from soundstage.stages.kmeans import FAISS_SETTINGS, fit_kmeans, inertia_per_frame
 
     x = synthetic_frames(args.frames, args.dim, args.sources, args.seed)
-    print(f"# {args.frames} synthetic frames x {args.dim} ({args.sources} Gaussian sources); "
-          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, faiss {faiss.__version__} "
-          f"({'GPU' if faiss.get_num_gpus() else 'CPU'}), sklearn {sklearn.__version__}, "
-          f"threads {args.threads or 'default'}")
+    print(
+        f"# {args.frames} synthetic frames x {args.dim} ({args.sources} Gaussian sources); "
+        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, faiss {faiss.__version__} "
+        f"({'GPU' if faiss.get_num_gpus() else 'CPU'}), sklearn {sklearn.__version__}, "
+        f"threads {args.threads or 'default'}"
+    )
     print(f"# faiss settings: {FAISS_SETTINGS}")
     configs = [{}] + [parse_config(c) for c in args.faiss]
     rows = []
@@ -83,12 +85,17 @@ def main():
             rows.append((k, name, w_sk, t_sk, w_f, t_f, i_sk, i_f))
             print(f"# K={k} faiss {name} wall {w_f:.1f} s cpu {t_f:.1f} s inertia {i_f:.3f}", flush=True)
     print()
-    print("| K | faiss settings | sklearn (fairseq) wall / cpu s | faiss wall / cpu s | speed-up wall / cpu "
-          "| sklearn inertia/frame | faiss inertia/frame | inertia faiss/sklearn |")
+    print(
+        "| K | faiss settings | sklearn (fairseq) wall / cpu s | faiss wall / cpu s | speed-up wall / cpu "
+        "| sklearn inertia/frame | faiss inertia/frame | inertia faiss/sklearn |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for k, name, w_sk, t_sk, w_f, t_f, i_sk, i_f in rows:
-        print(f"| {k} | {name} | {w_sk:.1f} / {t_sk:.1f} | {w_f:.1f} / {t_f:.1f} | {w_sk / w_f:.1f}x / {t_sk / t_f:.1f}x "
-              f"| {i_sk:.3f} | {i_f:.3f} | {i_f / i_sk:.4f} |")
+        print(
+            f"| {k} | {name} | {w_sk:.1f} / {t_sk:.1f} | {w_f:.1f} / {t_f:.1f} | {w_sk / w_f:.1f}x / {t_sk / t_f:.1f}x "
+            f"| {i_sk:.3f} | {i_f:.3f} | {i_f / i_sk:.4f} |"
+        )
+
 
 if __name__ == "__main__":
     main()

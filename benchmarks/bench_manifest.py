@@ -33,7 +33,9 @@ def replicate(src: str, dst: str, copies: int) -> int:
     for k in range(copies):
         for row in rows:
             uid = f"{row['uid']}-c{k}"
-            shutil.copytree(os.path.join(src, row["label"], row["uid"]), os.path.join(dst, row["label"], uid), copy_function=os.link)
+            shutil.copytree(
+                os.path.join(src, row["label"], row["uid"]), os.path.join(dst, row["label"], uid), copy_function=os.link
+            )
             out_rows.append({**row, "uid": uid})
     with open(os.path.join(dst, "metadata.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
@@ -59,8 +61,18 @@ def main():
     synth = os.path.join(args.out, "synth100")
     timed("generate synthetic dataset, 100 clips", lambda: make_synthetic_dataset(synth, clips=100, seed=0))
     for workers in (1, 16):
-        result, seconds = timed(f"manifest of 100 clips, {workers} threads", lambda: build_avsbench_manifest(synth, workers=workers))
-    files = sum(len(os.listdir(os.path.join(root, d))) for root, dirs, _ in os.walk(synth) for d in dirs if d in ("frames", "labels_rgb", "labels_semantic")) + 100
+        result, seconds = timed(
+            f"manifest of 100 clips, {workers} threads", lambda: build_avsbench_manifest(synth, workers=workers)
+        )
+    files = (
+        sum(
+            len(os.listdir(os.path.join(root, d)))
+            for root, dirs, _ in os.walk(synth)
+            for d in dirs
+            if d in ("frames", "labels_rgb", "labels_semantic")
+        )
+        + 100
+    )
     print(f"  ({files} files, {len(result.manifest)} clips)")
 
     big = os.path.join(args.out, "copy2000")

@@ -58,8 +58,9 @@ print(json.dumps({"before_mb": before, "peak_mb": status_mb("VmHWM"), "seconds":
 
 
 def measure(stage: str, wav: str, params: dict) -> dict:
-    result = subprocess.run([sys.executable, "-c", CHILD, stage, wav, json.dumps(params)],
-                            capture_output=True, text=True, timeout=3600)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, stage, wav, json.dumps(params)], capture_output=True, text=True, timeout=3600
+    )
     if result.returncode:
         return {"error": (result.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -58,8 +58,13 @@ CHEAP = Stage("cheap", 1, fields=FIELDS, load=load_row, reads=("value",))
 def write_output(path: str, n: int, per_part: int) -> StageDir:
     shutil.rmtree(path, ignore_errors=True)
     sd = StageDir(path)
-    meta = {"stage": "bench", "version": 1, "fingerprint": os.path.basename(path), "kind": "per_clip",
-            "fields": [{"name": f.name, "dtype": f.dtype, "shape": list(f.shape)} for f in FIELDS]}
+    meta = {
+        "stage": "bench",
+        "version": 1,
+        "fingerprint": os.path.basename(path),
+        "kind": "per_clip",
+        "fields": [{"name": f.name, "dtype": f.dtype, "shape": list(f.shape)} for f in FIELDS],
+    }
     sd.initialise(meta)
     for seq, start in enumerate(range(0, n, per_part)):
         rows = [(f"clip{k:07d}", clip_values(k)) for k in range(start, min(n, start + per_part))]
@@ -111,8 +116,9 @@ def loader_rates(path, order) -> tuple[float, float]:
     """clips/s of epochs 1 and 2 through a 2-worker DataLoader (persistent workers)."""
     import torch.utils.data
 
-    loader = torch.utils.data.DataLoader(ReaderDataset(path, order), batch_size=64, num_workers=2,
-                                         collate_fn=lambda b: sum(b), persistent_workers=True)
+    loader = torch.utils.data.DataLoader(
+        ReaderDataset(path, order), batch_size=64, num_workers=2, collate_fn=lambda b: sum(b), persistent_workers=True
+    )
     rates = []
     for _ in range(2):
         t = time.perf_counter()
@@ -131,12 +137,18 @@ def bench_reads(root, n, reads, repeat=3):
     os.sync()  # written data flushed before reading: writeback must not land in one side's timing
     time.sleep(5)
     order = [f"clip{k:07d}" for k in random.Random(0).sample(range(n), min(reads, n))]
-    print(f"\n1. random reads, {n} clips ({len(order)} reads, random order; fields: float16 [4-12, 16], str): "
-          f"{parts_many} parts vs {parts_one}; best of {repeat}, many and one interleaved")
+    print(
+        f"\n1. random reads, {n} clips ({len(order)} reads, random order; fields: float16 [4-12, 16], str): "
+        f"{parts_many} parts vs {parts_one}; best of {repeat}, many and one interleaved"
+    )
     print(f"{'':34}{'many parts':>14}{'one part':>14}{'many/one':>10}")
-    rows = (("plain loop, first pass", plain_rates, 0), ("plain loop, second pass", plain_rates, 1),
-            ("plain loop, first pass (CPU)", plain_rates, 2), ("DataLoader x2, epoch 1", loader_rates, 0),
-            ("DataLoader x2, epoch 2", loader_rates, 1))
+    rows = (
+        ("plain loop, first pass", plain_rates, 0),
+        ("plain loop, second pass", plain_rates, 1),
+        ("plain loop, first pass (CPU)", plain_rates, 2),
+        ("DataLoader x2, epoch 1", loader_rates, 0),
+        ("DataLoader x2, epoch 2", loader_rates, 1),
+    )
     best = {}
     for fn in (plain_rates, loader_rates):
         for _ in range(repeat):  # interleaved: a load spike on this shared machine hits both
@@ -211,8 +223,10 @@ def bench_startup(root, n, manifest, cache, first):
     print(f"{'':22}{'clips':>8}{'time':>9}{'peak RSS':>10}{'above imports':>15}  (imports: engine + pandas)")
     for name, r in (("whole manifest", full), ("array task 0/100", task)):
         print(f"{name:22}{r['selected']:>8}{r['seconds']:>7.2f} s{r['rss_mb']:>7.0f} MB{r['rss_mb'] - base:>12.0f} MB")
-    print(f"task/whole: time {task['seconds'] / full['seconds']:.2f}, memory above imports "
-          f"{(task['rss_mb'] - base) / max(full['rss_mb'] - base, 1):.2f} (imports alone: {base:.0f} MB)")
+    print(
+        f"task/whole: time {task['seconds'] / full['seconds']:.2f}, memory above imports "
+        f"{(task['rss_mb'] - base) / max(full['rss_mb'] - base, 1):.2f} (imports alone: {base:.0f} MB)"
+    )
 
 
 def bench_jobs(n, manifest, cache):
@@ -247,8 +261,10 @@ def bench_tiny(root, n):
     cold_after = timed_open(sd.path)
     warm_after = min(timed_open(sd.path) for _ in range(3))
     print(f"\n4. tiny parts: {n} clips in {before} parts of 8 -> merged into {after} ({merged} fewer) in {merge_s:.1f} s")
-    print(f"open_stage, index cold: {cold:.2f} s before, {cold_after:.2f} s after; index warm: {warm:.3f} s before, "
-          f"{warm_after:.3f} s after")
+    print(
+        f"open_stage, index cold: {cold:.2f} s before, {cold_after:.2f} s after; index warm: {warm:.3f} s before, "
+        f"{warm_after:.3f} s after"
+    )
 
 
 # -------------------------------------------------------------------------------- 5. kmeans
@@ -261,13 +277,20 @@ def bench_kmeans(root, clips, frames):
     fields = [Field("features", "float16", (None, 768))]
     sd = StageDir(os.path.join(root, "kmeans", "hubert"))
     shutil.rmtree(sd.path, ignore_errors=True)
-    meta = {"stage": "hubert", "version": 1, "fingerprint": "x", "kind": "per_clip",
-            "fields": [{"name": "features", "dtype": "float16", "shape": [None, 768]}]}
+    meta = {
+        "stage": "hubert",
+        "version": 1,
+        "fingerprint": "x",
+        "kind": "per_clip",
+        "fields": [{"name": "features", "dtype": "float16", "shape": [None, 768]}],
+    }
     sd.initialise(meta)
     rng = np.random.default_rng(0)
     for seq, start in enumerate(range(0, clips, 64)):
-        rows = [(f"c{k:06d}", {"features": rng.standard_normal((frames + k % 7, 768)).astype(np.float16)})
-                for k in range(start, min(clips, start + 64))]
+        rows = [
+            (f"c{k:06d}", {"features": rng.standard_normal((frames + k % 7, 768)).astype(np.float16)})
+            for k in range(start, min(clips, start + 64))
+        ]
         sd.write_part("w", seq, fields, rows, meta)
     reader = open_stage(sd.path)
     sample = sample_clip_ids(list(reader), 0.1, 0)
@@ -316,8 +339,10 @@ def main():
         bench_tiny(args.dir, args.tiny_clips)
     if "kmeans" in parts:
         bench_kmeans(args.dir, args.kmeans_clips, args.kmeans_frames)
-    print(f"\nload average {os.getloadavg()[0]:.1f}; peak RSS of this process "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print(
+        f"\nload average {os.getloadavg()[0]:.1f}; peak RSS of this process "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -96,27 +96,43 @@ def main():
     loop_s, reference = timed(lambda: per_file_loop(checkpoint, root, rows))
     ctx = LoadContext(params=params, upstream={}, manifest_dir=root)
     items = [load(row, ctx) for row in rows]
-    process_s, outputs = timed(lambda: [o for i in range(0, len(items), args.batch)
-                                        for o in STAGE.process(model, items[i:i + args.batch], params)])
+    process_s, outputs = timed(
+        lambda: [o for i in range(0, len(items), args.batch) for o in STAGE.process(model, items[i : i + args.batch], params)]
+    )
     runners = {}
     for workers in sorted({0, args.workers}):
-        runners[workers] = timed(lambda w=workers: run_stage(STAGE, manifest, os.path.join(root, f"cache{w}"), params,
-                                                             workers=w, batch_size=args.batch, progress=False,
-                                                             log=lambda *_: None))
+        runners[workers] = timed(
+            lambda w=workers: run_stage(
+                STAGE,
+                manifest,
+                os.path.join(root, f"cache{w}"),
+                params,
+                workers=w,
+                batch_size=args.batch,
+                progress=False,
+                log=lambda *_: None,
+            )
+        )
     summary = runners[args.workers][1]
     assert summary.ok and summary.done == len(rows), summary.format()
     reader = open_stage(summary.path)
     read_s, stored = timed(lambda: {cid: reader[cid]["embeddings"] for cid in sorted(reader)})
-    diff = max(max(np.abs(o["embeddings"] - reference[r["clip_id"]]).max(),
-                   np.abs(stored[r["clip_id"]] - reference[r["clip_id"]]).max()) for o, r in zip(outputs, rows))
+    diff = max(
+        max(np.abs(o["embeddings"] - reference[r["clip_id"]]).max(), np.abs(stored[r["clip_id"]] - reference[r["clip_id"]]).max())
+        for o, r in zip(outputs, rows)
+    )
 
-    print(f"VGGish ({args.size}, {sum(p.numel() for p in network.parameters()) / 1e6:.1f} M parameters), "
-          f"{len(rows)} clips, {audio_s} s of 16 kHz audio, {args.threads} threads, {os.cpu_count()} CPUs")
+    print(
+        f"VGGish ({args.size}, {sum(p.numel() for p in network.parameters()) / 1e6:.1f} M parameters), "
+        f"{len(rows)} clips, {audio_s} s of 16 kHz audio, {args.threads} threads, {os.cpu_count()} CPUs"
+    )
     print(f"{'':40}{'wall s':>8}{'clips/s':>10}{'x realtime':>12}{'vs loop':>10}")
-    for name, seconds in [("per-file loop (seed trainers)", loop_s),
-                          (f"stage process (batch {args.batch}, no decoding)", process_s),
-                          *[(f"stage via runner ({w} workers)", t) for w, (t, _) in runners.items()],
-                          ("cache read of every clip", read_s)]:
+    for name, seconds in [
+        ("per-file loop (seed trainers)", loop_s),
+        (f"stage process (batch {args.batch}, no decoding)", process_s),
+        *[(f"stage via runner ({w} workers)", t) for w, (t, _) in runners.items()],
+        ("cache read of every clip", read_s),
+    ]:
         print(f"{name:40}{seconds:8.3f}{len(rows) / seconds:10.1f}{audio_s / seconds:12.0f}{loop_s / seconds:9.1f}x")
     print(f"stage rows equal the loop's: max abs difference {diff:.2e}")
 

@@ -39,10 +39,15 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
 def max_seconds_param(default: float | None = None):
     """The ``--max-seconds`` parameter of an audio stage (not in the fingerprint: it decides which
     clips are tried, not their values)."""
-    return Param("max_seconds", float, default, "refuse clips longer than this many seconds, before decoding: "
-                 "each is recorded as failed (cause: its length), so one huge clip cannot take the run down "
-                 "(memory per clip grows with its length; see the README). Empty or 0: no limit",
-                 fingerprint=False)
+    return Param(
+        "max_seconds",
+        float,
+        default,
+        "refuse clips longer than this many seconds, before decoding: "
+        "each is recorded as failed (cause: its length), so one huge clip cannot take the run down "
+        "(memory per clip grows with its length; see the README). Empty or 0: no limit",
+        fingerprint=False,
+    )
 
 
 def load_audio(path: str, target_sr: int = TARGET_SR, max_seconds: float | None = None) -> Audio:

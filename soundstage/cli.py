@@ -55,7 +55,8 @@ class LazyGroup(click.Group):
                 raise
             raise click.ClickException(
                 f"{type(e).__name__}: {e} (unexpected: probably a bug in soundstage; rerun with --debug "
-                "or SOUNDSTAGE_DEBUG=1 for the traceback)") from None
+                "or SOUNDSTAGE_DEBUG=1 for the traceback)"
+            ) from None
 
 
 def debug_enabled() -> bool:
@@ -69,8 +70,14 @@ def _set_debug(ctx, param, value):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="soundstage")
-@click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
-              help="show the full traceback of an unexpected error (also: SOUNDSTAGE_DEBUG=1)")
+@click.option(
+    "--debug",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_debug,
+    help="show the full traceback of an unexpected error (also: SOUNDSTAGE_DEBUG=1)",
+)
 def main():
     """Resumable, cached preprocessing stages for audio-visual segmentation (AVS) research."""
 

@@ -87,7 +87,7 @@ tags and HuBERT units are noise: the outputs have the right form, not the right 
 
 
 def _model_value(value: str) -> str | None:
-    return value[len("model:"):] if isinstance(value, str) and value.startswith("model:") else None
+    return value[len("model:") :] if isinstance(value, str) and value.startswith("model:") else None
 
 
 # ----------------------------------------------------------------------------- the inputs
@@ -158,7 +158,7 @@ def pipeline_text(out_dir: str, models: dict[str, str], stages: list[str]) -> st
         "cache: cache",
         "# what each SLURM task asks for (--executor slurm): the tiny models need no GPU. Real models:",
         "# leave this out and each stage asks for its own defaults (e.g. hubert: 1 GPU, 8 CPUs, 32G).",
-        "resources: {gpus: 0, cpus: 1, mem: 2G, time: \"00:20:00\"}",
+        'resources: {gpus: 0, cpus: 1, mem: 2G, time: "00:20:00"}',
         "",
         "stages:",
     ]
@@ -171,9 +171,12 @@ def pipeline_text(out_dir: str, models: dict[str, str], stages: list[str]) -> st
                 comment = f"real: {TINY_MODELS[model][2]}" + (f" ({comment})" if comment else "")
             entry = f"    {param}: {json.dumps(value)}"
             lines.append(f"{entry:<44}# {comment}" if comment else entry)
-    lines += ["", "# soundstage train --config pipeline.yaml --out runs/NAME  (options override these)",
-              "train:",
-              "  # model: facebook/mask2former-swin-base-ade-semantic   # real; default: the tiny stand-in config"]
+    lines += [
+        "",
+        "# soundstage train --config pipeline.yaml --out runs/NAME  (options override these)",
+        "train:",
+        "  # model: facebook/mask2former-swin-base-ade-semantic   # real; default: the tiny stand-in config",
+    ]
     for setting, value, comment in DEMO_TRAIN:
         entry = f"  {setting}: {json.dumps(value)}"
         lines.append(f"{entry:<44}# {comment}" if comment else entry)
@@ -195,10 +198,11 @@ def write_pipeline_file(path: str, text: str) -> None:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             first, _, body = f.read().partition("\n")
-        if not (first.startswith(GENERATED_MARK) and first[len(GENERATED_MARK):] == _digest(body)):
+        if not (first.startswith(GENERATED_MARK) and first[len(GENERATED_MARK) :] == _digest(body)):
             raise click.ClickException(
                 f"{path} was edited since the demo wrote it, and the demo leaves it alone. Run it with "
-                f"`soundstage run {path}`, or move it away to run the demo again.")
+                f"`soundstage run {path}`, or move it away to run the demo again."
+            )
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
 
@@ -230,9 +234,15 @@ def stage_table(pipe, clip_ids: list[str]) -> list[dict]:
     for name in pipe.order():
         sd = StageDir.at(pipe.cache, name, expected_fingerprint(name, pipe.stages))
         status = sd.status(clip_ids, whole_dataset=get_stage(name).kind == "global")
-        row = {"stage": name, "fingerprint": os.path.basename(sd.path), "path": sd.path, "global": status.whole_dataset,
-               "done": int(status.fitted) if status.whole_dataset else len(status.done), "failed": len(status.failed),
-               "total": 1 if status.whole_dataset else len(wanted)}
+        row = {
+            "stage": name,
+            "fingerprint": os.path.basename(sd.path),
+            "path": sd.path,
+            "global": status.whole_dataset,
+            "done": int(status.fitted) if status.whole_dataset else len(status.done),
+            "failed": len(status.failed),
+            "total": 1 if status.whole_dataset else len(wanted),
+        }
         rows.append(row)
     return rows
 
@@ -241,16 +251,17 @@ def format_table(before: list[dict], after: list[dict]) -> str:
     lines = [f"{'stage':<12} {'fingerprint':<17} {'clips done':>10} {'failed':>7} {'new this run':>13}"]
     for old, row in zip(before, after):
         done = ("fitted" if row["done"] else "not fitted") if row["global"] else f"{row['done']}/{row['total']}"
-        lines.append(f"{row['stage']:<12} {row['fingerprint']:<17} {done:>10} {row['failed']:>7} "
-                     f"{row['done'] - old['done']:>13}")
+        lines.append(f"{row['stage']:<12} {row['fingerprint']:<17} {done:>10} {row['failed']:>7} {row['done'] - old['done']:>13}")
     return "\n".join(lines)
 
 
 def how_to_go_real(pipeline_path: str, stages: list[str]) -> str:
     from soundstage.models.tiny import TINY_MODELS
 
-    lines = [f"To run on real data with real models, edit {pipeline_path}:",
-             "  manifest:  your dataset's manifest  (soundstage manifest avsbench /path/to/AVSBench -o OUT.csv)"]
+    lines = [
+        f"To run on real data with real models, edit {pipeline_path}:",
+        "  manifest:  your dataset's manifest  (soundstage manifest avsbench /path/to/AVSBench -o OUT.csv)",
+    ]
     for stage in stages:
         for param, value, _ in DEMO_STAGES[stage]:
             model = _model_value(value)
@@ -264,17 +275,35 @@ def how_to_go_real(pipeline_path: str, stages: list[str]) -> str:
 
 
 @click.command("demo")
-@click.option("--out", "out_dir", default="demo", show_default=True, type=click.Path(file_okay=False),
-              help="folder for the dataset, models, pipeline file and cache")
-@click.option("--clips", default=DEFAULT_CLIPS, show_default=True, type=click.IntRange(min=1),
-              help="synthetic clips to generate")
+@click.option(
+    "--out",
+    "out_dir",
+    default="demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="folder for the dataset, models, pipeline file and cache",
+)
+@click.option("--clips", default=DEFAULT_CLIPS, show_default=True, type=click.IntRange(min=1), help="synthetic clips to generate")
 @click.option("--seed", default=0, show_default=True, help="seed of the dataset and of the tiny models' weights")
-@click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
-              help="where the shards run (slurm: submit array jobs and wait for them)")
-@click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True,
-              help="shards of every per-clip stage (local: parallel processes)")
-@click.option("--train-epochs", type=click.IntRange(min=0),
-              help="epochs of the demo training (default: the pipeline file's; 0: no training)")
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "slurm"]),
+    default="local",
+    show_default=True,
+    help="where the shards run (slurm: submit array jobs and wait for them)",
+)
+@click.option(
+    "--shards",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="shards of every per-clip stage (local: parallel processes)",
+)
+@click.option(
+    "--train-epochs",
+    type=click.IntRange(min=0),
+    help="epochs of the demo training (default: the pipeline file's; 0: no training)",
+)
 def demo(out_dir, clips, seed, executor, shards, train_epochs):
     """Run the whole pipeline on a synthetic dataset with TINY RANDOM STAND-IN models (no download).
 
@@ -315,12 +344,16 @@ def demo(out_dir, clips, seed, executor, shards, train_epochs):
         click.echo("nothing new computed: every stage output was already in the cache")
     click.echo(f"cache: {pipe.cache}   (each output in <stage>/<fingerprint>/)")
     if incomplete:
-        click.echo(f"NOT FINISHED: {failed} clip(s) failed; stages not complete: {', '.join(incomplete)} "
-                   "(causes above and in each output's failures/)")
+        click.echo(
+            f"NOT FINISHED: {failed} clip(s) failed; stages not complete: {', '.join(incomplete)} "
+            "(causes above and in each output's failures/)"
+        )
     else:
-        click.echo(f"  list it:    soundstage status --cache {pipe.cache}\n"
-                   f"  one clip:   soundstage tags show --cache {pipe.cache} -- {clip_ids[0]}\n"
-                   f"  in Python:  soundstage.cache.open_stage('{after[-1]['path']}')['{clip_ids[0]}']")
+        click.echo(
+            f"  list it:    soundstage status --cache {pipe.cache}\n"
+            f"  one clip:   soundstage tags show --cache {pipe.cache} -- {clip_ids[0]}\n"
+            f"  in Python:  soundstage.cache.open_stage('{after[-1]['path']}')['{clip_ids[0]}']"
+        )
         click.echo(TINY_OUTPUTS_NOTE)
     queries_ok = True
     if not incomplete:
@@ -352,8 +385,10 @@ def train_demo_model(pipeline_path: str, run_dir: str, manifest: str, epochs: in
         click.echo("\ntraining: skipped, the dataset needs train and val clips (--clips 9 or more)")
         return
     options = {"out": run_dir, **({"epochs": epochs} if epochs else {})}
-    click.echo(f"\ntraining the tiny audio-conditioned Mask2Former into {run_dir} "
-               f"(reproduce: soundstage train --config {pipeline_path} --out DIR)")
+    click.echo(
+        f"\ntraining the tiny audio-conditioned Mask2Former into {run_dir} "
+        f"(reproduce: soundstage train --config {pipeline_path} --out DIR)"
+    )
     try:
         cfg = resolve_config(pipeline_path, options)
         with _quiet_transformers():
@@ -378,8 +413,10 @@ def masks_and_report(cache: str, manifest: str, run_dir: str, report_dir: str, o
         return None
     with _quiet_transformers():
         summary = run_stage(get_stage("masks"), manifest, cache, {"run": run_dir}, progress=False, log=lambda *_: None)
-    out(f"\nstage-1 masks of every clip: {summary.format().splitlines()[0]}\n"
-        f"  as PNGs: soundstage export masks --manifest {manifest} --cache {cache} --out DIR")
+    out(
+        f"\nstage-1 masks of every clip: {summary.format().splitlines()[0]}\n"
+        f"  as PNGs: soundstage export masks --manifest {manifest} --cache {cache} --out DIR"
+    )
     page = os.path.join(report_dir, "index.html")
     if os.path.exists(page) and os.path.getmtime(page) >= os.path.getmtime(done):
         return page
@@ -396,12 +433,15 @@ def active_queries(pipeline_path: str, cache: str, manifest: str, mapping_path: 
 
     if not os.path.exists(mapping_path):
         click.get_current_context().invoke(query_mapping, config=pipeline_path, out_path=mapping_path)
-    summary = run_stage(get_stage("active-queries"), manifest, cache, {"mapping": mapping_path},
-                        progress=False, log=lambda *_: None)
-    out(f"\nactive queries (bias_in_AVS) of every clip, through the default mapping {mapping_path}:\n"
+    summary = run_stage(
+        get_stage("active-queries"), manifest, cache, {"mapping": mapping_path}, progress=False, log=lambda *_: None
+    )
+    out(
+        f"\nactive queries (bias_in_AVS) of every clip, through the default mapping {mapping_path}:\n"
         f"active-queries {os.path.basename(summary.path)}  {summary.done + summary.cached}/{summary.selected} clips, "
         f"{len(summary.failed)} failed\n"
-        f"  as .pth files: soundstage export active-queries --manifest {manifest} --cache {cache} --out DIR")
+        f"  as .pth files: soundstage export active-queries --manifest {manifest} --cache {cache} --out DIR"
+    )
     return summary.ok
 
 

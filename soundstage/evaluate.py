@@ -113,8 +113,14 @@ def protocol_inputs(name: str, pred: np.ndarray, kind: str, truth: np.ndarray, s
 
 
 def evaluate_prediction_dir(
-    pred_dir: str, manifest_path: str, names: list[str], split: str | None, subsets: tuple[str, ...],
-    png: str = "auto", scores: str = "probabilities", eval_size: str = "paper",
+    pred_dir: str,
+    manifest_path: str,
+    names: list[str],
+    split: str | None,
+    subsets: tuple[str, ...],
+    png: str = "auto",
+    scores: str = "probabilities",
+    eval_size: str = "paper",
 ) -> dict[str, dict]:
     """Every protocol in ``names`` over the annotated frames of the manifest's clips."""
     manifest = read_manifest(manifest_path)
@@ -133,7 +139,9 @@ def evaluate_prediction_dir(
         missing += [f"{row['subset']}/{row['clip_id']}/{i}" for i, p in zip(frames, paths) if p is None]
         plan.append((row, frames, paths))
     if missing:
-        shown = ", ".join(missing[:MISSING_SHOWN]) + (f" (+{len(missing) - MISSING_SHOWN} more)" if len(missing) > MISSING_SHOWN else "")
+        shown = ", ".join(missing[:MISSING_SHOWN]) + (
+            f" (+{len(missing) - MISSING_SHOWN} more)" if len(missing) > MISSING_SHOWN else ""
+        )
         raise click.ClickException(f"{len(missing)} predictions missing under {pred_dir} (.png or .npy): {shown}")
 
     accumulators: dict[str, Accumulator] = {}
@@ -156,7 +164,9 @@ def evaluate_prediction_dir(
             frames_t, gt_t, pred_kind, options = prepared
             acc = accumulators.setdefault(name, Accumulator(name, pred_kind=pred_kind, **options))
             if acc.options["pred_kind"] != pred_kind:
-                raise click.ClickException(f"{os.path.dirname(paths[0])}: {pred_kind} predictions, earlier clips had {acc.options['pred_kind']}")
+                raise click.ClickException(
+                    f"{os.path.dirname(paths[0])}: {pred_kind} predictions, earlier clips had {acc.options['pred_kind']}"
+                )
             acc.update(frames_t, gt_t, videos=[row["clip_id"]] * len(frames))
     results = {}
     for name in names:
@@ -177,8 +187,11 @@ def format_table(results: dict[str, dict]) -> str:
     header = f"{'protocol':18s} {'mIoU':>8s} {'F':>8s} {'other':>18s} {'frames':>7s} {'size':>7s}  notes"
     lines = [header, "-" * len(header)]
     for name, r in results.items():
-        other = f"null S {r['null_score']:.4f}" if "null_score" in r else (
-            f"present {r['miou_present']:.4f}" if "miou_present" in r else "")
+        other = (
+            f"null S {r['null_score']:.4f}"
+            if "null_score" in r
+            else (f"present {r['miou_present']:.4f}" if "miou_present" in r else "")
+        )
         lines.append(
             f"{name:18s} {_number(r.get('miou')):>8s} {_number(r.get('fscore')):>8s} {other:>18s} "
             f"{r.get('frames', r.get('pixels', '')) if 'unavailable' not in r else '':>7} "
@@ -188,30 +201,60 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 @click.command("evaluate")
-@click.option("--pred", "pred_dir", type=click.Path(file_okay=False), help="Predicted masks: DIR/<subset>/<clip_id>/<i>.png|.npy.")
+@click.option(
+    "--pred", "pred_dir", type=click.Path(file_okay=False), help="Predicted masks: DIR/<subset>/<clip_id>/<i>.png|.npy."
+)
 @click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), help="Manifest with the ground truth.")
-@click.option("--protocol", "protocol_name", default="all", show_default=True,
-              type=click.Choice([*PROTOCOLS, "all"]), help="A protocol, or all of them side by side.")
+@click.option(
+    "--protocol",
+    "protocol_name",
+    default="all",
+    show_default=True,
+    type=click.Choice([*PROTOCOLS, "all"]),
+    help="A protocol, or all of them side by side.",
+)
 @click.option("--split", default="test", show_default=True, help="Manifest split to score ('' = all).")
-@click.option("--subset", "subsets", multiple=True, type=click.Choice(["v1s", "v1m", "v2"]), help="Only these subsets (repeatable).")
-@click.option("--png", default="auto", show_default=True, type=click.Choice(["auto", "labels"]),
-              help="auto: 0/255 PNGs are masks, other values probabilities ×255; labels: class indices.")
-@click.option("--scores", default="probabilities", show_default=True, type=click.Choice(["probabilities", "logits"]),
-              help="What float [H, W] .npy predictions hold.")
-@click.option("--eval-size", default="paper", show_default=True,
-              help="paper: each protocol's size (224 or 256); native: the label size; or a side length.")
+@click.option(
+    "--subset", "subsets", multiple=True, type=click.Choice(["v1s", "v1m", "v2"]), help="Only these subsets (repeatable)."
+)
+@click.option(
+    "--png",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "labels"]),
+    help="auto: 0/255 PNGs are masks, other values probabilities ×255; labels: class indices.",
+)
+@click.option(
+    "--scores",
+    default="probabilities",
+    show_default=True,
+    type=click.Choice(["probabilities", "logits"]),
+    help="What float [H, W] .npy predictions hold.",
+)
+@click.option(
+    "--eval-size",
+    default="paper",
+    show_default=True,
+    help="paper: each protocol's size (224 or 256); native: the label size; or a side length.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-@click.option("--run", "run_dir", type=click.Path(file_okay=False),
-              help="Instead of --pred: evaluate a training run's model (runs/NAME) on --split.")
-@click.option("--audio", default="real", show_default=True,
-              help="--run: the audio cue as trained (real), or replaced: muted | zeroed | swapped | noise:SNR_DB.")
+@click.option(
+    "--run",
+    "run_dir",
+    type=click.Path(file_okay=False),
+    help="Instead of --pred: evaluate a training run's model (runs/NAME) on --split.",
+)
+@click.option(
+    "--audio",
+    default="real",
+    show_default=True,
+    help="--run: the audio cue as trained (real), or replaced: muted | zeroed | swapped | noise:SNR_DB.",
+)
 @click.option("--device", default="auto", show_default=True, help="--run: cpu, cuda, ... (auto: cuda when available).")
-def evaluate(pred_dir, manifest_path, protocol_name, split, subsets, png, scores, eval_size, as_json, run_dir, audio,
-             device):
+def evaluate(pred_dir, manifest_path, protocol_name, split, subsets, png, scores, eval_size, as_json, run_dir, audio, device):
     """Score predicted masks (--pred) or a trained run (--run) against the manifest's ground truth."""
     if run_dir is not None:
-        return _evaluate_run(run_dir, split or None, audio, None if protocol_name == "all" else protocol_name, device,
-                             as_json)
+        return _evaluate_run(run_dir, split or None, audio, None if protocol_name == "all" else protocol_name, device, as_json)
     if eval_size not in ("paper", "native") and not eval_size.isdigit():
         raise click.ClickException(f"--eval-size must be paper, native or a number, not {eval_size!r}")
     if pred_dir is None or manifest_path is None:
@@ -246,5 +289,7 @@ def _evaluate_run(run_dir, split, audio, protocol_name, device, as_json):
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(f"{result['run']}  {result['split']}  audio={result['audio']}  {result['protocol']}: "
-                   f"mIoU {result['miou']:.4f}  F {result['fscore']:.4f}  ({result['clips']} clips)")
+        click.echo(
+            f"{result['run']}  {result['split']}  audio={result['audio']}  {result['protocol']}: "
+            f"mIoU {result['miou']:.4f}  F {result['fscore']:.4f}  ({result['clips']} clips)"
+        )

@@ -12,6 +12,12 @@ build_roberta = tiny.build_text_encoder
 
 def build_chat_lm(out_dir, hidden=32, layers=2, heads=4, seed=0) -> str:
     """The tiny Llama chat LM, optionally wider/deeper (the generation benchmark varies these)."""
-    return tiny.build_chat_lm(out_dir, seed=seed, hidden_size=hidden, intermediate_size=2 * hidden,
-                              num_hidden_layers=layers, num_attention_heads=heads,
-                              num_key_value_heads=max(1, heads // 2))
+    return tiny.build_chat_lm(
+        out_dir,
+        seed=seed,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+    )

@@ -23,18 +23,36 @@ def process_slow(model, items, params):
         w = it["wave"]
         frames = w[: len(w) // 320 * 320].reshape(-1, 320)
         energy = (frames**2).mean(axis=1) * params["scale"]
-        out.append({"energy": energy, "peak": float(np.abs(w).max()), "label": f"n={len(w)}",
-                    "pairs": energy[: len(energy) // 2 * 2].reshape(-1, 2)})
+        out.append(
+            {
+                "energy": energy,
+                "peak": float(np.abs(w).max()),
+                "label": f"n={len(w)}",
+                "pairs": energy[: len(energy) // 2 * 2].reshape(-1, 2),
+            }
+        )
     return out
 
 
 SLOW = Stage(
-    name="toy-slow", version=1,
-    params=[Param("scale", float, 1.0), Param("sleep", float, 0.0, fingerprint=False),
-            Param("marker_dir", str, "", fingerprint=False)],
-    fields=[Field("energy", "float16", (None,)), Field("peak", "float32", ()), Field("label", "str", ()),
-            Field("pairs", "float32", (None, None))],  # second axis: fixed at run time
-    load=load_wave, process=process_slow, warn=lambda v: "loud" if v["peak"] > 0.12 else None, batch_key=lambda it: len(it["wave"]), default_batch_size=2,
+    name="toy-slow",
+    version=1,
+    params=[
+        Param("scale", float, 1.0),
+        Param("sleep", float, 0.0, fingerprint=False),
+        Param("marker_dir", str, "", fingerprint=False),
+    ],
+    fields=[
+        Field("energy", "float16", (None,)),
+        Field("peak", "float32", ()),
+        Field("label", "str", ()),
+        Field("pairs", "float32", (None, None)),
+    ],  # second axis: fixed at run time
+    load=load_wave,
+    process=process_slow,
+    warn=lambda v: "loud" if v["peak"] > 0.12 else None,
+    batch_key=lambda it: len(it["wave"]),
+    default_batch_size=2,
 )
 
 
@@ -46,11 +64,13 @@ def load_sum(row, ctx):
 
 
 SUM = Stage(
-    name="toy-sum", version=1,
+    name="toy-sum",
+    version=1,
     params=[Param("fail_on", str, "")],
     upstream=[Upstream("stats", "audio-stats")],
     fields=[Field("total", "float64", ())],
-    load=load_sum, process=lambda model, items, params: items,
+    load=load_sum,
+    process=lambda model, items, params: items,
 )
 
 
@@ -61,9 +81,12 @@ def process_breaks_on_long(model, items, params):
 
 
 FRAGILE = Stage(
-    name="toy-fragile", version=1,
+    name="toy-fragile",
+    version=1,
     fields=[Field("n", "int64", ())],
-    load=load_wave, process=process_breaks_on_long, default_batch_size=4,
+    load=load_wave,
+    process=process_breaks_on_long,
+    default_batch_size=4,
 )
 
 
@@ -74,7 +97,9 @@ def fit_mean(ctx):
 
 
 MEAN = Stage(
-    name="toy-mean", version=1, kind="global",
+    name="toy-mean",
+    version=1,
+    kind="global",
     upstream=[Upstream("stats", "audio-stats")],
     fit=fit_mean,
 )

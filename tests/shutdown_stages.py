@@ -17,11 +17,15 @@ def process_wait(model, items, params):
 
 
 WAIT = Stage(
-    name="toy-wait", version=1,
+    name="toy-wait",
+    version=1,
     params=[Param("sleep", float, 0.0, fingerprint=False), Param("marker_dir", str, "", fingerprint=False)],
     fields=[Field("n", "int64", ())],
-    load=load_wave, process=process_wait, default_batch_size=64,
+    load=load_wave,
+    process=process_wait,
+    default_batch_size=64,
 )
+
 
 def load_after(row, ctx):
     return {"n": int(ctx.upstream["wait"][row["clip_id"]]["n"])}
@@ -32,10 +36,12 @@ def as_results(model, items, params):
 
 
 AFTER = Stage(
-    name="toy-after", version=1,
+    name="toy-after",
+    version=1,
     upstream=[Upstream("wait", "toy-wait")],
     fields=[Field("n", "int64", ())],
-    load=load_after, process=as_results,
+    load=load_after,
+    process=as_results,
 )
 
 
@@ -54,8 +60,12 @@ def long_wave(item) -> bool:
 
 
 FRAGILE_ON_LONG = Stage(
-    name="toy-fragile-long", version=1,
+    name="toy-fragile-long",
+    version=1,
     params=[Param("die_on_long", bool, False, fingerprint=False, is_flag=True), Param("marker_dir", str, "", fingerprint=False)],
     fields=[Field("n", "int64", ())],
-    load=load_wave, process=process_dies_on_long, risky=long_wave, default_batch_size=64,
+    load=load_wave,
+    process=process_dies_on_long,
+    risky=long_wave,
+    default_batch_size=64,
 )

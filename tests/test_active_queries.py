@@ -27,10 +27,15 @@ MIDS = ["/m/a", "/m/b", "/m/c", "/m/d"]
 def test_frame_queries_clusters_first_then_tags_by_probability():
     mapping = parse_mapping({"queries": 10, "clusters": {"0": 0, "1": 1, "2": 2}, "classes": {"/m/a": 5, "/m/c": 6, "/m/d": 1}})
     clusters = np.array([[2, 0], [1, -1], [-1, -1], [3, 2]])  # 3 is not mapped, -1 = no frames
-    probs = np.array([[0.9, 0.8, 0.5, 0.1],   # a (0.9) and c (0.5) count; b is not mapped
-                      [0.1, 0.9, 0.3, 0.4],   # d: 0.4 is at the threshold: counts; maps to 1 = cluster 1's query
-                      [0.39, 0.0, 0.0, 0.0],  # nothing
-                      [0.6, 0.0, 0.7, 0.0]], np.float16)
+    probs = np.array(
+        [
+            [0.9, 0.8, 0.5, 0.1],  # a (0.9) and c (0.5) count; b is not mapped
+            [0.1, 0.9, 0.3, 0.4],  # d: 0.4 is at the threshold: counts; maps to 1 = cluster 1's query
+            [0.39, 0.0, 0.0, 0.0],  # nothing
+            [0.6, 0.0, 0.7, 0.0],
+        ],
+        np.float16,
+    )
     lists = frame_queries(clusters, probs, MIDS, mapping, 0.4)
     assert lists == [[2, 0, 5, 6], [1], [], [2, 6, 5]]
 
@@ -72,10 +77,12 @@ def upstream_cache(tmp_path_factory):
     manifest = make_synthetic_dataset(str(root / "data"), clips=4, seed=3, workers=0)
     models = build_tiny_models(str(root / "models"), names=["hubert", "beats"])
     cache = str(root / "cache")
-    for name, params in [("hubert", {"model": models["hubert"], "layer": 2, "device": "cpu"}),
-                         ("kmeans", {"k": 6, "percent": 1.0, "device": "cpu"}),
-                         ("units", {"top_k": 2}),
-                         ("beats", {"checkpoint": models["beats"], "device": "cpu"})]:
+    for name, params in [
+        ("hubert", {"model": models["hubert"], "layer": 2, "device": "cpu"}),
+        ("kmeans", {"k": 6, "percent": 1.0, "device": "cpu"}),
+        ("units", {"top_k": 2}),
+        ("beats", {"checkpoint": models["beats"], "device": "cpu"}),
+    ]:
         summary = run_stage(get_stage(name), manifest, cache, params, workers=0, progress=False, log=lambda *_: None)
         assert summary.ok, summary.format()
     return root, manifest, cache
@@ -94,8 +101,20 @@ def test_stage_and_export_round_trip(upstream_cache, tmp_path):
     from soundstage.stages.active_queries import STAGE, frame_lists
 
     root, manifest, cache = upstream_cache
-    result = invoke("export", "query-mapping", "--manifest", manifest, "--cache", cache, "--queries", 12,
-                    "--threshold", 0.3, "--out", tmp_path / "mapping.json")
+    result = invoke(
+        "export",
+        "query-mapping",
+        "--manifest",
+        manifest,
+        "--cache",
+        cache,
+        "--queries",
+        12,
+        "--threshold",
+        0.3,
+        "--out",
+        tmp_path / "mapping.json",
+    )
     assert result.exit_code == 0, result.output
     mapping = json.loads((tmp_path / "mapping.json").read_text())
     assert mapping["clusters"] == {str(c): c for c in range(6)} and sorted(mapping["classes"].values()) == list(range(6, 12))
@@ -123,12 +142,20 @@ def test_stage_and_export_round_trip(upstream_cache, tmp_path):
 
     # the same mapping elsewhere: the same output; the export writes what bias_in_AVS loads
     shutil.copy(tmp_path / "mapping.json", tmp_path / "moved.json")
-    again = run_stage(STAGE, manifest, cache, {"mapping": str(tmp_path / "moved.json"), "threshold": 0.3,
-                                               "clusters": "top-k"}, workers=0, progress=False, log=lambda *_: None)
+    again = run_stage(
+        STAGE,
+        manifest,
+        cache,
+        {"mapping": str(tmp_path / "moved.json"), "threshold": 0.3, "clusters": "top-k"},
+        workers=0,
+        progress=False,
+        log=lambda *_: None,
+    )
     assert again.path == summary.path and again.done == 0
     out = tmp_path / "export"
-    result = invoke("export", "active-queries", "--manifest", manifest, "--cache", cache,
-                    "--active-queries", "clusters=top-k", "--out", out)
+    result = invoke(
+        "export", "active-queries", "--manifest", manifest, "--cache", cache, "--active-queries", "clusters=top-k", "--out", out
+    )
     assert result.exit_code == 0, result.output
     written = json.loads((out / "mapping.json").read_text())
     assert written["classes"] == mapping["classes"] and written["clusters"] == mapping["clusters"]
@@ -142,6 +169,7 @@ def test_stage_and_export_round_trip(upstream_cache, tmp_path):
             multi_hot[t, ids] = 1
         assert multi_hot.sum(1).tolist() == [len(set(ids)) for ids in loaded]
     # no silent overwrite
-    result = invoke("export", "active-queries", "--manifest", manifest, "--cache", cache,
-                    "--active-queries", "clusters=top-k", "--out", out)
+    result = invoke(
+        "export", "active-queries", "--manifest", manifest, "--cache", cache, "--active-queries", "clusters=top-k", "--out", out
+    )
     assert result.exit_code == 1 and "not empty" in result.output

@@ -28,9 +28,16 @@ def permuted_label_dict(classes: int) -> dict:
 
 def official_keys(cfg: dict) -> set:
     """State-dict names of the official implementation (microsoft/unilm beats/BEATs.py), written out by hand."""
-    keys = {"patch_embedding.weight", "layer_norm.weight", "layer_norm.bias",
-            "encoder.pos_conv.0.bias", "encoder.pos_conv.0.weight_g", "encoder.pos_conv.0.weight_v",
-            "encoder.layer_norm.weight", "encoder.layer_norm.bias"}
+    keys = {
+        "patch_embedding.weight",
+        "layer_norm.weight",
+        "layer_norm.bias",
+        "encoder.pos_conv.0.bias",
+        "encoder.pos_conv.0.weight_g",
+        "encoder.pos_conv.0.weight_v",
+        "encoder.layer_norm.weight",
+        "encoder.layer_norm.bias",
+    }
     if cfg["embed_dim"] != cfg["encoder_embed_dim"]:
         keys |= {"post_extract_proj.weight", "post_extract_proj.bias"}
     for n in range(cfg["encoder_layers"]):
@@ -102,9 +109,8 @@ def naive_beats(ckpt, wave, padding_mask=None):
         x[mask] = 0
     v, g = w["encoder.pos_conv.0.weight_v"], w["encoder.pos_conv.0.weight_g"]
     kernel = cfg["conv_pos"]
-    weight = g * v / torch.sqrt((v ** 2).sum(dim=(0, 1), keepdim=True))
-    conv = F.conv1d(x.transpose(1, 2), weight, w["encoder.pos_conv.0.bias"], padding=kernel // 2,
-                    groups=cfg["conv_pos_groups"])
+    weight = g * v / torch.sqrt((v**2).sum(dim=(0, 1), keepdim=True))
+    conv = F.conv1d(x.transpose(1, 2), weight, w["encoder.pos_conv.0.bias"], padding=kernel // 2, groups=cfg["conv_pos_groups"])
     if kernel % 2 == 0:
         conv = conv[:, :, :-1]
     x = x + F.gelu(conv).transpose(1, 2)
@@ -113,8 +119,7 @@ def naive_beats(ckpt, wave, padding_mask=None):
     T, B, D = x.shape
     H = cfg["encoder_attention_heads"]
     hd = D // H
-    bucket = torch.tensor([[t5_bucket(j - i, cfg["num_buckets"], cfg["max_distance"]) for j in range(T)]
-                           for i in range(T)])
+    bucket = torch.tensor([[t5_bucket(j - i, cfg["num_buckets"], cfg["max_distance"]) for j in range(T)] for i in range(T)])
     alpha = math.pow(2 * cfg["encoder_layers"], 0.25)
     pos = w["encoder.layers.0.self_attn.relative_attention_bias.weight"][bucket].permute(2, 0, 1)  # [H, T, T]
     for n in range(cfg["encoder_layers"]):
@@ -124,7 +129,7 @@ def naive_beats(ckpt, wave, padding_mask=None):
             return F.linear(t, w[p + name + ".weight"], w[p + name + ".bias"])
 
         q_raw = lin("self_attn.q_proj", x)  # [T, B, D]
-        q = q_raw * hd ** -0.5 / 32
+        q = q_raw * hd**-0.5 / 32
         k, val = lin("self_attn.k_proj", x), lin("self_attn.v_proj", x)
         heads = lambda t: t.reshape(T, B * H, hd).transpose(0, 1)  # noqa: E731
         s = torch.bmm(heads(q), heads(k).transpose(1, 2))
@@ -132,8 +137,9 @@ def naive_beats(ckpt, wave, padding_mask=None):
         s = s.view(B, H, T, T)
         if mask is not None:
             s = s.masked_fill(mask[:, None, None, :], float("-inf"))
-        gates = F.linear(heads(q_raw).view(B, H, T, hd), w[p + "self_attn.grep_linear.weight"],
-                         w[p + "self_attn.grep_linear.bias"])
+        gates = F.linear(
+            heads(q_raw).view(B, H, T, hd), w[p + "self_attn.grep_linear.weight"], w[p + "self_attn.grep_linear.bias"]
+        )
         gates = torch.sigmoid(gates.view(B, H, T, 2, 4).sum(-1))
         ga, gb = gates[..., :1], gates[..., 1:]
         s = s + (ga * (gb * w[p + "self_attn.grep_a"] - 1) + 2) * pos[None]
@@ -189,8 +195,15 @@ def test_official_checkpoint_round_trips_with_strict_keys(finetuned):
     for k, v in ckpt["model"].items():
         assert torch.equal(state[k], v), k
     # the real iter3+ checkpoints describe this size; same code path, just not instantiated here
-    real = tiny_config(encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072,
-                       encoder_attention_heads=12, embed_dim=512, conv_pos=128, conv_pos_groups=16)
+    real = tiny_config(
+        encoder_layers=12,
+        encoder_embed_dim=768,
+        encoder_ffn_embed_dim=3072,
+        encoder_attention_heads=12,
+        embed_dim=512,
+        conv_pos=128,
+        conv_pos_groups=16,
+    )
     with torch.device("meta"):  # shapes only
         assert set(BEATs(real).state_dict()) == official_keys(real)
 
@@ -239,9 +252,9 @@ def test_padded_batch_equals_naive_rederivation_and_original_mask_rule(finetuned
     frames = 1 + (x.size(1) - 400) // 160
     patches = (frames // 16) * 8
     run = x.size(1) // frames
-    frame_pad = [[bool(mask[b, f * run:(f + 1) * run].all()) for f in range(frames)] for b in range(3)]
+    frame_pad = [[bool(mask[b, f * run : (f + 1) * run].all()) for f in range(frames)] for b in range(3)]
     prun = frames // patches
-    expect = [[all(frame_pad[b][p * prun:(p + 1) * prun]) for p in range(patches)] for b in range(3)]
+    expect = [[all(frame_pad[b][p * prun : (p + 1) * prun]) for p in range(patches)] for b in range(3)]
     assert patch_mask.tolist() == expect
     assert patch_mask[0].sum() == 0 and 0 < patch_mask[1].sum() < patch_mask[2].sum()
 
@@ -327,15 +340,19 @@ def test_per_second_windows_line_up_with_frames(finetuned):
     model = STAGE.setup({"checkpoint": str(finetuned[0]), "device": "cpu", "dtype": "fp32"})
     t = np.arange(16000) / 16000
     rng = np.random.default_rng(0)
-    seconds = [0.5 * np.sin(2 * np.pi * 300 * t), 0.3 * rng.standard_normal(16000),
-               0.5 * np.sign(np.sin(2 * np.pi * 5 * t)) * np.sin(2 * np.pi * 2000 * t), 0.4 * np.sin(2 * np.pi * 90 * t)]
+    seconds = [
+        0.5 * np.sin(2 * np.pi * 300 * t),
+        0.3 * rng.standard_normal(16000),
+        0.5 * np.sign(np.sin(2 * np.pi * 5 * t)) * np.sin(2 * np.pi * 2000 * t),
+        0.4 * np.sin(2 * np.pi * 90 * t),
+    ]
     wave = np.concatenate(seconds)[: 3 * 16000 + 9000].astype(np.float32)
     out = STAGE.process(model, [{"wave": wave, "seconds": 4}], {})[0]
     probs, embeddings = out["second_probs"], out["second_embeddings"]
     assert probs.shape == (4, 527) and embeddings.shape == (4, 64)
     with torch.no_grad():
         for i in range(4):
-            window = torch.from_numpy(wave[16000 * i: 16000 * (i + 1)])[None]
+            window = torch.from_numpy(wave[16000 * i : 16000 * (i + 1)])[None]
             ref_probs, _ = model.extract_features(window)
             ref_feats, _ = model.encode(window)
             np.testing.assert_allclose(probs[i], ref_probs[0].numpy(), atol=1e-3)
@@ -392,7 +409,7 @@ def test_stage_end_to_end_on_synthetic_dataset_and_tags(tmp_path, finetuned):
     assert StageDir(summary.path).meta()["metadata"] == {"class_mids": list(model.class_mids)}
     with torch.no_grad():
         clip, _ = model.extract_features(wave[None])
-        last, _ = model.extract_features(wave[None, 16000 * 9: 16000 * 10])
+        last, _ = model.extract_features(wave[None, 16000 * 9 : 16000 * 10])
     assert record["second_probs"].shape == (int(row["num_frames"]), 527) == (10, 527)
     assert record["second_embeddings"].shape == (10, 64) and record["clip_probs"].shape == (527,)
     assert record["second_probs"].dtype == record["clip_probs"].dtype == np.float16
@@ -404,8 +421,7 @@ def test_stage_end_to_end_on_synthetic_dataset_and_tags(tmp_path, finetuned):
     column_name = [names[(7 * i) % 527] for i in range(527)]
     probs = np.asarray(record["clip_probs"], np.float32)
     best = int(np.argmax(probs))
-    result = CliRunner().invoke(main, ["tags", "show", row["clip_id"], "--cache", cache, "--top-k", "3",
-                                       "--threshold", "0"])
+    result = CliRunner().invoke(main, ["tags", "show", row["clip_id"], "--cache", cache, "--top-k", "3", "--threshold", "0"])
     assert result.exit_code == 0, result.output
     assert f"{probs[best]:.3f}  {column_name[best]}" in result.output
     ninth = np.asarray(record["second_probs"][9], np.float32)
@@ -413,8 +429,9 @@ def test_stage_end_to_end_on_synthetic_dataset_and_tags(tmp_path, finetuned):
     assert line.strip().split("  ", 1)[1].split("; ")[0] == column_name[int(np.argmax(ninth))]
 
     threshold = float(np.quantile(probs, 0.9))
-    result = CliRunner().invoke(main, ["tags", "summary", "--manifest", manifest, "--cache", cache,
-                                       "--threshold", str(threshold), "--top", "527"])
+    result = CliRunner().invoke(
+        main, ["tags", "summary", "--manifest", manifest, "--cache", cache, "--threshold", str(threshold), "--top", "527"]
+    )
     assert result.exit_code == 0, result.output
     for subset, ids in df.groupby("subset")["clip_id"]:
         counts = {}

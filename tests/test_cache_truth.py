@@ -63,8 +63,13 @@ def _check_layer(params):
 
 
 LAYERED = Stage(
-    name="toy-layered", version=1, params=[Param("layer", int, 1)], fields=[Field("n", "int64", ())],
-    load=lambda row, ctx: {"n": 1}, process=lambda model, items, params: items, setup=_check_layer,
+    name="toy-layered",
+    version=1,
+    params=[Param("layer", int, 1)],
+    fields=[Field("n", "int64", ())],
+    load=lambda row, ctx: {"n": 1},
+    process=lambda model, items, params: items,
+    setup=_check_layer,
 )
 
 
@@ -115,8 +120,9 @@ def test_a_mistyped_local_model_path_is_named_and_leaves_nothing(wavs, tmp_path)
     root, rows, manifest, cache = wavs
     with pytest.raises(FileNotFoundError, match="no such file or directory: ../models/hubret"):
         model_identity("../models/hubret")
-    result = CliRunner().invoke(main, ["hubert", "--manifest", manifest, "--cache", cache, "--model", "../models/hubret",
-                                       "--workers", "0"])
+    result = CliRunner().invoke(
+        main, ["hubert", "--manifest", manifest, "--cache", cache, "--model", "../models/hubret", "--workers", "0"]
+    )
     assert result.exit_code == 1
     assert "Error: no such file or directory: ../models/hubret" in result.output
     assert "repo" not in result.output.lower() and not os.path.exists(cache)
@@ -244,8 +250,13 @@ def test_changed_inputs_recompute_exactly_their_clips_and_downstream(wavs, tmp_p
     # a fixed audio file: louder, same length
     fixed = rows[2]
     path = os.path.join(root, fixed["audio_path"])
-    sf.write(path, tone(fixed["sr"], fixed["seconds"], 300, 0.5) if fixed["channels"] == 1
-             else np.stack([tone(fixed["sr"], fixed["seconds"], 300, 0.5)] * 2, axis=1), fixed["sr"])
+    sf.write(
+        path,
+        tone(fixed["sr"], fixed["seconds"], 300, 0.5)
+        if fixed["channels"] == 1
+        else np.stack([tone(fixed["sr"], fixed["seconds"], 300, 0.5)] * 2, axis=1),
+        fixed["sr"],
+    )
     again = run_stage(AUDIO_STATS, manifest, cache, progress=False)
     assert (again.done, again.cached, again.stale) == (1, len(rows) - 1, 1)
     assert "stale 1" in again.format()
@@ -299,7 +310,10 @@ def test_a_whole_dataset_fit_is_keyed_by_its_clips(tmp_path, toy_stages):
     assert first.done == 1 and open_stage(first.path)["clips"][0] == 3
     assert run_stage(mean, small, cache, progress=False).cached == 1
     pinned = run_stage(mean, big, cache, progress=False, reuse_fit=first.fingerprint)
-    assert pinned.cached == 1 and "reusing the fit pinned with --reuse-fit (fitted on 3 clips; this manifest has 6)" in pinned.format()
+    assert (
+        pinned.cached == 1
+        and "reusing the fit pinned with --reuse-fit (fitted on 3 clips; this manifest has 6)" in pinned.format()
+    )
     status = CliRunner().invoke(main, ["status", "--cache", cache])
     assert "fitted on 3 clips" in status.output and "pinned with --reuse-fit for a manifest of 6 clips" in status.output
     refit = run_stage(mean, big, cache, progress=False)
@@ -414,7 +428,9 @@ def test_soundstage_run_recomputes_a_changed_clip_and_what_reads_it(wavs, tmp_pa
     assert again.output.count("complete in the cache, skipped") == 2, again.output
     fixed = rows[1]
     louder = tone(fixed["sr"], fixed["seconds"], 300, 0.6)
-    sf.write(os.path.join(root, fixed["audio_path"]), louder if fixed["channels"] == 1 else np.stack([louder] * 2, 1), fixed["sr"])
+    sf.write(
+        os.path.join(root, fixed["audio_path"]), louder if fixed["channels"] == 1 else np.stack([louder] * 2, 1), fixed["sr"]
+    )
     changed = cli.invoke(main, ["run", str(pipeline), "--workers", "0"])
     assert changed.exit_code == 0, changed.output
     assert changed.output.count("stale 1") == 2 and "skipped" not in changed.output, changed.output

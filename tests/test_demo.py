@@ -39,13 +39,18 @@ def run_demo(out_dir, *extra):
 def stage_outputs(out_dir) -> dict:
     """stage name -> its output directories in the demo's cache."""
     cache = os.path.join(out_dir, "cache")
-    return {name: sorted(os.path.join(cache, name, fp) for fp in os.listdir(os.path.join(cache, name)))
-            for name in os.listdir(cache)}
+    return {
+        name: sorted(os.path.join(cache, name, fp) for fp in os.listdir(os.path.join(cache, name))) for name in os.listdir(cache)
+    }
 
 
 def part_files(out_dir) -> list:
-    return sorted((os.path.join(root, f), os.path.getmtime(os.path.join(root, f)))
-                  for root, _, files in os.walk(os.path.join(out_dir, "cache")) for f in files if f.endswith(".h5"))
+    return sorted(
+        (os.path.join(root, f), os.path.getmtime(os.path.join(root, f)))
+        for root, _, files in os.walk(os.path.join(out_dir, "cache"))
+        for f in files
+        if f.endswith(".h5")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +159,7 @@ def test_tiny_beats_is_an_official_format_checkpoint_labelled_with_audioset_mids
     assert set(state) == {"cfg", "model", "label_dict"}
     model = BEATs.from_checkpoint(path)
     spec = tiny.tiny_config("beats")
-    with open(os.path.join(os.path.dirname(tiny.TINY_CONFIG_DIR), "audioset", "class_labels_indices.csv"),
-              newline="") as f:
+    with open(os.path.join(os.path.dirname(tiny.TINY_CONFIG_DIR), "audioset", "class_labels_indices.csv"), newline="") as f:
         mid_of = {row["display_name"]: row["mid"] for row in csv.DictReader(f)}
     assert model.class_mids == [mid_of[name] for name in spec["classes"]]
     assert model.predictor.out_features == len(spec["classes"])
@@ -173,6 +177,7 @@ def test_tiny_beats_is_an_official_format_checkpoint_labelled_with_audioset_mids
 
 def test_tiny_models_are_reproducible_files(tmp_path):
     """Same seed -> same bytes, so a rebuilt model keeps its content hash (and the cache its outputs)."""
+
     def digest(path):
         files = [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path]
         return {os.path.relpath(f, path): hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}

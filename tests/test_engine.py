@@ -113,11 +113,15 @@ def test_failures_are_recorded_and_nothing_else_is_lost(wavs, tmp_path):
     records = StageDir(summary.path).failures()
     assert set(records) == set(failed)
     # the CLI says so too, with a nonzero exit status
-    result = CliRunner().invoke(main, ["audio-stats", "--manifest", manifest, "--cache", str(tmp_path / "cache"), "--workers", "0"])
+    result = CliRunner().invoke(
+        main, ["audio-stats", "--manifest", manifest, "--cache", str(tmp_path / "cache"), "--workers", "0"]
+    )
     assert result.exit_code == 1 and "failed zero: zero-byte audio" in result.output
     # pipeline jobs: recorded clip failures alone do not fail the job (the stages below go on)
-    result = CliRunner().invoke(main, ["audio-stats", "--manifest", manifest, "--cache", str(tmp_path / "cache"),
-                                       "--workers", "0", "--allow-failed-clips"])
+    result = CliRunner().invoke(
+        main,
+        ["audio-stats", "--manifest", manifest, "--cache", str(tmp_path / "cache"), "--workers", "0", "--allow-failed-clips"],
+    )
     assert result.exit_code == 0 and "failed zero: zero-byte audio" in result.output
 
 
@@ -213,8 +217,9 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(wavs, tmp_path, workers):
     progress = []
     for _ in range(3):  # kill -9 at a random moment after some progress: runner and workers together
         before = len(sd.committed_ids()) if sd.exists() else 0
-        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        )
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:
             if sd.exists() and len(sd.committed_ids()) > before:
@@ -305,11 +310,18 @@ def test_upstream_choice(wavs, tmp_path, toy_registered):
     chosen = run_stage(toy_sum, manifest, cache, upstream_select={"audio-stats": "silence_db=-40"}, progress=False)
     assert chosen.fingerprint != one.fingerprint
     # a changed downstream parameter reuses the upstream as it is
-    again = run_stage(toy_sum, manifest, cache, {"fail_on": rows[0]["clip_id"]},
-                      upstream_select={"audio-stats": "silence_db=-60"}, progress=False)
+    again = run_stage(
+        toy_sum,
+        manifest,
+        cache,
+        {"fail_on": rows[0]["clip_id"]},
+        upstream_select={"audio-stats": "silence_db=-60"},
+        progress=False,
+    )
     assert [c for c, _ in again.failed] == [rows[0]["clip_id"]]
-    result = CliRunner().invoke(main, ["toy-sum", "--manifest", manifest, "--cache", cache, "--audio-stats", "silence_db=-40",
-                                       "--workers", "0"])
+    result = CliRunner().invoke(
+        main, ["toy-sum", "--manifest", manifest, "--cache", cache, "--audio-stats", "silence_db=-40", "--workers", "0"]
+    )
     assert result.exit_code == 0, result.output
     assert "already cached 4" in result.output
 
@@ -353,7 +365,7 @@ def test_part_files_are_packed_columns_readable_by_plain_h5py(wavs, tmp_path):
         ids = h5["clip_id"].asstr()[...]
         off = h5["offsets/energy"][...]
         k = 5
-        np.testing.assert_array_equal(h5["energy"][off[k]:off[k + 1]], reader[ids[k]]["energy"])
+        np.testing.assert_array_equal(h5["energy"][off[k] : off[k + 1]], reader[ids[k]]["energy"])
         assert h5["label"].asstr()[k] == reader[ids[k]]["label"]
         assert h5["pairs"].shape[1] == 2 and reader[ids[k]]["pairs"].shape[1] == 2
         assert json.loads(h5.attrs["fields"])[0]["name"] == "energy"

@@ -50,10 +50,13 @@ def test_dry_run_chains_stages_and_runs_a_global_stage_as_one_job(dataset, tmp_p
     heads = list(scripts)
     assert [h.split(":")[0] for h in heads] == ["soundstage-audio-stats", "soundstage-test-loudest", "soundstage-test-mean"]
     assert "--dependency" not in heads[0]
-    assert "--dependency=afterok:<soundstage-audio-stats>" in heads[1] and "--dependency=afterok:<soundstage-audio-stats>" in heads[2]
+    assert (
+        "--dependency=afterok:<soundstage-audio-stats>" in heads[1]
+        and "--dependency=afterok:<soundstage-audio-stats>" in heads[2]
+    )
     stats, loudest, mean = scripts.values()
     assert "#SBATCH --array=0-2" in stats and "#SBATCH --array=0-2" in loudest
-    assert "--array" not in mean and '--shard' not in mean and "%j.out" in mean
+    assert "--array" not in mean and "--shard" not in mean and "%j.out" in mean
     fp = expected_fingerprint("audio-stats", load_pipeline(path).stages)
     assert f"--audio-stats {fp}" in loudest  # the downstream reads exactly the upstream output of this file
     assert not (tmp_path / "cache").exists()

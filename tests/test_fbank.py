@@ -133,18 +133,36 @@ def transformers_filters() -> np.ndarray:
 
     with warnings.catch_warnings():  # 128 filters over 256 bins leave one filter empty
         warnings.simplefilter("ignore")
-        return mel_filter_bank(num_frequency_bins=257, num_mel_filters=128, min_frequency=20, max_frequency=8000,
-                               sampling_rate=16000, norm=None, mel_scale="kaldi", triangularize_in_mel_space=True)
+        return mel_filter_bank(
+            num_frequency_bins=257,
+            num_mel_filters=128,
+            min_frequency=20,
+            max_frequency=8000,
+            sampling_rate=16000,
+            norm=None,
+            mel_scale="kaldi",
+            triangularize_in_mel_space=True,
+        )
 
 
 def transformers_fbank(wave: np.ndarray) -> np.ndarray:
     """BEATs' 128-bin Kaldi fbank of int16-range ``wave``, computed in float64 by transformers."""
     from transformers.audio_utils import spectrogram, window_function
 
-    return spectrogram(wave.astype(np.float64), window_function(400, "povey", periodic=False), frame_length=400,
-                       hop_length=160, fft_length=512, power=2.0, center=False, preemphasis=0.97,
-                       mel_filters=transformers_filters(), log_mel="log", mel_floor=float(np.finfo(np.float32).eps),
-                       remove_dc_offset=True).T
+    return spectrogram(
+        wave.astype(np.float64),
+        window_function(400, "povey", periodic=False),
+        frame_length=400,
+        hop_length=160,
+        fft_length=512,
+        power=2.0,
+        center=False,
+        preemphasis=0.97,
+        mel_filters=transformers_filters(),
+        log_mel="log",
+        mel_floor=float(np.finfo(np.float32).eps),
+        remove_dc_offset=True,
+    ).T
 
 
 def test_equals_transformers_audio_utils_in_kaldi_mode():

@@ -38,8 +38,7 @@ def _tiny_model(layer_norm_first: bool, seed: int = 0):
 def _waves(n: int, samples: int, seed: int = 1) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(samples) / 16000
-    waves = [0.3 * np.sin(2 * np.pi * (200 + 100 * i) * t) + 0.05 * rng.standard_normal(samples) + 0.02 * i
-             for i in range(n)]
+    waves = [0.3 * np.sin(2 * np.pi * (200 + 100 * i) * t) + 0.05 * rng.standard_normal(samples) + 0.02 * i for i in range(n)]
     return np.asarray(waves, dtype=np.float32)
 
 
@@ -135,9 +134,13 @@ def test_layer_out_of_range(tmp_path):
 def _to_fairseq_keys(state: dict, layer_norm_conv: bool) -> collections.OrderedDict:
     """transformers HubertModel keys -> fairseq HubertModel keys, written out from fairseq's module tree."""
     out = collections.OrderedDict()
-    layer_parts = {"attention": "self_attn", "layer_norm": "self_attn_layer_norm",
-                   "feed_forward.intermediate_dense": "fc1", "feed_forward.output_dense": "fc2",
-                   "final_layer_norm": "final_layer_norm"}
+    layer_parts = {
+        "attention": "self_attn",
+        "layer_norm": "self_attn_layer_norm",
+        "feed_forward.intermediate_dense": "fc1",
+        "feed_forward.output_dense": "fc2",
+        "final_layer_norm": "final_layer_norm",
+    }
     for key, value in state.items():
         parts = key.split(".")
         if key.startswith("feature_extractor.conv_layers."):
@@ -164,7 +167,7 @@ def _to_fairseq_keys(state: dict, layer_norm_conv: bool) -> collections.OrderedD
             n, rest = parts[2], ".".join(parts[3:])
             for hf, fs in layer_parts.items():
                 if rest.startswith(hf + "."):
-                    rest = fs + rest[len(hf):]
+                    rest = fs + rest[len(hf) :]
                     break
             else:
                 raise AssertionError(key)
@@ -207,23 +210,53 @@ def _write_fairseq_checkpoint(path, model, normalize: bool, style: str):
     state["final_proj.bias"] = torch.randn(16)
     conv = " + ".join(f"[({d},{k},{s})]" for d, k, s in zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride))
     model_cfg = {
-        "_name": "hubert", "label_rate": 50.0,
+        "_name": "hubert",
+        "label_rate": 50.0,
         "extractor_mode": "layer_norm" if layer_norm_conv else "default",
-        "encoder_layers": cfg.num_hidden_layers, "encoder_embed_dim": cfg.hidden_size,
-        "encoder_ffn_embed_dim": cfg.intermediate_size, "encoder_attention_heads": cfg.num_attention_heads,
-        "activation_fn": "gelu", "layer_type": "transformer", "dropout": 0.1, "attention_dropout": 0.1,
-        "activation_dropout": 0.0, "encoder_layerdrop": 0.05, "dropout_input": 0.1, "dropout_features": 0.1,
-        "final_dim": 16, "untie_final_proj": False, "layer_norm_first": bool(cfg.do_stable_layer_norm),
-        "conv_feature_layers": conv, "conv_bias": bool(cfg.conv_bias), "logit_temp": 0.1,
-        "target_glu": False, "feature_grad_mult": 0.1, "mask_length": 10, "mask_prob": 0.8,
-        "conv_pos": cfg.num_conv_pos_embeddings, "conv_pos_groups": cfg.num_conv_pos_embedding_groups,
-        "latent_temp": [2.0, 0.5, 0.999995], "skip_masked": False, "skip_nomask": False,
+        "encoder_layers": cfg.num_hidden_layers,
+        "encoder_embed_dim": cfg.hidden_size,
+        "encoder_ffn_embed_dim": cfg.intermediate_size,
+        "encoder_attention_heads": cfg.num_attention_heads,
+        "activation_fn": "gelu",
+        "layer_type": "transformer",
+        "dropout": 0.1,
+        "attention_dropout": 0.1,
+        "activation_dropout": 0.0,
+        "encoder_layerdrop": 0.05,
+        "dropout_input": 0.1,
+        "dropout_features": 0.1,
+        "final_dim": 16,
+        "untie_final_proj": False,
+        "layer_norm_first": bool(cfg.do_stable_layer_norm),
+        "conv_feature_layers": conv,
+        "conv_bias": bool(cfg.conv_bias),
+        "logit_temp": 0.1,
+        "target_glu": False,
+        "feature_grad_mult": 0.1,
+        "mask_length": 10,
+        "mask_prob": 0.8,
+        "conv_pos": cfg.num_conv_pos_embeddings,
+        "conv_pos_groups": cfg.num_conv_pos_embedding_groups,
+        "latent_temp": [2.0, 0.5, 0.999995],
+        "skip_masked": False,
+        "skip_nomask": False,
         "required_seq_len_multiple": 2,
     }
-    task_cfg = {"_name": "hubert_pretraining", "data": "/checkpoint/x/960h", "fine_tuning": False,
-                "labels": ["km"], "label_dir": "/checkpoint/x/labels", "label_rate": 50.0,
-                "sample_rate": 16000, "normalize": normalize, "enable_padding": False,
-                "max_sample_size": 250000, "min_sample_size": 32000, "random_crop": True, "pad_audio": False}
+    task_cfg = {
+        "_name": "hubert_pretraining",
+        "data": "/checkpoint/x/960h",
+        "fine_tuning": False,
+        "labels": ["km"],
+        "label_dir": "/checkpoint/x/labels",
+        "label_rate": 50.0,
+        "sample_rate": 16000,
+        "normalize": normalize,
+        "enable_padding": False,
+        "max_sample_size": 250000,
+        "min_sample_size": 32000,
+        "random_crop": True,
+        "pad_audio": False,
+    }
     fake = _fake_fairseq_modules()
     saved = {name: sys.modules.get(name) for name in fake}
     sys.modules.update(fake)
@@ -234,13 +267,24 @@ def _write_fairseq_checkpoint(path, model, normalize: bool, style: str):
             "cfg": {"_name": None, "common": {"fp16": True, "seed": 1337}, "model": model_cfg, "task": task_cfg},
             "model": state,
             "criterion": None,
-            "optimizer_history": [{"criterion_name": "HubertCriterion", "optimizer_name": "FairseqAdam",
-                                   "lr_scheduler_state": {"best": 3.25}, "num_updates": 400000}],
+            "optimizer_history": [
+                {
+                    "criterion_name": "HubertCriterion",
+                    "optimizer_name": "FairseqAdam",
+                    "lr_scheduler_state": {"best": 3.25},
+                    "num_updates": 400000,
+                }
+            ],
             "task_state": {"dictionaries": [dictionary]},
-            "extra_state": {"metrics": {}, "previous_training_time": 1234.5,
-                            "train_iterator": {"epoch": 290, "iterations_in_epoch": 0, "shuffle": True}},
-            "last_optimizer_state": {"state": {0: {"exp_avg": torch.zeros(3), "step": torch.tensor(7.0)}},
-                                     "param_groups": [{"lr": 5e-4, "betas": (0.9, 0.98), "params": [0]}]},
+            "extra_state": {
+                "metrics": {},
+                "previous_training_time": 1234.5,
+                "train_iterator": {"epoch": 290, "iterations_in_epoch": 0, "shuffle": True},
+            },
+            "last_optimizer_state": {
+                "state": {0: {"exp_avg": torch.zeros(3), "step": torch.tensor(7.0)}},
+                "param_groups": [{"lr": 5e-4, "betas": (0.9, 0.98), "params": [0]}],
+            },
         }
         if style == "args":  # fairseq < 0.10: one flat argparse.Namespace
             del ckpt["cfg"]
@@ -324,8 +368,16 @@ def test_hubert_stage_equals_one_clip_forward(synth_manifest, tmp_path):
     stage = get_stage("hubert")
     outputs = {}
     for batch_size in (4, 1):
-        summary = run_stage(stage, synth_manifest, str(tmp_path / f"cache{batch_size}"), params,
-                            workers=0, batch_size=batch_size, progress=False, log=lambda *_: None)
+        summary = run_stage(
+            stage,
+            synth_manifest,
+            str(tmp_path / f"cache{batch_size}"),
+            params,
+            workers=0,
+            batch_size=batch_size,
+            progress=False,
+            log=lambda *_: None,
+        )
         assert summary.ok and summary.done == 6
         outputs[batch_size] = open_stage(summary.path)
     rows = read_manifest(synth_manifest).to_dict("records")

@@ -79,9 +79,17 @@ def test_fit_kmeans_finds_separated_clusters(backend):
 
 
 def test_sklearn_backend_uses_fairseq_settings():
-    assert SKLEARN_FAIRSEQ_SETTINGS == dict(init="k-means++", max_iter=100, batch_size=10000, tol=0.0,
-                                            max_no_improvement=100, init_size=None, n_init=20,
-                                            reassignment_ratio=0.0, compute_labels=False)
+    assert SKLEARN_FAIRSEQ_SETTINGS == dict(
+        init="k-means++",
+        max_iter=100,
+        batch_size=10000,
+        tol=0.0,
+        max_no_improvement=100,
+        init_size=None,
+        n_init=20,
+        reassignment_ratio=0.0,
+        compute_labels=False,
+    )
 
 
 def test_sample_is_fairseqs_count_and_independent_of_row_order():
@@ -189,8 +197,9 @@ def test_units_pipeline_and_refit_reuses_features(hubert_cache, tmp_path):
             assert record["frame_majority"][i] == np.bincount(seg, minlength=4).argmax()
 
     # another K through the CLI: only k-means is fitted again; the features are read, not recomputed
-    result = CliRunner().invoke(main, ["kmeans", "--manifest", manifest, "--cache", cache, "--k", "5",
-                                       "--percent", "1", "--device", "cpu"])
+    result = CliRunner().invoke(
+        main, ["kmeans", "--manifest", manifest, "--cache", cache, "--k", "5", "--percent", "1", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     assert _snapshot(hubert_dir) == before
     again = _run("hubert", manifest, cache, hubert_params)

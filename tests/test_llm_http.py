@@ -27,8 +27,8 @@ SLOW_SECONDS = 4.5
 ANSWERS = {
     "WELL": 'ANSWER: ["guitar", "man"]',
     "RAMBLE": "Let me think step by step. The caption mentions dogs and a man in a park.\n"
-              "1. dogs bark\n2. the man may talk\n3. the park is silent\n"
-              "**Answer:**\n```json\n[\"Dogs\", \"man\", \"dog\"]\n```",
+    "1. dogs bark\n2. the man may talk\n3. the park is silent\n"
+    '**Answer:**\n```json\n["Dogs", "man", "dog"]\n```',
     "MALFORMED": "I believe a guitar is being played, and maybe someone sings.",
     "NOTHING": "The scene is an empty room.\nANSWER: []",
     "SLOW": 'ANSWER: ["trumpet"]',
@@ -95,9 +95,12 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, b"<html>not json</html>")
             if kind == "BUSY" and n == 1:
                 return self._send(429, b'{"error": "rate limited"}', {"Retry-After": "7"})
-            reply = {"id": f"cmpl-{n}", "object": "chat.completion", "model": body["model"],
-                     "choices": [{"index": 0, "finish_reason": "stop",
-                                  "message": {"role": "assistant", "content": ANSWERS[kind]}}]}
+            reply = {
+                "id": f"cmpl-{n}",
+                "object": "chat.completion",
+                "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": ANSWERS[kind]}}],
+            }
             self._send(200, json.dumps(reply).encode())
         finally:
             with srv.lock:
@@ -186,7 +189,8 @@ def test_connection_refused_is_retried_then_error():
     url = srv.url
     srv.server_close()  # nothing listens on the port any more
     answer = OpenAIChatEndpoint(url, "m", timeout=TIMEOUT, max_attempts=2, backoff=0.01).generate(
-        [[{"role": "user", "content": "x"}]])[0]
+        [[{"role": "user", "content": "x"}]]
+    )[0]
     assert answer.text is None and answer.attempts == 2 and "connection failed" in answer.error
 
 
@@ -204,8 +208,12 @@ def _caption_stand_in():
     """The caption stage with its captions given by the test (no image model involved)."""
     from soundstage.stages import caption
 
-    return dataclasses.replace(caption.STAGE, load=lambda row, ctx: CLIPS[row["clip_id"]], setup=None,
-                               process=lambda model, items, params: [{"captions": c} for c in items])
+    return dataclasses.replace(
+        caption.STAGE,
+        load=lambda row, ctx: CLIPS[row["clip_id"]],
+        setup=None,
+        process=lambda model, items, params: [{"captions": c} for c in items],
+    )
 
 
 def _manifest(tmp_path):
@@ -224,8 +232,7 @@ def _run_sources(tmp_path, server, **params):
     captioner_dir.mkdir(exist_ok=True)
     (captioner_dir / "config.json").write_text("{}")  # only its hash is read (fingerprint)
     run_stage(_caption_stand_in(), manifest, cache, {"model": str(captioner_dir)}, workers=0, progress=False)
-    params = dict(llm="fake-llm", llm_endpoint=server.url, timeout=TIMEOUT, max_attempts=3, backoff=0.01,
-                  concurrency=4, **params)
+    params = dict(llm="fake-llm", llm_endpoint=server.url, timeout=TIMEOUT, max_attempts=3, backoff=0.01, concurrency=4, **params)
     summary = run_stage(sources.STAGE, manifest, cache, params, workers=0, batch_size=2, progress=False)
     return summary, open_stage(summary.path)
 
@@ -272,7 +279,8 @@ def test_sources_stage_stores_every_outcome(tmp_path, server, offline, caplog):
     assert any("needed retries" in r.getMessage() for r in caplog.records)
     # every request the server saw is counted in some stored attempts (clip_d's: none sent)
     assert sum(server.requests.values()) == sum(
-        int(a) for rec in (out[c] for c in CLIPS) for a in list(rec["attempts"]) + [rec["clip_attempts"]])
+        int(a) for rec in (out[c] for c in CLIPS) for a in list(rec["attempts"]) + [rec["clip_attempts"]]
+    )
 
 
 def test_sources_stage_on_error_fail_leaves_clip_for_rerun(tmp_path, server, offline):
@@ -289,8 +297,14 @@ def test_fail_mode_ignores_empty_captions():
     from soundstage.pipeline.stage import ClipError
     from soundstage.stages.sources import _fail_on_unanswered
 
-    result = {"status": ["ok", "error"], "attempts": [1, 0], "detail": ["", "empty caption: nothing to ask about"],
-              "clip_status": "ok", "clip_attempts": 1, "clip_detail": ""}
+    result = {
+        "status": ["ok", "error"],
+        "attempts": [1, 0],
+        "detail": ["", "empty caption: nothing to ask about"],
+        "clip_status": "ok",
+        "clip_attempts": 1,
+        "clip_detail": "",
+    }
     _fail_on_unanswered(result, 2)  # never asked: asking again would not help
     result.update(clip_status="error", clip_attempts=3, clip_detail="HTTP 500")
     with pytest.raises(ClipError, match="clip-level question: HTTP 500"):

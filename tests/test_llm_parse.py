@@ -11,15 +11,19 @@ PARSED = [
     # strict format
     ('ANSWER: ["guitar", "man"]', ["guitar", "man"]),
     # reasoning first; a draft answer in the reasoning is overridden by the final one
-    ('The caption shows a man with a dog. Draft ANSWER: ["tree"] is wrong, trees are silent.\n'
-     'ANSWER: ["man", "dog"]', ["man", "dog"]),
+    (
+        'The caption shows a man with a dog. Draft ANSWER: ["tree"] is wrong, trees are silent.\nANSWER: ["man", "dog"]',
+        ["man", "dog"],
+    ),
     # code fence after the marker, bold marker
     ('Reasoning...\n**Answer:**\n```json\n["Violins", "piano"]\n```', ["violin", "piano"]),
     # a reply that is only a fenced list, no marker
     ('```json\n["dog"]\n```', ["dog"]),
     # plurals, articles, case, duplicates: singular lowercase, first occurrence order
-    ('ANSWER: ["Guitars", "the men", "guitar", "a Dog", "PEOPLE", "buses", "boxes", "puppies"]',
-     ["guitar", "man", "dog", "person", "bus", "box", "puppy"]),
+    (
+        'ANSWER: ["Guitars", "the men", "guitar", "a Dog", "PEOPLE", "buses", "boxes", "puppies"]',
+        ["guitar", "man", "dog", "person", "bus", "box", "puppy"],
+    ),
     # multi-word names keep their modifier, the head noun is singularised
     ('ANSWER: ["electric guitars", "fire trucks"]', ["electric guitar", "fire truck"]),
     # Python quotes and bare words
@@ -69,7 +73,7 @@ UNPARSEABLE_ANSWERS = [
     "ANSWER: [1, 2]",
     'ANSWER: [{"name": "dog"}]',
     'ANSWER: ["dog" and "cat"]',
-    "ANSWER: [[\"dog\"]]",
+    'ANSWER: [["dog"]]',
     "ANSWER: [dog; cat!!]",
     '<think>The dog... ANSWER: ["dog"]',  # cut inside the reasoning: the draft is not an answer
     'Draft ANSWER: ["dog"] then more thought.\nANSWER: [',  # the final answer was cut: not the draft
@@ -89,11 +93,26 @@ def test_think_section_then_answer():
     assert parse_answer('<think>maybe ["x"]</think>\nANSWER: ["dog"]').names == ["dog"]
 
 
-@pytest.mark.parametrize("word,single", [
-    ("guitars", "guitar"), ("glasses", "glass"), ("bus", "bus"), ("watches", "watch"), ("wolves", "wolf"),
-    ("firemen", "fireman"), ("women", "woman"), ("sheep", "sheep"), ("cellos", "cello"), ("cactus", "cactus"),
-    ("harmonicas", "harmonica"), ("bass", "bass"), ("specimen", "specimen"), ("children", "child"), ("lens", "lens"),
-])
+@pytest.mark.parametrize(
+    "word,single",
+    [
+        ("guitars", "guitar"),
+        ("glasses", "glass"),
+        ("bus", "bus"),
+        ("watches", "watch"),
+        ("wolves", "wolf"),
+        ("firemen", "fireman"),
+        ("women", "woman"),
+        ("sheep", "sheep"),
+        ("cellos", "cello"),
+        ("cactus", "cactus"),
+        ("harmonicas", "harmonica"),
+        ("bass", "bass"),
+        ("specimen", "specimen"),
+        ("children", "child"),
+        ("lens", "lens"),
+    ],
+)
 def test_singular(word, single):
     assert singular(word) == single
 

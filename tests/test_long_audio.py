@@ -74,10 +74,24 @@ def test_a_clip_that_kills_the_run_is_recorded_and_the_shard_finishes(tmp_path):
     manifest = write_manifest(str(tmp_path), rows)
     cache, markers = tmp_path / "c", tmp_path / "markers"
     markers.mkdir()
-    args = ["toy-fragile-long", "--manifest", manifest, "--cache", cache, "--workers", 0, "--no-progress",
-            "--commit-every", 1000, "--marker-dir", markers]
-    script = CLI_SCRIPT.replace('register_stage("toy-slow"', 'register_stage("toy-fragile-long", '
-                                '"shutdown_stages:FRAGILE_ON_LONG")\nregister_stage("toy-slow"')
+    args = [
+        "toy-fragile-long",
+        "--manifest",
+        manifest,
+        "--cache",
+        cache,
+        "--workers",
+        0,
+        "--no-progress",
+        "--commit-every",
+        1000,
+        "--marker-dir",
+        markers,
+    ]
+    script = CLI_SCRIPT.replace(
+        'register_stage("toy-slow"',
+        'register_stage("toy-fragile-long", "shutdown_stages:FRAGILE_ON_LONG")\nregister_stage("toy-slow"',
+    )
 
     def run(*extra):
         code = script.format(tests=HERE, args=[str(a) for a in [*args, *extra]])

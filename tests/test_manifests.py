@@ -43,9 +43,7 @@ def run_cli(*args):
 
 def test_palette_is_the_voc_bit_interleaved_colormap():
     # Independent formulation: bit (3*j + c) of the index becomes bit (7 - j) of channel c.
-    expected = [
-        [sum(((index >> (3 * j + c)) & 1) << (7 - j) for j in range(8)) for c in range(3)] for index in range(71)
-    ]
+    expected = [[sum(((index >> (3 * j + c)) & 1) << (7 - j) for j in range(8)) for c in range(3)] for index in range(71)]
     assert palette().tolist() == expected
     assert palette()[:4].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]]
     assert len(AVSBENCH_CLASSES) == 71 and AVSBENCH_CLASSES[0] == "background"
@@ -92,7 +90,11 @@ def test_injected_faults_yield_exactly_those_problems(synth_dir, tmp_path):
     clip = lambda r: os.path.join(root, r["label"], r["uid"])  # noqa: E731
 
     deleted_frame, truncated, zero_audio, missing_label, bad_png, duplicated = (
-        by_subset["v2"][0], by_subset["v1m"][0], by_subset["v1s"][0], by_subset["v2"][1], by_subset["v1m"][1],
+        by_subset["v2"][0],
+        by_subset["v1m"][0],
+        by_subset["v1s"][0],
+        by_subset["v2"][1],
+        by_subset["v1m"][1],
         by_subset["v1s"][1],
     )
     os.remove(os.path.join(clip(deleted_frame), "frames", "3.jpg"))
@@ -106,11 +108,14 @@ def test_injected_faults_yield_exactly_those_problems(synth_dir, tmp_path):
     flipped[len(flipped) // 2] ^= 0xFF
     open(png, "wb").write(bytes(flipped))
     d = duplicated
-    append_metadata_lines(root, [
-        ",".join([d["vid"], d["uid"], d["s_min"], d["s_sec"], d["a_obj"], d["split"], d["label"]]),
-        "abcdefghijk,abcdefghijk_1,0,5,dog,train,v3",  # unknown subset label
-        ",,0,0,dog,val,v2",  # missing vid and uid
-    ])
+    append_metadata_lines(
+        root,
+        [
+            ",".join([d["vid"], d["uid"], d["s_min"], d["s_sec"], d["a_obj"], d["split"], d["label"]]),
+            "abcdefghijk,abcdefghijk_1,0,5,dog,train,v3",  # unknown subset label
+            ",,0,0,dog,val,v2",  # missing vid and uid
+        ],
+    )
     bad_line = len(rows) + 4  # header + rows + duplicate, then the 1-based line of the missing-uid row
 
     result = build_avsbench_manifest(root, workers=4)
@@ -217,7 +222,7 @@ def test_object_layout_maps_to_the_same_columns(synth_dir, tmp_path):
         theirs = np.asarray(Image.open(os.path.join(synth_dir, row.subset, row.clip_id, "frames", "4.jpg")), dtype=int)
         assert np.array_equal(ours, theirs)
         if row.subset == "v1s":
-            assert frame_path(row, 0, "") .endswith(f"/{row.clip_id}_1.png") and row.a_obj
+            assert frame_path(row, 0, "").endswith(f"/{row.clip_id}_1.png") and row.a_obj
         else:
             assert frame_path(row, 0, "").endswith(f"/{row.clip_id}/{row.clip_id}.mp4_1.png")
         for i in annotated_frames(row):

@@ -164,10 +164,16 @@ def test_refavs_null_score():
     assert per_frame == pytest.approx((math.sqrt(1 / 4) + math.sqrt(3 / 4)) / 2, abs=1e-9)
 
 
-@pytest.mark.parametrize("name,options", [
-    ("avsbench-binary", {}), ("avsbench-binary", {"batch_size": 4}), ("bias-in-avs", {}),
-    ("segpref", {"frames_per_video": 3}), ("refavs-null", {"batch_size": 2}),
-])
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("avsbench-binary", {}),
+        ("avsbench-binary", {"batch_size": 4}),
+        ("bias-in-avs", {}),
+        ("segpref", {"frames_per_video": 3}),
+        ("refavs-null", {"batch_size": 2}),
+    ],
+)
 def test_accumulator_in_uneven_batches_equals_one_call(name, options):
     rng = np.random.default_rng(3)
     logits = rng.normal(scale=2, size=(23, 6, 5)).astype(np.float32)

@@ -58,19 +58,24 @@ stages:
     # a model name that is not a path next to the file is a hub id and stays as written;
     # any other parameter naming a file next to the pipeline file resolves like the models
     (exp / "label2idx.json").write_text("{}")
-    path.write_text("stages:\n  hubert: {model: facebook/hubert-base-ls960}\n"
-                    "  sources: {vocabulary: label2idx.json, llm_endpoint: 'http://gpu7:8000'}\n")
+    path.write_text(
+        "stages:\n  hubert: {model: facebook/hubert-base-ls960}\n"
+        "  sources: {vocabulary: label2idx.json, llm_endpoint: 'http://gpu7:8000'}\n"
+    )
     pipe = load_pipeline(str(path))
     assert pipe.stages["hubert"]["model"] == "facebook/hubert-base-ls960" and pipe.manifest is None
     assert pipe.stages["sources"] == {"vocabulary": str(exp / "label2idx.json"), "llm_endpoint": "http://gpu7:8000"}
 
 
-@pytest.mark.parametrize("text, message", [
-    ("stages:\n  audio-stats: {silence: -50}\n", "no parameter 'silence'"),
-    ("stages:\n  audiostats: {}\n", "unknown stage 'audiostats'"),
-    ("manifest: m.csv\nstage: {}\n", "unknown key"),
-    ("executor: cloud\n", "executor must be local or slurm"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("stages:\n  audio-stats: {silence: -50}\n", "no parameter 'silence'"),
+        ("stages:\n  audiostats: {}\n", "unknown stage 'audiostats'"),
+        ("manifest: m.csv\nstage: {}\n", "unknown key"),
+        ("executor: cloud\n", "executor must be local or slurm"),
+    ],
+)
 def test_mistakes_in_the_file_are_reported(tmp_path, text, message):
     path = tmp_path / "p.yaml"
     path.write_text(text)
@@ -85,8 +90,9 @@ def test_dependency_order_puts_upstream_first_and_finds_cycles(monkeypatch):
     def noop(*_):
         return []
 
-    loop = {n: Stage(name=n, version=1, upstream=[Upstream("x", m)], load=noop, process=noop)
-            for n, m in (("a", "b"), ("b", "a"))}
+    loop = {
+        n: Stage(name=n, version=1, upstream=[Upstream("x", m)], load=noop, process=noop) for n, m in (("a", "b"), ("b", "a"))
+    }
     monkeypatch.setitem(pipeline_file.STAGE_MODULES, "a", "unused")
     monkeypatch.setitem(pipeline_file.STAGE_MODULES, "b", "unused")
     monkeypatch.setattr(pipeline_file, "get_stage", loop.__getitem__)
@@ -96,8 +102,10 @@ def test_dependency_order_puts_upstream_first_and_finds_cycles(monkeypatch):
 
 def _pipeline(tmp_path, dataset, offset=1.5):
     path = tmp_path / "p.yaml"
-    path.write_text(f"manifest: {dataset}\ncache: cache\nstages:\n"
-                    f"  audio-stats: {{silence_db: -45}}\n  test-loudest: {{offset_db: {offset}}}\n")
+    path.write_text(
+        f"manifest: {dataset}\ncache: cache\nstages:\n"
+        f"  audio-stats: {{silence_db: -45}}\n  test-loudest: {{offset_db: {offset}}}\n"
+    )
     return str(path)
 
 

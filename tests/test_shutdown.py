@@ -99,8 +99,21 @@ def wait_gone(pids, timeout=20) -> set[int]:
 def test_decoding_workers_exit_when_the_stage_is_killed(manifest, tmp_path):
     markers = tmp_path / "markers"
     markers.mkdir()
-    proc = start_cli(tmp_path, "toy-slow", "--manifest", manifest, "--cache", tmp_path / "c", "--workers", 2, "--no-progress",
-                     "--sleep", 0.3, "--marker-dir", markers)
+    proc = start_cli(
+        tmp_path,
+        "toy-slow",
+        "--manifest",
+        manifest,
+        "--cache",
+        tmp_path / "c",
+        "--workers",
+        2,
+        "--no-progress",
+        "--sleep",
+        0.3,
+        "--marker-dir",
+        markers,
+    )
     wait_for_files(markers, 1, proc)
     below = descendants(proc.pid)
     assert len(below) >= 3, below  # forkserver, resource tracker, decoding workers
@@ -113,8 +126,26 @@ def test_decoding_workers_exit_when_the_stage_is_killed(manifest, tmp_path):
 def test_sigterm_to_jobs_is_passed_on_and_the_summaries_merged(manifest, tmp_path):
     markers, cache = tmp_path / "markers", tmp_path / "c"
     markers.mkdir()
-    proc = start_cli(tmp_path, "toy-slow", "--manifest", manifest, "--cache", cache, "--jobs", 2, "--workers", 0, "--batch-size", 1,
-                     "--commit-every", 1000, "--sleep", 0.4, "--marker-dir", markers)
+    proc = start_cli(
+        tmp_path,
+        "toy-slow",
+        "--manifest",
+        manifest,
+        "--cache",
+        cache,
+        "--jobs",
+        2,
+        "--workers",
+        0,
+        "--batch-size",
+        1,
+        "--commit-every",
+        1000,
+        "--sleep",
+        0.4,
+        "--marker-dir",
+        markers,
+    )
     wait_for_files(markers, 2, proc)
     below = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)  # to the parent only, as `kill PID` does
@@ -132,8 +163,9 @@ def test_a_stop_in_the_last_batch_stops_the_chain(manifest, tmp_path):
     markers, cache = tmp_path / "markers", tmp_path / "c"
     markers.mkdir()
     pipeline = tmp_path / "p.yaml"
-    pipeline.write_text(f"manifest: {manifest}\ncache: {cache}\nstages:\n"
-                        f"  toy-wait: {{sleep: 0.5, marker_dir: {markers}}}\n  toy-after: {{}}\n")
+    pipeline.write_text(
+        f"manifest: {manifest}\ncache: {cache}\nstages:\n  toy-wait: {{sleep: 0.5, marker_dir: {markers}}}\n  toy-after: {{}}\n"
+    )
     proc = start_cli(tmp_path, "run", pipeline, "--workers", 0)
     wait_for_files(markers, 1, proc)  # the only batch of toy-wait has begun
     proc.send_signal(signal.SIGTERM)
@@ -146,8 +178,24 @@ def test_a_stop_in_the_last_batch_stops_the_chain(manifest, tmp_path):
 def test_ctrl_c_prints_the_summary_of_what_was_committed(manifest, tmp_path):
     markers, cache = tmp_path / "markers", tmp_path / "c"
     markers.mkdir()
-    proc = start_cli(tmp_path, "toy-slow", "--manifest", manifest, "--cache", cache, "--workers", 2, "--batch-size", 1,
-                     "--no-progress", "--sleep", 0.4, "--marker-dir", markers, start_new_session=True)
+    proc = start_cli(
+        tmp_path,
+        "toy-slow",
+        "--manifest",
+        manifest,
+        "--cache",
+        cache,
+        "--workers",
+        2,
+        "--batch-size",
+        1,
+        "--no-progress",
+        "--sleep",
+        0.4,
+        "--marker-dir",
+        markers,
+        start_new_session=True,
+    )
     wait_for_files(markers, 2, proc)
     os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: the whole process group
     out, err = finish(proc, tmp_path)

@@ -31,15 +31,26 @@ import soundstage_test_stages  # noqa: E402
 
 soundstage_test_stages.register()
 
-needs_slurm = pytest.mark.skipif(shutil.which("sbatch") is None,
-                                 reason="sbatch not on PATH: no SLURM here (CI starts one with .ci/slurm/start.sh)")
+needs_slurm = pytest.mark.skipif(
+    shutil.which("sbatch") is None, reason="sbatch not on PATH: no SLURM here (CI starts one with .ci/slurm/start.sh)"
+)
 
 
 def _job(**overrides):
     fields = dict(
         name="soundstage-audio-stats",
-        command=["/venv/bin/python", "-m", "soundstage.cli", "audio-stats", "--manifest", "/d/manifest.csv",
-                 "--cache", "/c", "--silence-db", "-60.0"],
+        command=[
+            "/venv/bin/python",
+            "-m",
+            "soundstage.cli",
+            "audio-stats",
+            "--manifest",
+            "/d/manifest.csv",
+            "--cache",
+            "/c",
+            "--silence-db",
+            "-60.0",
+        ],
         log_dir="/c/audio-stats/abc/logs",
         workdir="/home/me/exp",
         resources=slurm.Resources(partition="gpu", time="02:00:00", mem="16G", cpus=4, gpus=1, max_parallel=8),
@@ -52,7 +63,9 @@ def _job(**overrides):
 
 def test_array_script_text():
     (script,) = slurm.render_scripts(_job())
-    assert script == """#!/bin/bash
+    assert (
+        script
+        == """#!/bin/bash
 # stage audio-stats
 #SBATCH --array=0-15%8
 #SBATCH --output=/c/audio-stats/abc/logs/%A_%a.out
@@ -70,6 +83,7 @@ set -euo pipefail
 export PYTHONUNBUFFERED=1
 exec /venv/bin/python -m soundstage.cli audio-stats --manifest /d/manifest.csv --cache /c --silence-db -60.0 --shard "${SLURM_ARRAY_TASK_ID}/16"
 """
+    )
 
 
 def test_single_job_for_a_whole_dataset_stage():
@@ -149,15 +163,44 @@ def _clip_ids(manifest):
 
 def test_dry_run_prints_a_script_that_runs_its_shard(dataset, tmp_path):
     cache = tmp_path / "cache"
-    result = CliRunner().invoke(main, ["audio-stats", "--manifest", dataset, "--cache", str(cache), "--executor", "slurm",
-                                       "--shards", "4", "--dry-run", "--partition", "short", "--time", "0:10:00",
-                                       "--mem", "2G", "--max-parallel", "2", "--silence-db", "-50", "--workers", "0"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "audio-stats",
+            "--manifest",
+            dataset,
+            "--cache",
+            str(cache),
+            "--executor",
+            "slurm",
+            "--shards",
+            "4",
+            "--dry-run",
+            "--partition",
+            "short",
+            "--time",
+            "0:10:00",
+            "--mem",
+            "2G",
+            "--max-parallel",
+            "2",
+            "--silence-db",
+            "-50",
+            "--workers",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert not cache.exists()  # a dry run writes nothing
     out = result.output
-    script = out[out.index("#!/bin/bash"):]
-    for line in ("#SBATCH --array=0-3%2", "#SBATCH --partition=short", "#SBATCH --time=0:10:00", "#SBATCH --mem=2G",
-                 "#SBATCH --requeue"):
+    script = out[out.index("#!/bin/bash") :]
+    for line in (
+        "#SBATCH --array=0-3%2",
+        "#SBATCH --partition=short",
+        "#SBATCH --time=0:10:00",
+        "#SBATCH --mem=2G",
+        "#SBATCH --requeue",
+    ):
         assert line in script.splitlines()
     plan = plan_stage(get_stage("audio-stats"), dataset, str(cache), {"silence_db": -50.0})
     assert f"#SBATCH --output={plan.dir.path}/logs/%A_%a.out" in script.splitlines()
@@ -283,8 +326,23 @@ def test_cancelled_tasks_are_completed_by_a_relaunch_of_only_the_missing_clips(d
         os.mkfifo(path)
     slurm_env.setenv("SOUNDSTAGE_TEST_GATES", ",".join(f"{c}={p}" for c, p in fifo.items()))
 
-    args = ["audio-stats", "--manifest", dataset, "--cache", cache, "--executor", "slurm", "--shards", "3",
-            "--workers", "1", "--batch-size", "1", "--commit-every", "1"]
+    args = [
+        "audio-stats",
+        "--manifest",
+        dataset,
+        "--cache",
+        cache,
+        "--executor",
+        "slurm",
+        "--shards",
+        "3",
+        "--workers",
+        "1",
+        "--batch-size",
+        "1",
+        "--commit-every",
+        "1",
+    ]
     code, out = _invoke(args)
     assert code == 0, out
     job = out.split("submitted soundstage-audio-stats as job ")[1].split(";")[0]

@@ -11,8 +11,12 @@ from soundstage.pipeline import slurm
 
 
 def test_waiting_shows_each_state_with_its_reason():
-    states = {"7_1": ("PENDING", "Resources"), "7_2": ("PENDING", "Resources"), "7_3": ("RUNNING", "None"),
-              "8": ("PENDING", "Dependency")}
+    states = {
+        "7_1": ("PENDING", "Resources"),
+        "7_2": ("PENDING", "Resources"),
+        "7_3": ("RUNNING", "None"),
+        "8": ("PENDING", "Dependency"),
+    }
     assert slurm._count_states(states) == "1 pending (Dependency), 2 pending (Resources), 1 running"
 
 
@@ -25,8 +29,20 @@ def test_partition_limits_and_units():
 @needs_slurm
 def test_a_job_that_can_never_run_is_cancelled_with_its_reason(dataset, tmp_path, slurm_env):  # noqa: F811
     limits = slurm.partition_limits()
-    code, out = _invoke(["audio-stats", "--manifest", dataset, "--cache", str(tmp_path / "c"), "--executor", "slurm",
-                         "--cpus", str(limits.cpus * 8), "--wait"])
+    code, out = _invoke(
+        [
+            "audio-stats",
+            "--manifest",
+            dataset,
+            "--cache",
+            str(tmp_path / "c"),
+            "--executor",
+            "slurm",
+            "--cpus",
+            str(limits.cpus * 8),
+            "--wait",
+        ]
+    )
     assert code == 1, out
     assert "warning: asks for more than partition" in out and f"cpus {limits.cpus * 8}" in out
     error = [line for line in out.splitlines() if line.startswith("Error:")]
@@ -39,8 +55,7 @@ def test_a_job_that_can_never_run_is_cancelled_with_its_reason(dataset, tmp_path
 @needs_slurm
 def test_default_resources_are_fitted_to_the_partition_and_the_job_runs(dataset, tmp_path, slurm_env):  # noqa: F811
     limits = slurm.partition_limits()
-    code, out = _invoke(["test-hungry", "--manifest", dataset, "--cache", str(tmp_path / "c"), "--executor", "slurm",
-                         "--wait"])
+    code, out = _invoke(["test-hungry", "--manifest", dataset, "--cache", str(tmp_path / "c"), "--executor", "slurm", "--wait"])
     assert code == 0, out
     assert f"test-hungry: default resources fitted to partition {limits.name}" in out, out
     assert f"cpus 64 -> {limits.cpus}" in out and f"mem 1T -> {limits.mem_mb}M" in out

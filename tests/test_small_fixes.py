@@ -34,17 +34,38 @@ def test_no_model_loading_bars_under_no_progress(tmp_path):
     torch.manual_seed(0)
     HubertModel(tiny_hubert_config()).save_pretrained(tmp_path / "hubert")
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
-    result = subprocess.run([sys.executable, "-m", "soundstage.cli", "hubert", "--manifest", manifest, "--cache",
-                             str(tmp_path / "c"), "--model", str(tmp_path / "hubert"), "--layer", "2", "--device", "cpu",
-                             "--workers", "0", "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "soundstage.cli",
+            "hubert",
+            "--manifest",
+            manifest,
+            "--cache",
+            str(tmp_path / "c"),
+            "--model",
+            str(tmp_path / "hubert"),
+            "--layer",
+            "2",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "Loading weights" not in result.stderr and "%|" not in result.stderr, result.stderr
 
 
 def test_kmeans_shows_and_takes_no_per_clip_options():
     result = CliRunner().invoke(main, ["kmeans", "--help"])
-    for option in ("--shard ", "--jobs", "--workers", "--batch-size", "--commit-every", "--max-consecutive-errors",
-                   "--shards"):
+    for option in ("--shard ", "--jobs", "--workers", "--batch-size", "--commit-every", "--max-consecutive-errors", "--shards"):
         assert option not in result.output
     assert "--percent" in result.output
     refused = CliRunner().invoke(main, ["kmeans", "--manifest", "m.csv", "--shard", "0/2"])
@@ -68,8 +89,21 @@ def test_imported_centroids_are_not_described_by_k(tmp_path):
 @pytest.mark.parametrize("gpus", ["2", "a100:2"])
 def test_gpus_option_takes_a_count_or_type_and_count(tmp_path, gpus):
     manifest = write_manifest(str(tmp_path), make_wavs(str(tmp_path), n=1, seconds=(1,)))
-    result = CliRunner().invoke(main, ["audio-stats", "--manifest", manifest, "--cache", str(tmp_path / "c"),
-                                       "--executor", "slurm", "--dry-run", "--gpus", gpus])
+    result = CliRunner().invoke(
+        main,
+        [
+            "audio-stats",
+            "--manifest",
+            manifest,
+            "--cache",
+            str(tmp_path / "c"),
+            "--executor",
+            "slurm",
+            "--dry-run",
+            "--gpus",
+            gpus,
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert f"#SBATCH --gres=gpu:{gpus}" in result.output
 
@@ -86,8 +120,9 @@ def test_manifest_building_shows_progress(tmp_path):
     result = CliRunner().invoke(main, ["manifest", "avsbench", os.path.dirname(root), "-o", str(tmp_path / "m.csv")])
     assert result.exit_code == 0, result.output
     assert "checking clips" in result.output
-    quiet = CliRunner().invoke(main, ["manifest", "avsbench", os.path.dirname(root), "-o", str(tmp_path / "m.csv"),
-                                      "--no-progress"])
+    quiet = CliRunner().invoke(
+        main, ["manifest", "avsbench", os.path.dirname(root), "-o", str(tmp_path / "m.csv"), "--no-progress"]
+    )
     assert "checking clips" not in quiet.output
 
 

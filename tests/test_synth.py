@@ -19,8 +19,14 @@ from soundstage.manifests.synth import CLASSES, make_synthetic_dataset, shape_ma
 
 # Where each class's sound has its energy (Hz), written independently of the generator's code.
 PROBE_BANDS = {
-    "car": (60, 150), "guitar": (190, 202), "helicopter": (294, 306), "violin": (425, 455),
-    "piano": (518, 528), "clock": (1400, 1600), "bird": (2200, 3800), "vacuum-cleaner": (5200, 6800),
+    "car": (60, 150),
+    "guitar": (190, 202),
+    "helicopter": (294, 306),
+    "violin": (425, 455),
+    "piano": (518, 528),
+    "clock": (1400, 1600),
+    "bird": (2200, 3800),
+    "vacuum-cleaner": (5200, 6800),
 }
 
 

@@ -41,8 +41,12 @@ def one_thread():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("text_models")
-    return {"blip": build_blip(root / "blip"), "lm": build_chat_lm(root / "lm"),
-            "roberta": build_roberta(root / "roberta"), "clip": build_clip(root / "clip")}
+    return {
+        "blip": build_blip(root / "blip"),
+        "lm": build_chat_lm(root / "lm"),
+        "roberta": build_roberta(root / "roberta"),
+        "clip": build_clip(root / "clip"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +143,7 @@ def test_sources_with_tiny_lm_garbage_is_unparseable_not_a_crash(models, dataset
         text = tokenizer.apply_chat_template(template.messages(captions_), tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
         new = model.generate(**ids, do_sample=False, max_new_tokens=10, pad_token_id=tokenizer.pad_token_id)
-        return tokenizer.decode(new[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        return tokenizer.decode(new[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
     statuses = []
     for cid in out:
@@ -156,14 +160,17 @@ def test_sources_with_tiny_lm_garbage_is_unparseable_not_a_crash(models, dataset
     assert "unparseable" in statuses and set(statuses) <= {"ok", "unparseable"}
 
     # the chain goes on: text cues of unparseable frames are masked zeros
-    cues = run_stage(textcues.STAGE, dataset["manifest"], dataset["cache"],
-                     {"encoder": models["roberta"], "device": "cpu"}, **QUIET)
+    cues = run_stage(
+        textcues.STAGE, dataset["manifest"], dataset["cache"], {"encoder": models["roberta"], "device": "cpu"}, **QUIET
+    )
     assert cues.ok and cues.done == 3
     cue_out = open_stage(cues.path)
     for cid in cue_out:
         arrays, mask = cue_out[cid]["cues"], cue_out[cid]["cue_mask"]
-        expected = [[j < len(json.loads(n) or []) for j in range(4)] if s == "ok" else [False] * 4
-                    for s, n in zip(out[cid]["status"], out[cid]["sources"])]
+        expected = [
+            [j < len(json.loads(n) or []) for j in range(4)] if s == "ok" else [False] * 4
+            for s, n in zip(out[cid]["status"], out[cid]["sources"])
+        ]
         assert mask.tolist() == expected
         assert not arrays[~mask].any()
 
@@ -171,16 +178,24 @@ def test_sources_with_tiny_lm_garbage_is_unparseable_not_a_crash(models, dataset
 # --- textcues against a stand-in sources output with known answers ------------------------
 
 KNOWN = {  # clip -> per frame (status, sources)
-    "c1": [("ok", ["guitar", "man"]), ("ok", []), ("unparseable", None), ("error", None),
-           ("ok", ["guitar", "man", "dog", "piano", "violin"])],
+    "c1": [
+        ("ok", ["guitar", "man"]),
+        ("ok", []),
+        ("unparseable", None),
+        ("error", None),
+        ("ok", ["guitar", "man", "dog", "piano", "violin"]),
+    ],
     "c2": [("ok", ["electric guitar"]), ("ok", ["drum", "guitar"])],
 }
 
 
 def _stand_in_sources():
     def make(frames):
-        return {"status": [s for s, _ in frames], "sources": [json.dumps(n) for _, n in frames],
-                "vocab_sources": [json.dumps(n) for _, n in frames]}
+        return {
+            "status": [s for s, _ in frames],
+            "sources": [json.dumps(n) for _, n in frames],
+            "vocab_sources": [json.dumps(n) for _, n in frames],
+        }
 
     def process(model, items, params):
         out = []
@@ -191,8 +206,7 @@ def _stand_in_sources():
             out.append(rec)
         return out
 
-    return dataclasses.replace(sources.STAGE, setup=None, load=lambda row, ctx: KNOWN[row["clip_id"]],
-                               process=process)
+    return dataclasses.replace(sources.STAGE, setup=None, load=lambda row, ctx: KNOWN[row["clip_id"]], process=process)
 
 
 def _known_cache(tmp_path, models):
@@ -200,9 +214,19 @@ def _known_cache(tmp_path, models):
     manifest.write_text("clip_id,vid\n" + "".join(f"{c},shared_vid\n" for c in KNOWN))
     cache = str(tmp_path / "cache")
     # stand-in upstreams: captions are not read by the stand-in sources, only needed to exist
-    run_stage(dataclasses.replace(caption.STAGE, setup=None, load=lambda row, ctx: None, required_columns=(),
-                                  process=lambda m, items, p: [{"captions": ["x"]} for _ in items]),
-              str(manifest), cache, {"model": models["blip"]}, **QUIET)
+    run_stage(
+        dataclasses.replace(
+            caption.STAGE,
+            setup=None,
+            load=lambda row, ctx: None,
+            required_columns=(),
+            process=lambda m, items, p: [{"captions": ["x"]} for _ in items],
+        ),
+        str(manifest),
+        cache,
+        {"model": models["blip"]},
+        **QUIET,
+    )
     run_stage(_stand_in_sources(), str(manifest), cache, {"llm": models["lm"]}, **QUIET)
     return str(manifest), cache
 
@@ -237,30 +261,50 @@ def test_textcues_slots_masks_and_vectors(models, tmp_path, encoder, pooling):
             assert names[i].tolist() == kept + [""] * (3 - len(kept))
             for j, name in enumerate(kept):
                 np.testing.assert_allclose(cues[i, j], _alone(models[encoder], name, pooling), rtol=2e-3, atol=2e-3)
-            assert not cues[i, len(kept):].any()  # masked slots: exact zeros
+            assert not cues[i, len(kept) :].any()  # masked slots: exact zeros
 
 
 def test_textcues_projected_needs_a_dual_encoder(models):
     with pytest.raises(ValueError, match="no projected text features"):
-        textcues.TextEncoder({"encoder": models["roberta"], "pooling": "projected", "dtype": "fp32",
-                              "device": "cpu", "encoder_batch_size": 8})
+        textcues.TextEncoder(
+            {"encoder": models["roberta"], "pooling": "projected", "dtype": "fp32", "device": "cpu", "encoder_batch_size": 8}
+        )
 
 
 def test_textcues_vocab_names_and_cli(models, tmp_path):
     manifest, cache = _known_cache(tmp_path, models)
     result = CliRunner().invoke(
         __import__("soundstage.cli", fromlist=["main"]).main,
-        ["textcues", "--manifest", manifest, "--cache", cache, "--encoder", models["roberta"], "--names", "vocab",
-         "--n-slots", "2", "--device", "cpu", "--workers", "0", "--no-progress"])
+        [
+            "textcues",
+            "--manifest",
+            manifest,
+            "--cache",
+            cache,
+            "--encoder",
+            models["roberta"],
+            "--names",
+            "vocab",
+            "--n-slots",
+            "2",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     out = open_stage(os.path.join(cache, "textcues", os.listdir(os.path.join(cache, "textcues"))[0]))
     assert np.array(out["c1"]["cue_names"]).reshape(-1, 2)[4].tolist() == ["guitar", "man"]
 
 
 def test_frame_names_from_vocabulary_mapping():
-    record = {"status": ["ok", "ok", "unparseable"],
-              "sources": ['["electric guitar", "guitars", "tree"]', "[]", "null"],
-              "vocab_sources": ['["guitar", "guitar", null]', "[]", "null"]}
+    record = {
+        "status": ["ok", "ok", "unparseable"],
+        "sources": ['["electric guitar", "guitars", "tree"]', "[]", "null"],
+        "vocab_sources": ['["guitar", "guitar", null]', "[]", "null"],
+    }
     assert textcues.frame_names(record, "raw") == [["electric guitar", "guitars", "tree"], [], []]
     assert textcues.frame_names(record, "vocab") == [["guitar"], [], []]
     with pytest.raises(ClipError, match="vocabulary"):
@@ -280,8 +324,13 @@ def test_export_segpref_json(models, tmp_path):
     assert result.exit_code == 0, result.output
     assert "2 without a usable answer" in result.output  # unparseable + error; [] is an answer
     texts = json.loads(open(out).read())
-    assert texts["c1"] == {"f0": "guitar,man,None,None,", "f1": "None,None,None,None,", "f2": "None,None,None,None,",
-                           "f3": "None,None,None,None,", "f4": "guitar,man,dog,piano,"}
+    assert texts["c1"] == {
+        "f0": "guitar,man,None,None,",
+        "f1": "None,None,None,None,",
+        "f2": "None,None,None,None,",
+        "f3": "None,None,None,None,",
+        "f4": "guitar,man,dog,piano,",
+    }
     assert texts["c2"] == {"f0": "electric guitar,None,None,None,", "f1": "drum,guitar,None,None,"}
     # read back as SegPref's loader does: append None, split at commas, first 4 slots
     for cid, frames in KNOWN.items():

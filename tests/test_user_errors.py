@@ -45,9 +45,12 @@ def units_cache(tmp_path_factory):
     HubertModel(tiny_hubert_config()).save_pretrained(root / "hubert")
     cache = str(root / "cache")
     common = ["--manifest", manifest, "--cache", cache, "--no-progress", "--workers", 0]
-    for args in (["hubert", "--model", root / "hubert", "--layer", 2, "--device", "cpu"],
-                 ["kmeans", "--k", 2, "--percent", 1, "--device", "cpu"],
-                 ["units", "--top-k", 1], ["units", "--top-k", 2]):
+    for args in (
+        ["hubert", "--model", root / "hubert", "--layer", 2, "--device", "cpu"],
+        ["kmeans", "--k", 2, "--percent", 1, "--device", "cpu"],
+        ["units", "--top-k", 1],
+        ["units", "--top-k", 2],
+    ):
         result = invoke(*args, *common)
         assert result.exit_code == 0, result.output
     return str(root), manifest, cache
@@ -57,8 +60,11 @@ def test_export_km_with_several_units_outputs_or_a_missing_folder(units_cache, t
     _, _, cache = units_cache
     line = assert_one_line_error(invoke("export", "km", "--cache", cache, "--out", tmp_path / "a.km"), "2 units outputs")
     assert "--units" in line
-    assert_one_line_error(invoke("export", "km", "--cache", cache, "--units", "top_k=2", "--out", tmp_path / "no" / "a.km"),
-                          "--out", "does not exist")
+    assert_one_line_error(
+        invoke("export", "km", "--cache", cache, "--units", "top_k=2", "--out", tmp_path / "no" / "a.km"),
+        "--out",
+        "does not exist",
+    )
     assert not os.path.exists(tmp_path / "no")
 
 
@@ -69,8 +75,18 @@ def test_refused_pickle_under_trust_pickle_is_one_line(units_cache, tmp_path):
     km = MiniBatchKMeans(n_clusters=2, n_init=1, random_state=0).fit(np.random.default_rng(0).random((20, 32)))
     km.extra = os.system  # a global no k-means needs: refused even when trusted
     joblib.dump(km, tmp_path / "evil.bin")
-    result = invoke("kmeans", "--manifest", manifest, "--cache", cache, "--import-centroids", tmp_path / "evil.bin",
-                    "--trust-pickle", "--percent", 1)
+    result = invoke(
+        "kmeans",
+        "--manifest",
+        manifest,
+        "--cache",
+        cache,
+        "--import-centroids",
+        tmp_path / "evil.bin",
+        "--trust-pickle",
+        "--percent",
+        1,
+    )
     assert_one_line_error(result, "evil.bin", "refusing to load global")
 
 
@@ -106,8 +122,7 @@ def test_non_utf8_manifest_names_file_and_row(wav_manifest, tmp_path):
     raw[2] = raw[2].replace(b"audio", b"\xe9audio", 1)  # latin-1 in the second clip's row
     path = tmp_path / "latin1.csv"
     path.write_bytes(b"".join(raw))
-    assert_one_line_error(invoke("audio-stats", "--manifest", path, "--cache", tmp_path / "c"),
-                          str(path), "row 3 is not UTF-8")
+    assert_one_line_error(invoke("audio-stats", "--manifest", path, "--cache", tmp_path / "c"), str(path), "row 3 is not UTF-8")
 
 
 def test_manifest_without_a_needed_column_is_one_error(wav_manifest, tmp_path):

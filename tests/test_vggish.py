@@ -43,12 +43,12 @@ def direct_log_mel(wave: np.ndarray) -> np.ndarray:
     for b in range(1, 257):
         m = mel(b * 8000 / 256)
         for band in range(64):
-            lo, mid, hi = edges[band:band + 3]
+            lo, mid, hi = edges[band : band + 3]
             if lo < m < hi:
                 weights[b, band] = (m - lo) / (mid - lo) if m <= mid else (hi - m) / (hi - mid)
     out = np.zeros((n_frames, 64))
     for f in range(n_frames):
-        segment = wave[160 * f: 160 * f + 400].astype(np.float64) * window
+        segment = wave[160 * f : 160 * f + 400].astype(np.float64) * window
         out[f] = np.log(np.abs(dft @ segment) @ weights + 0.01)
     return out
 
@@ -98,10 +98,15 @@ def test_int16_wav_is_read_as_int16_over_32768(tmp_path):
 
 #: the torchvggish state dict, written out by hand: name -> shape (real widths)
 REAL_SHAPES = {
-    "features.0.weight": (64, 1, 3, 3), "features.3.weight": (128, 64, 3, 3),
-    "features.6.weight": (256, 128, 3, 3), "features.8.weight": (256, 256, 3, 3),
-    "features.11.weight": (512, 256, 3, 3), "features.13.weight": (512, 512, 3, 3),
-    "embeddings.0.weight": (4096, 12288), "embeddings.2.weight": (4096, 4096), "embeddings.4.weight": (128, 4096),
+    "features.0.weight": (64, 1, 3, 3),
+    "features.3.weight": (128, 64, 3, 3),
+    "features.6.weight": (256, 128, 3, 3),
+    "features.8.weight": (256, 256, 3, 3),
+    "features.11.weight": (512, 256, 3, 3),
+    "features.13.weight": (512, 512, 3, 3),
+    "embeddings.0.weight": (4096, 12288),
+    "embeddings.2.weight": (4096, 4096),
+    "embeddings.4.weight": (128, 4096),
 }
 REAL_SHAPES.update({k.replace("weight", "bias"): v[:1] for k, v in list(REAL_SHAPES.items())})
 
@@ -251,8 +256,10 @@ def test_batch_of_mixed_lengths_equals_one_at_a_time(tmp_path, tiny_checkpoint):
 
     params = stage_params(tiny_checkpoint)
     model = STAGE.setup(params)
-    items = [{"examples": vggish.examples(tone_noise(s, seed=i)), "raw": r, "rows": r}
-             for i, (s, r) in enumerate([(5.0, 5), (2.0, 2), (10.0, 10)])]
+    items = [
+        {"examples": vggish.examples(tone_noise(s, seed=i)), "raw": r, "rows": r}
+        for i, (s, r) in enumerate([(5.0, 5), (2.0, 2), (10.0, 10)])
+    ]
     batched = STAGE.process(model, items, params)
     for item, out in zip(items, batched):
         np.testing.assert_allclose(out["embeddings"], STAGE.process(model, [item], params)[0]["embeddings"], atol=1e-6)
@@ -272,8 +279,9 @@ def test_embed_waveform_gives_the_stage_rows_and_resamples(tmp_path, tiny_checkp
     silence = embed_waveform(model, np.zeros(5 * 48000, np.float32), 48000, params, num_frames=5)
     assert silence.shape == (5, 128) and np.allclose(silence, silence[0])  # every silent example is alike
     at_48k = resample(wave, 16000, 48000)
-    np.testing.assert_allclose(embed_waveform(model, at_48k, 48000, params), model.embed(
-        vggish.examples(resample(at_48k, 48000, 16000))), atol=1e-6)
+    np.testing.assert_allclose(
+        embed_waveform(model, at_48k, 48000, params), model.embed(vggish.examples(resample(at_48k, 48000, 16000))), atol=1e-6
+    )
 
 
 def test_stage_end_to_end_with_pca(tmp_path, tiny_checkpoint):
@@ -290,8 +298,7 @@ def test_stage_end_to_end_with_pca(tmp_path, tiny_checkpoint):
     params = {"checkpoint": str(tiny_checkpoint), "pca_params": str(tmp_path / "pca.pth"), "device": "cpu"}
     summary = run_stage(STAGE, manifest, cache, params, workers=0, batch_size=3, progress=False, log=lambda *_: None)
     assert summary.ok and summary.done == 4, summary.format()
-    raw = run_stage(STAGE, manifest, cache, dict(params, pca_params=None), workers=0, progress=False,
-                    log=lambda *_: None)
+    raw = run_stage(STAGE, manifest, cache, dict(params, pca_params=None), workers=0, progress=False, log=lambda *_: None)
     assert raw.path != summary.path  # PCA is part of the fingerprint
     model = vggish.load_vggish(str(tiny_checkpoint))
     for row in read_manifest(manifest).to_dict("records"):
@@ -334,8 +341,9 @@ def vggish_cache(tmp_path_factory, tiny_checkpoint):
         summary = run_stage(STAGE, manifest, cache, params, workers=0, progress=False, log=lambda *_: None)
         assert summary.done == 6 and [cid for cid, _ in summary.failed] == ["short_clip"]
         outputs[kind] = summary.path
-    (root / "pipeline.yaml").write_text(f"manifest: data/manifest.csv\ncache: cache\nstages:\n  vggish:\n"
-                                        f"    checkpoint: {tiny_checkpoint}\n")
+    (root / "pipeline.yaml").write_text(
+        f"manifest: data/manifest.csv\ncache: cache\nstages:\n  vggish:\n    checkpoint: {tiny_checkpoint}\n"
+    )
     return root, manifest, outputs
 
 
@@ -362,8 +370,17 @@ def test_vggish_npy_round_trip_names_missing_clips(vggish_cache, tmp_path):
     assert "short_clip: audio of 0.500 s is too short" in result.output and "ghost_clip: not computed" in result.output
     assert not (tmp_path / "a").exists()  # nothing written
 
-    result = invoke("export", "vggish-npy", "--config", root / "pipeline.yaml", "--manifest", ghost,
-                    "--out", tmp_path / "a", "--allow-missing")
+    result = invoke(
+        "export",
+        "vggish-npy",
+        "--config",
+        root / "pipeline.yaml",
+        "--manifest",
+        ghost,
+        "--out",
+        tmp_path / "a",
+        "--allow-missing",
+    )
     assert result.exit_code == 0 and "ghost_clip" in result.output and "short_clip" in result.output
     reader = open_stage(outputs["raw"])  # the pipeline file's parameters pick the raw output
     written = sorted(p.stem for p in (tmp_path / "a").iterdir())
@@ -388,14 +405,39 @@ def test_vggish_npy_avsbench_object_layout(vggish_cache, tmp_path):
     v1 = rows[rows["subset"].isin(["v1s", "v1m"]) & (rows["clip_id"] != "short_clip")]
     v1.to_csv(tmp_path / "v1.csv", index=False)
     fingerprint = os.path.basename(outputs["pca"])
-    result = invoke("export", "vggish-npy", "--manifest", tmp_path / "v1.csv", "--cache", root / "cache",
-                    "--vggish", fingerprint, "--layout", "avsbench-object", "--out", tmp_path / "obj")
+    result = invoke(
+        "export",
+        "vggish-npy",
+        "--manifest",
+        tmp_path / "v1.csv",
+        "--cache",
+        root / "cache",
+        "--vggish",
+        fingerprint,
+        "--layout",
+        "avsbench-object",
+        "--out",
+        tmp_path / "obj",
+    )
     assert result.exit_code == 0, result.output
     reader = open_stage(outputs["pca"])
     for row in v1.to_dict("records"):
-        where = ([row["split"], row["a_obj"].replace("-", "_")] if row["subset"] == "v1s" else [row["split"]])
+        where = [row["split"], row["a_obj"].replace("-", "_")] if row["subset"] == "v1s" else [row["split"]]
         loaded = np.load(os.path.join(tmp_path, "obj", *where, row["clip_id"] + ".npy"))
         np.testing.assert_array_equal(loaded, reader[row["clip_id"]]["embeddings"])
-    result = invoke("export", "vggish-npy", "--manifest", manifest, "--cache", root / "cache", "--vggish", fingerprint,
-                    "--layout", "avsbench-object", "--out", tmp_path / "obj2", "--allow-missing")
+    result = invoke(
+        "export",
+        "vggish-npy",
+        "--manifest",
+        manifest,
+        "--cache",
+        root / "cache",
+        "--vggish",
+        fingerprint,
+        "--layout",
+        "avsbench-object",
+        "--out",
+        tmp_path / "obj2",
+        "--allow-missing",
+    )
     assert result.exit_code == 1 and "no place in the AVSBench-object layout" in result.output

@@ -48,8 +48,7 @@ class Generation:
 class TransformersChatLM:
     """A local causal LM (hub id or directory), greedy, batched with left padding."""
 
-    def __init__(self, source: str, device: str = "cpu", dtype: str = "fp32",
-                 max_new_tokens: int = 256, batch_size: int = 16):
+    def __init__(self, source: str, device: str = "cpu", dtype: str = "fp32", max_new_tokens: int = 256, batch_size: int = 16):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from soundstage.models.device import torch_dtype
@@ -66,8 +65,7 @@ class TransformersChatLM:
         self.batch_size = batch_size
 
     def prompt_texts(self, conversations: list) -> list[str]:
-        return [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                for c in conversations]
+        return [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
 
     def generate(self, conversations: list) -> list[Generation]:
         import torch
@@ -77,15 +75,20 @@ class TransformersChatLM:
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
         answers: list = [None] * len(texts)
         for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
+            chunk = order[start : start + self.batch_size]
             # the chat template already holds BOS and the like: add no special tokens again
-            enc = self.tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True,
-                                 add_special_tokens=False).to(self.device)
+            enc = self.tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(
+                self.device
+            )
             with torch.inference_mode():
-                out = self.model.generate(**enc, do_sample=False, num_beams=1,
-                                          max_new_tokens=self.max_new_tokens,
-                                          pad_token_id=self.tokenizer.pad_token_id)
-            new_tokens = out[:, enc["input_ids"].shape[1]:]
+                out = self.model.generate(
+                    **enc,
+                    do_sample=False,
+                    num_beams=1,
+                    max_new_tokens=self.max_new_tokens,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+            new_tokens = out[:, enc["input_ids"].shape[1] :]
             for i, text in zip(chunk, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                 answers[i] = Generation(text.strip())
         return answers
@@ -121,8 +124,13 @@ def http_params() -> list[Param]:
     d = HttpSettings()
     return [
         Param("timeout", float, d.timeout, "seconds before an HTTP request counts as timed out", fingerprint=False),
-        Param("max_attempts", int, d.max_attempts, "HTTP attempts per answer (timeouts, connection errors, 5xx, 429)",
-              fingerprint=False),
+        Param(
+            "max_attempts",
+            int,
+            d.max_attempts,
+            "HTTP attempts per answer (timeouts, connection errors, 5xx, 429)",
+            fingerprint=False,
+        ),
         Param("concurrency", int, d.concurrency, "HTTP requests in flight at once", fingerprint=False),
         Param("backoff", float, d.backoff, "seconds before the first retry; doubles per retry", fingerprint=False),
     ]
@@ -145,8 +153,9 @@ class OpenAIChatEndpoint:
             return list(pool.map(self._ask, conversations))
 
     def _ask(self, messages: list) -> Generation:
-        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": self.max_new_tokens,
-                           "temperature": 0}).encode("utf-8")
+        body = json.dumps(
+            {"model": self.model, "messages": messages, "max_tokens": self.max_new_tokens, "temperature": 0}
+        ).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         if os.environ.get(API_KEY_ENV):
             headers["Authorization"] = f"Bearer {os.environ[API_KEY_ENV]}"
@@ -161,8 +170,7 @@ class OpenAIChatEndpoint:
                 # at least what the server asked for
                 delay = self.http.backoff * 2 ** (attempt - 1) * random.uniform(0.75, 1.25)
                 delay = min(self.http.backoff_max, max(delay, e.retry_after))
-                log.warning("LLM request failed (%s); attempt %d/%d in %.2f s", e, attempt + 1,
-                            max_attempts, delay)
+                log.warning("LLM request failed (%s); attempt %d/%d in %.2f s", e, attempt + 1, max_attempts, delay)
                 self.sleep(delay)
             except ValueError as e:  # a definite answer that is not usable: retrying would repeat it
                 return Generation(None, attempt, str(e))

@@ -55,7 +55,7 @@ def parse_answer(text: str | None) -> ParsedAnswer:
     candidate = ""
     # the last marker followed by a list (a later "the answer: is ..." in prose is not one)
     for marker in reversed(markers):
-        candidate = _unfence(text[marker.end():])
+        candidate = _unfence(text[marker.end() :])
         if candidate.split("\n", 1)[0].strip().lower().strip(".") in _NOTHING:
             return ParsedAnswer(OK, [], "answered in words that nothing sounds")
         if candidate.startswith("["):
@@ -143,13 +143,47 @@ def _loose_items(body: str, truncated: bool) -> list | None:
 # --- names -------------------------------------------------------------------------------
 
 _IRREGULAR = {
-    "people": "person", "men": "man", "women": "woman", "children": "child", "geese": "goose",
-    "mice": "mouse", "feet": "foot", "teeth": "tooth", "oxen": "ox", "knives": "knife",
-    "wolves": "wolf", "leaves": "leaf", "calves": "calf", "halves": "half", "buses": "bus",
-    "gases": "gas", "lives": "life", "wives": "wife", "shelves": "shelf", "hooves": "hoof",
+    "people": "person",
+    "men": "man",
+    "women": "woman",
+    "children": "child",
+    "geese": "goose",
+    "mice": "mouse",
+    "feet": "foot",
+    "teeth": "tooth",
+    "oxen": "ox",
+    "knives": "knife",
+    "wolves": "wolf",
+    "leaves": "leaf",
+    "calves": "calf",
+    "halves": "half",
+    "buses": "bus",
+    "gases": "gas",
+    "lives": "life",
+    "wives": "wife",
+    "shelves": "shelf",
+    "hooves": "hoof",
 }
-_INVARIANT = {"sheep", "deer", "fish", "series", "species", "news", "aircraft", "moose", "bison", "chassis",
-              "lens", "scissors", "clothes", "pants", "jeans", "shorts", "trousers", "headquarters"}
+_INVARIANT = {
+    "sheep",
+    "deer",
+    "fish",
+    "series",
+    "species",
+    "news",
+    "aircraft",
+    "moose",
+    "bison",
+    "chassis",
+    "lens",
+    "scissors",
+    "clothes",
+    "pants",
+    "jeans",
+    "shorts",
+    "trousers",
+    "headquarters",
+}
 _NOT_MEN_PLURAL = {"specimen", "abdomen", "amen", "omen", "stamen", "semen"}
 
 
@@ -175,7 +209,7 @@ def normalise_name(name: str) -> str:
     name = re.sub(r"[\s_]+", " ", name.lower()).strip(" .,;:!?*\"'()")
     for article in _ARTICLES:
         if name.startswith(article):
-            name = name[len(article):]
+            name = name[len(article) :]
     if not name or name in _NOTHING:
         return ""
     words = name.split(" ")
@@ -198,15 +232,43 @@ def normalise_names(raw: list) -> list:
 
 # common free-form names -> AVSBench class names; used only if the target is in the vocabulary
 SYNONYMS = {
-    "guy": "man", "gentleman": "man", "male": "man", "lady": "woman", "female": "woman",
-    "infant": "baby", "toddler": "baby", "puppy": "dog", "kitten": "cat", "automobile": "car",
-    "plane": "airplane", "aeroplane": "airplane", "jet": "airplane", "aircraft": "airplane",
-    "motorbike": "motorcycle", "scooter": "motorcycle", "chicken": "hen", "rooster": "hen",
-    "drum kit": "drum", "drum set": "drum", "drumset": "drum", "sax": "saxophone", "fiddle": "violin",
-    "ambulance": "emergency car", "police car": "emergency car", "fire truck": "emergency car",
-    "fire engine": "emergency car", "rocket": "missile rocket", "missile": "missile rocket",
-    "hairdryer": "hair dryer", "blow dryer": "hair dryer", "vacuum": "vacuum cleaner",
-    "rifle": "gun", "pistol": "gun", "uke": "ukulele", "lorry": "truck", "ship": "boat",
+    "guy": "man",
+    "gentleman": "man",
+    "male": "man",
+    "lady": "woman",
+    "female": "woman",
+    "infant": "baby",
+    "toddler": "baby",
+    "puppy": "dog",
+    "kitten": "cat",
+    "automobile": "car",
+    "plane": "airplane",
+    "aeroplane": "airplane",
+    "jet": "airplane",
+    "aircraft": "airplane",
+    "motorbike": "motorcycle",
+    "scooter": "motorcycle",
+    "chicken": "hen",
+    "rooster": "hen",
+    "drum kit": "drum",
+    "drum set": "drum",
+    "drumset": "drum",
+    "sax": "saxophone",
+    "fiddle": "violin",
+    "ambulance": "emergency car",
+    "police car": "emergency car",
+    "fire truck": "emergency car",
+    "fire engine": "emergency car",
+    "rocket": "missile rocket",
+    "missile": "missile rocket",
+    "hairdryer": "hair dryer",
+    "blow dryer": "hair dryer",
+    "vacuum": "vacuum cleaner",
+    "rifle": "gun",
+    "pistol": "gun",
+    "uke": "ukulele",
+    "lorry": "truck",
+    "ship": "boat",
 }
 EXACT, SYNONYM, HEAD_NOUN = 1.0, 0.95, 0.9
 
@@ -227,8 +289,7 @@ class Vocabulary:
         """(class name or None, score). Exact 1.0, synonym 0.95, head noun 0.9, else string similarity."""
         key = normalise_name(name.replace("-", " "))
         head = key.rsplit(" ", 1)[-1]
-        for candidate, score in ((key, EXACT), (SYNONYMS.get(key), SYNONYM), (head, HEAD_NOUN),
-                                 (SYNONYMS.get(head), HEAD_NOUN)):
+        for candidate, score in ((key, EXACT), (SYNONYMS.get(key), SYNONYM), (head, HEAD_NOUN), (SYNONYMS.get(head), HEAD_NOUN)):
             if candidate in self.by_key:
                 return self.by_key[candidate], score
         best, best_score = None, 0.0

@@ -39,10 +39,29 @@ UNIFIED_COLUMNS = ("vid", "uid", "s_min", "s_sec", "a_obj", "split", "label")
 
 #: Column order of the written manifest (see ``soundstage.manifests.table`` for their meaning).
 MANIFEST_COLUMNS = (
-    "clip_id", "vid", "subset", "split", "audio_path", "frames_dir", "num_frames", "frame_pattern",
-    "labels_rgb_dir", "labels_semantic_dir", "labels_binary_dir", "label_pattern",
-    "annotated_frames", "a_obj", "problem", "s_min", "s_sec", "start_time",
-    "audio_sample_rate", "audio_channels", "audio_seconds", "label2idx_path", "source_layout",
+    "clip_id",
+    "vid",
+    "subset",
+    "split",
+    "audio_path",
+    "frames_dir",
+    "num_frames",
+    "frame_pattern",
+    "labels_rgb_dir",
+    "labels_semantic_dir",
+    "labels_binary_dir",
+    "label_pattern",
+    "annotated_frames",
+    "a_obj",
+    "problem",
+    "s_min",
+    "s_sec",
+    "start_time",
+    "audio_sample_rate",
+    "audio_channels",
+    "audio_seconds",
+    "label2idx_path",
+    "source_layout",
     "metadata_row",
 )
 
@@ -84,9 +103,7 @@ def read_metadata(path: str, required: tuple[str, ...]) -> tuple[list[str], list
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         row = raw[: e.start].count(b"\n") + 1
-        raise MetadataError(
-            f"{path}: row {row} is not UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8"
-        ) from None
+        raise MetadataError(f"{path}: row {row} is not UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8") from None
     reader = csv.reader(io.StringIO(text, newline=""))
     header: list[str] | None = None
     rows: list[tuple[int, list[str]]] = []
@@ -107,8 +124,7 @@ def read_metadata(path: str, required: tuple[str, ...]) -> tuple[list[str], list
     missing = [c for c in required if c not in header]
     if missing:
         raise MetadataError(
-            f"{path}: row {header_line} (header) lacks required column(s) {', '.join(missing)}; "
-            f"found {', '.join(header)}"
+            f"{path}: row {header_line} (header) lacks required column(s) {', '.join(missing)}; found {', '.join(header)}"
         )
     return header, rows
 
@@ -160,14 +176,22 @@ def _unified_clips(root: str, subsets, splits, warnings: list[str]) -> list[_Cli
         uid, subset, split = record["uid"], record["label"], record["split"]
         if not (_keep(subset, SUBSETS, subsets) and _keep(split, SPLITS, splits)):
             continue
-        problems = _row_problems(record, shape_problem, ("vid", "uid", "split", "label"), "uid",
-                                 {"label": SUBSETS, "split": SPLITS})
+        problems = _row_problems(
+            record, shape_problem, ("vid", "uid", "split", "label"), "uid", {"label": SUBSETS, "split": SPLITS}
+        )
 
         row = _empty_row()
         row.update(
-            clip_id=uid or f"missing-uid-row{line}", vid=record["vid"], subset=subset, split=split,
-            a_obj=record["a_obj"], s_min=record["s_min"], s_sec=record["s_sec"],
-            label2idx_path=label2idx_path, source_layout="unified", metadata_row=str(line),
+            clip_id=uid or f"missing-uid-row{line}",
+            vid=record["vid"],
+            subset=subset,
+            split=split,
+            a_obj=record["a_obj"],
+            s_min=record["s_min"],
+            s_sec=record["s_sec"],
+            label2idx_path=label2idx_path,
+            source_layout="unified",
+            metadata_row=str(line),
         )
         check = ClipCheck(known_problems=problems)
         if subset in SUBSETS and _is_folder_name(uid):
@@ -186,9 +210,12 @@ def _unified_files(clip_dir: str, subset: str, split: str, row: dict, check: Cli
     annotated = annotated_frame_indices(subset, split)
     row.update(
         audio_path=os.path.join(clip_dir, "audio.wav"),
-        frames_dir=os.path.join(clip_dir, "frames"), num_frames=str(num_frames), frame_pattern="{i}.jpg",
+        frames_dir=os.path.join(clip_dir, "frames"),
+        num_frames=str(num_frames),
+        frame_pattern="{i}.jpg",
         labels_rgb_dir=os.path.join(clip_dir, "labels_rgb"),
-        labels_semantic_dir=os.path.join(clip_dir, "labels_semantic"), label_pattern="{i}.png",
+        labels_semantic_dir=os.path.join(clip_dir, "labels_semantic"),
+        label_pattern="{i}.png",
         annotated_frames=";".join(map(str, annotated)),
     )
     if not os.path.isdir(clip_dir):
@@ -268,9 +295,14 @@ def _object_clips(root: str, subsets, splits) -> list[_Clip]:
             problems = _row_problems(record, shape_problem, (name_column, *required), name_column, {"split": SPLITS})
             row = _empty_row()
             row.update(
-                clip_id=name or f"missing-uid-row{line}", vid=re.sub(r"_\d+$", "", name), subset=subset,
-                split=split, a_obj=record.get("category", ""), start_time=record.get("start_time", ""),
-                source_layout=f"object-{key}", metadata_row=str(line),
+                clip_id=name or f"missing-uid-row{line}",
+                vid=re.sub(r"_\d+$", "", name),
+                subset=subset,
+                split=split,
+                a_obj=record.get("category", ""),
+                start_time=record.get("start_time", ""),
+                source_layout=f"object-{key}",
+                metadata_row=str(line),
             )
             check = ClipCheck(known_problems=problems)
             category = record.get("category", "")
@@ -294,8 +326,10 @@ def _object_files(data_dir: str, key: str, name: str, split: str, category: str,
     row.update(
         audio_path=audio,
         frames_dir=os.path.join(data_dir, "visual_frames", *(where if key == "s4" else (name,))),
-        num_frames="5", frame_pattern=frame_pattern,
-        labels_binary_dir=os.path.join(data_dir, "gt_masks", *where), label_pattern=pattern + "_{i1}.png",
+        num_frames="5",
+        frame_pattern=frame_pattern,
+        labels_binary_dir=os.path.join(data_dir, "gt_masks", *where),
+        label_pattern=pattern + "_{i1}.png",
         annotated_frames=";".join(map(str, annotated)),
     )
     _add_files(row, check, annotated, {"binary": row["labels_binary_dir"]})

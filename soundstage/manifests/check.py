@@ -119,8 +119,14 @@ def check_clips(clips: list[ClipCheck], workers: int = 16, decode: bool = False,
 
     from tqdm import tqdm
 
-    bar = tqdm(total=len(clips), desc="checking clips", unit="clip", disable=not progress, file=sys.stderr,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    bar = tqdm(
+        total=len(clips),
+        desc="checking clips",
+        unit="clip",
+        disable=not progress,
+        file=sys.stderr,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
 
     def check(c):
         report = check_clip(c, decode)

@@ -17,15 +17,21 @@ def manifest():
 
 @manifest.command()
 @click.argument("root", type=click.Path(file_okay=False))
-@click.option("-o", "--output", default="manifests/avsbench.csv", show_default=True,
-              help="Manifest to write: .csv, or .parquet (needs pyarrow).")
-@click.option("--subset", "subsets", multiple=True, type=click.Choice(SUBSETS),
-              help="Keep only these subsets (repeatable); default all.")
-@click.option("--split", "splits", multiple=True, type=click.Choice(SPLITS),
-              help="Keep only these splits (repeatable); default all.")
+@click.option(
+    "-o",
+    "--output",
+    default="manifests/avsbench.csv",
+    show_default=True,
+    help="Manifest to write: .csv, or .parquet (needs pyarrow).",
+)
+@click.option(
+    "--subset", "subsets", multiple=True, type=click.Choice(SUBSETS), help="Keep only these subsets (repeatable); default all."
+)
+@click.option(
+    "--split", "splits", multiple=True, type=click.Choice(SPLITS), help="Keep only these splits (repeatable); default all."
+)
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any clip has a problem.")
-@click.option("--workers", default=16, show_default=True, type=click.IntRange(min=1),
-              help="Threads opening files.")
+@click.option("--workers", default=16, show_default=True, type=click.IntRange(min=1), help="Threads opening files.")
 @click.option("--relative", is_flag=True, help="Write paths relative to the manifest's folder (default absolute).")
 @click.option("--decode", is_flag=True, help="Decode every image fully instead of checking headers (slower).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar while checking.")
@@ -41,8 +47,7 @@ def avsbench(root, output, subsets, splits, strict, workers, relative, decode, p
 
     started = time.perf_counter()
     try:
-        result = build_avsbench_manifest(root, subsets or None, splits or None, workers=workers, decode=decode,
-                                         progress=progress)
+        result = build_avsbench_manifest(root, subsets or None, splits or None, workers=workers, decode=decode, progress=progress)
     except MetadataError as e:
         raise click.ClickException(str(e)) from None
     table = result.manifest
@@ -51,11 +56,15 @@ def avsbench(root, output, subsets, splits, strict, workers, relative, decode, p
     try:
         write_manifest(table, output)
     except ImportError:  # pandas needs pyarrow (or fastparquet) for .parquet
-        raise click.ClickException(f"{output}: cannot write Parquet without pyarrow; pip install pyarrow, or write .csv") from None
+        raise click.ClickException(
+            f"{output}: cannot write Parquet without pyarrow; pip install pyarrow, or write .csv"
+        ) from None
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
-    click.echo(f"{result.layout} AVSBench layout at {os.path.abspath(root)}: {len(table)} clips checked "
-               f"in {time.perf_counter() - started:.1f} s -> {output}")
+    click.echo(
+        f"{result.layout} AVSBench layout at {os.path.abspath(root)}: {len(table)} clips checked "
+        f"in {time.perf_counter() - started:.1f} s -> {output}"
+    )
     click.echo(summarize(result.manifest))
     problems = int((result.manifest["problem"] != "").sum())
     if strict and problems:
@@ -80,6 +89,5 @@ def synth(out, clips, seed):
         path = make_synthetic_dataset(out, clips=clips, seed=seed)
     except FileExistsError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"synthetic AVSBench dataset ({clips} clips, seed {seed}) in {time.perf_counter() - started:.1f} s "
-               f"-> {path}")
+    click.echo(f"synthetic AVSBench dataset ({clips} clips, seed {seed}) in {time.perf_counter() - started:.1f} s -> {path}")
     click.echo(summarize(read_manifest(path)))

@@ -327,7 +327,9 @@ def make_synthetic_dataset(out_dir: str, clips: int = 100, seed: int = 0, worker
         writer.writerow(["vid", "uid", "s_min", "s_sec", "a_obj", "split", "label"])
         writer.writerows(rows)
     _write_json(os.path.join(out_dir, "label2idx.json"), label2idx())
-    _write_json(os.path.join(out_dir, "synthetic_truth.json"), {"classes": {k: list(v) for k, v in CLASSES.items()}, "clips": truth})
+    _write_json(
+        os.path.join(out_dir, "synthetic_truth.json"), {"classes": {k: list(v) for k, v in CLASSES.items()}, "clips": truth}
+    )
 
     result = build_avsbench_manifest(out_dir, workers=workers)
     bad = result.manifest[result.manifest["problem"] != ""]

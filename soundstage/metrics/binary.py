@@ -73,8 +73,16 @@ class FrameBatcher:
     """
 
     SUMMABLE = (
-        "frames", "iou_sum", "f_frames", "f_curve_sum", "fg_sum", "pixel_sum",
-        "batches", "batch_iou_sum", "batch_f_sum", "batch_null_sum",
+        "frames",
+        "iou_sum",
+        "f_frames",
+        "f_curve_sum",
+        "fg_sum",
+        "pixel_sum",
+        "batches",
+        "batch_iou_sum",
+        "batch_f_sum",
+        "batch_null_sum",
     )
 
     def __init__(self, batch_size: int | None, frames_per_video: int):

@@ -63,9 +63,7 @@ def check_frames(pred: torch.Tensor, gt: torch.Tensor, channels: bool) -> None:
     if gt.dim() != 3:
         raise MetricInputError(f"gt must be [N, H, W], got shape {tuple(gt.shape)}")
     if pred.shape[0] != gt.shape[0] or pred.shape[-2:] != gt.shape[-2:]:
-        raise MetricInputError(
-            f"pred {tuple(pred.shape)} and gt {tuple(gt.shape)} differ in frames or size (use eval_size)"
-        )
+        raise MetricInputError(f"pred {tuple(pred.shape)} and gt {tuple(gt.shape)} differ in frames or size (use eval_size)")
 
 
 def binary_gt(gt, size) -> torch.Tensor:

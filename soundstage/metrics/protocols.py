@@ -66,7 +66,10 @@ PROTOCOLS: dict[str, Protocol] = {
             "bias_in_AVS (GeWu-Lab/bias_in_AVS AVS/utils/v1m/utility.py, AVS/scripts/train.py): the "
             "AVSBench rules with IoU threshold sigmoid > 0.4 and F β² 0.1, scored per video "
             "(batch_size 1) and averaged over videos; logits bilinearly resized to 256×256.",
-            256, threshold=0.4, beta2=0.1, batch_size=1,
+            256,
+            threshold=0.4,
+            beta2=0.1,
+            batch_size=1,
         ),
         _binary(
             "stepping-stones",
@@ -74,14 +77,18 @@ PROTOCOLS: dict[str, Protocol] = {
             "pred = two-channel logits [N,2,H,W] (background, sounding); IoU of argmax over the "
             "channels (ties → background), F (β² 0.3, AVSBench sweep) on sigmoid(2·l1 − l0); per "
             "video (--bs 1) averaged over videos; 224×224.",
-            224, batch_size=1, two_channel=True,
+            224,
+            batch_size=1,
+            two_channel=True,
         ),
         _binary(
             "segpref",
             "SegPref (GeWu-Lab/Sounding-Object-Segmentation-Preference SegPref/utils/metric/utility.py, "
             "SegPref/scripts/train.py, run_avs.py): the AVSBench rules with IoU threshold sigmoid > 0.4 "
             "and F β² 0.3, per batch of 4 clips averaged over batches; logits at 256×256.",
-            256, threshold=0.4, batch_size=4,
+            256,
+            threshold=0.4,
+            batch_size=4,
         ),
         Protocol(
             "avsbench-semantic",
@@ -308,7 +315,9 @@ class Accumulator:
         kind = self.protocol.kind
         if kind in ("binary", "null"):
             self.batcher.pending = []
-            self.batcher.state = {k: (np.asarray(v, dtype=np.float64) if k == "f_curve_sum" else float(v)) for k, v in state.items()}
+            self.batcher.state = {
+                k: (np.asarray(v, dtype=np.float64) if k == "f_curve_sum" else float(v)) for k, v in state.items()
+            }
         elif kind == "semantic":
             self.sums = {k: np.asarray(v, dtype=np.float64) if isinstance(v, np.ndarray) else v for k, v in state.items()}
             if self.sums:
@@ -345,8 +354,11 @@ class Accumulator:
             miou = state["iou_sum"] / max(state["frames"], 1.0)
             fscore = float((state["f_curve_sum"] / state["f_frames"]).max()) if state["f_frames"] else 0.0
         out = {
-            "miou": miou, "fscore": fscore, "frames": int(state["frames"]),
-            "frames_with_foreground": int(state["f_frames"]), "batches": int(state["batches"]) if batched else 1,
+            "miou": miou,
+            "fscore": fscore,
+            "frames": int(state["frames"]),
+            "frames_with_foreground": int(state["f_frames"]),
+            "batches": int(state["batches"]) if batched else 1,
             "notes": [],
         }
         if "mask" in self.kinds_seen:
@@ -357,10 +369,7 @@ class Accumulator:
             )
         elif self.options.get("two_channel") and self.kinds_seen != {"logits"}:
             out["fscore"] = None
-            out["notes"].append(
-                "F needs the two-channel logits (sigmoid(2·l1 − l0)): fscore is None; "
-                "IoU used p > 0.5"
-            )
+            out["notes"].append("F needs the two-channel logits (sigmoid(2·l1 − l0)): fscore is None; IoU used p > 0.5")
         return out
 
 
@@ -385,14 +394,18 @@ def _semantic_result(state: dict) -> dict:
         f_pc = _nan_to_zero(state["f_sum"] / counts)
     present = int((counts != 0).sum())
     return {
-        "miou": float(iou_pc.mean()), "fscore": float(f_pc.mean()),
+        "miou": float(iou_pc.mean()),
+        "fscore": float(f_pc.mean()),
         "miou_present": float(iou_pc.sum() / present) if present else 0.0,
         "fscore_present": float(f_pc.sum() / present) if present else 0.0,
         "miou_nobg_reference_drops_last_class": float(iou_pc[:-1].mean()),
         "fscore_nobg_reference_drops_last_class": float(f_pc[:-1].mean()),
-        "miou_no_background": float(iou_pc[1:].mean()), "fscore_no_background": float(f_pc[1:].mean()),
-        "classes_present": present, "frames": int(state["frames"]),
-        "per_class_iou": iou_pc.tolist(), "per_class_fscore": f_pc.tolist(),
+        "miou_no_background": float(iou_pc[1:].mean()),
+        "fscore_no_background": float(f_pc[1:].mean()),
+        "classes_present": present,
+        "frames": int(state["frames"]),
+        "per_class_iou": iou_pc.tolist(),
+        "per_class_fscore": f_pc.tolist(),
     }
 
 
@@ -415,9 +428,13 @@ def _confusion_result(state: dict, options: dict) -> dict:
     with np.errstate(divide="ignore", invalid="ignore"):
         fdr = _nanmean(fp_s / (fp_s + tp_s))
     return {
-        "miou": float(sel(iou).mean()), "pixel_accuracy": float(tp.sum() / (np.spacing(1) + cm.sum())),
-        "fscore": f_beta(options["beta2"]), "f1": f_beta(1.0), "fdr": fdr,
-        "pixels": int(cm.sum()), "per_class_iou": iou.tolist(),
+        "miou": float(sel(iou).mean()),
+        "pixel_accuracy": float(tp.sum() / (np.spacing(1) + cm.sum())),
+        "fscore": f_beta(options["beta2"]),
+        "f1": f_beta(1.0),
+        "fdr": fdr,
+        "pixels": int(cm.sum()),
+        "per_class_iou": iou.tolist(),
     }
 
 
@@ -443,7 +460,8 @@ def evaluate(protocol_name: str, pred, gt=None, *, videos=None, **options) -> di
     for start in range(0, pred_t.shape[0], CHUNK_FRAMES):
         stop = start + CHUNK_FRAMES
         acc.update(
-            pred_t[start:stop], None if gt_t is None else gt_t[start:stop],
+            pred_t[start:stop],
+            None if gt_t is None else gt_t[start:stop],
             None if videos is None else list(videos)[start:stop],
         )
     return acc.compute()

@@ -57,6 +57,7 @@ DEFAULT_CONFIG = {
     "predictor_class": 527,
 }
 
+
 def min_samples(patch_size: int = 16) -> int:
     """Smallest input that yields one patch (``patch_size`` fbank frames)."""
     return WINDOW + (patch_size - 1) * HOP
@@ -148,10 +149,14 @@ class MultiheadAttention(nn.Module):
         buckets = (relative > 0).long() * half
         distance = relative.abs()
         max_exact = half // 2
-        far = max_exact + (
-            torch.log(distance.clamp(min=1).float() / max_exact) / math.log(self.max_distance / max_exact)
-            * (half - max_exact)
-        ).long()
+        far = (
+            max_exact
+            + (
+                torch.log(distance.clamp(min=1).float() / max_exact)
+                / math.log(self.max_distance / max_exact)
+                * (half - max_exact)
+            ).long()
+        )
         far = far.clamp(max=half - 1)
         return buckets + torch.where(distance < max_exact, distance, far)
 
@@ -170,9 +175,9 @@ class MultiheadAttention(nn.Module):
             bias = position_bias.unsqueeze(0)
             if self.gru_rel_pos:
                 # per-query gate from the unscaled query: (a * (b * grep_a - 1) + 2)
-                gate_a, gate_b = torch.sigmoid(
-                    self.grep_linear(q).view(batch, self.num_heads, length, 2, 4).sum(-1)
-                ).chunk(2, dim=-1)
+                gate_a, gate_b = torch.sigmoid(self.grep_linear(q).view(batch, self.num_heads, length, 2, 4).sum(-1)).chunk(
+                    2, dim=-1
+                )
                 bias = (gate_a * (gate_b * self.grep_a - 1.0) + 2.0) * bias
         if key_padding_mask is not None:
             masked = torch.zeros(batch, 1, 1, length, dtype=q.dtype, device=q.device)
@@ -250,11 +255,13 @@ class BEATs(nn.Module):
             raise ValueError("BEATs config: deep_norm and layer_norm_first exclude each other")
         self.cfg = cfg
         self.patch_size = cfg.input_patch_size
-        self.patch_embedding = nn.Conv2d(1, cfg.embed_dim, kernel_size=self.patch_size, stride=self.patch_size,
-                                         bias=cfg.conv_bias)
+        self.patch_embedding = nn.Conv2d(
+            1, cfg.embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=cfg.conv_bias
+        )
         self.layer_norm = nn.LayerNorm(cfg.embed_dim)
-        self.post_extract_proj = (nn.Linear(cfg.embed_dim, cfg.encoder_embed_dim)
-                                  if cfg.embed_dim != cfg.encoder_embed_dim else None)
+        self.post_extract_proj = (
+            nn.Linear(cfg.embed_dim, cfg.encoder_embed_dim) if cfg.embed_dim != cfg.encoder_embed_dim else None
+        )
         self.encoder = TransformerEncoder(cfg)
         self.predictor = nn.Linear(cfg.encoder_embed_dim, cfg.predictor_class) if cfg.finetuned_model else None
         self.label_dict: dict | None = None
@@ -295,8 +302,13 @@ class BEATs(nn.Module):
         """Normalised Kaldi fbank [B, frames, 128] of waveforms [B, samples] (float32)."""
         return beats_fbank(source, fbank_mean, fbank_std)
 
-    def encode(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None,
-               fbank_mean: float = FBANK_MEAN, fbank_std: float = FBANK_STD):
+    def encode(
+        self,
+        source: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        fbank_mean: float = FBANK_MEAN,
+        fbank_std: float = FBANK_STD,
+    ):
         """Patch features [B, P, D] and the patch padding mask (None without a sample mask)."""
         if source.size(1) < min_samples(self.patch_size):
             raise ValueError(f"BEATs needs at least {min_samples(self.patch_size)} samples, got {source.size(1)}")
@@ -322,8 +334,13 @@ class BEATs(nn.Module):
             logits = logits.mean(dim=1)
         return torch.sigmoid(logits)
 
-    def extract_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                         fbank_mean: float = FBANK_MEAN, fbank_std: float = FBANK_STD):
+    def extract_features(
+        self,
+        source: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        fbank_mean: float = FBANK_MEAN,
+        fbank_std: float = FBANK_STD,
+    ):
         """As the original: ``(probs [B, C], mask)`` if fine-tuned, else ``(features [B, P, D], mask)``."""
         features, padding_mask = self.encode(source, padding_mask, fbank_mean, fbank_std)
         if self.predictor is None:
@@ -334,10 +351,21 @@ class BEATs(nn.Module):
 def tiny_config(**overrides) -> dict:
     """A small config with every switch the official iter3+ checkpoints use (tests, demos)."""
     cfg = {
-        "input_patch_size": 16, "embed_dim": 32, "encoder_layers": 2, "encoder_embed_dim": 64,
-        "encoder_ffn_embed_dim": 128, "encoder_attention_heads": 4, "conv_pos": 16, "conv_pos_groups": 4,
-        "deep_norm": True, "layer_norm_first": False, "relative_position_embedding": True,
-        "num_buckets": 320, "max_distance": 800, "gru_rel_pos": True, "finetuned_model": True,
+        "input_patch_size": 16,
+        "embed_dim": 32,
+        "encoder_layers": 2,
+        "encoder_embed_dim": 64,
+        "encoder_ffn_embed_dim": 128,
+        "encoder_attention_heads": 4,
+        "conv_pos": 16,
+        "conv_pos_groups": 4,
+        "deep_norm": True,
+        "layer_norm_first": False,
+        "relative_position_embedding": True,
+        "num_buckets": 320,
+        "max_distance": 800,
+        "gru_rel_pos": True,
+        "finetuned_model": True,
         "predictor_class": 527,
     }
     cfg.update(overrides)
@@ -345,8 +373,7 @@ def tiny_config(**overrides) -> dict:
 
 
 #: the AudioSet class list shipped with the package (index, mid, display_name; see ATTRIBUTION.md)
-AUDIOSET_CLASS_LIST = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "audioset",
-                                   "class_labels_indices.csv")
+AUDIOSET_CLASS_LIST = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "audioset", "class_labels_indices.csv")
 
 
 def audioset_classes() -> list[tuple[str, str]]:

@@ -228,8 +228,13 @@ def _allowed_globals() -> dict:
         ("fairseq.data.dictionary", "Dictionary"): FairseqDictionaryStandIn,
         ("fairseq.dataclass.constants", "Choices"): _fairseq_choice_enum,
     }
-    for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                 "_rebuild_parameter_with_state"):
+    for name in (
+        "_rebuild_tensor",
+        "_rebuild_tensor_v2",
+        "_rebuild_tensor_v3",
+        "_rebuild_parameter",
+        "_rebuild_parameter_with_state",
+    ):
         if hasattr(torch._utils, name):
             allowed[("torch._utils", name)] = getattr(torch._utils, name)
     allowed[("torch._tensor", "_rebuild_from_type_v2")] = torch._tensor._rebuild_from_type_v2
@@ -331,8 +336,12 @@ def hubert_config_from_fairseq(model_cfg: dict):
         feat_proj_layer_norm=True,  # fairseq HuBERT: layer_norm before post_extract_proj
         layer_norm_eps=1e-5,
         # inference only: every dropout off
-        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
-        final_dropout=0.0, layerdrop=0.0,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+        final_dropout=0.0,
+        layerdrop=0.0,
     )
 
 
@@ -428,7 +437,7 @@ def _rename_key(key: str, target_keys: set) -> str | None:
         index, _, rest = rest.partition(".")
         for old, repl in _LAYER_RENAMES:
             if rest.startswith(old):
-                rest = repl + rest[len(old):]
+                rest = repl + rest[len(old) :]
                 break
         new = f"encoder.layers.{index}.{rest}"
     elif key.startswith("encoder.layer_norm."):
@@ -437,7 +446,7 @@ def _rename_key(key: str, target_keys: set) -> str | None:
         new = None
         for old, repl in _KEY_RENAMES:
             if key.startswith(old):
-                new = repl + key[len(old):]
+                new = repl + key[len(old) :]
                 break
     return new if new in target_keys else None
 
@@ -454,11 +463,23 @@ def tiny_hubert_config(layer_norm_first: bool = False, **overrides):
     from transformers import HubertConfig
 
     settings = dict(
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-        conv_dim=(16,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, conv_bias=layer_norm_first,
-        feat_extract_norm="layer" if layer_norm_first else "group", do_stable_layer_norm=layer_norm_first,
-        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16,) * 7,
+        conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+        conv_stride=(5, 2, 2, 2, 2, 2, 2),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        conv_bias=layer_norm_first,
+        feat_extract_norm="layer" if layer_norm_first else "group",
+        do_stable_layer_norm=layer_norm_first,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+        layerdrop=0.0,
     )
     settings.update(overrides)
     return HubertConfig(**settings)

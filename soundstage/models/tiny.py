@@ -52,10 +52,10 @@ def word_tokenizer(sentences, chat_template=None, wrap=False):
     tok.decoder = decoders.WordPiece()  # joins words with spaces
     tok.train_from_iterator(sentences, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[BOS]", "[EOS]"]))
     if wrap:
-        tok.post_processor = processors.TemplateProcessing(single="[BOS] $A [EOS]",
-                                                           special_tokens=[("[BOS]", 2), ("[EOS]", 3)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]",
-                                   unk_token="[UNK]")
+        tok.post_processor = processors.TemplateProcessing(single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", 3)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]", unk_token="[UNK]"
+    )
     if chat_template:
         fast.chat_template = chat_template
     return fast
@@ -132,10 +132,14 @@ def build_blip(out_dir, seed: int = 0) -> str:
     vocab = spec["special_tokens"] + list(CAPTION_WORDS)
     tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, bos_token="[DEC]")
     size = spec["image_size"]
-    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": size, "width": size}),
-                              tokenizer=tokenizer)
-    text_config = dict(spec["config"]["text_config"], vocab_size=len(vocab), bos_token_id=vocab.index("[DEC]"),
-                       sep_token_id=vocab.index("[SEP]"), pad_token_id=vocab.index("[PAD]"))
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": size, "width": size}), tokenizer=tokenizer)
+    text_config = dict(
+        spec["config"]["text_config"],
+        vocab_size=len(vocab),
+        bos_token_id=vocab.index("[DEC]"),
+        sep_token_id=vocab.index("[SEP]"),
+        pad_token_id=vocab.index("[PAD]"),
+    )
     config = BlipConfig(**{**spec["config"], "text_config": text_config})
     _seeded(seed, lambda: BlipForConditionalGeneration(config)).save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -150,12 +154,18 @@ def build_chat_lm(out_dir, seed: int = 0, **config_overrides) -> str:
     from soundstage.llm.prompt import load_template
 
     spec = tiny_config("chat_lm")
-    tokenizer = word_tokenizer([load_template().text, " ".join(CAPTION_WORDS), " ".join(SOURCE_WORDS),
-                                spec["extra_text"]], spec["chat_template"])
+    tokenizer = word_tokenizer(
+        [load_template().text, " ".join(CAPTION_WORDS), " ".join(SOURCE_WORDS), spec["extra_text"]], spec["chat_template"]
+    )
     settings = {**spec["config"], **config_overrides}
     settings.setdefault("intermediate_size", 2 * settings["hidden_size"])
-    config = LlamaConfig(**settings, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        **settings,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     _seeded(seed, lambda: LlamaForCausalLM(config)).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return str(out_dir)
@@ -166,8 +176,9 @@ def build_text_encoder(out_dir, seed: int = 0) -> str:
     from transformers import RobertaConfig, RobertaModel
 
     tokenizer = word_tokenizer([" ".join(SOURCE_WORDS + CAPTION_WORDS)])
-    config = RobertaConfig(**tiny_config("text_encoder")["config"], vocab_size=len(tokenizer),
-                           pad_token_id=tokenizer.pad_token_id)
+    config = RobertaConfig(
+        **tiny_config("text_encoder")["config"], vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id
+    )
     _seeded(seed, lambda: RobertaModel(config)).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return str(out_dir)
@@ -180,8 +191,13 @@ def build_clip(out_dir, seed: int = 0) -> str:
 
     tokenizer = word_tokenizer([" ".join(SOURCE_WORDS + CAPTION_WORDS)], wrap=True)
     spec = tiny_config("clip")["config"]
-    text_config = dict(spec["text_config"], vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    text_config = dict(
+        spec["text_config"],
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     config = CLIPConfig(**{**spec, "text_config": text_config})
     _seeded(seed, lambda: CLIPModel(config)).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -136,8 +136,14 @@ def _vggish_modules(layers, hidden: int):
             channels = v
     pools = sum(v == "M" for v in layers)
     flat = channels * (EXAMPLE_FRAMES >> pools) * (MEL_BANDS >> pools)
-    mlp = [nn.Linear(flat, hidden), nn.ReLU(True), nn.Linear(hidden, hidden), nn.ReLU(True),
-           nn.Linear(hidden, EMBEDDING_SIZE), nn.ReLU(True)]
+    mlp = [
+        nn.Linear(flat, hidden),
+        nn.ReLU(True),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(True),
+        nn.Linear(hidden, EMBEDDING_SIZE),
+        nn.ReLU(True),
+    ]
     return nn.Sequential(*convs), nn.Sequential(*mlp)
 
 
@@ -218,8 +224,10 @@ def load_pca_params(path: str) -> tuple[np.ndarray, np.ndarray]:
     except (KeyError, TypeError, IndexError):
         raise ValueError(f"{path}: expected a dict with pca_eigen_vectors and pca_means") from None
     if eigen.shape != (EMBEDDING_SIZE, EMBEDDING_SIZE) or means.shape != (EMBEDDING_SIZE,):
-        raise ValueError(f"{path}: pca_eigen_vectors {eigen.shape} / pca_means {means.shape}, "
-                         f"expected ({EMBEDDING_SIZE}, {EMBEDDING_SIZE}) / ({EMBEDDING_SIZE},)")
+        raise ValueError(
+            f"{path}: pca_eigen_vectors {eigen.shape} / pca_means {means.shape}, "
+            f"expected ({EMBEDDING_SIZE}, {EMBEDDING_SIZE}) / ({EMBEDDING_SIZE},)"
+        )
     return eigen, means
 
 
@@ -253,9 +261,9 @@ class VGGishEmbedder:
         out = np.zeros((len(batch), EMBEDDING_SIZE), np.float32)
         with torch.inference_mode():
             for start in range(0, len(batch), self.max_batch):
-                x = torch.from_numpy(np.ascontiguousarray(batch[start:start + self.max_batch])).to(self.device)
+                x = torch.from_numpy(np.ascontiguousarray(batch[start : start + self.max_batch])).to(self.device)
                 y = self.network(x)
                 if self.pca is not None:
                     y = postprocess(y, *self.pca)
-                out[start:start + len(x)] = y.float().cpu().numpy()
+                out[start : start + len(x)] = y.float().cpu().numpy()
         return out

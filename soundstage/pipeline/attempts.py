@@ -17,9 +17,11 @@ from contextlib import contextmanager
 from soundstage.cache.store import atomic_write_text
 
 #: why a clip is skipped once it killed a run
-DIED_CAUSE = ("the run died while computing this clip (killed at {when}: out of memory?); skipped since, "
-              "so the rest of the shard finishes. Lower its cost (e.g. --max-seconds, a smaller batch) or "
-              "give the job more memory, then rerun with --force to try it again")
+DIED_CAUSE = (
+    "the run died while computing this clip (killed at {when}: out of memory?); skipped since, "
+    "so the rest of the shard finishes. Lower its cost (e.g. --max-seconds, a smaller batch) or "
+    "give the job more memory, then rerun with --force to try it again"
+)
 
 
 class Attempts:

@@ -78,8 +78,10 @@ class Summary:
         ]
         lines += [f"  {note}" for note in self.notes]
         if self.undigested:
-            lines.append(f"  {self.undigested} cached clip(s) have no input digest (computed before soundstage recorded "
-                         "inputs): trusted as they are; --force recomputes them")
+            lines.append(
+                f"  {self.undigested} cached clip(s) have no input digest (computed before soundstage recorded "
+                "inputs): trusted as they are; --force recomputes them"
+            )
         if self.warnings:
             lines.append(f"  {len(self.warnings)} done clip(s) with warnings, e.g.:")
             lines += [f"    {cid}: {note}" for cid, note in self.warnings[:3]]
@@ -138,8 +140,15 @@ class PlanError(RuntimeError):
     """An array task does not match the output planned for it."""
 
 
-def plan_stage(stage: Stage, manifest_path: str, cache_root: str, params: dict, upstream_select=None, log=print,
-               fingerprint: str | None = None) -> Plan:
+def plan_stage(
+    stage: Stage,
+    manifest_path: str,
+    cache_root: str,
+    params: dict,
+    upstream_select=None,
+    log=print,
+    fingerprint: str | None = None,
+) -> Plan:
     """Where ``stage`` under ``params`` goes. With ``fingerprint`` (an array task of a planned
     run) the output planned at submission is used as its stage.json says, checked against
     ``params`` instead of recomputed: no model is hashed again, no hub revision re-resolved."""
@@ -156,10 +165,19 @@ def plan_stage(stage: Stage, manifest_path: str, cache_root: str, params: dict, 
     upstream = resolve_upstreams(stage, cache_root, upstream_select, log=log)
     meta = stage_meta(stage, params, {alias: (sd.meta()["stage"], sd.meta()["fingerprint"]) for alias, sd in upstream.items()})
     if fingerprint and meta["fingerprint"] != fingerprint:
-        raise PlanError(f"the run was planned as {stage.name} {fingerprint}, but here its inputs give {meta['fingerprint']} "
-                        "(a model file or hub revision differs on this machine?); nothing was written")
-    return Plan(stage, params, upstream, meta["fingerprint"], StageDir.at(cache_root, stage.name, meta["fingerprint"]), meta,
-                manifest_path)
+        raise PlanError(
+            f"the run was planned as {stage.name} {fingerprint}, but here its inputs give {meta['fingerprint']} "
+            "(a model file or hub revision differs on this machine?); nothing was written"
+        )
+    return Plan(
+        stage,
+        params,
+        upstream,
+        meta["fingerprint"],
+        StageDir.at(cache_root, stage.name, meta["fingerprint"]),
+        meta,
+        manifest_path,
+    )
 
 
 def manifest_rows(manifest_path: str, stage: Stage | None = None) -> tuple[list[dict], list[tuple[str, str]]]:
@@ -231,8 +249,9 @@ def prefetch(load, ctx, rows, workers: int, depth: int):
             yield (row, *_load_guarded(load, ctx, row))
         return
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_worker_init,
-                               initargs=(load, ctx, parent_token()))
+    pool = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context(method), initializer=_worker_init, initargs=(load, ctx, parent_token())
+    )
     try:
         pending = deque()
         it = iter(rows)
@@ -273,8 +292,11 @@ class _StopRequested:
         if signum == signal.SIGINT:
             if self.flag:
                 raise KeyboardInterrupt
-            print("\nstopping after the current batch, committing what is finished (Ctrl-C again: abort now)",
-                  file=sys.stderr, flush=True)
+            print(
+                "\nstopping after the current batch, committing what is finished (Ctrl-C again: abort now)",
+                file=sys.stderr,
+                flush=True,
+            )
         self.flag = True
 
     def __exit__(self, *exc):
@@ -306,8 +328,15 @@ class RunOptions:
     share: tuple | None = None  # (rows, unusable rows) of this shard, read already (--jobs reads the manifest once)
 
 
-def run_stage(stage: Stage, manifest_path: str, cache_root: str, params: dict | None = None,
-              upstream_select: dict | None = None, options: RunOptions | None = None, **option_values) -> Summary:
+def run_stage(
+    stage: Stage,
+    manifest_path: str,
+    cache_root: str,
+    params: dict | None = None,
+    upstream_select: dict | None = None,
+    options: RunOptions | None = None,
+    **option_values,
+) -> Summary:
     """Run ``stage`` on one shard of a manifest; returns the summary (never raises for a clip).
 
     ``options`` (or its fields as keywords: ``shard=(0, 4), workers=2``) say how (``RunOptions``).
@@ -400,7 +429,8 @@ def _process_clips(plan, todo, summary, writer_id, stop, opts: RunOptions, reade
             raise SystemicFailure(
                 f"{stage.name}: stopped after {len(streak)} clips in a row failed with errors that are not about "
                 f"their input (last: {cause}); the model or the environment looks broken. Finished clips are "
-                f"committed; fix the cause and rerun (failure records: {plan.dir.failures_dir})")
+                f"committed; fix the cause and rerun (failure records: {plan.dir.failures_dir})"
+            )
 
     def run_batch(batch):
         try:
@@ -430,8 +460,7 @@ def _process_clips(plan, todo, summary, writer_id, stop, opts: RunOptions, reade
             bar.update(1)
 
     try:
-        for row, ok, item, detail, systemic in prefetch(stage.load, ctx, todo, workers,
-                                                        depth=max(2 * batch_size, 4 * workers)):
+        for row, ok, item, detail, systemic in prefetch(stage.load, ctx, todo, workers, depth=max(2 * batch_size, 4 * workers)):
             cid = row["clip_id"]
             if not ok:
                 fail(cid, item, detail, systemic)
@@ -465,8 +494,15 @@ def _progress_bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     interactive = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="clip", disable=not enabled, dynamic_ncols=True,
-                mininterval=0.5 if interactive else 30.0, file=sys.stderr)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="clip",
+        disable=not enabled,
+        dynamic_ncols=True,
+        mininterval=0.5 if interactive else 30.0,
+        file=sys.stderr,
+    )
 
 
 def _run_global(
@@ -489,7 +525,9 @@ def _run_global(
         if reuse:
             summary.cached = 1
             if note:  # pinned for other clips: status says so
-                atomic_write_text(pinned, json.dumps({"clips": len(rows), "fit_key_now": key, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+                atomic_write_text(
+                    pinned, json.dumps({"clips": len(rows), "fit_key_now": key, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                )
         else:
             ctx = FitContext(
                 params=plan.params, upstream=readers, clip_ids=[r["clip_id"] for r in rows], rows=rows, log=log, progress=progress

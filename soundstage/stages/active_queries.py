@@ -53,8 +53,9 @@ def parse_mapping(mapping: dict, where: str = "mapping") -> dict:
         clusters = {int(k): int(v) for k, v in mapping.get("clusters", {}).items()}
         classes = {str(k): int(v) for k, v in mapping.get("classes", {}).items() if not str(k).startswith("_")}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise MappingError(f"{where}: expected {{\"queries\": Q, \"clusters\": {{id: query}}, "
-                           f"\"classes\": {{MID: query}}}} ({type(e).__name__}: {e})") from None
+        raise MappingError(
+            f'{where}: expected {{"queries": Q, "clusters": {{id: query}}, "classes": {{MID: query}}}} ({type(e).__name__}: {e})'
+        ) from None
     bad = [f"{k}: {v}" for k, v in [*clusters.items(), *classes.items()] if not 0 <= v < queries]
     if bad:
         raise MappingError(f"{where}: query ids outside [0, {queries}): {', '.join(bad[:5])}")
@@ -88,21 +89,27 @@ def mapping_identity(path) -> str | None:
 
 def mapping_json(mapping: dict) -> dict:
     """The JSON form of a parsed mapping (what ``--mapping`` files and mapping.json hold)."""
-    return {"queries": mapping["queries"], "clusters": {str(k): v for k, v in sorted(mapping["clusters"].items())},
-            "classes": dict(sorted(mapping["classes"].items(), key=lambda item: (item[1], item[0])))}
+    return {
+        "queries": mapping["queries"],
+        "clusters": {str(k): v for k, v in sorted(mapping["clusters"].items())},
+        "classes": dict(sorted(mapping["classes"].items(), key=lambda item: (item[1], item[0]))),
+    }
 
 
 def default_mapping(num_clusters: int, mids_by_frequency: list, queries: int = DEFAULT_QUERIES) -> dict:
     """Clusters c -> c (c < K), then the most frequent classes -> K, K + 1, ... up to Q - 1."""
     if num_clusters >= queries:
-        raise MappingError(f"{num_clusters} clusters fill all {queries} queries and leave none for tags; "
-                           "use fewer clusters or write the mapping yourself")
+        raise MappingError(
+            f"{num_clusters} clusters fill all {queries} queries and leave none for tags; "
+            "use fewer clusters or write the mapping yourself"
+        )
     classes = {mid: num_clusters + i for i, mid in enumerate(mids_by_frequency[: queries - num_clusters])}
     return {"queries": queries, "clusters": {c: c for c in range(num_clusters)}, "classes": classes}
 
 
-def frame_queries(cluster_ids: np.ndarray, second_probs: np.ndarray, class_mids: list, mapping: dict,
-                  threshold: float) -> list[list[int]]:
+def frame_queries(
+    cluster_ids: np.ndarray, second_probs: np.ndarray, class_mids: list, mapping: dict, threshold: float
+) -> list[list[int]]:
     """Per frame: mapped cluster ids (``cluster_ids [T, n]``, -1 = none), then mapped tags above
     the threshold, most probable first, without repeats."""
     lists = []
@@ -139,10 +146,17 @@ def load(row, ctx):
     clusters = units["frame_majority"][:, None] if ctx.params["clusters"] == "majority" else units["frame_topk"]
     if len(clusters) != len(beats["second_probs"]):
         raise ClipError(f"units has {len(clusters)} frames but beats {len(beats['second_probs'])}")
-    lists = frame_queries(clusters, beats["second_probs"], ctx.upstream["beats"].meta["metadata"]["class_mids"],
-                          read_mapping(ctx.params["mapping"]), ctx.params["threshold"])
-    return {"query_ids": np.array([q for ids in lists for q in ids], np.int32),
-            "frame_lengths": np.array([len(ids) for ids in lists], np.int32)}
+    lists = frame_queries(
+        clusters,
+        beats["second_probs"],
+        ctx.upstream["beats"].meta["metadata"]["class_mids"],
+        read_mapping(ctx.params["mapping"]),
+        ctx.params["threshold"],
+    )
+    return {
+        "query_ids": np.array([q for ids in lists for q in ids], np.int32),
+        "frame_lengths": np.array([len(ids) for ids in lists], np.int32),
+    }
 
 
 def setup(params):
@@ -164,11 +178,17 @@ STAGE = Stage(
     upstream=[Upstream("units", "units"), Upstream("beats", "beats")],
     reads=(),  # no manifest column: only the upstream clips (their digests are part of this one's)
     params=[
-        Param("mapping", str, None, "JSON: cluster ids and AudioSet MIDs -> query ids (soundstage export "
-              "query-mapping builds the default)", identity=mapping_identity),
+        Param(
+            "mapping",
+            str,
+            None,
+            "JSON: cluster ids and AudioSet MIDs -> query ids (soundstage export query-mapping builds the default)",
+            identity=mapping_identity,
+        ),
         Param("threshold", float, 0.4, "a second's tag counts when its BEATs probability is at least this"),
-        Param("clusters", str, "majority", "the second's majority unit, or its top-k units (units --top-k)",
-              choices=CLUSTER_RULES),
+        Param(
+            "clusters", str, "majority", "the second's majority unit, or its top-k units (units --top-k)", choices=CLUSTER_RULES
+        ),
     ],
     fields=[
         Field("query_ids", "int32", (None,), "every frame's query ids, concatenated (frame_lengths splits them)"),

@@ -42,8 +42,10 @@ STAGE = Stage(
     required_columns=("audio_path",),
     version=1,
     help="Sample rate, channels, duration, per-second RMS (dB) and silence flags of each clip.",
-    params=[Param("silence_db", float, -60.0, "a second quieter than this (dB RMS, full scale = 0) is silent"),
-            max_seconds_param()],
+    params=[
+        Param("silence_db", float, -60.0, "a second quieter than this (dB RMS, full scale = 0) is silent"),
+        max_seconds_param(),
+    ],
     fields=[
         Field("sample_rate", "int32", (), "original sample rate (Hz)"),
         Field("channels", "int32", (), "original channel count"),

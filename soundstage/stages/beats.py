@@ -62,8 +62,10 @@ def load(row, ctx):
         raise ClipError(f"audio of {len(wave) / SECOND:.3f} s is too short for BEATs (needs {min_samples()} samples)")
     last = len(wave) - (seconds - 1) * SECOND  # samples in the last window
     if last < min_samples():
-        raise ClipError(f"audio of {len(wave) / SECOND:.3f} s does not cover {seconds} frames "
-                        f"(second {seconds - 1} has {max(last, 0)} samples, BEATs needs {min_samples()})")
+        raise ClipError(
+            f"audio of {len(wave) / SECOND:.3f} s does not cover {seconds} frames "
+            f"(second {seconds - 1} has {max(last, 0)} samples, BEATs needs {min_samples()})"
+        )
     return {"wave": wave, "seconds": seconds}
 
 
@@ -77,12 +79,15 @@ def setup(params):
     if dtype != torch.float32 and not device.startswith("cuda"):
         raise ValueError(f"--dtype {params['dtype']} is meant for GPUs; use fp32 on {device}")
     if not params["checkpoint"]:
-        raise ValueError("--checkpoint is required: an official fine-tuned BEATs .pt "
-                         "(e.g. BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt)")
+        raise ValueError(
+            "--checkpoint is required: an official fine-tuned BEATs .pt (e.g. BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt)"
+        )
     model = BEATs.from_checkpoint(params["checkpoint"], map_location="cpu")
     if model.predictor is None:
-        raise ValueError(f"{params['checkpoint']} is a pre-trained BEATs without a classifier; "
-                         "the beats stage needs a fine-tuned (AudioSet) checkpoint")
+        raise ValueError(
+            f"{params['checkpoint']} is a pre-trained BEATs without a classifier; "
+            "the beats stage needs a fine-tuned (AudioSet) checkpoint"
+        )
     model.class_mids  # noqa: B018 - fails early when the checkpoint has no label_dict
     return model.to(device=device, dtype=dtype).eval()
 
@@ -111,7 +116,7 @@ def _run_all(model, waves: list) -> tuple[np.ndarray, np.ndarray]:
         same = [k for k, w in enumerate(waves) if len(w) == length]
         per_call = max(1, SAMPLES_PER_CALL // length)
         for start in range(0, len(same), per_call):
-            chunk = same[start:start + per_call]
+            chunk = same[start : start + per_call]
             p, e = _run(model, [waves[k] for k in chunk])
             for j, k in enumerate(chunk):
                 probs[k], features[k] = p[j], e[j]
@@ -131,8 +136,9 @@ def process(model, items, params):
     owner = np.array([i for i, _ in windows])
     clip_probs = [window_probs[owner == i].mean(axis=0) for i in range(len(items))]
     # every second of every clip; full seconds all have SECOND samples and share calls
-    seconds = [(i, s, item["wave"][s * SECOND:(s + 1) * SECOND])
-               for i, item in enumerate(items) for s in range(item["seconds"])]
+    seconds = [
+        (i, s, item["wave"][s * SECOND : (s + 1) * SECOND]) for i, item in enumerate(items) for s in range(item["seconds"])
+    ]
     probs, embeddings = _run_all(model, [w for _, _, w in seconds])
     out = []
     for i in range(len(items)):
@@ -152,17 +158,27 @@ STAGE = Stage(
     version=1,
     help="BEATs AudioSet tag probabilities per clip and per second, and per-second embeddings.",
     params=[
-        Param("checkpoint", str, None, "official fine-tuned BEATs checkpoint .pt (cfg, model, label_dict)",
-              identity=model_identity),
-        Param("clip_window", float, CLIP_WINDOW, "clip_probs of a clip longer than this (seconds): the mean over the fewest "
-              "equal windows no longer than this, so memory stays bounded (0: one pass at any length)"),
+        Param(
+            "checkpoint", str, None, "official fine-tuned BEATs checkpoint .pt (cfg, model, label_dict)", identity=model_identity
+        ),
+        Param(
+            "clip_window",
+            float,
+            CLIP_WINDOW,
+            "clip_probs of a clip longer than this (seconds): the mean over the fewest "
+            "equal windows no longer than this, so memory stays bounded (0: one pass at any length)",
+        ),
         max_seconds_param(),
         dtype_param(),
         device_param(),
     ],
     fields=[
-        Field("clip_probs", "float16", (None,), "[classes] sigmoid probabilities: one pass over the clip, or the "
-              "mean over its clip_window windows"),
+        Field(
+            "clip_probs",
+            "float16",
+            (None,),
+            "[classes] sigmoid probabilities: one pass over the clip, or the mean over its clip_window windows",
+        ),
         Field("second_probs", "float16", (None, None), "[seconds, classes] one pass per 1 s window (= video frame)"),
         Field("second_embeddings", "float16", (None, None), "[seconds, dim] mean last-layer patch features per second"),
     ],

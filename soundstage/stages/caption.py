@@ -50,16 +50,21 @@ class Captioner:
 
         self.device = resolve_device(params["device"])
         self.processor = AutoProcessor.from_pretrained(params["model"])
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            params["model"], dtype=torch_dtype(params["dtype"])).to(self.device).eval()
+        self.model = (
+            AutoModelForImageTextToText.from_pretrained(params["model"], dtype=torch_dtype(params["dtype"]))
+            .to(self.device)
+            .eval()
+        )
         self.prompt = params["prompt"] or None
         self.frames_per_call = params["frames_per_call"]
-        self.generate_kwargs = dict(num_beams=params["num_beams"], max_new_tokens=params["max_new_tokens"],
-                                    do_sample=False)
+        self.generate_kwargs = dict(num_beams=params["num_beams"], max_new_tokens=params["max_new_tokens"], do_sample=False)
 
     def __call__(self, images: list) -> list[str]:
-        return [c for start in range(0, len(images), self.frames_per_call)
-                for c in self._caption(images[start:start + self.frames_per_call])]
+        return [
+            c
+            for start in range(0, len(images), self.frames_per_call)
+            for c in self._caption(images[start : start + self.frames_per_call])
+        ]
 
     def _caption(self, images: list) -> list[str]:
         import torch
@@ -70,9 +75,12 @@ class Captioner:
         with torch.inference_mode():
             out = self.model.generate(**inputs, **self.generate_kwargs)
         prompt_ids = inputs.get("input_ids")
-        if prompt_ids is not None and out.shape[1] > prompt_ids.shape[1] \
-                and torch.equal(out[:, : prompt_ids.shape[1]], prompt_ids):
-            out = out[:, prompt_ids.shape[1]:]  # decoder-only models return prompt + continuation
+        if (
+            prompt_ids is not None
+            and out.shape[1] > prompt_ids.shape[1]
+            and torch.equal(out[:, : prompt_ids.shape[1]], prompt_ids)
+        ):
+            out = out[:, prompt_ids.shape[1] :]  # decoder-only models return prompt + continuation
         captions = self.processor.batch_decode(out, skip_special_tokens=True)
         return [strip_prompt(c, self.prompt) for c in captions]
 
@@ -83,7 +91,7 @@ def strip_prompt(caption: str, prompt: str | None) -> str:
     if prompt:
         p = " ".join(prompt.split()).lower()
         if caption.lower().startswith(p):
-            caption = caption[len(p):].strip()
+            caption = caption[len(p) :].strip()
     return caption
 
 
@@ -92,7 +100,7 @@ def process(captioner, items, params):
     captions = captioner(images)
     results, start = [], 0
     for frames in items:
-        results.append({"captions": captions[start:start + len(frames)]})
+        results.append({"captions": captions[start : start + len(frames)]})
         start += len(frames)
     return results
 
@@ -104,8 +112,7 @@ STAGE = Stage(
     version=1,
     help="A caption per video frame from an image-to-text model (BLIP by default).",
     params=[
-        Param("model", str, DEFAULT_MODEL, "hub id or local directory of an image-to-text model",
-              identity=model_identity),
+        Param("model", str, DEFAULT_MODEL, "hub id or local directory of an image-to-text model", identity=model_identity),
         Param("prompt", str, "", "optional text the caption starts from, e.g. 'a picture of'"),
         Param("num_beams", int, 3, "beam search width (1 = greedy)"),
         Param("max_new_tokens", int, 40, "longest caption in tokens"),

@@ -67,16 +67,31 @@ def segpref_texts(manifest_rows: list, reader, n_slots: int, names: str, key: st
 
 
 @export.command("segpref-json")
-@click.option("--manifest", required=True, type=click.Path(exists=True, dir_okay=False), envvar="SOUNDSTAGE_MANIFEST",
-              help="clips to export (and their vid)")
+@click.option(
+    "--manifest",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="SOUNDSTAGE_MANIFEST",
+    help="clips to export (and their vid)",
+)
 @click.option("--cache", default="cache", show_default=True, envvar="SOUNDSTAGE_CACHE", help="cache root")
 @click.option("--sources", "selector", help="which sources output: FINGERPRINT or key=value,... (default: the only one)")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="JSON file to write")
 @click.option("--n-slots", default=4, show_default=True, help="cut/pad each frame to this many names with None (0: no padding)")
-@click.option("--names", type=click.Choice(["raw", "vocab"]), default="raw", show_default=True,
-              help="the LLM's names, or their mapping onto the dataset classes (sources --vocabulary)")
-@click.option("--key", type=click.Choice(["vid", "clip_id"]), default="vid", show_default=True,
-              help="vid: as SegPref's loader looks texts up; clip_id: unique per clip")
+@click.option(
+    "--names",
+    type=click.Choice(["raw", "vocab"]),
+    default="raw",
+    show_default=True,
+    help="the LLM's names, or their mapping onto the dataset classes (sources --vocabulary)",
+)
+@click.option(
+    "--key",
+    type=click.Choice(["vid", "clip_id"]),
+    default="vid",
+    show_default=True,
+    help="vid: as SegPref's loader looks texts up; clip_id: unique per clip",
+)
 @click.option("--allow-missing", is_flag=True, help="leave out clips without a sources record instead of failing")
 def segpref_json(manifest, cache, selector, out_path, n_slots, names, key, allow_missing):
     """SegPref text-cue JSON from the sources stage: {"<vid>": {"f0": "guitar,man,None,None,", ...}}."""
@@ -101,16 +116,20 @@ def segpref_json(manifest, cache, selector, out_path, n_slots, names, key, allow
 
     problems = [f"{k}: clips {a} and {b} share it with different texts" for k, a, b in report["conflicts"]]
     if report["missing"] and not allow_missing:
-        problems.append(f"{len(report['missing'])} clip(s) have no sources record, e.g. {report['missing'][:5]}"
-                        " (run sources on them, or --allow-missing)")
+        problems.append(
+            f"{len(report['missing'])} clip(s) have no sources record, e.g. {report['missing'][:5]}"
+            " (run sources on them, or --allow-missing)"
+        )
     if problems:
         hint = "; use --key clip_id for a loader that looks texts up by clip" if report["conflicts"] else ""
         raise click.ClickException("not written:\n  " + "\n  ".join(problems[:20]) + hint)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     atomic_write_text(out_path, json.dumps(texts, ensure_ascii=False))
-    click.echo(f"wrote {out_path}: {report['clips']} clips, {report['frames']} frames "
-               f"({report['frames_without_answer']} without a usable answer: written as no sources)"
-               + (f"; left out {len(report['missing'])} clips without a sources record" if report["missing"] else ""))
+    click.echo(
+        f"wrote {out_path}: {report['clips']} clips, {report['frames']} frames "
+        f"({report['frames_without_answer']} without a usable answer: written as no sources)"
+        + (f"; left out {len(report['missing'])} clips without a sources record" if report["missing"] else "")
+    )
 
 
 def _add_exporters_of_other_stages() -> None:
@@ -133,20 +152,31 @@ _add_exporters_of_other_stages()
 
 def output_options(stage_name: str):
     """--config / --manifest / --cache / --<stage> selector / --out / --overwrite / --allow-missing."""
+
     def decorate(command):
-        for option in reversed([
-            click.option("--config", type=click.Path(exists=True, dir_okay=False),
-                         help="pipeline YAML: its manifest, cache and the exact output its parameters give"),
-            click.option("--manifest", type=click.Path(exists=True, dir_okay=False), envvar="SOUNDSTAGE_MANIFEST",
-                         help="clips to export (default with --config: the pipeline's)"),
-            click.option("--cache", envvar="SOUNDSTAGE_CACHE", help="cache root (default: the pipeline's, else ./cache)"),
-            click.option(f"--{stage_name}", "selector", help=f"which {stage_name} output: FINGERPRINT or key=value,..."),
-            click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="folder to write"),
-            click.option("--overwrite", is_flag=True, help="write into a non-empty --out, replacing files of the same names"),
-            click.option("--allow-missing", is_flag=True, help="write the clips that have a record; still name the others"),
-        ]):
+        for option in reversed(
+            [
+                click.option(
+                    "--config",
+                    type=click.Path(exists=True, dir_okay=False),
+                    help="pipeline YAML: its manifest, cache and the exact output its parameters give",
+                ),
+                click.option(
+                    "--manifest",
+                    type=click.Path(exists=True, dir_okay=False),
+                    envvar="SOUNDSTAGE_MANIFEST",
+                    help="clips to export (default with --config: the pipeline's)",
+                ),
+                click.option("--cache", envvar="SOUNDSTAGE_CACHE", help="cache root (default: the pipeline's, else ./cache)"),
+                click.option(f"--{stage_name}", "selector", help=f"which {stage_name} output: FINGERPRINT or key=value,..."),
+                click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="folder to write"),
+                click.option("--overwrite", is_flag=True, help="write into a non-empty --out, replacing files of the same names"),
+                click.option("--allow-missing", is_flag=True, help="write the clips that have a record; still name the others"),
+            ]
+        ):
             command = option(command)
         return command
+
     return decorate
 
 
@@ -179,8 +209,10 @@ def clips_to_write(rows: list, reader, stage_dir, allow_missing: bool) -> tuple[
     named = [f"{cid}: " + (failures[cid]["cause"] if cid in failures else "not computed") for cid in missing]
     if named and not allow_missing:
         more = f"\n  ... and {len(named) - 20} more" if len(named) > 20 else ""
-        raise click.ClickException(f"not written: {len(named)} clip(s) have no record in {stage_dir.path} "
-                                   "(compute them, or --allow-missing):\n  " + "\n  ".join(named[:20]) + more)
+        raise click.ClickException(
+            f"not written: {len(named)} clip(s) have no record in {stage_dir.path} "
+            "(compute them, or --allow-missing):\n  " + "\n  ".join(named[:20]) + more
+        )
     return [row for row in rows if row["clip_id"] in reader], named
 
 
@@ -218,15 +250,22 @@ def avsbench_object_path(row: dict) -> str:
         return os.path.join(row["split"], row["a_obj"].replace("-", "_"), row["clip_id"])
     if row.get("subset") == "v1m":
         return os.path.join(row["split"], row["clip_id"])
-    raise click.ClickException(f"clip {row['clip_id']} (subset {row.get('subset')!r}) has no place in the "
-                               "AVSBench-object layout (only v1s/S4 and v1m/MS3); use --layout flat")
+    raise click.ClickException(
+        f"clip {row['clip_id']} (subset {row.get('subset')!r}) has no place in the "
+        "AVSBench-object layout (only v1s/S4 and v1m/MS3); use --layout flat"
+    )
 
 
 @export.command("vggish-npy")
 @output_options("vggish")
-@click.option("--layout", type=click.Choice(["flat", "avsbench-object"]), default="flat", show_default=True,
-              help="flat: OUT/<uid>.npy (GAVS, bias_in_AVS); avsbench-object: OUT/<split>/<category>/<uid>.npy "
-                   "(S4) and OUT/<split>/<uid>.npy (MS3), as AVSBench-object lays out audio_wav/")
+@click.option(
+    "--layout",
+    type=click.Choice(["flat", "avsbench-object"]),
+    default="flat",
+    show_default=True,
+    help="flat: OUT/<uid>.npy (GAVS, bias_in_AVS); avsbench-object: OUT/<split>/<category>/<uid>.npy "
+    "(S4) and OUT/<split>/<uid>.npy (MS3), as AVSBench-object lays out audio_wav/",
+)
 def vggish_npy(config, manifest, cache, selector, out_dir, overwrite, allow_missing, layout):
     """VGGish embeddings as one float32 [T, 128] .npy per clip."""
     import numpy as np
@@ -267,21 +306,38 @@ def active_queries(config, manifest, cache, selector, out_dir, overwrite, allow_
         lists = frame_lists(reader[row["clip_id"]])
         single += sum(len(ids) == 1 for ids in lists)
         _replace_with(os.path.join(out_dir, row["clip_id"] + ".pth"), lambda tmp, v=lists: torch.save(v, tmp))
-    record = {"_threshold": meta["params"]["threshold"], "_clusters": meta["params"]["clusters"],
-              "_active_queries_output": meta["fingerprint"], **mapping_json(parse_mapping(meta["metadata"]["mapping"]))}
+    record = {
+        "_threshold": meta["params"]["threshold"],
+        "_clusters": meta["params"]["clusters"],
+        "_active_queries_output": meta["fingerprint"],
+        **mapping_json(parse_mapping(meta["metadata"]["mapping"])),
+    }
     atomic_write_text(os.path.join(out_dir, "mapping.json"), json.dumps(record, indent=1) + "\n")
     report_written(len(present), out_dir, named)
     if single:
-        click.echo(f"note: {single} frame(s) have exactly one query id; bias_in_AVS's trainer activates only "
-                   "query 0 for a list of length 1", err=True)
+        click.echo(
+            f"note: {single} frame(s) have exactly one query id; bias_in_AVS's trainer activates only "
+            "query 0 for a list of length 1",
+            err=True,
+        )
 
 
 @export.command("masks")
 @output_options("masks")
-@click.option("--size", default=224, show_default=True, type=click.IntRange(min=1),
-              help="side of the square PNGs (the cached maps are resized when theirs differs)")
-@click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
-              help="foreground where p > threshold (0.5: p(sounding) > p(background), as Stepping Stones)")
+@click.option(
+    "--size",
+    default=224,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="side of the square PNGs (the cached maps are resized when theirs differs)",
+)
+@click.option(
+    "--threshold",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="foreground where p > threshold (0.5: p(sounding) > p(background), as Stepping Stones)",
+)
 @click.option("--split", "splits", multiple=True, help="only the clips of this split (repeatable; default: every split)")
 def masks(config, manifest, cache, selector, out_dir, overwrite, allow_missing, size, threshold, splits):
     """Stepping-stone masks as Stepping Stones' stage 2 reads them: OUT/<label>/<uid>/<i>.png, 0/255."""
@@ -300,15 +356,20 @@ def masks(config, manifest, cache, selector, out_dir, overwrite, allow_missing, 
     prepare_out_dir(out_dir, overwrite)
     for row in present:
         for i, mask in enumerate(binary_masks(reader[row["clip_id"]]["probs"], size, threshold)):
-            _replace_with(released_path(out_dir, row, i),
-                          lambda tmp, m=mask: Image.fromarray(m, mode="L").save(tmp, format="PNG"))
+            _replace_with(
+                released_path(out_dir, row, i), lambda tmp, m=mask: Image.fromarray(m, mode="L").save(tmp, format="PNG")
+            )
     report_written(len(present), out_dir, named)
 
 
 @export.command("query-mapping")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), help="pipeline YAML (manifest, cache, outputs)")
-@click.option("--manifest", type=click.Path(exists=True, dir_okay=False), envvar="SOUNDSTAGE_MANIFEST",
-              help="the clips whose tags are counted (with --split)")
+@click.option(
+    "--manifest",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="SOUNDSTAGE_MANIFEST",
+    help="the clips whose tags are counted (with --split)",
+)
 @click.option("--cache", envvar="SOUNDSTAGE_CACHE", help="cache root (default: the pipeline's, else ./cache)")
 @click.option("--units", "units_selector", help="which units output (its cluster count K)")
 @click.option("--beats", "beats_selector", help="which beats output (its tags)")
@@ -341,8 +402,10 @@ def query_mapping(config, manifest, cache, units_selector, beats_selector, split
         mapping = default_mapping(num_clusters, mids, queries)
     except MappingError as e:
         raise click.ClickException(str(e)) from None
-    text = {"_comment": f"clusters c -> c (K = {num_clusters}); then the {len(mapping['classes'])} most frequent "
-                        f"tags (p >= {threshold:g}) of {len(counted)} {split} clips -> {num_clusters}, ...",
-            **mapping_json(mapping)}
+    text = {
+        "_comment": f"clusters c -> c (K = {num_clusters}); then the {len(mapping['classes'])} most frequent "
+        f"tags (p >= {threshold:g}) of {len(counted)} {split} clips -> {num_clusters}, ...",
+        **mapping_json(mapping),
+    }
     atomic_write_text(out_path, json.dumps(text, indent=1) + "\n")
     click.echo(f"wrote {out_path}: {num_clusters} clusters and {len(mapping['classes'])} classes onto {queries} queries")

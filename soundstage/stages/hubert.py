@@ -52,8 +52,13 @@ STAGE = Stage(
     version=1,
     help="HuBERT features of one transformer layer per clip (fairseq dump_hubert_feature semantics).",
     params=[
-        Param("model", str, DEFAULT_MODEL, "hub id, transformers directory, or fairseq HuBERT checkpoint .pt",
-              identity=model_identity),
+        Param(
+            "model",
+            str,
+            DEFAULT_MODEL,
+            "hub id, transformers directory, or fairseq HuBERT checkpoint .pt",
+            identity=model_identity,
+        ),
         Param("layer", int, 7, "1-based transformer block whose output is stored (fairseq output_layer)"),
         dtype_param(),
         device_param(),

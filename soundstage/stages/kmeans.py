@@ -43,8 +43,14 @@ def read_sample(reader, clip_ids, progress: bool = False) -> np.ndarray:
     dim = np.shape(reader[clip_ids[0]]["features"])[1:] if len(clip_ids) else (0,)
     sample = np.empty((int(lengths.sum()), *dim), dtype=np.float32)
     at = 0
-    bar = tqdm(total=len(clip_ids), desc="kmeans: reading features", unit="clip", disable=not progress, file=sys.stderr,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    bar = tqdm(
+        total=len(clip_ids),
+        desc="kmeans: reading features",
+        unit="clip",
+        disable=not progress,
+        file=sys.stderr,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
     for cid, n in zip(clip_ids, lengths.tolist()):
         bar.update(1)
         sample[at : at + n] = reader[cid]["features"]
@@ -89,16 +95,30 @@ STAGE = Stage(
     help="Learn K centroids from a sample of the hubert features (fairseq learn_kmeans), or import them.",
     upstream=[Upstream("hubert", "hubert")],
     params=[
-        Param("k", int, 100, "number of clusters (not used with --import-centroids: the file has them)",
-              applies=lambda params: not params["import_centroids"]),
+        Param(
+            "k",
+            int,
+            100,
+            "number of clusters (not used with --import-centroids: the file has them)",
+            applies=lambda params: not params["import_centroids"],
+        ),
         Param("percent", float, 0.1, "fraction of the cached clips to fit on (fairseq --percent; <= 0 or >= 1: all)"),
         Param("seed", int, 0, "seed of the clip sample and of the k-means initialisation"),
-        Param("backend", str, "faiss", "faiss (GPU if present), or sklearn MiniBatchKMeans with fairseq's settings",
-              choices=("faiss", "sklearn")),
-        Param("import_centroids", str, None, "use these centroids instead of fitting: .npy, or a joblib "
-              "scikit-learn k-means (.bin, needs --trust-pickle)", identity=model_identity),
-        Param("trust_pickle", bool, False, "allow reading --import-centroids from a pickle", fingerprint=False,
-              is_flag=True),
+        Param(
+            "backend",
+            str,
+            "faiss",
+            "faiss (GPU if present), or sklearn MiniBatchKMeans with fairseq's settings",
+            choices=("faiss", "sklearn"),
+        ),
+        Param(
+            "import_centroids",
+            str,
+            None,
+            "use these centroids instead of fitting: .npy, or a joblib scikit-learn k-means (.bin, needs --trust-pickle)",
+            identity=model_identity,
+        ),
+        Param("trust_pickle", bool, False, "allow reading --import-centroids from a pickle", fingerprint=False, is_flag=True),
         device_param("where faiss runs: auto (GPU when present) or cpu"),
     ],
     fit=fit,

@@ -56,20 +56,31 @@ class SourcesModel:
     def __init__(self, params):
         self.template = load_template(params["prompt_file"] or None)
         if params["llm_endpoint"]:
-            self.backend = OpenAIChatEndpoint(params["llm_endpoint"], params["llm"], params["max_new_tokens"],
-                                              HttpSettings.from_params(params))
+            self.backend = OpenAIChatEndpoint(
+                params["llm_endpoint"], params["llm"], params["max_new_tokens"], HttpSettings.from_params(params)
+            )
         else:
             self.backend = TransformersChatLM(
-                params["llm"], device=resolve_device(params["device"]), dtype=params["dtype"],
-                max_new_tokens=params["max_new_tokens"], batch_size=params["llm_batch_size"])
+                params["llm"],
+                device=resolve_device(params["device"]),
+                dtype=params["dtype"],
+                max_new_tokens=params["max_new_tokens"],
+                batch_size=params["llm_batch_size"],
+            )
         self.vocabulary = Vocabulary.from_label2idx(params["vocabulary"]) if params["vocabulary"] else None
         self.min_score = params["vocab_min_score"]
 
     def record(self, generation: Generation) -> dict:
         """The stored fields of one answer (without the ``clip_`` prefix)."""
-        out = {"response": generation.text or "", "attempts": generation.attempts,
-               "status": ERROR, "sources": NULL, "detail": generation.error,
-               "vocab_sources": NULL, "vocab_scores": NULL}
+        out = {
+            "response": generation.text or "",
+            "attempts": generation.attempts,
+            "status": ERROR,
+            "sources": NULL,
+            "detail": generation.error,
+            "vocab_sources": NULL,
+            "vocab_scores": NULL,
+        }
         if generation.text is None:
             return out
         parsed = parse_answer(generation.text)
@@ -115,8 +126,11 @@ def process(model: SourcesModel, items, params):
 def _fail_on_unanswered(result: dict, frames: int) -> None:
     """ClipError for the first question asked but not answered (an empty caption is no such case:
     asking again would not change it)."""
-    rows = zip(result["status"] + [result["clip_status"]], result["attempts"] + [result["clip_attempts"]],
-               result["detail"] + [result["clip_detail"]])
+    rows = zip(
+        result["status"] + [result["clip_status"]],
+        result["attempts"] + [result["clip_attempts"]],
+        result["detail"] + [result["clip_detail"]],
+    )
     for i, (status, attempts, detail) in enumerate(rows):
         if status == ERROR and attempts > 0:
             where = f"frame {i}" if i < frames else "the clip-level question"
@@ -127,8 +141,13 @@ def _log_retries(answers) -> None:
     retried = [a for a in answers if a.attempts > 1]
     failed = [a for a in answers if a.text is None]
     if retried or failed:
-        log.warning("sources: %d of %d LLM requests needed retries (%d extra attempts); %d failed",
-                    len(retried), len(answers), sum(a.attempts - 1 for a in retried), len(failed))
+        log.warning(
+            "sources: %d of %d LLM requests needed retries (%d extra attempts); %d failed",
+            len(retried),
+            len(answers),
+            sum(a.attempts - 1 for a in retried),
+            len(failed),
+        )
 
 
 def _print_prompt(ctx, _param, value):
@@ -144,9 +163,16 @@ def _print_prompt(ctx, _param, value):
 #: ``--print-prompt [FILE]``: show the shipped template (or FILE's, as ``--prompt-file FILE`` would
 #: use it) and exit. An extra option of the generated ``soundstage sources`` command.
 PRINT_PROMPT = click.Option(
-    ["--print-prompt"], is_flag=False, flag_value="", default=None, expose_value=False, is_eager=True,
-    callback=_print_prompt, metavar="[FILE]",
-    help="print the prompt template (the shipped one, or FILE as --prompt-file FILE would use it) and exit")
+    ["--print-prompt"],
+    is_flag=False,
+    flag_value="",
+    default=None,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_prompt,
+    metavar="[FILE]",
+    help="print the prompt template (the shipped one, or FILE as --prompt-file FILE would use it) and exit",
+)
 
 
 def _not_ok_note(values: dict) -> str | None:
@@ -181,23 +207,49 @@ STAGE = Stage(
     help="Objects that may be sounding in each frame (and the clip), inferred by an LLM from the captions.",
     upstream=[Upstream("caption", "caption")],
     params=[
-        Param("llm", str, DEFAULT_LLM, "chat LLM: hub id or local directory, or the model name served at --llm-endpoint",
-              identity=model_identity),
-        Param("llm_endpoint", str, "", "URL of an OpenAI-compatible server (e.g. vLLM; bearer token from "
-              "$SOUNDSTAGE_LLM_API_KEY); empty: run --llm locally",
-              identity=_backend_identity, omit_default=True),
-        Param("prompt_file", str, "", "prompt template file with {captions} (default: the shipped sources_v1)",
-              identity=template_identity),
+        Param(
+            "llm",
+            str,
+            DEFAULT_LLM,
+            "chat LLM: hub id or local directory, or the model name served at --llm-endpoint",
+            identity=model_identity,
+        ),
+        Param(
+            "llm_endpoint",
+            str,
+            "",
+            "URL of an OpenAI-compatible server (e.g. vLLM; bearer token from $SOUNDSTAGE_LLM_API_KEY); empty: run --llm locally",
+            identity=_backend_identity,
+            omit_default=True,
+        ),
+        Param(
+            "prompt_file",
+            str,
+            "",
+            "prompt template file with {captions} (default: the shipped sources_v1)",
+            identity=template_identity,
+        ),
         Param("max_new_tokens", int, 512, "longest answer in tokens (reasoning included)"),
-        Param("vocabulary", str, "", "label2idx.json whose class names the sources are mapped onto (optional)",
-              identity=model_identity),
+        Param(
+            "vocabulary",
+            str,
+            "",
+            "label2idx.json whose class names the sources are mapped onto (optional)",
+            identity=model_identity,
+        ),
         Param("vocab_min_score", float, 0.8, "a mapping scoring below this is stored as null"),
         dtype_param("bf16", "local LLM weights dtype"),
         device_param("local LLM device (auto: cuda when available)"),
         Param("llm_batch_size", int, 16, "prompts per generate call of a local LLM", fingerprint=False),
         *http_params(),
-        Param("on_error", str, "fail", "an answer that could not be obtained: fail the clip so a rerun asks "
-              "again, or store it as status error", choices=("fail", "store"), omit_default=True),
+        Param(
+            "on_error",
+            str,
+            "fail",
+            "an answer that could not be obtained: fail the clip so a rerun asks again, or store it as status error",
+            choices=("fail", "store"),
+            omit_default=True,
+        ),
     ],
     fields=_answer_fields("", (None,), "per frame") + _answer_fields("clip_", (), "all captions of the clip"),
     load=load,

@@ -78,13 +78,27 @@ def _open_beats(cache: str, selector: str | None):
 def output_options(command):
     """The options every tags command shares: where the beats output is and the threshold."""
     options = [
-        click.option("--cache", type=click.Path(file_okay=False), envvar="SOUNDSTAGE_CACHE", default="cache",
-                     show_default=True, help="cache root"),
+        click.option(
+            "--cache",
+            type=click.Path(file_okay=False),
+            envvar="SOUNDSTAGE_CACHE",
+            default="cache",
+            show_default=True,
+            help="cache root",
+        ),
         click.option("--beats", "selector", help="which beats output: fingerprint (prefix) or key=value,..."),
-        click.option("--checkpoint", type=click.Path(dir_okay=False),
-                     help="the output's checkpoint, if it moved (its label_dict names the classes)"),
-        click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
-                     help="a class is a tag when its probability is at least this"),
+        click.option(
+            "--checkpoint",
+            type=click.Path(dir_okay=False),
+            help="the output's checkpoint, if it moved (its label_dict names the classes)",
+        ),
+        click.option(
+            "--threshold",
+            type=float,
+            default=DEFAULT_THRESHOLD,
+            show_default=True,
+            help="a class is a tag when its probability is at least this",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -99,8 +113,13 @@ def tags():
 @tags.command()
 @click.argument("clip")
 @output_options
-@click.option("--top-k", type=int, default=5, show_default=True,
-              help="most probable classes of the whole clip, and most tags shown per second")
+@click.option(
+    "--top-k",
+    type=int,
+    default=5,
+    show_default=True,
+    help="most probable classes of the whole clip, and most tags shown per second",
+)
 def show(clip, cache, selector, checkpoint, threshold, top_k):
     """The top classes of CLIP and its tags per second (= per video frame)."""
     sd, reader = _open_beats(cache, selector)
@@ -130,8 +149,12 @@ def tag_counts(reader, clip_ids, namer: TagNamer, threshold: float) -> tuple[Cou
 
 
 @tags.command()
-@click.option("--manifest", type=click.Path(dir_okay=False), envvar="SOUNDSTAGE_MANIFEST",
-              help="count the clips of this manifest, per subset (default: every clip in the output)")
+@click.option(
+    "--manifest",
+    type=click.Path(dir_okay=False),
+    envvar="SOUNDSTAGE_MANIFEST",
+    help="count the clips of this manifest, per subset (default: every clip in the output)",
+)
 @output_options
 @click.option("--top", type=int, default=10, show_default=True, help="classes listed per subset")
 def summary(manifest, cache, selector, checkpoint, threshold, top):

@@ -75,8 +75,9 @@ class TextEncoder:
 
         vectors = []
         for start in range(0, len(names), self.batch_size):
-            enc = self.tokenizer(names[start:start + self.batch_size], padding=True, truncation=True,
-                                 max_length=32, return_tensors="pt").to(self.device)
+            enc = self.tokenizer(
+                names[start : start + self.batch_size], padding=True, truncation=True, max_length=32, return_tensors="pt"
+            ).to(self.device)
             with torch.inference_mode():
                 pooled = self._pool(enc["input_ids"], enc["attention_mask"])
             vectors.append(pooled.float().cpu().numpy())
@@ -108,8 +109,9 @@ def embed_frames(encode, items: list, n_slots: int) -> list[dict]:
         for i, names in enumerate(frames):
             for j, name in enumerate(names[:n_slots]):
                 cues[i, j], mask[i, j], slot_names[i][j] = table[name], True, name
-        results.append({"cues": cues.astype(np.float16), "cue_mask": mask,
-                        "cue_names": [n for names in slot_names for n in names]})
+        results.append(
+            {"cues": cues.astype(np.float16), "cue_mask": mask, "cue_names": [n for names in slot_names for n in names]}
+        )
     return results
 
 
@@ -124,13 +126,18 @@ STAGE = Stage(
     help="Each frame's inferred sound sources embedded by a text encoder into n_slots masked slots.",
     upstream=[Upstream("sources", "sources")],
     params=[
-        Param("encoder", str, DEFAULT_ENCODER, "hub id or local directory of a transformers text model",
-              identity=model_identity),
-        Param("pooling", str, "mean", "mean: masked mean of the last hidden states; pooler: pooler_output; "
-              "projected: a CLIP-like model's text embedding", choices=("mean", "pooler", "projected")),
+        Param("encoder", str, DEFAULT_ENCODER, "hub id or local directory of a transformers text model", identity=model_identity),
+        Param(
+            "pooling",
+            str,
+            "mean",
+            "mean: masked mean of the last hidden states; pooler: pooler_output; projected: a CLIP-like model's text embedding",
+            choices=("mean", "pooler", "projected"),
+        ),
         Param("n_slots", int, 4, "slots per frame; names beyond are cut, missing ones masked"),
-        Param("names", str, "raw", "raw: the LLM's names; vocab: their mapping onto the dataset classes",
-              choices=("raw", "vocab")),
+        Param(
+            "names", str, "raw", "raw: the LLM's names; vocab: their mapping onto the dataset classes", choices=("raw", "vocab")
+        ),
         dtype_param(help="encoder weights dtype"),
         device_param(),
         Param("encoder_batch_size", int, 256, "names per encoder call", fingerprint=False),

@@ -26,6 +26,7 @@ from soundstage.pipeline.stage import Field, Param, Stage, Upstream
 
 FRAMES_PER_SECOND = 50  # HuBERT's frame rate at 16 kHz (hop 320)
 
+
 def per_second(units: np.ndarray, num_units: int, seconds: int, top_k: int) -> dict:
     """Count, majority, top-k (by count, ties to the lower id, -1 past the present units) and
     normalised histogram of the units of each second."""
@@ -107,8 +108,12 @@ def export_km(units_dir: str, km_path: str, ids_path: str | None = None, clip_id
 
 
 @click.command("km")
-@click.option("--manifest", type=click.Path(exists=True, dir_okay=False), envvar="SOUNDSTAGE_MANIFEST",
-              help="export this manifest's clips, in its order (default: every cached clip, sorted)")
+@click.option(
+    "--manifest",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="SOUNDSTAGE_MANIFEST",
+    help="export this manifest's clips, in its order (default: every cached clip, sorted)",
+)
 @click.option("--cache", default="cache", show_default=True, envvar="SOUNDSTAGE_CACHE", help="cache root")
 @click.option("--units", "selector", help="which units output: FINGERPRINT or key=value,... (default: the only one)")
 @click.option("--out", "km_path", required=True, type=click.Path(dir_okay=False), help=".km file to write")

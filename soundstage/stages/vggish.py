@@ -52,13 +52,16 @@ def examples_of(wave: np.ndarray, rows: int | None = None) -> np.ndarray:
     """The examples that feed the rows (at most ``rows``); too-short audio is a ``ClipError``."""
     found = vggish.examples(wave)
     if len(found) == 0:
-        raise ClipError(f"audio of {len(wave) / TARGET_SR:.3f} s is too short for one VGGish example "
-                        f"(needs {vggish.MIN_SAMPLES} samples, {vggish.MIN_SAMPLES / TARGET_SR:.3f} s)")
+        raise ClipError(
+            f"audio of {len(wave) / TARGET_SR:.3f} s is too short for one VGGish example "
+            f"(needs {vggish.MIN_SAMPLES} samples, {vggish.MIN_SAMPLES / TARGET_SR:.3f} s)"
+        )
     return found if rows is None else found[:rows]
 
 
-def embed_waveform(model: vggish.VGGishEmbedder, waveform: np.ndarray, sample_rate: int, params: dict,
-                   num_frames: int | None = None) -> np.ndarray:
+def embed_waveform(
+    model: vggish.VGGishEmbedder, waveform: np.ndarray, sample_rate: int, params: dict, num_frames: int | None = None
+) -> np.ndarray:
     """``[rows, 128]`` float32 for a mono ``waveform``, exactly as the stage stores it (resampled
     to 16 kHz with the shared loader's resampler; ``params["pad"]`` pads to ``num_frames``)."""
     wave = resample(np.asarray(waveform, np.float32), sample_rate, TARGET_SR)
@@ -87,8 +90,10 @@ def setup(params):
 def process(model, items, params):
     embeddings = model.embed(np.concatenate([item["examples"] for item in items]))
     ends = np.cumsum([len(item["examples"]) for item in items])
-    return [{"embeddings": fit_rows(e, item["rows"], params["pad"]), "raw_patches": item["raw"]}
-            for item, e in zip(items, np.split(embeddings, ends[:-1]))]
+    return [
+        {"embeddings": fit_rows(e, item["rows"], params["pad"]), "raw_patches": item["raw"]}
+        for item, e in zip(items, np.split(embeddings, ends[:-1]))
+    ]
 
 
 STAGE = Stage(
@@ -98,18 +103,31 @@ STAGE = Stage(
     version=1,
     help="VGGish embeddings (128-d per 0.96 s, torchvggish front end and layout), one row per video frame.",
     params=[
-        Param("checkpoint", str, None, "torchvggish-layout state dict .pth (vggish-10086976.pth)",
-              identity=model_identity),
-        Param("pca_params", str, None, "vggish_pca_params .pth: store PCA-whitened 8-bit values (AudioSet "
-              "release style) instead of the raw embeddings", identity=model_identity),
-        Param("pad", str, "repeat-last", "with num_frames: fill missing rows by repeating the last one "
-              "(AVSBench) or with zeros", choices=PAD_CHOICES),
+        Param("checkpoint", str, None, "torchvggish-layout state dict .pth (vggish-10086976.pth)", identity=model_identity),
+        Param(
+            "pca_params",
+            str,
+            None,
+            "vggish_pca_params .pth: store PCA-whitened 8-bit values (AudioSet release style) instead of the raw embeddings",
+            identity=model_identity,
+        ),
+        Param(
+            "pad",
+            str,
+            "repeat-last",
+            "with num_frames: fill missing rows by repeating the last one (AVSBench) or with zeros",
+            choices=PAD_CHOICES,
+        ),
         device_param(),
         max_seconds_param(),
     ],
     fields=[
-        Field("embeddings", "float32", (None, vggish.EMBEDDING_SIZE),
-              "[rows, 128] one per 0.96 s example (= video frame with num_frames)"),
+        Field(
+            "embeddings",
+            "float32",
+            (None, vggish.EMBEDDING_SIZE),
+            "[rows, 128] one per 0.96 s example (= video frame with num_frames)",
+        ),
         Field("raw_patches", "int32", (), "examples the audio gave before cutting/padding to num_frames"),
     ],
     load=load,
