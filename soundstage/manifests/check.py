@@ -115,18 +115,9 @@ def check_clip(clip: ClipCheck, decode: bool = False) -> ClipReport:
 def check_clips(clips: list[ClipCheck], workers: int = 16, decode: bool = False, progress: bool = False) -> list[ClipReport]:
     """Reports in the order of ``clips``; ``workers`` threads (1 = in this thread); ``progress``: a
     bar on stderr (updated every 30 s when stderr is not a terminal, e.g. in a job's log)."""
-    import sys
+    from soundstage.pipeline.progress import progress_bar
 
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=len(clips),
-        desc="checking clips",
-        unit="clip",
-        disable=not progress,
-        file=sys.stderr,
-        mininterval=0.5 if sys.stderr.isatty() else 30.0,
-    )
+    bar = progress_bar(len(clips), "checking clips", progress)
 
     def check(c):
         report = check_clip(c, decode)

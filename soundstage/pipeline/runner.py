@@ -39,6 +39,7 @@ from soundstage.pipeline.freshness import (
     upstream_readers,
 )
 from soundstage.pipeline.lifeline import exit_with, parent_token
+from soundstage.pipeline.progress import progress_bar
 from soundstage.pipeline.resolve import resolve_upstreams
 from soundstage.pipeline.shard import manifest_share, select_shard, shard_from_env, shard_of
 from soundstage.pipeline.stage import ClipError, FitContext, LoadContext, Stage
@@ -413,7 +414,7 @@ def _process_clips(plan, todo, summary, writer_id, stop, opts: RunOptions, reade
         plan.dir.set_metadata(stage.metadata(model, params))
     buffer = PartWriter(plan.dir, writer_id, stage.fields, plan.meta, opts.commit_every, opts.commit_seconds)
     buckets: dict = {}
-    bar = _progress_bar(len(todo), f"{stage.name} {summary.shard[0]}/{summary.shard[1]}", opts.progress)
+    bar = progress_bar(len(todo), f"{stage.name} {summary.shard[0]}/{summary.shard[1]}", opts.progress)
 
     streak = []  # causes of the clips failing in a row with errors not about their input
 
@@ -488,21 +489,6 @@ def _process_clips(plan, todo, summary, writer_id, stop, opts: RunOptions, reade
         buffer.commit()  # what is finished is kept, also on an exception or a stop signal
         bar.close()
     summary.done = buffer.committed
-
-
-def _progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    interactive = sys.stderr.isatty()
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit="clip",
-        disable=not enabled,
-        dynamic_ncols=True,
-        mininterval=0.5 if interactive else 30.0,
-        file=sys.stderr,
-    )
 
 
 def _run_global(

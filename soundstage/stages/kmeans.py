@@ -16,10 +16,7 @@ the estimator.
 The k-means code itself (fitting, assignment, importing) is ``soundstage.models.kmeans``.
 """
 
-import sys
-
 import numpy as np
-from tqdm import tqdm
 
 from soundstage.models.device import device_param
 from soundstage.models.kmeans import (  # noqa: F401 (also importable from here, as before)
@@ -32,6 +29,7 @@ from soundstage.models.kmeans import (  # noqa: F401 (also importable from here,
     sample_clip_ids,
 )
 from soundstage.pipeline.identity import model_identity
+from soundstage.pipeline.progress import progress_bar
 from soundstage.pipeline.stage import Param, Stage, Upstream
 
 
@@ -43,14 +41,7 @@ def read_sample(reader, clip_ids, progress: bool = False) -> np.ndarray:
     dim = np.shape(reader[clip_ids[0]]["features"])[1:] if len(clip_ids) else (0,)
     sample = np.empty((int(lengths.sum()), *dim), dtype=np.float32)
     at = 0
-    bar = tqdm(
-        total=len(clip_ids),
-        desc="kmeans: reading features",
-        unit="clip",
-        disable=not progress,
-        file=sys.stderr,
-        mininterval=0.5 if sys.stderr.isatty() else 30.0,
-    )
+    bar = progress_bar(len(clip_ids), "kmeans: reading features", progress)
     for cid, n in zip(clip_ids, lengths.tolist()):
         bar.update(1)
         sample[at : at + n] = reader[cid]["features"]
