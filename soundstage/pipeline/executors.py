@@ -13,6 +13,7 @@ cache, never from the scheduler's accounting.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -156,7 +157,9 @@ class Executor:
     def run(self, works: list[StageWork]) -> int:
         raise NotImplementedError
 
-    def rows(self) -> list[dict]:
+    @functools.cached_property
+    def clip_rows(self) -> list[dict]:
+        """Read once per run: each stage of a local pipeline looks at it again."""
         return manifest_rows(self.manifest)[0]
 
 
@@ -176,7 +179,7 @@ class LocalExecutor(Executor):
         for work in works:
             name = work.stage.name
             if ran and not self.dry_run:  # what ran above may have changed this stage's inputs: look again
-                work = refreshed(work, self.rows(), self.manifest)
+                work = refreshed(work, self.clip_rows, self.manifest)
             if work.complete:
                 self.out(f"{name} {os.path.basename(work.dir.path)}: complete in the cache, skipped")
                 continue
@@ -241,7 +244,7 @@ class SlurmExecutor(Executor):
             jobs.append((job, [job_name(up.stage) for up in work.stage.upstream]))
         if not jobs and not running and not self.followers:
             out("nothing to submit: every output is complete in the cache")
-            return report(works, self.rows(), out) if self.wait else 0
+            return report(works, self.clip_rows, out) if self.wait else 0
         if not self.dry_run:  # the tasks find the planned fingerprint's stage.json and check it
             for work, job in planned:
                 if job is not None and work.meta is not None:
@@ -265,7 +268,7 @@ class SlurmExecutor(Executor):
                 + ", ".join(f"{t} {s}" for t, s in sorted(bad.items())[:20])
                 + (f" (logs: {', '.join(logs)})" if logs else "")
             )
-        return report(works, self.rows(), out)
+        return report(works, self.clip_rows, out)
 
 
 def refreshed(work: StageWork, rows: list[dict], manifest: str) -> StageWork:
@@ -302,14 +305,17 @@ def launch_stage(
     """Run one stage command on ``shards`` shards: locally, or as a SLURM array job (``cli_args``
     are the stage command's own arguments; each array task adds ``--shard i/N``). ``force``:
     every clip is to be recomputed (the tasks get ``--force`` through ``cli_args``)."""
-    rows, _ = manifest_rows(manifest)
+    if executor == "local":
+        runner = LocalExecutor(manifest, cache, dry_run, out, runner_options={"force": force or None, "reuse_fit": reuse_fit})
+    else:
+        runner = SlurmExecutor(manifest, cache, dry_run, out, wait=wait, poll_seconds=poll_seconds)
     plan = plan_stage(stage, manifest, cache, params, upstream_select, log=out)
     work = stage_work(
         stage,
         plan.params,
         upstream_select or {},
         plan.dir,
-        rows,
+        runner.clip_rows,
         plan.meta,
         _manifest_dir(manifest),
         force=force,
@@ -317,10 +323,7 @@ def launch_stage(
         cli_args=[*cli_args, "--fingerprint", plan.fingerprint],
         resources=resources or {},
     )
-    if executor == "local":
-        runner = LocalExecutor(manifest, cache, dry_run, out, runner_options={"force": force or None, "reuse_fit": reuse_fit})
-        return runner.run([work])
-    return SlurmExecutor(manifest, cache, dry_run, out, wait=wait, poll_seconds=poll_seconds).run([work])
+    return runner.run([work])
 
 
 def run_pipeline(
@@ -346,7 +349,10 @@ def run_pipeline(
     if not pipe.manifest:
         raise click.UsageError(f"{pipe.path} names no manifest")
     cache = pipe.cache or "cache"
-    rows, _ = manifest_rows(pipe.manifest)
+    if executor == "local":
+        runner = LocalExecutor(pipe.manifest, cache, dry_run, out, runner_options={"workers": workers})
+    else:
+        runner = SlurmExecutor(pipe.manifest, cache, dry_run, out, wait=wait, poll_seconds=poll_seconds)
     works = []
     for name in pipe.order(targets):
         stage = get_stage(name)
@@ -369,16 +375,14 @@ def run_pipeline(
                 params,
                 select,
                 StageDir.at(cache, name, meta["fingerprint"]),
-                rows,
+                runner.clip_rows,
                 meta,
                 _manifest_dir(pipe.manifest),
                 **how,
             )
         )
-    if executor == "local":
-        return LocalExecutor(pipe.manifest, cache, dry_run, out, runner_options={"workers": workers}).run(works)
-    followers = pipeline_steps(pipe) if targets is None else []
-    runner = SlurmExecutor(pipe.manifest, cache, dry_run, out, wait=wait, poll_seconds=poll_seconds, followers=followers)
+    if executor != "local" and targets is None:
+        runner.followers = pipeline_steps(pipe)
     return runner.run(works)
 
 
