@@ -1,4 +1,4 @@
-"""The cached clip index (``clip_index.npz``) and reads that do not depend on the part count."""
+"""The cached clip index (``clip_index.bin``) and reads that do not depend on the part count."""
 
 from __future__ import annotations
 
@@ -74,6 +74,33 @@ def test_the_index_is_written_once_and_later_opens_read_no_part(tmp_path, monkey
     assert committed_index(sd, ["c3", "nope"]).keys() == {"c3"} and calls == []
 
 
+def test_an_unchanged_output_is_looked_up_through_the_mapped_file_without_resolving_anything(tmp_path, monkeypatch):
+    sd = _output(tmp_path, parts=4)
+    open_stage(sd.path)  # writes the index
+    resolved = []
+    real = index_module._resolve
+    monkeypatch.setattr(index_module, "_resolve", lambda infos: resolved.append(len(infos)) or real(infos))
+    index = index_module.load_clip_index(sd)
+    assert resolved == [] and isinstance(index.ids.base, np.ndarray)  # a view of the file's map, not a copy
+    assert committed_index(sd, ["c5", "c11", "a-much-longer-id-than-any-committed", ""]) == {
+        "c5": index_module.ClipVersion(os.path.join(sd.parts_dir, "w-00001.h5"), 2, "dc5"),
+        "c11": index_module.ClipVersion(os.path.join(sd.parts_dir, "w-00003.h5"), 2, "dc11"),
+    }
+    _assert_reads(open_stage(sd.path), {f"c{k}": _values(f"c{k}") for k in range(12)})
+    assert resolved == []
+    sd.write_part("w", 7, FIELDS, [("c5", _values("c5", 1))], sd.meta(), digests=["again"])
+    assert committed_index(sd, ["c5"])["c5"].digest == "again" and resolved == [5]  # changed: resolved once, rewritten
+    assert index_module.load_clip_index(sd).versions(["c5"])["c5"].digest == "again" and resolved == [5]
+
+
+def test_a_format_1_index_file_is_ignored_and_removed_by_the_rewrite(tmp_path):
+    sd = _output(tmp_path, parts=2)
+    legacy = os.path.join(sd.path, index_module.LEGACY_INDEX_FILE)
+    np.savez(legacy, format=np.frombuffer(b"soundstage-clip-index/1", np.uint8))
+    _assert_reads(open_stage(sd.path), {f"c{k}": _values(f"c{k}") for k in range(6)})
+    assert not os.path.exists(legacy) and os.path.exists(os.path.join(sd.path, INDEX_FILE))
+
+
 def test_a_new_part_is_read_and_added_the_others_come_from_the_index(tmp_path, monkeypatch):
     sd = _output(tmp_path, parts=3)
     open_stage(sd.path)
@@ -129,7 +156,7 @@ def test_a_damaged_index_file_or_a_crash_while_writing_it_is_rebuilt_from_the_pa
     with open(os.path.join(sd.path, f".{INDEX_FILE}.tmp-deadbeef"), "wb") as f:  # a writer killed mid-write
         f.write(data[:100])
     _assert_reads(open_stage(sd.path), {f"c{k}": _values(f"c{k}") for k in range(12)})
-    assert index_module._load_index_file(sd).keys() == {f"w-{k:05d}.h5" for k in range(4)}  # rewritten whole
+    assert index_module._load_index_file(sd)[0].keys() == {f"w-{k:05d}.h5" for k in range(4)}  # rewritten whole
 
 
 def test_a_read_only_output_is_read_without_writing_an_index(tmp_path):

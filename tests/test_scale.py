@@ -1,5 +1,6 @@
 """What keeps large outputs cheap: failure records that do not grow with reruns, checksums read
-in blocks, and the k-means sample filled into one array."""
+in blocks, the k-means sample filled into one array, and array tasks that read their planned
+rows instead of the whole manifest."""
 
 from __future__ import annotations
 
@@ -102,3 +103,72 @@ def test_the_kmeans_sample_is_one_array_filled_in_place(tmp_path):
     tracemalloc.stop()
     assert sample.dtype == np.float32 and np.array_equal(sample, expected)
     assert peak < 1.2 * sample.nbytes  # the sample and one clip, not twice the sample
+
+
+# ------------------------------------------------------------------------------ task plans
+
+
+def _plan_manifest(path, n):
+    ids = [f"c{k:03d}" for k in range(n)]
+    pd.DataFrame({"clip_id": ids + ["c007", " "], "value": [str(k) for k in range(n)] + ["7", "0"], "x": "y"}).to_csv(
+        path, index=False
+    )
+
+
+def _values_of(path):
+    reader = open_stage(path)
+    return {cid: float(reader[cid]["x"]) for cid in reader}
+
+
+def test_array_tasks_read_their_planned_rows_and_never_the_manifest(tmp_path, monkeypatch):
+    from soundstage.cache import table
+    from soundstage.pipeline import shard as shard_module
+    from soundstage.pipeline.task_plan import write_task_plans
+
+    manifest = str(tmp_path / "m.csv")
+    _plan_manifest(manifest, 40)
+    reference = run_stage(FLAKY, manifest, str(tmp_path / "reference"), progress=False)
+    plans = write_task_plans(str(tmp_path / "out"), manifest, FLAKY, 4, [0, 1, 2, 3])
+
+    def no_manifest(*a, **k):
+        raise AssertionError("an array task with a plan read the manifest")
+
+    monkeypatch.setattr(table, "read_manifest", no_manifest)
+    monkeypatch.setattr(shard_module, "read_manifest", no_manifest)
+    summaries = [
+        run_stage(FLAKY, manifest, str(tmp_path / "cache"), shard=(i, 4), task_plan=plans, progress=False) for i in range(4)
+    ]
+    assert sum(s.selected for s in summaries) == 40 and sum(s.done for s in summaries) == 40
+    assert all(not s.notes for s in summaries)
+    # the duplicate and the empty id are reported once, by the shard that owns each
+    assert sorted(cid for s in summaries for cid, _ in s.failed) == sorted(cid for cid, _ in reference.failed)
+    assert _values_of(summaries[0].path) == _values_of(reference.path)
+
+
+def test_a_manifest_changed_since_submission_or_a_missing_plan_is_read_again_and_said(tmp_path):
+    from soundstage.pipeline.task_plan import write_task_plans
+
+    manifest, cache = str(tmp_path / "m.csv"), str(tmp_path / "cache")
+    _plan_manifest(manifest, 20)
+    plans = write_task_plans(str(tmp_path / "out"), manifest, FLAKY, 2, [0])
+    _plan_manifest(manifest, 30)  # grown since the run was submitted
+    changed = run_stage(FLAKY, manifest, cache, shard=(0, 2), task_plan=plans, progress=False)
+    assert any("changed since the run was submitted: read the manifest instead" in n for n in changed.notes)
+    from soundstage.pipeline.shard import shard_of
+
+    assert changed.selected == sum(shard_of(f"c{k:03d}", 2) == 0 for k in range(30))  # the manifest as it is now
+    missing = run_stage(FLAKY, manifest, cache, shard=(1, 2), task_plan=plans, progress=False)
+    assert any("no task plan" in n for n in missing.notes)
+    assert missing.done == sum(shard_of(f"c{k:03d}", 2) == 1 for k in range(30))
+
+
+def test_jobs_inside_an_array_task_split_its_planned_rows(tmp_path):
+    from soundstage.pipeline.local import run_local
+    from soundstage.pipeline.task_plan import write_task_plans
+
+    manifest, cache = str(tmp_path / "m.csv"), str(tmp_path / "cache")
+    _plan_manifest(manifest, 30)
+    plans = write_task_plans(str(tmp_path / "out"), manifest, FLAKY, 2, [0, 1])
+    done = [run_local(FLAKY, manifest, cache, {}, shard=(i, 2), jobs=2, task_plan=plans, progress=False) for i in range(2)]
+    assert sum(s.done for s in done) == 30 and all(not s.notes for s in done)
+    assert _values_of(done[0].path) == {f"c{k:03d}": float(k) for k in range(30)}

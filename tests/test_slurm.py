@@ -293,6 +293,12 @@ def test_pipeline_on_slurm_equals_local_run(dataset, tmp_path, slurm_env):
             _assert_same_outputs(a, b)
         # logs next to the output: one per array task, one for the whole-dataset job
         assert len(glob.glob(os.path.join(a, "logs", logs))) == (1 if stage == "test-mean" else 3)
+        if stage != "test-mean":  # each array task read its planned rows, not the manifest
+            (script,) = glob.glob(os.path.join(a, "logs", "*.sbatch"))
+            assert "--task-plan" in open(script).read()
+            assert len(glob.glob(os.path.join(a, "tasks", "*", "shard-*-of-00003.json"))) == 3
+            for log in glob.glob(os.path.join(a, "logs", logs)):
+                assert "read the manifest instead" not in open(log).read(), open(log).read()
 
     code, again = _invoke(["run", on_slurm, "--executor", "slurm", "--wait"])
     assert code == 0 and "nothing to submit" in again and "submitted soundstage-" not in again

@@ -10,13 +10,17 @@ Every error names the part file. A part that vanishes while the index is read (c
 replaced it) makes the scan start again: compaction commits the merged part before it removes
 the old ones, so a fresh listing always holds every clip.
 
-The index is cached in ``<output>/clip_index.npz`` (numpy arrays, no pickle): per part its name,
-size and mtime, commit time, clip ids, digests, ragged offsets and where each numeric dataset's
-bytes are. Parts are immutable once committed, so an entry holds while a part of that name, size
-and mtime is listed; parts that appeared are read and added, parts that vanished (compaction,
-quarantine) are dropped, and the file is rewritten atomically (a crash leaves the old file or a
-temp file that is ignored; an unreadable index file is rebuilt from the parts). Opening an
-output, or deciding a shard's work, then costs one file read instead of opening every part.
+The index is cached in ``<output>/clip_index.bin`` (raw numpy arrays behind a JSON header, no
+pickle): per part its name, size and mtime, commit time, clip ids, digests, ragged offsets and
+where each numeric dataset's bytes are, and the newest version of every clip, sorted by id.
+Parts are immutable once committed, so the file holds while exactly the parts it lists are
+there (same names, sizes, mtimes): then it is memory-mapped and used as it is, and a lookup
+touches only the pages it needs (an array task asking about 2k of 200k clips reads 2k ids'
+worth). Otherwise parts that appeared are read and added, parts that vanished (compaction,
+quarantine, merges) dropped, the newest versions resolved again and the file rewritten
+atomically (a crash leaves the old file or a temp file that is ignored; an unreadable index file
+is rebuilt from the parts). Opening an output, or deciding a shard's work, then costs one file
+map instead of opening every part.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from soundstage.cache.mapping import map_readonly
 from soundstage.cache.quarantine import CorruptPart, load_verdicts, repair_hint, verdict
 from soundstage.cache.store import UTF8_GROUP, CacheError, StageDir, fsync_dir, h5py
 
 DIGEST_DATASET = "input_digest"
-INDEX_FILE = "clip_index.npz"
-INDEX_FORMAT = "soundstage-clip-index/1"
+INDEX_FILE = "clip_index.bin"
+LEGACY_INDEX_FILE = "clip_index.npz"  # format 1, replaced by the first rewrite
+INDEX_FORMAT = "soundstage-clip-index/2"
 
 
 class UnreadablePart(CacheError):
@@ -144,7 +150,7 @@ def _mappable(ds) -> list | None:
     return None if offset is None else [int(offset), ds.dtype.str, list(ds.shape)]
 
 
-def _listing(sd: StageDir) -> dict[str, tuple[int, int]]:
+def part_listing(sd: StageDir) -> dict[str, tuple[int, int]]:
     """Committed part name -> (size, mtime_ns)."""
     out = {}
     try:
@@ -165,38 +171,94 @@ def index_path(sd: StageDir) -> str:
     return os.path.join(sd.path, INDEX_FILE)
 
 
-def _load_index_file(sd: StageDir) -> dict[str, PartInfo]:
-    """The cached part infos; {} when there is none or it cannot be read (then it is rebuilt)."""
+# The index file: MAGIC, the header's length (uint64, little-endian), the header (JSON: the parts
+# and where each array is), then the arrays, raw, each at a 64-byte aligned offset from the end
+# of the header. Raw arrays can be memory-mapped: opening an output maps the file and a lookup
+# pages in only what it touches, so an array task asking about its share of a 200k-clip output
+# does not load 200k ids. (An .npz cannot be mapped: np.load reads every member whole.)
+MAGIC = b"SSCLIDX2"
+_ALIGN = 64
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _save_arrays(f, header: dict, arrays: dict[str, np.ndarray]) -> None:
+    table, at = {}, 0
+    for name, arr in arrays.items():
+        table[name] = [at, arr.dtype.str, list(arr.shape)]
+        at = _aligned(at + arr.nbytes)
+    head = json.dumps({**header, "arrays": table}).encode()
+    f.write(MAGIC + len(head).to_bytes(8, "little") + head)
+    base = _aligned(16 + len(head))
+    f.write(b"\0" * (base - 16 - len(head)))
+    for arr in arrays.values():
+        data = np.ascontiguousarray(arr).tobytes()
+        f.write(data + b"\0" * (_aligned(len(data)) - len(data)))
+
+
+def _map_arrays(path: str) -> tuple[dict, dict[str, np.ndarray]] | None:
+    """(header, name -> array over the file's map); None when the file is absent or not whole."""
     try:
-        with np.load(index_path(sd), allow_pickle=False) as z:
-            if bytes(z["format"]).decode() != INDEX_FORMAT:
-                return {}
-            meta = json.loads(bytes(z["parts"]).decode())
-            ids, digests = z["ids"], z["digests"]
-            ragged = {name: z[f"offsets.{name}"] for name in meta["ragged"]}
-    except Exception:  # absent, or damaged (a disk error, a foreign file): rebuilt from the parts
-        return {}
-    infos, row, off = {}, 0, 0
-    for p in meta["list"]:
-        n = p["rows"]
-        infos[p["name"]] = PartInfo(
-            p["name"],
-            p["size"],
-            p["mtime_ns"],
-            p["committed_ns"],
-            ids[row : row + n],
-            digests[row : row + n] if p["has_digests"] else None,
-            {name: arr[off : off + n + 1] for name, arr in ragged.items() if name in p["ragged"]},
-            p["layout"],
-        )
-        row, off = row + n, off + n + 1
-    return infos
+        buf = map_readonly(path)
+    except OSError:
+        return None
+    if len(buf) < 16 or bytes(buf[:8]) != MAGIC:
+        return None
+    size = int.from_bytes(bytes(buf[8:16]), "little")
+    if 16 + size > len(buf):
+        return None
+    header = json.loads(bytes(buf[16 : 16 + size]).decode())
+    base, arrays = _aligned(16 + size), {}
+    for name, (offset, dtype, shape) in header.pop("arrays").items():
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if base + offset + nbytes > len(buf):
+            return None  # truncated
+        arrays[name] = np.zeros(shape, dtype) if nbytes == 0 else np.ndarray(shape, dtype, buffer=buf, offset=base + offset)
+    return header, arrays
 
 
-def _write_index_file(sd: StageDir, infos: list[PartInfo]) -> None:
+def _load_index_file(sd: StageDir) -> tuple[dict[str, PartInfo], dict | None]:
+    """The cached part infos (name -> info) and the resolved newest versions of the clips they
+    hold (arrays over the file's map); ({}, None) when there is no usable file (then it is rebuilt)."""
+    try:
+        mapped = _map_arrays(index_path(sd))
+        if mapped is None:
+            return {}, None
+        header, arrays = mapped
+        if header.get("format") != INDEX_FORMAT:
+            return {}, None
+        ids, digests = arrays["ids"], arrays["digests"]
+        infos, row, off = {}, 0, 0
+        for p in header["list"]:
+            n = p["rows"]
+            infos[p["name"]] = PartInfo(
+                p["name"],
+                p["size"],
+                p["mtime_ns"],
+                p["committed_ns"],
+                ids[row : row + n],
+                digests[row : row + n] if p["has_digests"] else None,
+                {name: arrays[f"offsets.{name}"][off : off + n + 1] for name in p["ragged"]},
+                p["layout"],
+            )
+            row, off = row + n, off + n + 1
+        view = {name[len("view.") :]: arr for name, arr in arrays.items() if name.startswith("view.")}
+        view["superseded"] = header["superseded"]
+        return infos, view
+    except Exception:  # damaged (a disk error, a foreign file): rebuilt from the parts
+        return {}, None
+
+
+def _write_index_file(sd: StageDir, index: ClipIndex) -> None:
     """Atomically replace the index file; best effort (a read-only cache is read without it)."""
+    infos = index.infos
     ragged = sorted({name for i in infos for name in i.offsets})
-    meta = {
+    header = {
+        "format": INDEX_FORMAT,
+        "superseded": index.superseded,
         "ragged": ragged,
         "list": [
             {
@@ -217,39 +279,50 @@ def _write_index_file(sd: StageDir, infos: list[PartInfo]) -> None:
         return np.concatenate(arrays) if arrays else np.zeros(0, dtype)
 
     arrays = {
-        "format": np.frombuffer(INDEX_FORMAT.encode(), np.uint8),
-        "parts": np.frombuffer(json.dumps(meta).encode(), np.uint8),
         "ids": cat([i.ids for i in infos], "S1"),
         "digests": cat([i.digests if i.digests is not None else np.full(len(i.ids), b"", "S1") for i in infos], "S1"),
+        # the newest versions, sorted by clip id: what lookups read
+        "view.ids": index.ids,
+        "view.part": index.part,
+        "view.row": index.row,
+        "view.digests": index.digests,
+        "view.has_digests": index.has_digests,
     }
     for name in ragged:  # parts without the field get rows+1 zeros so every part's slice lines up
         arrays[f"offsets.{name}"] = cat([i.offsets.get(name, np.zeros(len(i.ids) + 1, np.int64)) for i in infos], np.int64)
     tmp = os.path.join(sd.path, f".{INDEX_FILE}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            _save_arrays(f, header, arrays)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, index_path(sd))
         fsync_dir(sd.path)
+        legacy = os.path.join(sd.path, LEGACY_INDEX_FILE)
+        if os.path.exists(legacy):
+            os.remove(legacy)
     except OSError:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def part_infos(sd: StageDir, fields=None, attempts: int = 20, write: bool = True) -> list[PartInfo]:
-    """Every committed part's info, oldest commit first: the cached index brought up to date with
-    the listing (parts read only when new or changed), and the index file rewritten if it moved."""
+def load_clip_index(sd: StageDir, fields=None, attempts: int = 20, write: bool = True) -> ClipIndex:
+    """The clip index of ``sd``'s committed parts. When the index file lists exactly the parts
+    there are (same names, sizes and mtimes), it is used as it is, mapped: nothing is read but
+    what lookups touch. Otherwise it is brought up to date (parts read only when new or changed,
+    vanished ones dropped), the newest versions resolved again, and the file rewritten."""
     fields = sd.fields() if fields is None else fields
-    cached = _load_index_file(sd)
+    cached, view = _load_index_file(sd)
     for _ in range(attempts):
-        listing = _listing(sd)
-        infos, changed = [], set(cached) != set(listing)
+        listing = part_listing(sd)
+        if view is not None and listing.keys() == cached.keys():
+            if all((i.size, i.mtime_ns) == listing[name] for name, i in cached.items()):
+                return ClipIndex(sd, list(cached.values()), view)
+        infos = []
         try:
             for name, stamp in sorted(listing.items()):
                 info = cached.get(name)
                 if info is None or (info.size, info.mtime_ns) != stamp:
-                    changed = True
                     path = os.path.join(sd.parts_dir, name)
                     try:
                         info = _read_part_info(path, fields, stamp)
@@ -261,50 +334,50 @@ def part_infos(sd: StageDir, fields=None, attempts: int = 20, write: bool = True
         except FileNotFoundError:
             continue  # replaced by compaction while we listed: list again
         infos.sort(key=lambda i: (i.committed_ns, i.name))
-        if changed and write:
-            _write_index_file(sd, infos)
-        return infos
+        index = ClipIndex(sd, infos)
+        if write:
+            _write_index_file(sd, index)
+        return index
     raise CacheError(f"{sd.parts_dir}: parts keep changing while the index is read")
+
+
+def part_infos(sd: StageDir, fields=None, attempts: int = 20, write: bool = True) -> list[PartInfo]:
+    """Every committed part's info, oldest commit first (see ``load_clip_index``)."""
+    return load_clip_index(sd, fields, attempts, write).infos
 
 
 class ClipIndex:
     """The newest version of every committed clip, as arrays (no object per clip).
 
     ``parts``: part paths, oldest commit first; for the newest versions, sorted by clip id:
-    ``ids`` (bytes), ``part`` (position in ``parts``), ``row`` and ``digests`` (bytes, b"" none)."""
+    ``ids`` (bytes), ``part`` (position in ``parts``), ``row`` and ``digests`` (bytes, b"" none).
+    ``view``: those arrays resolved already for exactly ``infos`` (from the index file)."""
 
-    def __init__(self, sd: StageDir, infos: list[PartInfo]):
+    def __init__(self, sd: StageDir, infos: list[PartInfo], view: dict | None = None):
         self.infos = infos
         self.parts = [os.path.join(sd.parts_dir, i.name) for i in infos]
-        rows = [len(i.ids) for i in infos]
-        all_ids = np.concatenate([i.ids for i in infos]) if infos else np.zeros(0, "S1")
-        part_of = np.repeat(np.arange(len(infos), dtype=np.int32), rows)
-        row_of = np.concatenate([np.arange(n, dtype=np.int32) for n in rows]) if infos else np.zeros(0, np.int32)
-        # the newest version is the last occurrence in commit order: first in the reversed order
-        self.ids, first = np.unique(all_ids[::-1], return_index=True)
-        last = len(all_ids) - 1 - first
-        self.part, self.row = part_of[last], row_of[last]
-        has = np.array([i.digests is not None for i in infos], bool)
-        all_digests = (
-            np.concatenate([i.digests if i.digests is not None else np.full(len(i.ids), b"", "S1") for i in infos])
-            if infos
-            else np.zeros(0, "S1")
-        )
-        self.digests = all_digests[last]
-        self.has_digests = has[self.part] if len(has) else np.zeros(0, bool)
-        self.superseded = len(all_ids) - len(self.ids)
         self.max_committed_ns = max((i.committed_ns for i in infos), default=0)
+        if view is None:
+            view = _resolve(infos)
+        self.ids, self.part, self.row = view["ids"], view["part"], view["row"]
+        self.digests, self.has_digests, self.superseded = view["digests"], view["has_digests"], view["superseded"]
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def positions(self, clip_ids) -> np.ndarray:
-        """Per clip id its position in ``ids``, -1 when not committed."""
+        """Per clip id its position in ``ids``, -1 when not committed. A binary search per id:
+        over a mapped index it touches a few pages per id, never the whole array."""
         keys = _encode(list(clip_ids))
+        out = np.full(len(keys), -1, np.int64)
         if not len(self.ids) or not len(keys):
-            return np.full(len(keys), -1, np.int64)
+            return out
+        width = self.ids.dtype.itemsize
+        fits = np.char.str_len(keys) <= width  # a longer id is not in the index (and casting the
+        keys = keys[fits].astype(self.ids.dtype)  # index up to its width would copy all of it)
         pos = np.minimum(np.searchsorted(self.ids, keys), len(self.ids) - 1)
-        return np.where(self.ids[pos] == keys, pos, -1)
+        out[fits] = np.where(self.ids[pos] == keys, pos, -1)
+        return out
 
     def version(self, k: int) -> ClipVersion:
         digest = self.digests[k].decode() if self.has_digests[k] else ""
@@ -318,8 +391,33 @@ class ClipIndex:
         return {cid: self.version(k) for cid, k in zip(clip_ids, self.positions(clip_ids).tolist()) if k >= 0}
 
 
+def _resolve(infos: list[PartInfo]) -> dict:
+    """The newest version of every clip in ``infos`` (oldest commit first), sorted by clip id."""
+    rows = [len(i.ids) for i in infos]
+    all_ids = np.concatenate([i.ids for i in infos]) if infos else np.zeros(0, "S1")
+    part_of = np.repeat(np.arange(len(infos), dtype=np.int32), rows)
+    row_of = np.concatenate([np.arange(n, dtype=np.int32) for n in rows]) if infos else np.zeros(0, np.int32)
+    # the newest version is the last occurrence in commit order: first in the reversed order
+    ids, first = np.unique(all_ids[::-1], return_index=True)
+    last = len(all_ids) - 1 - first
+    has = np.array([i.digests is not None for i in infos], bool)
+    all_digests = (
+        np.concatenate([i.digests if i.digests is not None else np.full(len(i.ids), b"", "S1") for i in infos])
+        if infos
+        else np.zeros(0, "S1")
+    )
+    return {
+        "ids": ids,
+        "part": part_of[last],
+        "row": row_of[last],
+        "digests": all_digests[last],
+        "has_digests": has[part_of[last]] if len(has) else np.zeros(0, bool),
+        "superseded": len(all_ids) - len(ids),
+    }
+
+
 def clip_index(sd: StageDir, fields=None) -> ClipIndex:
-    return ClipIndex(sd, part_infos(sd, fields))
+    return load_clip_index(sd, fields)
 
 
 def committed_index(sd: StageDir, clip_ids=None) -> dict[str, ClipVersion]:

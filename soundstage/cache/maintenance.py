@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from soundstage.cache.index import clip_index, read_header
+from soundstage.cache.index import clip_index, part_listing, read_header
 from soundstage.cache.locks import exclusive_lock
 from soundstage.cache.quarantine import CorruptPart, failed_parts, record_verdicts, repair_hint
 from soundstage.cache.store import PART_FORMAT, CacheError, StageDir, dataset_checksum, fields_from_schema, fsync_dir, h5py
@@ -231,6 +231,9 @@ def merge_shard_parts(
     refused while this one runs, so no other process commits a version of these parts' clips
     meanwhile. The same rules as ``compact_stage`` (newest versions only, checksummed first,
     commit before removal). Returns how many parts were merged away."""
+    mine = [name for name, (size, _) in part_listing(sd).items() if name.startswith(writer_prefix + "-") and size < target_bytes]
+    if len(mine) < min_parts:  # the usual case, decided from the listing: the index is not loaded
+        return 0
     index = clip_index(sd)
     small = [p for p, info in enumerate(index.infos) if info.name.startswith(writer_prefix + "-") and info.size < target_bytes]
     if len(small) < min_parts:

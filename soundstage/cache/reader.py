@@ -16,19 +16,17 @@ process never uses its parent's h5py handles; each process maps what it reads la
 
 from __future__ import annotations
 
-import ctypes
 import json
-import mmap
 import os
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
 
-from soundstage.cache.index import ClipIndex, open_part, part_infos, unreadable
+from soundstage.cache.index import load_clip_index, open_part, unreadable
 from soundstage.cache.maintenance import verify_part
+from soundstage.cache.mapping import map_readonly
 from soundstage.cache.quarantine import CorruptPart, load_verdicts, repair_hint, verdict
 from soundstage.cache.store import UTF8_GROUP, StageDir, fields_from_schema, h5py  # h5py after the locking env var
 
@@ -73,7 +71,7 @@ class StageReader(Mapping):
         The newest version of a clip wins (see ``soundstage.cache.index``); a part that vanishes
         meanwhile (compaction replaced it) makes the listing start again."""
         self._parts_dir_mtime = _mtime_ns(self.dir.parts_dir)
-        index = ClipIndex(self.dir, part_infos(self.dir))
+        index = load_clip_index(self.dir)
         self.parts = index.parts
         self._index = index
         self._offsets = [i.offsets for i in index.infos]  # per part: ragged field -> offsets array
@@ -284,40 +282,6 @@ def _mtime_ns(path: str) -> int:
         return os.stat(path).st_mtime_ns
     except FileNotFoundError:
         return 0
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def map_readonly(path: str) -> np.ndarray:
-    """The file's bytes as a read-only array backed by a private memory map whose descriptor is
-    already closed (Python's ``mmap`` keeps a duplicate descriptor per map; this does not).
-    Unmapped when the array and every view of it are gone."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return np.zeros(0, np.uint8)
-        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, _MAP_FAILED):
-            err = ctypes.get_errno()
-            raise OSError(err, f"mmap of {path} failed: {os.strerror(err)}")
-    finally:
-        os.close(fd)
-    return np.asarray(_Mapping(addr, size))
-
-
-class _Mapping:
-    """Owner of one map: numpy arrays over it keep it alive; unmapped when the last one goes.
-    (An ``__array_interface__`` rather than a ctypes array: ctypes makes a new type per size.)"""
-
-    def __init__(self, addr: int, size: int):
-        self.__array_interface__ = {"data": (addr, True), "shape": (size,), "typestr": "|u1", "version": 3}
-        weakref.finalize(self, _libc.munmap, addr, size)
 
 
 def read_result(stage_dir: str) -> dict:

@@ -61,6 +61,11 @@ RUNNER_OPTIONS = {
         help="the output planned when the run was submitted (array tasks): its stage.json "
         "is checked against these options instead of hashing the models again",
     ),
+    "task_plan": dict(
+        type=click.Path(file_okay=False),
+        help="the planner's directory of per-task rows (array tasks): this task's rows are read "
+        "from there instead of the manifest, unless the manifest changed since",
+    ),
     "allow_failed_clips": dict(
         is_flag=True,
         help="exit 0 when every clip was tried and the only problems are "
@@ -96,6 +101,7 @@ PER_CLIP_OPTIONS = {
     "commit_every",
     "max_consecutive_errors",
     "allow_failed_clips",
+    "task_plan",
     "shards",
     "max_parallel",
 }
@@ -233,6 +239,7 @@ def invoke_stage(stage: Stage, values: dict, is_default) -> int:
         commit_every=values["commit_every"],
         progress=values["progress"],
         fingerprint=values["fingerprint"],
+        task_plan=values["task_plan"],
         max_consecutive_errors=values["max_consecutive_errors"],
         force=values["force"],
         reuse_fit=values["reuse_fit"],

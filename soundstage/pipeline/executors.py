@@ -27,6 +27,7 @@ from soundstage.pipeline.runner import manifest_rows, plan_stage
 from soundstage.pipeline.shard import shard_of
 from soundstage.pipeline.stage import Stage
 from soundstage.pipeline.task_args import stage_cli_args
+from soundstage.pipeline.task_plan import write_task_plans
 
 
 @dataclass
@@ -246,9 +247,13 @@ class SlurmExecutor(Executor):
             out("nothing to submit: every output is complete in the cache")
             return report(works, self.clip_rows, out) if self.wait else 0
         if not self.dry_run:  # the tasks find the planned fingerprint's stage.json and check it
+            submitting = {job.name for job, _ in jobs}
             for work, job in planned:
                 if job is not None and work.meta is not None:
                     work.dir.initialise(work.meta)
+                if job is not None and job.name in submitting and job.shard_ids:  # each task reads its own rows
+                    plan = write_task_plans(work.dir.path, self.manifest, work.stage, work.shards, job.shard_ids)
+                    job.command += ["--task-plan", plan]
         submission = slurm.submit_jobs(jobs, dry_run=self.dry_run, out=out, running=running)
         stage_ids = submission.all_ids()
         follower_ids = [j for follow in self.followers for j in follow(stage_ids, self.dry_run, out)]

@@ -10,8 +10,9 @@ import threading
 from soundstage.cache.store import StageDir
 from soundstage.pipeline.lifeline import exit_with, parent_token
 from soundstage.pipeline.runner import Summary, plan_stage, run_stage
-from soundstage.pipeline.shard import manifest_shares, parse_shard, shard_from_env
+from soundstage.pipeline.shard import manifest_shares, parse_shard, shard_from_env, shard_of
 from soundstage.pipeline.stage import Stage
+from soundstage.pipeline.task_plan import read_task_plan
 
 
 def sub_shards(shard: tuple[int, int], jobs: int) -> list[tuple[int, int]]:
@@ -51,7 +52,7 @@ def run_local(
         runner_kwargs["fingerprint"] = plan.fingerprint
     runner_kwargs["progress"] = False  # N bars on one terminal are noise; the summary follows
     shards = sub_shards(shard, jobs)  # the manifest is read once, here, and each process gets its share
-    shares = manifest_shares(manifest, stage, shards)
+    shares, note = _shares(stage, manifest, shard, shards, runner_kwargs.pop("task_plan", None))
     runs = [
         ShardProcess(stage, (manifest, cache, params, upstream_select), s, {**runner_kwargs, "share": share})
         for s, share in zip(shards, shares)
@@ -61,7 +62,23 @@ def run_local(
     errors = [o for o in outcomes if isinstance(o, BaseException)]
     if errors:
         raise errors[0]
-    return Summary.merge(outcomes)
+    summary = Summary.merge(outcomes)
+    summary.notes += [note] if note else []
+    return summary
+
+
+def _shares(stage, manifest, shard, shards, task_plan) -> tuple[list, str]:
+    """Each sub-shard's (rows, unusable rows): split from the task's plan file when it holds,
+    else read from the manifest once (with a note saying why the plan was not used)."""
+    note = ""
+    if task_plan:
+        share, why = read_task_plan(task_plan, manifest, shard)
+        if share is not None:
+            rows, bad = share
+            number = [shard_of(r["clip_id"], shards[0][1]) for r in rows]
+            return [([r for r, k in zip(rows, number) if k == i], bad) for i, _ in shards], ""
+        note = f"{why}: read the manifest instead"
+    return manifest_shares(manifest, stage, shards), note
 
 
 class ShardProcess:

@@ -43,6 +43,7 @@ from soundstage.pipeline.progress import progress_bar
 from soundstage.pipeline.resolve import resolve_upstreams
 from soundstage.pipeline.shard import manifest_share, select_shard, shard_from_env, shard_of
 from soundstage.pipeline.stage import ClipError, FitContext, LoadContext, Stage
+from soundstage.pipeline.task_plan import read_task_plan
 
 
 @dataclass
@@ -327,6 +328,7 @@ class RunOptions:
     reuse_fit: str | None = None  # whole-dataset stages: keep the stored fit with this key or fingerprint (prefix)
     max_consecutive_errors: int = 20  # this many clips failing in a row, not for their input: SystemicFailure (0: never)
     share: tuple | None = None  # (rows, unusable rows) of this shard, read already (--jobs reads the manifest once)
+    task_plan: str | None = None  # the planner's per-task rows (SLURM array tasks; see pipeline.task_plan)
 
 
 def run_stage(
@@ -352,8 +354,8 @@ def run_stage(
         plan.dir.initialise(plan.meta)
         return _run_global(plan, summary, start, opts.log, opts.force, opts.reuse_fit, opts.progress)
 
-    # by column, and only this shard's rows: start-up costs the shard's share
-    mine, bad_rows = opts.share if opts.share is not None else manifest_share(manifest_path, stage, shard)
+    # the planner's rows for this task, else by column and only this shard's rows: start-up costs the shard's share
+    mine, bad_rows = opts.share if opts.share is not None else shard_rows(stage, manifest_path, shard, opts.task_plan, summary)
     summary.selected = len(mine)
     # a first attempt validates its parameters and loads the model before the output exists,
     # so a typo leaves no empty output behind
@@ -387,6 +389,17 @@ def run_stage(
         summary.interrupted = summary.interrupted or stop.flag
     summary.seconds = time.monotonic() - start
     return summary
+
+
+def shard_rows(stage: Stage, manifest_path: str, shard: tuple, task_plan: str | None, summary: Summary) -> tuple[list, list]:
+    """(rows, unusable rows) of ``shard``: from the task's plan file when it holds for this
+    manifest, else read from the manifest (the summary says why the plan was not used)."""
+    if task_plan:
+        share, why = read_task_plan(task_plan, manifest_path, shard)
+        if share is not None:
+            return share
+        summary.notes.append(f"{why}: read the manifest instead")
+    return manifest_share(manifest_path, stage, shard)
 
 
 def _skip_clips_that_killed_a_run(plan, writer_prefix, writer_id, todo, summary, force):
