@@ -11,7 +11,8 @@ ratio measured in one run; start-up figures come from fresh processes (time, CPU
 1. reads: the same clips written as parts of 256 clips (the default commit size) and as one part;
    random order; plain loop (a fresh reader's first pass, then a second) and a 2-worker torch
    DataLoader (epochs 1 and 2).
-2. startup: all-cached ``run_stage`` for shard 0/100 vs the whole manifest (fresh processes).
+2. startup: all-cached ``run_stage`` for shard 0/100 vs the whole manifest (fresh processes): the
+   task as submitted (its rows from the planner's task plan) and reading the manifest itself.
 3. jobs: CPU time of an all-cached run with ``--jobs 4`` vs ``--jobs 1`` (all processes counted).
 4. tiny: a slow stage's parts (8 clips each): opening the output before and after its writer
    merged them, with the clip index cold (first open) and warm.
@@ -170,7 +171,11 @@ sys.path.insert(0, {here!r})
 t0, c0 = time.perf_counter(), time.process_time()
 from bench_scale import CHEAP
 from soundstage.pipeline.local import run_local
-summary = run_local(CHEAP, {manifest!r}, {cache!r}, {{}}, shard={shard!r}, jobs={jobs}, progress=False, log=lambda *a: None)
+if {trace}:  # Python and numpy allocations of the run itself (imports before this are not counted)
+    import tracemalloc
+    tracemalloc.start()
+summary = run_local(CHEAP, {manifest!r}, {cache!r}, {{}}, shard={shard!r}, jobs={jobs}, task_plan={plan!r}, progress=False, log=lambda *a: None)
+assert not summary.notes, summary.notes  # a plan that was not used says so
 cpu = time.process_time() - c0
 if {jobs} > 1:  # the shard processes are children of multiprocessing's fork server: count them there
     from multiprocessing import forkserver
@@ -178,7 +183,8 @@ if {jobs} > 1:  # the shard processes are children of multiprocessing's fork ser
     stat = open(f"/proc/{{pid}}/stat").read().rsplit(")", 1)[1].split()
     cpu += sum(int(x) for x in stat[11:15]) / os.sysconf("SC_CLK_TCK")
 hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1]
-print(json.dumps({{"seconds": time.perf_counter() - t0, "cpu": cpu, "rss_mb": int(hwm) / 1024,
+traced = tracemalloc.get_traced_memory()[1] / 2**20 if {trace} else None
+print(json.dumps({{"traced_mb": traced, "path": summary.path, "seconds": time.perf_counter() - t0, "cpu": cpu, "rss_mb": int(hwm) / 1024, "pandas": "pandas" in sys.modules,
                   "selected": summary.selected, "cached": summary.cached, "done": summary.done}}))
 """
 
@@ -187,7 +193,8 @@ import json, sys
 sys.path.insert(0, {here!r})
 from bench_scale import CHEAP
 from soundstage.pipeline.local import run_local
-import pandas  # what reading a manifest needs: a fixed cost, not the share's
+if {pandas}:
+    import pandas  # what reading a manifest needs: a fixed cost, not the share's
 hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1]
 print(json.dumps({{"rss_mb": int(hwm) / 1024}}))
 """
@@ -200,8 +207,14 @@ def child(code: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_child(manifest, cache, shard="0/1", jobs=1) -> dict:
-    return child(CHILD.format(here=HERE, manifest=manifest, cache=cache, shard=shard, jobs=jobs))
+def run_child(manifest, cache, shard="0/1", jobs=1, plan=None, trace=False) -> dict:
+    return child(CHILD.format(here=HERE, manifest=manifest, cache=cache, shard=shard, jobs=jobs, plan=plan, trace=trace))
+
+
+def measured(manifest, cache, **how) -> dict:
+    """The faster of two runs (time, CPU, peak RSS), and a third traced run's allocation peak."""
+    best = min((run_child(manifest, cache, **how) for _ in range(2)), key=lambda r: r["seconds"])
+    return {**best, "traced_mb": run_child(manifest, cache, trace=True, **how)["traced_mb"]}
 
 
 def prepare_run(root, n):
@@ -215,18 +228,35 @@ def prepare_run(root, n):
 
 
 def bench_startup(root, n, manifest, cache, first):
-    base = child(IMPORTS_ONLY.format(here=HERE))["rss_mb"]
-    full = min((run_child(manifest, cache) for _ in range(2)), key=lambda r: r["seconds"])
-    task = min((run_child(manifest, cache, shard="0/100") for _ in range(2)), key=lambda r: r["seconds"])
-    assert full["cached"] == n and task["cached"] == task["selected"], (full, task)
+    from soundstage.pipeline.task_plan import write_task_plans
+
+    base = {p: child(IMPORTS_ONLY.format(here=HERE, pandas=p))["rss_mb"] for p in (False, True)}
+    output = StageDir(first["path"])
+    t = time.perf_counter()
+    plans = write_task_plans(output.path, manifest, CHEAP, 100, list(range(100)))  # what the planner adds at submission
+    planning = time.perf_counter() - t
+    full = measured(manifest, cache)
+    read = measured(manifest, cache, shard="0/100")
+    task = measured(manifest, cache, shard="0/100", plan=plans)
+    assert full["cached"] == n and task["cached"] == task["selected"] == read["selected"], (full, task, read)
     print(f"\n2. all-cached start-up, {n} clips, 24-column manifest (first run computing all: {first['seconds']:.1f} s)")
-    print(f"{'':22}{'clips':>8}{'time':>9}{'peak RSS':>10}{'above imports':>15}  (imports: engine + pandas)")
-    for name, r in (("whole manifest", full), ("array task 0/100", task)):
-        print(f"{name:22}{r['selected']:>8}{r['seconds']:>7.2f} s{r['rss_mb']:>7.0f} MB{r['rss_mb'] - base:>12.0f} MB")
-    print(
-        f"task/whole: time {task['seconds'] / full['seconds']:.2f}, memory above imports "
-        f"{(task['rss_mb'] - base) / max(full['rss_mb'] - base, 1):.2f} (imports alone: {base:.0f} MB)"
-    )
+    print(f"   imports alone: engine {base[False]:.0f} MB, engine + pandas {base[True]:.0f} MB")
+    print(f"{'':34}{'clips':>8}{'time':>9}{'CPU':>9}{'peak RSS':>10}{'above imports':>15}{'allocated':>11}")
+    rows = {"whole manifest": full, "task 0/100 reading the manifest": read, "task 0/100 with its plan": task}
+    above = {name: r["rss_mb"] - base[r["pandas"]] for name, r in rows.items()}
+    for name, r in rows.items():
+        print(
+            f"{name:34}{r['selected']:>8}{r['seconds']:>7.2f} s{r['cpu']:>7.2f} s{r['rss_mb']:>7.0f} MB"
+            f"{above[name]:>12.1f} MB{r['traced_mb']:>8.1f} MB" + ("" if r["pandas"] else "  (no pandas)")
+        )
+    for name in list(rows)[1:]:
+        r = rows[name]
+        print(
+            f"{name} / whole: time {r['seconds'] / full['seconds']:.3f}, memory above imports "
+            f"{above[name] / max(above['whole manifest'], 1):.3f}, allocated {r['traced_mb'] / full['traced_mb']:.3f} "
+            f"(its share of the clips: {r['selected'] / n:.3f})"
+        )
+    print(f"the planner writing all 100 task plans at submission: {planning:.2f} s")
 
 
 def bench_jobs(n, manifest, cache):

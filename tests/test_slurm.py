@@ -304,6 +304,33 @@ def test_pipeline_on_slurm_equals_local_run(dataset, tmp_path, slurm_env):
     assert code == 0 and "nothing to submit" in again and "submitted soundstage-" not in again
 
 
+@needs_slurm
+def test_stages_below_a_recomputed_clip_are_recomputed_in_the_same_submission(tmp_path, slurm_env):
+    """One clip's audio changes: audio-stats recomputes it, and in the same submission so do the
+    stages below (test-loudest for that clip, test-mean's fit), though they were complete when it
+    was submitted. A second launch then has nothing to submit."""
+    import soundfile as sf
+
+    manifest = make_synthetic_dataset(str(tmp_path / "synth"), clips=6, seed=5, workers=1)
+    pipeline = _write_pipeline(tmp_path / "p.yaml", manifest, tmp_path / "cache")
+    code, out = _invoke(["run", pipeline, "--executor", "slurm", "--wait"])
+    assert code == 0, out
+    row = manifest_rows(manifest)[0][2]
+    path = os.path.join(os.path.dirname(manifest), row["audio_path"])
+    audio, rate = sf.read(path, dtype="float32")
+    sf.write(path, audio * 0.25, rate)  # quieter: other stats, other loudest frame
+    (loudest,) = glob.glob(str(tmp_path / "cache" / "test-loudest" / "*"))
+    before = open_stage(loudest).digest(row["clip_id"])
+
+    code, out = _invoke(["run", pipeline, "--executor", "slurm", "--wait"])
+    assert code == 0, out
+    for stage in ("audio-stats", "test-loudest", "test-mean"):
+        assert f"submitted soundstage-{stage} as job" in out, out
+    assert open_stage(loudest).digest(row["clip_id"]) != before
+    code, again = _invoke(["run", pipeline, "--executor", "slurm"])
+    assert code == 0 and "nothing to submit" in again, again
+
+
 def _parts(stage_dir):
     return set(glob.glob(os.path.join(stage_dir, "parts", "*.h5")))
 

@@ -230,6 +230,7 @@ class SlurmExecutor(Executor):
 
     def run(self, works: list[StageWork]) -> int:
         out = self.out
+        works = with_upstream_changes(works)
         planned = [(work, None if work.complete else slurm_job(work, out)) for work in works]
         jobs, running = [], {}
         for work, job in planned:
@@ -274,6 +275,29 @@ class SlurmExecutor(Executor):
                 + (f" (logs: {', '.join(logs)})" if logs else "")
             )
         return report(works, self.clip_rows, out)
+
+
+def with_upstream_changes(works: list[StageWork]) -> list[StageWork]:
+    """``works`` (upstream first) with the clips that upstream jobs of this same submission will
+    recompute counted as stale below them. A SLURM submission decides every output's work before
+    any job runs; without this, a stage whose upstream clips are recomputed (their inputs changed)
+    would be skipped as complete and stay stale until the next launch. Its tasks still decide at
+    run time what is stale: a clip whose inputs did not change after all is found cached."""
+    changing: dict[str, set | None] = {}  # stage -> clip ids this submission recomputes (None: all)
+    out = []
+    for work in works:
+        upstream = [changing[u.stage] for u in work.stage.upstream if u.stage in changing]
+        if upstream:
+            clips = None if None in upstream else set().union(*upstream)
+            if work.whole_dataset and (clips is None or clips):  # its fit key moves with any upstream clip
+                work = dataclasses.replace(work, stale=work.stale | {"<result>"})
+            elif clips is None or clips:
+                committed = work.status.done if clips is None else work.status.done & clips
+                work = dataclasses.replace(work, stale=work.stale | set(committed))
+        out.append(work)
+        if not work.complete:
+            changing[work.stage.name] = None if work.whole_dataset else set(work.missing)
+    return out
 
 
 def refreshed(work: StageWork, rows: list[dict], manifest: str) -> StageWork:
