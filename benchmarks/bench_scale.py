@@ -179,9 +179,10 @@ assert not summary.notes, summary.notes  # a plan that was not used says so
 cpu = time.process_time() - c0
 if {jobs} > 1:  # the shard processes are children of multiprocessing's fork server: count them there
     from multiprocessing import forkserver
-    pid = forkserver._forkserver._forkserver_pid
-    stat = open(f"/proc/{{pid}}/stat").read().rsplit(")", 1)[1].split()
-    cpu += sum(int(x) for x in stat[11:15]) / os.sysconf("SC_CLK_TCK")
+    pid = forkserver._forkserver._forkserver_pid  # None: no shard needed a process
+    if pid is not None:
+        stat = open(f"/proc/{{pid}}/stat").read().rsplit(")", 1)[1].split()
+        cpu += sum(int(x) for x in stat[11:15]) / os.sysconf("SC_CLK_TCK")
 hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1]
 traced = tracemalloc.get_traced_memory()[1] / 2**20 if {trace} else None
 print(json.dumps({{"traced_mb": traced, "path": summary.path, "seconds": time.perf_counter() - t0, "cpu": cpu, "rss_mb": int(hwm) / 1024, "pandas": "pandas" in sys.modules,

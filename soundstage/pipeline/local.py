@@ -6,10 +6,12 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from soundstage.cache.store import StageDir
+from soundstage.pipeline.freshness import upstream_readers
 from soundstage.pipeline.lifeline import exit_with, parent_token
-from soundstage.pipeline.runner import Summary, plan_stage, run_stage
+from soundstage.pipeline.runner import Summary, plan_stage, run_stage, settled
 from soundstage.pipeline.shard import manifest_shares, parse_shard, shard_from_env, shard_of
 from soundstage.pipeline.stage import Stage
 from soundstage.pipeline.task_plan import read_task_plan
@@ -46,25 +48,49 @@ def run_local(
     if jobs <= 1 or stage.kind == "global":
         return run_stage(stage, manifest, cache, params, upstream_select, shard=shard, **runner_kwargs)
 
-    if not runner_kwargs.get("fingerprint"):  # plan once here; the shard processes check, not recompute
-        plan = plan_stage(stage, manifest, cache, params, upstream_select, log=runner_kwargs.get("log", print))
-        plan.dir.initialise(plan.meta)
+    start = time.monotonic()
+    log = runner_kwargs.get("log", print)
+    if runner_kwargs.get("fingerprint"):  # planned by the caller: checked here, not recomputed
+        plan = plan_stage(stage, manifest, cache, params, upstream_select, log=log, fingerprint=runner_kwargs["fingerprint"])
+    else:  # plan once here; the shard processes check, not recompute
+        plan = plan_stage(stage, manifest, cache, params, upstream_select, log=log)
         runner_kwargs["fingerprint"] = plan.fingerprint
+    plan.dir.initialise(plan.meta)
     runner_kwargs["progress"] = False  # N bars on one terminal are noise; the summary follows
     shards = sub_shards(shard, jobs)  # the manifest is read once, here, and each process gets its share
     shares, note = _shares(stage, manifest, shard, shards, runner_kwargs.pop("task_plan", None))
+    # a shard with nothing to do gets no process: deciding that here costs what one process would
+    done = {} if runner_kwargs.get("force") else _settled_shards(plan, shards, shares, start)
     runs = [
         ShardProcess(stage, (manifest, cache, params, upstream_select), s, {**runner_kwargs, "share": share})
         for s, share in zip(shards, shares)
+        if s not in done
     ]
     with _ForwardStop(runs):
         outcomes = [run.outcome() for run in runs]
     errors = [o for o in outcomes if isinstance(o, BaseException)]
     if errors:
         raise errors[0]
-    summary = Summary.merge(outcomes)
+    summary = Summary.merge([*done.values(), *outcomes])
     summary.notes += [note] if note else []
     return summary
+
+
+def _settled_shards(plan, shards, shares, start) -> dict:
+    """shard -> its Summary, for the shards whose clips are all committed with the inputs they have
+    now and that hold no unusable manifest row (those are recorded by the shard's own run)."""
+    readers, done = None, {}
+    for s, (rows, bad) in zip(shards, shares):
+        if any(shard_of(cid, s[1]) == s[0] for cid, _ in bad):
+            continue
+        readers = upstream_readers(plan) if readers is None else readers
+        selection = settled(plan, rows, readers)
+        if selection is not None:
+            summary = Summary(plan.stage.name, plan.fingerprint, plan.dir.path, s, selected=len(rows))
+            summary.cached, summary.undigested = selection.cached, selection.undigested
+            summary.seconds = time.monotonic() - start
+            done[s] = summary
+    return done
 
 
 def _shares(stage, manifest, shard, shards, task_plan) -> tuple[list, str]:

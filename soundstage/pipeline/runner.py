@@ -391,6 +391,17 @@ def run_stage(
     return summary
 
 
+def settled(plan: Plan, rows: list[dict], readers: dict):
+    """The ``Selection`` of ``rows`` when every one is committed with the inputs it has now
+    (nothing to do), else None. Cheap when a clip is missing: inputs are digested only when
+    every clip is committed. (``--jobs`` asks this before it starts a process per shard.)"""
+    committed = committed_index(plan.dir, [r["clip_id"] for r in rows])
+    if len(committed) < len(rows):
+        return None
+    selection = select_work(rows, committed, clip_digests(plan.stage.reads, plan.manifest_dir, rows, readers))
+    return None if selection.todo else selection
+
+
 def shard_rows(stage: Stage, manifest_path: str, shard: tuple, task_plan: str | None, summary: Summary) -> tuple[list, list]:
     """(rows, unusable rows) of ``shard``: from the task's plan file when it holds for this
     manifest, else read from the manifest (the summary says why the plan was not used)."""
