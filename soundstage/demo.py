@@ -226,6 +226,7 @@ def available_stages() -> list[str]:
 def stage_table(pipe, clip_ids: list[str]) -> list[dict]:
     """Per stage of the pipeline: its output's fingerprint, and clips committed / failed / expected
     (a whole-dataset stage counts as one item: its result)."""
+    from soundstage.cache.index import output_status
     from soundstage.cache.store import StageDir
     from soundstage.pipeline.resolve import expected_fingerprint
     from soundstage.stages import get_stage
@@ -233,7 +234,7 @@ def stage_table(pipe, clip_ids: list[str]) -> list[dict]:
     rows, wanted = [], set(clip_ids)
     for name in pipe.order():
         sd = StageDir.at(pipe.cache, name, expected_fingerprint(name, pipe.stages))
-        status = sd.status(clip_ids, whole_dataset=get_stage(name).kind == "global")
+        status = output_status(sd, clip_ids, whole_dataset=get_stage(name).kind == "global")
         row = {
             "stage": name,
             "fingerprint": os.path.basename(sd.path),

@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from soundstage.cache.index import output_status
 from soundstage.cache.maintenance import verify_part
 from soundstage.cache.reader import open_stage
 from soundstage.cache.store import Field, StageDir, array_checksum, dataset_checksum, field_schema, write_part_file
@@ -48,7 +49,7 @@ def test_failure_records_do_not_grow_with_reruns_and_clips_done_since_leave_them
     pd.DataFrame({"clip_id": [f"c{k}" for k in range(30)], "value": values}).to_csv(manifest, index=False)
     assert len(run_stage(FLAKY, manifest, cache, progress=False).failed) == 9
     run_stage(FLAKY, manifest, cache, progress=False)
-    assert "c0" not in sd.failures() and sd.status([f"c{k}" for k in range(30)]).failed.keys() == {
+    assert "c0" not in sd.failures() and output_status(sd, [f"c{k}" for k in range(30)]).failed.keys() == {
         f"c{k}" for k in range(3, 30, 3)
     }
     records = [json.loads(line) for n in os.listdir(sd.failures_dir) for line in open(os.path.join(sd.failures_dir, n))]

@@ -1,4 +1,4 @@
-"""One notion of status: ``StageDir.status`` answers what is committed, failed and left, for
+"""One notion of status: ``output_status`` answers what is committed, failed and left, for
 per-clip and whole-dataset outputs alike, and executors are objects with one interface."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
+from soundstage.cache.index import output_status
 from soundstage.cache.store import RESULT_FORMAT, StageDir
 from soundstage.pipeline.executors import LocalExecutor, SlurmExecutor, stage_work
 from soundstage.pipeline.registry import STAGE_MODULES, register_stage
@@ -46,27 +47,29 @@ def test_status_of_a_per_clip_output(manifest, tmp_path):
     cache = str(tmp_path / "cache")
     ids = [f"clip{i}" for i in range(6)]
     plan = plan_stage(PER_CLIP, manifest, cache, {}, log=lambda *_: None)
-    before = plan.dir.status(ids, whole_dataset=False)  # nothing there yet
+    before = output_status(plan.dir, ids, whole_dataset=False)  # nothing there yet
     assert (before.done, before.failed, before.todo, before.complete) == (frozenset(), {}, ids, False)
     run_stage(PER_CLIP, manifest, cache, options=RunOptions(shard=(0, 2), progress=False))  # = shard=..., progress=...
-    status = plan.dir.status(ids)
+    status = output_status(plan.dir, ids)
     done_by_hand = {cid for cid in ids if cid in plan.dir.committed_ids()}
     assert status.done == done_by_hand and 0 < len(done_by_hand) < 5
     assert set(status.failed) <= {"clip3"} and status.todo == [c for c in ids if c not in done_by_hand]
     assert status.never_tried == len(status.todo) - len(status.failed)
     assert pending_clips(PER_CLIP, {}, manifest, cache) == len(status.todo)
     run_stage(PER_CLIP, manifest, cache, progress=False)
-    status = plan.dir.status(ids)
+    status = output_status(plan.dir, ids)
     assert (len(status.done), list(status.failed), status.todo, status.complete) == (5, ["clip3"], ["clip3"], False)
-    assert plan.dir.status(["clip0", "clip1"]).complete  # asked about those only
+    assert output_status(plan.dir, ["clip0", "clip1"]).complete  # asked about those only
 
 
 def test_status_and_result_file_of_a_whole_dataset_output(manifest, tmp_path):
     cache = str(tmp_path / "cache")
     plan = plan_stage(WHOLE, manifest, cache, {}, log=lambda *_: None)
-    assert not plan.dir.status(whole_dataset=True).complete and pending_clips(WHOLE, {}, manifest, cache) == 1
+    assert not output_status(plan.dir, whole_dataset=True).complete and pending_clips(WHOLE, {}, manifest, cache) == 1
     run_stage(WHOLE, manifest, cache, progress=False)
-    status = plan.dir.status()
+    status = output_status(
+        plan.dir,
+    )
     assert status.whole_dataset and status.fitted and status.complete and status.todo == []
     with h5py.File(plan.dir.result_path, "r") as h5:  # the result says what it is, as parts do
         assert h5.attrs["format"] == RESULT_FORMAT
@@ -93,4 +96,4 @@ def test_executors_share_one_interface(manifest, tmp_path):
     assert "#SBATCH --array=0-1" in scripts and scripts.count("#!/bin/bash") == 2
     assert not StageDir.at(cache, "toy-count", works[0].meta["fingerprint"]).exists()  # a dry run writes nothing
     assert LocalExecutor(manifest, cache, out=said.append, runner_options={"workers": 0, "progress": False}).run(works) == 1
-    assert [w.dir.status(whole_dataset=w.whole_dataset).complete for w in works] == [False, True]  # clip3 failed
+    assert [output_status(w.dir, whole_dataset=w.whole_dataset).complete for w in works] == [False, True]  # clip3 failed

@@ -34,7 +34,7 @@ import numpy as np
 
 from soundstage.cache.mapping import map_readonly
 from soundstage.cache.quarantine import CorruptPart, load_verdicts, repair_hint, verdict
-from soundstage.cache.store import UTF8_GROUP, CacheError, StageDir, fsync_dir, h5py
+from soundstage.cache.store import UTF8_GROUP, CacheError, StageDir, StageStatus, fsync_dir, h5py
 
 DIGEST_DATASET = "input_digest"
 INDEX_FILE = "clip_index.bin"
@@ -432,6 +432,30 @@ def committed_index(sd: StageDir, clip_ids=None) -> dict[str, ClipVersion]:
         listing = "; ".join(f"{p}: {', '.join(v[:2])}" for p, v in bad.items())
         raise CorruptPart(f"{len(bad)} part(s) failed verification — {listing}; {repair_hint(next(iter(bad)))}")
     return index.versions(clip_ids)
+
+
+def output_status(sd: StageDir, clip_ids=None, whole_dataset: bool | None = None) -> StageStatus:
+    """What is committed and failed of ``clip_ids`` (default: every clip the output knows of),
+    from the clip index (no part is opened unless it is new). Whole-dataset outputs: whether the
+    result is there. ``whole_dataset``: the stage's kind, for an output that may not exist yet
+    (default: what its stage.json says)."""
+    whole = whole_dataset if whole_dataset is not None else sd.exists() and sd.meta().get("kind") == "global"
+    if whole:
+        return StageStatus(True, (), frozenset(), {}, fitted=os.path.exists(sd.result_path))
+    exists = sd.exists()
+    index = clip_index(sd) if exists else None
+    failures = sd.failures() if exists else {}
+    if clip_ids is None:
+        committed = set(np.char.decode(index.ids, "utf-8").tolist()) if index is not None else set()
+        ids = tuple(sorted(committed | set(failures)))
+        done = frozenset(committed)
+    else:
+        ids = tuple(clip_ids)
+        found = index.positions(ids) >= 0 if index is not None else np.zeros(len(ids), bool)
+        done = frozenset(cid for cid, ok in zip(ids, found.tolist()) if ok)
+    asked = set(ids)
+    failed = {cid: rec for cid, rec in failures.items() if cid in asked and cid not in done}
+    return StageStatus(False, ids, done, failed)
 
 
 def has_results(sd: StageDir) -> bool:

@@ -253,7 +253,7 @@ class StageMeta:
 
 @dataclass(frozen=True)
 class StageStatus:
-    """How an output stands for the clips asked about (``StageDir.status``): the one answer to
+    """How an output stands for the clips asked about (``soundstage.cache.index.output_status``): the one answer to
     "what is done, what failed, what is left" for runs, launches, ``status`` and the demo."""
 
     whole_dataset: bool
@@ -324,21 +324,6 @@ class StageDir:
 
     def stage_meta(self) -> StageMeta:
         return StageMeta.from_dict(self.meta())
-
-    def status(self, clip_ids=None, whole_dataset: bool | None = None) -> StageStatus:
-        """What is committed and failed of ``clip_ids`` (default: every clip the output knows of).
-        Whole-dataset outputs: whether the result is there. ``whole_dataset``: the stage's kind,
-        for an output that may not exist yet (default: what its stage.json says)."""
-        whole = whole_dataset if whole_dataset is not None else self.exists() and self.meta().get("kind") == "global"
-        if whole:
-            return StageStatus(True, (), frozenset(), {}, fitted=os.path.exists(self.result_path))
-        committed = self.committed_ids() if self.exists() else set()
-        failures = self.failures() if self.exists() else {}
-        ids = tuple(clip_ids) if clip_ids is not None else tuple(sorted(committed | set(failures)))
-        asked = set(ids)
-        done = frozenset(committed & asked)
-        failed = {cid: rec for cid, rec in failures.items() if cid in asked and cid not in done}
-        return StageStatus(False, ids, done, failed)
 
     def write_result(self, arrays: dict, attrs: dict) -> None:
         """Commit a whole-dataset result (``result.h5``) atomically, replacing an earlier one."""

@@ -1,7 +1,7 @@
 """Executors: where the shards of a stage run — on this machine, or as SLURM array jobs.
 
 A run is a list of ``StageWork`` (one stage output each, upstream first), planned from the
-cache: which clips of the output are not committed yet (``StageDir.status``) or whose inputs
+cache: which clips of the output are not committed yet (``output_status``) or whose inputs
 changed since (stale). An executor runs a list of works, waits when asked, and reports:
 ``LocalExecutor`` runs them here one after the other, ``SlurmExecutor`` submits one array job
 per unfinished output (a single job for a whole-dataset stage), chained with ``afterok``. Both
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import click
 
+from soundstage.cache.index import output_status
 from soundstage.cache.store import StageDir, StageStatus
 from soundstage.pipeline import slurm
 from soundstage.pipeline.freshness import outdated
@@ -85,7 +86,7 @@ def stage_work(
     """What of ``stage_dir`` is left for ``rows``; with ``manifest_dir``, committed clips whose
     inputs changed since (stale) count as left too. ``how``: the other ``StageWork`` fields."""
     stale = outdated(stage, stage_dir, rows, manifest_dir, meta) if manifest_dir else set()
-    status = stage_dir.status([r["clip_id"] for r in rows], whole_dataset=stage.kind == "global")
+    status = output_status(stage_dir, [r["clip_id"] for r in rows], whole_dataset=stage.kind == "global")
     return StageWork(stage, params, upstream_select, stage_dir, status, set(stale), meta, **how)
 
 
@@ -93,7 +94,7 @@ def cache_summary(work: StageWork, rows: list[dict]) -> tuple[str, bool]:
     """How a stage output stands in the cache now: (text, complete without failures)."""
     sd = work.dir
     head = f"{work.stage.name} {os.path.basename(sd.path)}"
-    status = sd.status([r["clip_id"] for r in rows], whole_dataset=work.whole_dataset)
+    status = output_status(sd, [r["clip_id"] for r in rows], whole_dataset=work.whole_dataset)
     if status.whole_dataset:
         return f"{head}: {'fitted' if status.fitted else 'NOT fitted'}\n  output: {sd.path}", status.fitted
     total = len(status.clip_ids)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-from soundstage.cache.index import committed_index
+from soundstage.cache.index import committed_index, output_status
 from soundstage.cache.locks import writer_lock
 from soundstage.cache.maintenance import PINNED, merge_shard_parts
 from soundstage.cache.reader import MissingClip
@@ -203,7 +203,7 @@ def pending_clips(stage: Stage, params: dict, manifest_path: str, cache_root: st
     """How many clips of ``shard`` are not committed yet (for relaunching only unfinished shards)."""
     plan = plan_stage(stage, manifest_path, cache_root, params, upstream_select, log=lambda *_: None)
     rows, _ = manifest_rows(manifest_path)
-    status = plan.dir.status([r["clip_id"] for r in select_shard(rows, *shard)], whole_dataset=stage.kind == "global")
+    status = output_status(plan.dir, [r["clip_id"] for r in select_shard(rows, *shard)], whole_dataset=stage.kind == "global")
     return (0 if status.fitted else 1) if status.whole_dataset else len(status.todo)
 
 
