@@ -11,10 +11,9 @@ import time
 from soundstage.cache.store import StageDir
 from soundstage.pipeline.freshness import upstream_readers
 from soundstage.pipeline.lifeline import exit_with, parent_token
-from soundstage.pipeline.runner import Summary, plan_stage, run_stage, settled
-from soundstage.pipeline.shard import manifest_shares, parse_shard, shard_from_env, shard_of
+from soundstage.pipeline.runner import Summary, plan_stage, run_stage, settled, shard_rows
+from soundstage.pipeline.shard import in_shard, parse_shard, shard_from_env, shard_of
 from soundstage.pipeline.stage import Stage
-from soundstage.pipeline.task_plan import read_task_plan
 
 
 def sub_shards(shard: tuple[int, int], jobs: int) -> list[tuple[int, int]]:
@@ -57,54 +56,36 @@ def run_local(
         runner_kwargs["fingerprint"] = plan.fingerprint
     plan.dir.initialise(plan.meta)
     runner_kwargs["progress"] = False  # N bars on one terminal are noise; the summary follows
-    shards = sub_shards(shard, jobs)  # the manifest is read once, here, and each process gets its share
-    shares, note = _shares(stage, manifest, shard, shards, runner_kwargs.pop("task_plan", None))
-    # a shard with nothing to do gets no process: deciding that here costs what one process would
-    done = {} if runner_kwargs.get("force") else _settled_shards(plan, shards, shares, start)
+    summary = Summary(stage.name, plan.fingerprint, plan.dir.path, shard)
+    # the shard's rows are read once, here; each process gets its share of them
+    rows, bad = shard_rows(stage, manifest, shard, runner_kwargs.pop("task_plan", None), summary)
+    if not runner_kwargs.get("force") and not any(in_shard(cid, shard) for cid, _ in bad):
+        # nothing to do (every clip committed with the inputs it has now): no process at all,
+        # so an all-cached --jobs N costs what --jobs 1 does
+        selection = settled(plan, rows, upstream_readers(plan))
+        if selection is not None:
+            summary.selected, summary.cached, summary.undigested = len(rows), selection.cached, selection.undigested
+            summary.seconds = time.monotonic() - start
+            return summary
+    shards = sub_shards(shard, jobs)
+    number = [shard_of(r["clip_id"], shards[0][1]) for r in rows]
     runs = [
-        ShardProcess(stage, (manifest, cache, params, upstream_select), s, {**runner_kwargs, "share": share})
-        for s, share in zip(shards, shares)
-        if s not in done
+        ShardProcess(
+            stage,
+            (manifest, cache, params, upstream_select),
+            s,
+            {**runner_kwargs, "share": ([r for r, k in zip(rows, number) if k == s[0]], bad)},
+        )
+        for s in shards
     ]
     with _ForwardStop(runs):
         outcomes = [run.outcome() for run in runs]
     errors = [o for o in outcomes if isinstance(o, BaseException)]
     if errors:
         raise errors[0]
-    summary = Summary.merge([*done.values(), *outcomes])
-    summary.notes += [note] if note else []
-    return summary
-
-
-def _settled_shards(plan, shards, shares, start) -> dict:
-    """shard -> its Summary, for the shards whose clips are all committed with the inputs they have
-    now and that hold no unusable manifest row (those are recorded by the shard's own run)."""
-    readers, done = None, {}
-    for s, (rows, bad) in zip(shards, shares):
-        if any(shard_of(cid, s[1]) == s[0] for cid, _ in bad):
-            continue
-        readers = upstream_readers(plan) if readers is None else readers
-        selection = settled(plan, rows, readers)
-        if selection is not None:
-            summary = Summary(plan.stage.name, plan.fingerprint, plan.dir.path, s, selected=len(rows))
-            summary.cached, summary.undigested = selection.cached, selection.undigested
-            summary.seconds = time.monotonic() - start
-            done[s] = summary
-    return done
-
-
-def _shares(stage, manifest, shard, shards, task_plan) -> tuple[list, str]:
-    """Each sub-shard's (rows, unusable rows): split from the task's plan file when it holds,
-    else read from the manifest once (with a note saying why the plan was not used)."""
-    note = ""
-    if task_plan:
-        share, why = read_task_plan(task_plan, manifest, shard)
-        if share is not None:
-            rows, bad = share
-            number = [shard_of(r["clip_id"], shards[0][1]) for r in rows]
-            return [([r for r, k in zip(rows, number) if k == i], bad) for i, _ in shards], ""
-        note = f"{why}: read the manifest instead"
-    return manifest_shares(manifest, stage, shards), note
+    merged = Summary.merge(outcomes)
+    merged.notes = summary.notes + merged.notes  # why a task plan was not used, if it was not
+    return merged
 
 
 class ShardProcess:

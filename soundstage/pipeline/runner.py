@@ -41,7 +41,7 @@ from soundstage.pipeline.freshness import (
 from soundstage.pipeline.lifeline import exit_with, parent_token
 from soundstage.pipeline.progress import progress_bar
 from soundstage.pipeline.resolve import resolve_upstreams
-from soundstage.pipeline.shard import manifest_share, select_shard, shard_from_env, shard_of
+from soundstage.pipeline.shard import in_shard, manifest_share, select_shard, shard_from_env
 from soundstage.pipeline.stage import ClipError, FitContext, LoadContext, Stage
 from soundstage.pipeline.task_plan import read_task_plan
 
@@ -374,7 +374,7 @@ def run_stage(
         summary.cached, summary.stale, summary.undigested = selection.cached, selection.stale, selection.undigested
         todo = _skip_clips_that_killed_a_run(plan, writer_prefix, writer_id, todo, summary, opts.force)
         for cid, cause in bad_rows:  # unusable manifest rows: each reported by the shard of its id
-            if shard[1] > 1 and shard_of(cid, shard[1]) != shard[0]:
+            if not in_shard(cid, shard):
                 continue
             plan.dir.record_failure(writer_id, cid, cause)
             summary.failed.append((cid, cause))

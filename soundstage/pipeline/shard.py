@@ -18,6 +18,11 @@ def shard_of(clip_id: str, num_shards: int) -> int:
     return int.from_bytes(hashlib.sha1(clip_id.encode("utf-8")).digest()[:8], "big") % num_shards
 
 
+def in_shard(clip_id: str, shard: tuple[int, int]) -> bool:
+    """Whether the clip belongs to ``shard`` (index, count)."""
+    return shard[1] == 1 or shard_of(clip_id, shard[1]) == shard[0]
+
+
 def select_shard(rows: list[dict], index: int, num_shards: int) -> list[dict]:
     if not 0 <= index < num_shards:
         raise ValueError(f"shard {index}/{num_shards}: the index must be in 0..{num_shards - 1}")

@@ -23,7 +23,7 @@ import time
 import uuid
 
 from soundstage.cache.store import atomic_write_text
-from soundstage.pipeline.shard import manifest_shares, shard_of
+from soundstage.pipeline.shard import in_shard, manifest_shares
 
 PLANS_DIR = "tasks"
 FORMAT = "soundstage-task-plan/1"
@@ -50,7 +50,7 @@ def write_task_plans(output_dir: str, manifest_path: str, stage, num_shards: int
     plan_dir = os.path.join(root, f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
     os.makedirs(plan_dir)
     for shard, (rows, bad) in zip(shards, manifest_shares(manifest_path, stage, shards)):
-        bad = [(cid, cause) for cid, cause in bad if _owns(cid, shard)]
+        bad = [(cid, cause) for cid, cause in bad if in_shard(cid, shard)]
         columns = list(rows[0]) if rows else []
         body = {
             "format": FORMAT,
@@ -63,10 +63,6 @@ def write_task_plans(output_dir: str, manifest_path: str, stage, num_shards: int
         }
         atomic_write_text(plan_file(plan_dir, shard), json.dumps(body, separators=(",", ":")))
     return plan_dir
-
-
-def _owns(clip_id: str, shard: tuple[int, int]) -> bool:
-    return shard[1] == 1 or shard_of(clip_id, shard[1]) == shard[0]
 
 
 def read_task_plan(plan_dir: str, manifest_path: str, shard: tuple[int, int]) -> tuple[tuple[list, list] | None, str]:
