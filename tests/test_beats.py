@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from soundstage.models.beats import AUDIOSET_CLASS_LIST as CLASS_LIST
-from soundstage.models.beats import BEATs, downsample_padding_mask, min_samples, tiny_config
+from soundstage.models.beats import BEATs, downsample_padding_mask, min_samples
 from soundstage.models.fbank import beats_fbank
+from soundstage.models.tiny import tiny_beats_cfg
 
 torch.set_num_threads(1)
 
@@ -53,6 +54,11 @@ def official_keys(cfg: dict) -> set:
     if cfg["finetuned_model"]:
         keys |= {"predictor.weight", "predictor.bias"}
     return keys
+
+
+def tiny_cfg(**overrides) -> dict:
+    """The shipped tiny BEATs cfg with the full 527-class head of the AudioSet checkpoints."""
+    return tiny_beats_cfg(**{"predictor_class": 527, **overrides})
 
 
 def write_checkpoint(path, cfg, seed=0, label_dict=True):
@@ -172,11 +178,11 @@ def waves(batch=3, samples=16000 + 3217, seed=1):
 def finetuned(tmp_path_factory):
     path = tmp_path_factory.mktemp("beats") / "tiny_finetuned.pt"
     # few buckets so that ~50 patches reach the logarithmic and the clamped buckets
-    return path, write_checkpoint(path, tiny_config(num_buckets=32, max_distance=40))
+    return path, write_checkpoint(path, tiny_cfg(num_buckets=32, max_distance=40))
 
 
 def test_relative_buckets_of_the_real_config():
-    attn = BEATs(tiny_config(num_buckets=320, max_distance=800)).encoder.layers[0].self_attn
+    attn = BEATs(tiny_cfg(num_buckets=320, max_distance=800)).encoder.layers[0].self_attn
     buckets = attn.relative_buckets(1201, "cpu")
     expect_from_first = [t5_bucket(j, 320, 800) for j in range(1201)]
     expect_from_middle = [t5_bucket(j - 600, 320, 800) for j in range(1201)]
@@ -195,7 +201,7 @@ def test_official_checkpoint_round_trips_with_strict_keys(finetuned):
     for k, v in ckpt["model"].items():
         assert torch.equal(state[k], v), k
     # the real iter3+ checkpoints describe this size; same code path, just not instantiated here
-    real = tiny_config(
+    real = tiny_cfg(
         encoder_layers=12,
         encoder_embed_dim=768,
         encoder_ffn_embed_dim=3072,
@@ -260,7 +266,7 @@ def test_padded_batch_equals_naive_rederivation_and_original_mask_rule(finetuned
 
 
 def test_pretrained_checkpoint_gives_patch_features(tmp_path):
-    cfg = tiny_config(finetuned_model=False)
+    cfg = tiny_cfg(finetuned_model=False)
     ckpt = write_checkpoint(tmp_path / "pre.pt", cfg, seed=3)
     assert "label_dict" not in ckpt
     model = BEATs.from_checkpoint(tmp_path / "pre.pt")
@@ -314,7 +320,7 @@ def test_stage_setup_refuses_what_it_cannot_serve(tmp_path, finetuned):
     params = {"checkpoint": str(finetuned[0]), "device": "cpu", "dtype": "fp16"}
     with pytest.raises(ValueError, match="GPU"):
         STAGE.setup(params)
-    write_checkpoint(tmp_path / "pre.pt", tiny_config(finetuned_model=False))
+    write_checkpoint(tmp_path / "pre.pt", tiny_cfg(finetuned_model=False))
     with pytest.raises(ValueError, match="fine-tuned"):
         STAGE.setup(dict(params, checkpoint=str(tmp_path / "pre.pt"), dtype="fp32"))
 
@@ -444,13 +450,13 @@ def test_stage_end_to_end_on_synthetic_dataset_and_tags(tmp_path, finetuned):
 
 
 def test_tiny_stand_in_checkpoint_is_reproducible(tmp_path):
-    from soundstage.models.beats import write_tiny_checkpoint
+    from soundstage.models import tiny
 
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    first = write_tiny_checkpoint(tmp_path / "a" / "beats.pt", seed=3)
-    second = write_tiny_checkpoint(tmp_path / "b" / "beats.pt", seed=3)
+    first = tiny.build_beats(tmp_path / "a" / "beats.pt", seed=3)
+    second = tiny.build_beats(tmp_path / "b" / "beats.pt", seed=3)
     with open(first, "rb") as f, open(second, "rb") as g:
         assert f.read() == g.read()  # same bytes, so the same fingerprint on every machine
     model = BEATs.from_checkpoint(first)
-    assert model.class_mids == csv_mids() and model.cfg.deep_norm and model.cfg.gru_rel_pos
+    classes = tiny.tiny_config("beats")["classes"]
+    assert model.class_mids == list(tiny.beats_label_dict(classes).values())
+    assert model.cfg.deep_norm and model.cfg.gru_rel_pos

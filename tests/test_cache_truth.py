@@ -453,7 +453,7 @@ def test_units_follow_an_edited_num_frames_and_kmeans_refits_for_a_bigger_manife
     from transformers import HubertModel
 
     from soundstage.manifests.synth import make_synthetic_dataset
-    from soundstage.models.hubert import tiny_hubert_config
+    from soundstage.models.tiny import tiny_hubert_config
 
     full = make_synthetic_dataset(str(tmp_path / "synth"), clips=5, seed=1, workers=1)
     table = pd.read_csv(full, dtype=str, keep_default_na=False)

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from soundstage.models import hubert as hubert_mod
-from soundstage.models.hubert import load_hubert, parse_conv_layers, tiny_hubert_config
+from soundstage.models.hubert import load_hubert, parse_conv_layers
+from soundstage.models.tiny import tiny_hubert_config
 
 torch.set_num_threads(1)
 
@@ -26,7 +27,8 @@ def _tiny_model(layer_norm_first: bool, seed: int = 0):
     from transformers import HubertModel
 
     torch.manual_seed(seed)
-    model = HubertModel(tiny_hubert_config(layer_norm_first=layer_norm_first)).eval()
+    # three blocks, so that a middle layer (neither the first nor the last) is checked too
+    model = HubertModel(tiny_hubert_config(layer_norm_first=layer_norm_first, num_hidden_layers=3)).eval()
     # random (non-identity) norms so that a skipped or extra layer norm shows up in the numbers
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -73,7 +75,7 @@ def test_extract_equals_transformers_forward(tmp_path, layer_norm_first):
         feats = extractor.extract(wave, layer)
         ref, out = _reference(model, wave, layer, normalize=layer_norm_first)
         assert feats.dtype == np.float32
-        assert feats.shape == ((16000 - 400) // 320 + 1, 32)
+        assert feats.shape == ((16000 - 400) // 320 + 1, model.config.hidden_size)
         np.testing.assert_allclose(feats, ref, atol=2e-5, rtol=1e-4)
         if layer < n_layers:
             np.testing.assert_allclose(feats, out.hidden_states[layer][0].numpy(), atol=2e-5, rtol=1e-4)
@@ -95,7 +97,7 @@ def test_batch_equals_one_at_a_time(tmp_path, layer_norm_first):
     extractor = load_hubert(str(tmp_path / "m"))
     waves = _waves(3, 12000)
     batched = extractor.extract_batch(waves, 2)
-    assert batched.shape == (3, (12000 - 400) // 320 + 1, 32)
+    assert batched.shape == (3, (12000 - 400) // 320 + 1, model.config.hidden_size)
     for i in range(3):
         np.testing.assert_allclose(batched[i], extractor.extract(waves[i], 2), atol=1e-5, rtol=1e-4)
         ref, _ = _reference(model, waves[i], 2, normalize=layer_norm_first)

@@ -134,7 +134,7 @@ def hubert_cache(tmp_path_factory):
     from transformers import HubertModel
 
     from soundstage.manifests.synth import make_synthetic_dataset
-    from soundstage.models.hubert import tiny_hubert_config
+    from soundstage.models.tiny import tiny_hubert_config
     from soundstage.pipeline.runner import run_stage
     from soundstage.stages import get_stage
 
@@ -169,14 +169,16 @@ def test_units_pipeline_and_refit_reuses_features(hubert_cache, tmp_path):
     from soundstage.cache import open_stage, read_result
     from soundstage.cli import main
     from soundstage.manifests.table import read_manifest
+    from soundstage.models.tiny import tiny_hubert_config
     from soundstage.stages.units import km_command
 
     manifest, cache, hubert_params, hubert_dir = hubert_cache
+    dim = tiny_hubert_config().hidden_size  # of the features the fixture's model writes
     before = _snapshot(hubert_dir)
     km4 = _run("kmeans", manifest, cache, {"k": 4, "percent": 1.0, "device": "cpu"})
     result = read_result(km4.path)
     centroids = result["centroids"]
-    assert centroids.shape == (4, 32)
+    assert centroids.shape == (4, dim)
     feats = open_stage(hubert_dir)
     all_frames = np.concatenate([feats[c]["features"].astype(np.float32) for c in sorted(feats)])
     assert result["sample_frames"][0] == len(all_frames)
@@ -205,7 +207,7 @@ def test_units_pipeline_and_refit_reuses_features(hubert_cache, tmp_path):
     again = _run("hubert", manifest, cache, hubert_params)
     assert again.done == 0 and again.cached == 5
     # imported centroids instead of a fit
-    imported = np.random.default_rng(5).standard_normal((7, 32)).astype(np.float32)
+    imported = np.random.default_rng(5).standard_normal((7, dim)).astype(np.float32)
     np.save(tmp_path / "c.npy", imported)
     km_imported = _run("kmeans", manifest, cache, {"import_centroids": str(tmp_path / "c.npy"), "percent": 1.0})
     np.testing.assert_array_equal(read_result(km_imported.path)["centroids"], imported)

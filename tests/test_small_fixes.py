@@ -28,7 +28,7 @@ def test_the_demo_hint_for_a_real_manifest_is_a_working_command():
 def test_no_model_loading_bars_under_no_progress(tmp_path):
     from transformers import HubertModel
 
-    from soundstage.models.hubert import tiny_hubert_config
+    from soundstage.models.tiny import tiny_hubert_config
 
     manifest = write_manifest(str(tmp_path), make_wavs(str(tmp_path), n=1, seconds=(1,)))
     torch.manual_seed(0)

@@ -37,7 +37,7 @@ def units_cache(tmp_path_factory):
     """Two clips through tiny HuBERT -> k-means (k=2) -> units twice (top_k 1 and 2)."""
     from transformers import HubertModel
 
-    from soundstage.models.hubert import tiny_hubert_config
+    from soundstage.models.tiny import tiny_hubert_config
 
     root = tmp_path_factory.mktemp("units")
     manifest = write_manifest(str(root), make_wavs(str(root), n=2, seconds=(2,)))

@@ -348,30 +348,6 @@ class BEATs(nn.Module):
         return self.classify(features, padding_mask), padding_mask
 
 
-def tiny_config(**overrides) -> dict:
-    """A small config with every switch the official iter3+ checkpoints use (tests, demos)."""
-    cfg = {
-        "input_patch_size": 16,
-        "embed_dim": 32,
-        "encoder_layers": 2,
-        "encoder_embed_dim": 64,
-        "encoder_ffn_embed_dim": 128,
-        "encoder_attention_heads": 4,
-        "conv_pos": 16,
-        "conv_pos_groups": 4,
-        "deep_norm": True,
-        "layer_norm_first": False,
-        "relative_position_embedding": True,
-        "num_buckets": 320,
-        "max_distance": 800,
-        "gru_rel_pos": True,
-        "finetuned_model": True,
-        "predictor_class": 527,
-    }
-    cfg.update(overrides)
-    return cfg
-
-
 #: the AudioSet class list shipped with the package (index, mid, display_name; see ATTRIBUTION.md)
 AUDIOSET_CLASS_LIST = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "audioset", "class_labels_indices.csv")
 
@@ -380,16 +356,3 @@ def audioset_classes() -> list[tuple[str, str]]:
     """(MID, display name) of the 527 AudioSet classes, in class-list order."""
     with open(AUDIOSET_CLASS_LIST, newline="", encoding="utf-8") as f:
         return [(row["mid"], row["display_name"]) for row in csv.DictReader(f)]
-
-
-def write_tiny_checkpoint(path, seed: int = 0, **overrides) -> str:
-    """A seeded random tiny fine-tuned BEATs in the official format, labelled with the AudioSet
-    MIDs in class-list order: a stand-in for the real checkpoint (demos, tests), loaded back
-    through the same ``from_checkpoint`` as a real one. Same seed and file name, same bytes."""
-    mids = [mid for mid, _ in audioset_classes()]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = BEATs(tiny_config(predictor_class=len(mids), **overrides))
-    model.label_dict = dict(enumerate(mids))
-    model.save_checkpoint(path)
-    return str(path)

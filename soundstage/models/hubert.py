@@ -449,37 +449,3 @@ def _rename_key(key: str, target_keys: set) -> str | None:
                 new = repl + key[len(old) :]
                 break
     return new if new in target_keys else None
-
-
-# ---------------------------------------------------------------------------- tiny test models
-
-
-def tiny_hubert_config(layer_norm_first: bool = False, **overrides):
-    """A small transformers ``HubertConfig`` with the real conv stack (400-sample frames, 320 hop).
-
-    ``layer_norm_first=True`` gives the large-style model (layer-norm conv stack, pre-LN blocks).
-    For tests and the embedded default pipeline; random weights are seeded by the caller.
-    """
-    from transformers import HubertConfig
-
-    settings = dict(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        conv_dim=(16,) * 7,
-        conv_kernel=(10, 3, 3, 3, 3, 2, 2),
-        conv_stride=(5, 2, 2, 2, 2, 2, 2),
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-        conv_bias=layer_norm_first,
-        feat_extract_norm="layer" if layer_norm_first else "group",
-        do_stable_layer_norm=layer_norm_first,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        feat_proj_dropout=0.0,
-        layerdrop=0.0,
-    )
-    settings.update(overrides)
-    return HubertConfig(**settings)

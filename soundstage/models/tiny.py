@@ -71,15 +71,26 @@ def _seeded(seed: int, make):
 # ------------------------------------------------------------------------------- audio models
 
 
+def tiny_hubert_config(layer_norm_first: bool = False, **overrides):
+    """``data/tiny/hubert.json``'s transformers ``HubertConfig``. ``layer_norm_first=True`` gives
+    the large-style variant (layer-norm conv stack with biases, pre-LN blocks, as
+    ``facebook/hubert-large-ll60k``); tests build other variants with ``overrides``."""
+    from transformers import HubertConfig
+
+    settings = dict(tiny_config("hubert")["config"])
+    if layer_norm_first:
+        settings.update(conv_bias=True, feat_extract_norm="layer", do_stable_layer_norm=True)
+    return HubertConfig(**{**settings, **overrides})
+
+
 def build_hubert(out_dir, seed: int = 0) -> str:
     """A transformers HuBERT directory (weights, config, preprocessor_config.json) like
     ``facebook/hubert-base-ls960``'s."""
-    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+    from transformers import HubertModel, Wav2Vec2FeatureExtractor
 
-    spec = tiny_config("hubert")
-    model = _seeded(seed, lambda: HubertModel(HubertConfig(**spec["config"])))
+    model = _seeded(seed, lambda: HubertModel(tiny_hubert_config()))
     model.save_pretrained(out_dir)
-    Wav2Vec2FeatureExtractor(**spec["feature_extractor"]).save_pretrained(out_dir)
+    Wav2Vec2FeatureExtractor(**tiny_config("hubert")["feature_extractor"]).save_pretrained(out_dir)
     return str(out_dir)
 
 
@@ -94,6 +105,12 @@ def beats_label_dict(display_names) -> dict:
     return {i: mid_of[name] for i, name in enumerate(display_names)}
 
 
+def tiny_beats_cfg(**overrides) -> dict:
+    """``data/tiny/beats.json``'s cfg (the dict official BEATs checkpoints carry), with ``overrides``
+    (tests build variants: other bucket settings, a pre-trained model, 527 classes)."""
+    return {**tiny_config("beats")["cfg"], **overrides}
+
+
 def build_beats(path, seed: int = 0) -> str:
     """An official-format fine-tuned BEATs checkpoint file (``{"cfg", "model", "label_dict"}``)."""
     from soundstage.models.beats import BEATs
@@ -101,7 +118,7 @@ def build_beats(path, seed: int = 0) -> str:
     spec = tiny_config("beats")
     if spec["cfg"]["predictor_class"] != len(spec["classes"]):
         raise ValueError("data/tiny/beats.json: predictor_class must equal the number of classes")
-    model = _seeded(seed, lambda: BEATs(spec["cfg"]))
+    model = _seeded(seed, lambda: BEATs(tiny_beats_cfg()))
     model.label_dict = beats_label_dict(spec["classes"])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     model.save_checkpoint(path)
