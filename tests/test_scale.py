@@ -11,6 +11,7 @@ import tracemalloc
 import h5py
 import numpy as np
 import pandas as pd
+import pytest
 
 from soundstage.cache.index import output_status
 from soundstage.cache.maintenance import verify_part
@@ -203,3 +204,27 @@ def test_jobs_start_no_process_when_there_is_nothing_to_do(tmp_path, monkeypatch
     assert float(open_stage(third.path)["c007"]["x"]) == 107.0
     forced = local.run_local(FLAKY, manifest, cache, {}, jobs=3, progress=False, force=True)
     assert forced.done == 30 and len(started) == 6
+
+
+def test_plans_written_from_the_planners_rows_equal_plans_read_from_the_manifest(tmp_path):
+    import dataclasses
+    import glob
+
+    from soundstage.cache.table import ManifestError
+    from soundstage.pipeline.runner import manifest_rows
+    from soundstage.pipeline.task_plan import manifest_stamp, write_task_plans
+
+    manifest = str(tmp_path / "m.csv")
+    _plan_manifest(manifest, 50)
+    read = (manifest_stamp(manifest), *manifest_rows(manifest))
+    every_column = dataclasses.replace(FLAKY, reads=None)
+    for stage in (FLAKY, every_column):
+        a = write_task_plans(str(tmp_path / stage.name / "a"), manifest, stage, 4, [0, 2, 3])
+        b = write_task_plans(str(tmp_path / stage.name / "b"), manifest, stage, 4, [0, 2, 3], read=read)
+        files = sorted(os.path.basename(f) for f in glob.glob(os.path.join(a, "*.json")))
+        assert files == sorted(os.path.basename(f) for f in glob.glob(os.path.join(b, "*.json"))) and len(files) == 3
+        for name in files:
+            assert json.load(open(os.path.join(a, name))) == json.load(open(os.path.join(b, name)))
+    needs = dataclasses.replace(FLAKY, required_columns=("value", "audio_path"))
+    with pytest.raises(ManifestError, match="audio_path"):
+        write_task_plans(str(tmp_path / "c"), manifest, needs, 4, [0], read=read)

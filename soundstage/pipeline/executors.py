@@ -28,7 +28,7 @@ from soundstage.pipeline.runner import manifest_rows, plan_stage
 from soundstage.pipeline.shard import shard_of
 from soundstage.pipeline.stage import Stage
 from soundstage.pipeline.task_args import stage_cli_args
-from soundstage.pipeline.task_plan import write_task_plans
+from soundstage.pipeline.task_plan import manifest_stamp, write_task_plans
 
 
 @dataclass
@@ -160,9 +160,16 @@ class Executor:
         raise NotImplementedError
 
     @functools.cached_property
+    def manifest_read(self) -> tuple[list, list, list]:
+        """(stamp, usable rows, unusable rows) of the manifest, read once per run: each stage of a
+        pipeline looks at it again, and the SLURM planner writes the tasks' rows from it."""
+        stamp = manifest_stamp(self.manifest)  # before reading: a change while reading shows as a change
+        rows, bad = manifest_rows(self.manifest)
+        return stamp, rows, bad
+
+    @property
     def clip_rows(self) -> list[dict]:
-        """Read once per run: each stage of a local pipeline looks at it again."""
-        return manifest_rows(self.manifest)[0]
+        return self.manifest_read[1]
 
 
 @dataclass
@@ -254,7 +261,9 @@ class SlurmExecutor(Executor):
                 if job is not None and work.meta is not None:
                     work.dir.initialise(work.meta)
                 if job is not None and job.name in submitting and job.shard_ids:  # each task reads its own rows
-                    plan = write_task_plans(work.dir.path, self.manifest, work.stage, work.shards, job.shard_ids)
+                    plan = write_task_plans(
+                        work.dir.path, self.manifest, work.stage, work.shards, job.shard_ids, read=self.manifest_read
+                    )
                     job.command += ["--task-plan", plan]
         submission = slurm.submit_jobs(jobs, dry_run=self.dry_run, out=out, running=running)
         stage_ids = submission.all_ids()

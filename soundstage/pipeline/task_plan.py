@@ -23,7 +23,8 @@ import time
 import uuid
 
 from soundstage.cache.store import atomic_write_text
-from soundstage.pipeline.shard import in_shard, manifest_shares
+from soundstage.cache.table import ManifestError
+from soundstage.pipeline.shard import in_shard, manifest_columns, manifest_shares, shard_of
 
 PLANS_DIR = "tasks"
 FORMAT = "soundstage-task-plan/1"
@@ -33,23 +34,30 @@ def plan_file(plan_dir: str, shard: tuple[int, int]) -> str:
     return os.path.join(plan_dir, f"shard-{shard[0]:05d}-of-{shard[1]:05d}.json")
 
 
-def _stamp(path: str) -> list[int]:
+def manifest_stamp(path: str) -> list[int]:
+    """What tells a manifest changed: its size and mtime."""
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns]
 
 
-def write_task_plans(output_dir: str, manifest_path: str, stage, num_shards: int, shard_ids: list[int]) -> str:
+def write_task_plans(output_dir: str, manifest_path: str, stage, num_shards: int, shard_ids: list[int], read=None) -> str:
     """Write the rows of each of ``shard_ids`` (of ``num_shards``) for ``stage``'s array tasks;
-    returns the plan directory (what ``--task-plan`` names). Earlier plans of the output go."""
-    stamp = _stamp(manifest_path)  # before reading: a change while reading shows as a change
+    returns the plan directory (what ``--task-plan`` names). Earlier plans of the output go.
+    ``read``: (stamp, rows, unusable rows) of the manifest as the planner read it already (every
+    column; see ``manifest_stamp``), else it is read here."""
     shards = [(i, num_shards) for i in shard_ids]
+    if read is None:
+        stamp = manifest_stamp(manifest_path)  # before reading: a change while reading shows as a change
+        shares = manifest_shares(manifest_path, stage, shards)
+    else:
+        stamp, shares = read[0], _split(stage, manifest_path, read[1], read[2], shards)
     root = os.path.join(output_dir, PLANS_DIR)
     if os.path.isdir(root):
         for old in os.listdir(root):
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     plan_dir = os.path.join(root, f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
     os.makedirs(plan_dir)
-    for shard, (rows, bad) in zip(shards, manifest_shares(manifest_path, stage, shards)):
+    for shard, (rows, bad) in zip(shards, shares):
         bad = [(cid, cause) for cid, cause in bad if in_shard(cid, shard)]
         columns = list(rows[0]) if rows else []
         body = {
@@ -65,12 +73,28 @@ def write_task_plans(output_dir: str, manifest_path: str, stage, num_shards: int
     return plan_dir
 
 
+def _split(stage, manifest_path: str, rows: list[dict], bad: list, shards: list) -> list[tuple[list, list]]:
+    """``manifest_shares`` from rows read already: each shard's rows with the stage's columns."""
+    present = list(rows[0]) if rows else []  # in the manifest's order
+    missing = [c for c in stage.required_columns if c not in present]
+    if rows and missing:
+        raise ManifestError(f"manifest {manifest_path} lacks column(s) {', '.join(missing)}, which {stage.name} reads")
+    wanted = manifest_columns(stage)
+    columns = [c for c in present if wanted is None or c in wanted]
+    by_shard = {i: [] for i, _ in shards}
+    for row in rows:
+        k = shard_of(row["clip_id"], shards[0][1])
+        if k in by_shard:
+            by_shard[k].append({c: row[c] for c in columns})
+    return [(by_shard[i], bad) for i, _ in shards]
+
+
 def read_task_plan(plan_dir: str, manifest_path: str, shard: tuple[int, int]) -> tuple[tuple[list, list] | None, str]:
     """(rows, unusable rows) of ``shard`` from its plan file, or (None, why not): the caller then
     reads the manifest. Only a plan for this very manifest, unchanged since, is used."""
     path = plan_file(plan_dir, shard)
     try:
-        stamp = _stamp(manifest_path)
+        stamp = manifest_stamp(manifest_path)
     except OSError as e:
         return None, f"the manifest cannot be read ({e})"
     try:
