@@ -14,6 +14,8 @@ from collections import Counter
 import click
 import numpy as np
 
+from soundstage.cache.cli import CACHE_OPTION
+
 DEFAULT_THRESHOLD = 0.4  # as in the active-queries work
 
 
@@ -78,14 +80,7 @@ def _open_beats(cache: str, selector: str | None):
 def output_options(command):
     """The options every tags command shares: where the beats output is and the threshold."""
     options = [
-        click.option(
-            "--cache",
-            type=click.Path(file_okay=False),
-            envvar="SOUNDSTAGE_CACHE",
-            default="cache",
-            show_default=True,
-            help="cache root",
-        ),
+        CACHE_OPTION,
         click.option("--beats", "selector", help="which beats output: fingerprint (prefix) or key=value,..."),
         click.option(
             "--checkpoint",
@@ -120,9 +115,9 @@ def tags():
     show_default=True,
     help="most probable classes of the whole clip, and most tags shown per second",
 )
-def show(clip, cache, selector, checkpoint, threshold, top_k):
+def show(clip, cache_root, selector, checkpoint, threshold, top_k):
     """The top classes of CLIP and its tags per second (= per video frame)."""
-    sd, reader = _open_beats(cache, selector)
+    sd, reader = _open_beats(cache_root, selector)
     if clip not in reader:
         raise click.ClickException(f"clip {clip!r} is not in {sd.path}")
     record = reader[clip]
@@ -157,9 +152,9 @@ def tag_counts(reader, clip_ids, namer: TagNamer, threshold: float) -> tuple[Cou
 )
 @output_options
 @click.option("--top", type=int, default=10, show_default=True, help="classes listed per subset")
-def summary(manifest, cache, selector, checkpoint, threshold, top):
+def summary(manifest, cache_root, selector, checkpoint, threshold, top):
     """Most frequent clip-level tags per subset, with counts: what the dataset sounds like."""
-    sd, reader = _open_beats(cache, selector)
+    sd, reader = _open_beats(cache_root, selector)
     namer = TagNamer(class_mids_of_output(sd, checkpoint))
     groups: dict[str, list[str]] = {}
     missing = 0
