@@ -93,6 +93,24 @@ def test_an_unchanged_output_is_looked_up_through_the_mapped_file_without_resolv
     assert index_module.load_clip_index(sd).versions(["c5"])["c5"].digest == "again" and resolved == [5]
 
 
+def test_a_reader_making_many_lookups_holds_the_index_in_memory_not_the_mapped_file(tmp_path):
+    sd = _output(tmp_path, parts=3)
+    open_stage(sd.path)  # writes the index
+    reader = open_stage(sd.path)
+    assert not reader._index.ids.flags.owndata  # a view of the file's map
+    expected = {f"c{k}": _values(f"c{k}") for k in range(9)}
+    for _ in range(4096 // 9 + 2):  # past the lookups answered by binary search
+        for cid in expected:
+            reader[cid]
+    assert reader._lookup is not None
+    ix = reader._index
+    assert all(a.flags.owndata for a in (ix.ids, ix.part, ix.row, ix.digests, ix.has_digests))
+    assert all(arr.flags.owndata for offsets in reader._offsets for arr in offsets.values())
+    os.remove(os.path.join(sd.path, INDEX_FILE))  # gone (on NFS: replaced by another node)
+    _assert_reads(reader, expected)
+    assert reader.digest("c4") == "dc4" and list(reader.lengths("frames", ["c3"])) == [4]
+
+
 def test_a_format_1_index_file_is_ignored_and_removed_by_the_rewrite(tmp_path):
     sd = _output(tmp_path, parts=2)
     legacy = os.path.join(sd.path, index_module.LEGACY_INDEX_FILE)

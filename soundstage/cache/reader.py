@@ -93,7 +93,19 @@ class StageReader(Mapping):
                 k = int(self._index.positions([clip_id])[0]) if isinstance(clip_id, str) else -1
                 return k if k >= 0 else None
             self._lookup = dict(zip(np.char.decode(self._index.ids, "utf-8").tolist(), range(len(self._index.ids))))
+            self._detach_index()
         return self._lookup.get(clip_id)
+
+    def _detach_index(self) -> None:
+        """Copy what reads use of the (memory-mapped) index file into memory. A reader that makes
+        many lookups lives long (training) and already holds a dict of every clip, so the copy
+        costs little; the index file may then be replaced under it (other jobs committing to the
+        output) without this process ever touching a file that is gone (on NFS: ESTALE)."""
+        ix = self._index
+        ix.ids, ix.part, ix.row = np.array(ix.ids), np.array(ix.part), np.array(ix.row)
+        ix.digests, ix.has_digests = np.array(ix.digests), np.array(ix.has_digests)
+        self._offsets = [{name: np.array(arr) for name, arr in offsets.items()} for offsets in self._offsets]
+        ix.infos = []  # their ids and digests are views of the map; reads do not use them
 
     @property
     def index(self) -> dict:
