@@ -28,6 +28,8 @@ import os
 
 import click
 
+from soundstage.cache.cli import CACHE_OPTION
+
 
 @click.group()
 def export():
@@ -74,7 +76,7 @@ def segpref_texts(manifest_rows: list, reader, n_slots: int, names: str, key: st
     envvar="SOUNDSTAGE_MANIFEST",
     help="clips to export (and their vid)",
 )
-@click.option("--cache", default="cache", show_default=True, envvar="SOUNDSTAGE_CACHE", help="cache root")
+@CACHE_OPTION
 @click.option("--sources", "selector", help="which sources output: FINGERPRINT or key=value,... (default: the only one)")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="JSON file to write")
 @click.option("--n-slots", default=4, show_default=True, help="cut/pad each frame to this many names with None (0: no padding)")
@@ -93,7 +95,7 @@ def segpref_texts(manifest_rows: list, reader, n_slots: int, names: str, key: st
     help="vid: as SegPref's loader looks texts up; clip_id: unique per clip",
 )
 @click.option("--allow-missing", is_flag=True, help="leave out clips without a sources record instead of failing")
-def segpref_json(manifest, cache, selector, out_path, n_slots, names, key, allow_missing):
+def segpref_json(manifest, cache_root, selector, out_path, n_slots, names, key, allow_missing):
     """SegPref text-cue JSON from the sources stage: {"<vid>": {"f0": "guitar,man,None,None,", ...}}."""
     from soundstage.cache import open_stage
     from soundstage.cache.store import atomic_write_text
@@ -103,7 +105,7 @@ def segpref_json(manifest, cache, selector, out_path, n_slots, names, key, allow
     from soundstage.stages import get_stage
 
     try:
-        stage_dir = choose(cache, get_stage("sources"), selector, log=lambda m: click.echo(m, err=True))
+        stage_dir = choose(cache_root, get_stage("sources"), selector, log=lambda m: click.echo(m, err=True))
     except UpstreamError as e:
         raise click.ClickException(str(e)) from None
     rows = read_manifest(manifest).to_dict("records")

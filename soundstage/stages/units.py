@@ -20,6 +20,7 @@ import os
 import click
 import numpy as np
 
+from soundstage.cache.cli import CACHE_OPTION
 from soundstage.manifests.table import frame_count
 from soundstage.models.kmeans import nearest_centroid
 from soundstage.pipeline.stage import Field, Param, Stage, Upstream
@@ -114,11 +115,11 @@ def export_km(units_dir: str, km_path: str, ids_path: str | None = None, clip_id
     envvar="SOUNDSTAGE_MANIFEST",
     help="export this manifest's clips, in its order (default: every cached clip, sorted)",
 )
-@click.option("--cache", default="cache", show_default=True, envvar="SOUNDSTAGE_CACHE", help="cache root")
+@CACHE_OPTION
 @click.option("--units", "selector", help="which units output: FINGERPRINT or key=value,... (default: the only one)")
 @click.option("--out", "km_path", required=True, type=click.Path(dir_okay=False), help=".km file to write")
 @click.option("--ids", "ids_path", type=click.Path(dir_okay=False), help="clip id list (default: --out with .ids)")
-def km_command(manifest, cache, selector, km_path, ids_path):
+def km_command(manifest, cache_root, selector, km_path, ids_path):
     """Units in fairseq's .km format (one line of unit ids per clip) plus the clip id list."""
     from soundstage.manifests.table import read_manifest
     from soundstage.pipeline.resolve import UpstreamError, choose
@@ -128,7 +129,7 @@ def km_command(manifest, cache, selector, km_path, ids_path):
         if folder and not os.path.isdir(folder):
             raise click.ClickException(f"{option} {path}: folder {folder} does not exist")
     try:
-        stage_dir = choose(cache, STAGE, selector, log=lambda m: click.echo(m, err=True)).path
+        stage_dir = choose(cache_root, STAGE, selector, log=lambda m: click.echo(m, err=True)).path
         clip_ids = list(read_manifest(manifest)["clip_id"]) if manifest else None
         n = export_km(stage_dir, km_path, ids_path, clip_ids)
     except (UpstreamError, KeyError, ValueError, OSError) as e:
