@@ -56,7 +56,7 @@ def main():
     import faiss
     import sklearn
 
-    from soundstage.stages.kmeans import FAISS_SETTINGS, fit_kmeans, inertia_per_frame
+    from soundstage.models.kmeans import FAISS_SETTINGS, fit_kmeans, inertia_per_frame
 
     x = synthetic_frames(args.frames, args.dim, args.sources, args.seed)
     print(

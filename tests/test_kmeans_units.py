@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from soundstage.stages.kmeans import (
+from soundstage.models.kmeans import (
     SKLEARN_FAIRSEQ_SETTINGS,
     fit_kmeans,
     inertia_per_frame,

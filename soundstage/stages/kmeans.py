@@ -19,15 +19,7 @@ The k-means code itself (fitting, assignment, importing) is ``soundstage.models.
 import numpy as np
 
 from soundstage.models.device import device_param
-from soundstage.models.kmeans import (  # noqa: F401 (also importable from here, as before)
-    FAISS_SETTINGS,
-    SKLEARN_FAIRSEQ_SETTINGS,
-    fit_kmeans,
-    inertia_per_frame,
-    load_centroids,
-    nearest_centroid,
-    sample_clip_ids,
-)
+from soundstage.models.kmeans import fit_kmeans, inertia_per_frame, load_centroids, sample_clip_ids
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.progress import progress_bar
 from soundstage.pipeline.stage import Param, Stage, Upstream
