@@ -27,7 +27,6 @@ from soundstage.cache.locks import writer_lock
 from soundstage.cache.maintenance import PINNED, merge_shard_parts
 from soundstage.cache.reader import MissingClip
 from soundstage.cache.store import CacheError, PartWriter, StageDir, atomic_write_text
-from soundstage.cache.table import read_manifest
 from soundstage.pipeline.attempts import Attempts
 from soundstage.pipeline.fingerprint import normalise_params, plan_mismatch, stage_meta
 from soundstage.pipeline.freshness import (
@@ -182,21 +181,10 @@ def plan_stage(
     )
 
 
-def manifest_rows(manifest_path: str, stage: Stage | None = None) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Usable rows (unique, non-empty clip ids) and (clip_id, cause) for rows that are not.
-    With ``stage``, a manifest lacking one of its ``required_columns`` raises ``ManifestError``."""
-    df = read_manifest(manifest_path, tuple(stage.required_columns), stage.name) if stage else read_manifest(manifest_path)
-    rows, bad, seen = [], [], set()
-    for number, row in enumerate(df.to_dict("records"), start=2):  # line 1 is the header
-        cid = row["clip_id"].strip()
-        if not cid:
-            bad.append((f"<row {number}>", f"empty clip_id in manifest row {number}"))
-        elif cid in seen:
-            bad.append((cid, f"duplicate clip_id in manifest row {number}"))
-        else:
-            seen.add(cid)
-            rows.append(row)
-    return rows, bad
+def manifest_rows(manifest_path: str) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Usable rows (unique, non-empty clip ids) with every column, and (clip_id, cause) for rows
+    that are not: the whole manifest as one shard (``manifest_share``)."""
+    return manifest_share(manifest_path)
 
 
 def pending_clips(stage: Stage, params: dict, manifest_path: str, cache_root: str, upstream_select=None, shard=(0, 1)) -> int:
