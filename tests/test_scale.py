@@ -117,6 +117,14 @@ def _plan_manifest(path, n):
     )
 
 
+def _write_plans(out, manifest, stage, count, shard_ids):
+    """The task plans as the SLURM planner writes them, from the manifest it has read."""
+    from soundstage.pipeline.runner import manifest_rows
+    from soundstage.pipeline.task_plan import manifest_stamp, write_task_plans
+
+    return write_task_plans(out, manifest, stage, count, shard_ids, read=(manifest_stamp(manifest), *manifest_rows(manifest)))
+
+
 def _values_of(path):
     reader = open_stage(path)
     return {cid: float(reader[cid]["x"]) for cid in reader}
@@ -125,12 +133,11 @@ def _values_of(path):
 def test_array_tasks_read_their_planned_rows_and_never_the_manifest(tmp_path, monkeypatch):
     from soundstage.cache import table
     from soundstage.pipeline import shard as shard_module
-    from soundstage.pipeline.task_plan import write_task_plans
 
     manifest = str(tmp_path / "m.csv")
     _plan_manifest(manifest, 40)
     reference = run_stage(FLAKY, manifest, str(tmp_path / "reference"), progress=False)
-    plans = write_task_plans(str(tmp_path / "out"), manifest, FLAKY, 4, [0, 1, 2, 3])
+    plans = _write_plans(str(tmp_path / "out"), manifest, FLAKY, 4, [0, 1, 2, 3])
 
     def no_manifest(*a, **k):
         raise AssertionError("an array task with a plan read the manifest")
@@ -148,11 +155,9 @@ def test_array_tasks_read_their_planned_rows_and_never_the_manifest(tmp_path, mo
 
 
 def test_a_manifest_changed_since_submission_or_a_missing_plan_is_read_again_and_said(tmp_path):
-    from soundstage.pipeline.task_plan import write_task_plans
-
     manifest, cache = str(tmp_path / "m.csv"), str(tmp_path / "cache")
     _plan_manifest(manifest, 20)
-    plans = write_task_plans(str(tmp_path / "out"), manifest, FLAKY, 2, [0])
+    plans = _write_plans(str(tmp_path / "out"), manifest, FLAKY, 2, [0])
     _plan_manifest(manifest, 30)  # grown since the run was submitted
     changed = run_stage(FLAKY, manifest, cache, shard=(0, 2), task_plan=plans, progress=False)
     assert any("changed since the run was submitted: read the manifest instead" in n for n in changed.notes)
@@ -166,11 +171,10 @@ def test_a_manifest_changed_since_submission_or_a_missing_plan_is_read_again_and
 
 def test_jobs_inside_an_array_task_split_its_planned_rows(tmp_path):
     from soundstage.pipeline.local import run_local
-    from soundstage.pipeline.task_plan import write_task_plans
 
     manifest, cache = str(tmp_path / "m.csv"), str(tmp_path / "cache")
     _plan_manifest(manifest, 30)
-    plans = write_task_plans(str(tmp_path / "out"), manifest, FLAKY, 2, [0, 1])
+    plans = _write_plans(str(tmp_path / "out"), manifest, FLAKY, 2, [0, 1])
     done = [run_local(FLAKY, manifest, cache, {}, shard=(i, 2), jobs=2, task_plan=plans, progress=False) for i in range(2)]
     assert sum(s.done for s in done) == 30 and all(not s.notes for s in done)
     assert _values_of(done[0].path) == {f"c{k:03d}": float(k) for k in range(30)}
@@ -206,25 +210,26 @@ def test_jobs_start_no_process_when_there_is_nothing_to_do(tmp_path, monkeypatch
     assert forced.done == 30 and len(started) == 6
 
 
-def test_plans_written_from_the_planners_rows_equal_plans_read_from_the_manifest(tmp_path):
+def test_plans_written_from_the_planners_rows_equal_each_shards_rows_read_from_the_manifest(tmp_path):
     import dataclasses
     import glob
 
     from soundstage.cache.table import ManifestError
     from soundstage.pipeline.runner import manifest_rows
-    from soundstage.pipeline.task_plan import manifest_stamp, write_task_plans
+    from soundstage.pipeline.shard import in_shard, manifest_share
+    from soundstage.pipeline.task_plan import manifest_stamp, read_task_plan, write_task_plans
 
     manifest = str(tmp_path / "m.csv")
     _plan_manifest(manifest, 50)
     read = (manifest_stamp(manifest), *manifest_rows(manifest))
     every_column = dataclasses.replace(FLAKY, reads=None)
     for stage in (FLAKY, every_column):
-        a = write_task_plans(str(tmp_path / stage.name / "a"), manifest, stage, 4, [0, 2, 3])
-        b = write_task_plans(str(tmp_path / stage.name / "b"), manifest, stage, 4, [0, 2, 3], read=read)
-        files = sorted(os.path.basename(f) for f in glob.glob(os.path.join(a, "*.json")))
-        assert files == sorted(os.path.basename(f) for f in glob.glob(os.path.join(b, "*.json"))) and len(files) == 3
-        for name in files:
-            assert json.load(open(os.path.join(a, name))) == json.load(open(os.path.join(b, name)))
+        plans = write_task_plans(str(tmp_path / stage.name), manifest, stage, 4, [0, 2, 3], read=read)
+        assert len(glob.glob(os.path.join(plans, "*.json"))) == 3
+        for i in (0, 2, 3):
+            (rows, bad), why = read_task_plan(plans, manifest, (i, 4))
+            want_rows, want_bad = manifest_share(manifest, stage, (i, 4))  # what the task would read itself
+            assert why == "" and rows == want_rows and bad == [b for b in want_bad if in_shard(b[0], (i, 4))]
     needs = dataclasses.replace(FLAKY, required_columns=("value", "audio_path"))
     with pytest.raises(ManifestError, match="audio_path"):
         write_task_plans(str(tmp_path / "c"), manifest, needs, 4, [0], read=read)

@@ -68,24 +68,12 @@ def manifest_share(manifest_path: str, stage=None, shard: tuple[int, int] = (0, 
     every unusable row. Only the stage's columns are read (``manifest_columns``), and only this
     shard's rows become dicts: an array task's start-up is about its share of the manifest.
     With ``stage``, a manifest lacking one of its ``required_columns`` raises ``ManifestError``."""
-    (rows, bad), *_ = manifest_shares(manifest_path, stage, [shard])
-    return rows, bad
-
-
-def manifest_shares(manifest_path: str, stage, shards: list[tuple[int, int]]) -> list[tuple[list[dict], list]]:
-    """``manifest_share`` for several shards of one count, reading the manifest once (``--jobs``
-    hands each process its share instead of each reading the whole manifest)."""
-    counts = {count for _, count in shards}
-    if len(counts) != 1:
-        raise ValueError(f"shards of one count expected, got {shards}")
-    (count,) = counts
-    for index, _ in shards:
-        if not 0 <= index < count:
-            raise ValueError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
     needed = (tuple(stage.required_columns), stage.name) if stage is not None else ((), "")
     df = read_manifest(manifest_path, *needed, only=manifest_columns(stage))
-    ids = df["clip_id"]
-    stripped = ids.str.strip()
+    stripped = df["clip_id"].str.strip()
     empty = (stripped == "").to_numpy()
     duplicate = (stripped.duplicated() & ~empty).to_numpy()  # the first row of an id is kept
     bad = [
@@ -95,13 +83,7 @@ def manifest_shares(manifest_path: str, stage, shards: list[tuple[int, int]]) ->
         for k in np.flatnonzero(empty | duplicate).tolist()
     ]
     usable = np.flatnonzero(~(empty | duplicate))
-    if count == 1:
-        numbers = np.zeros(len(usable), np.int64)
-    else:
-        sha1, from_bytes = hashlib.sha1, int.from_bytes
-        numbers = np.fromiter(
-            (from_bytes(sha1(c.encode("utf-8")).digest()[:8], "big") % count for c in ids.to_numpy()[usable]),
-            np.int64,
-            len(usable),
-        )
-    return [(df.iloc[usable[numbers == index]].to_dict("records"), bad) for index, _ in shards]
+    if count > 1:
+        ids = df["clip_id"].to_numpy()[usable]
+        usable = usable[np.fromiter((shard_of(c, count) == index for c in ids), bool, len(usable))]
+    return df.iloc[usable].to_dict("records"), bad

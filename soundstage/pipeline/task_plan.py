@@ -24,7 +24,7 @@ import uuid
 
 from soundstage.cache.store import atomic_write_text
 from soundstage.cache.table import ManifestError
-from soundstage.pipeline.shard import in_shard, manifest_columns, manifest_shares, shard_of
+from soundstage.pipeline.shard import in_shard, manifest_columns, shard_of
 
 PLANS_DIR = "tasks"
 FORMAT = "soundstage-task-plan/1"
@@ -40,17 +40,13 @@ def manifest_stamp(path: str) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def write_task_plans(output_dir: str, manifest_path: str, stage, num_shards: int, shard_ids: list[int], read=None) -> str:
+def write_task_plans(output_dir: str, manifest_path: str, stage, num_shards: int, shard_ids: list[int], read) -> str:
     """Write the rows of each of ``shard_ids`` (of ``num_shards``) for ``stage``'s array tasks;
     returns the plan directory (what ``--task-plan`` names). Earlier plans of the output go.
-    ``read``: (stamp, rows, unusable rows) of the manifest as the planner read it already (every
-    column; see ``manifest_stamp``), else it is read here."""
+    ``read``: (stamp, rows, unusable rows) of the manifest as the planner read it (every column;
+    the stamp taken before reading, see ``manifest_stamp``)."""
     shards = [(i, num_shards) for i in shard_ids]
-    if read is None:
-        stamp = manifest_stamp(manifest_path)  # before reading: a change while reading shows as a change
-        shares = manifest_shares(manifest_path, stage, shards)
-    else:
-        stamp, shares = read[0], _split(stage, manifest_path, read[1], read[2], shards)
+    stamp, shares = read[0], _split(stage, manifest_path, read[1], read[2], shards)
     root = os.path.join(output_dir, PLANS_DIR)
     if os.path.isdir(root):
         for old in os.listdir(root):
@@ -74,7 +70,7 @@ def write_task_plans(output_dir: str, manifest_path: str, stage, num_shards: int
 
 
 def _split(stage, manifest_path: str, rows: list[dict], bad: list, shards: list) -> list[tuple[list, list]]:
-    """``manifest_shares`` from rows read already: each shard's rows with the stage's columns."""
+    """Each shard's rows, with the stage's columns (``manifest_columns``), from rows read already."""
     present = list(rows[0]) if rows else []  # in the manifest's order
     missing = [c for c in stage.required_columns if c not in present]
     if rows and missing:
