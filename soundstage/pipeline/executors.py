@@ -22,7 +22,7 @@ import click
 from soundstage.cache.index import output_status
 from soundstage.cache.store import StageDir, StageStatus
 from soundstage.pipeline import slurm
-from soundstage.pipeline.freshness import outdated
+from soundstage.pipeline.freshness import STALE_RESULT, outdated
 from soundstage.pipeline.registry import get_stage
 from soundstage.pipeline.runner import manifest_rows, plan_stage
 from soundstage.pipeline.shard import shard_of
@@ -300,7 +300,7 @@ def with_upstream_changes(works: list[StageWork]) -> list[StageWork]:
         if upstream:
             clips = None if None in upstream else set().union(*upstream)
             if work.whole_dataset and (clips is None or clips):  # its fit key moves with any upstream clip
-                work = dataclasses.replace(work, stale=work.stale | {"<result>"})
+                work = dataclasses.replace(work, stale=work.stale | {STALE_RESULT})
             elif clips is None or clips:
                 committed = work.status.done if clips is None else work.status.done & clips
                 work = dataclasses.replace(work, stale=work.stale | set(committed))

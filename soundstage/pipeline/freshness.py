@@ -43,8 +43,12 @@ def _readers_of(sd: StageDir, meta: dict | None) -> dict | None:
     return readers
 
 
+#: what ``outdated`` holds for a whole-dataset output whose fit is stale (it has no clips)
+STALE_RESULT = "<result>"
+
+
 def outdated(stage, sd: StageDir, rows: list[dict], manifest_dir: str, meta: dict | None = None) -> set[str]:
-    """Clip ids of ``rows`` committed in ``sd`` whose inputs changed since (``{"<result>"}`` for a
+    """Clip ids of ``rows`` committed in ``sd`` whose inputs changed since (``{STALE_RESULT}`` for a
     whole-dataset result fitted on other clips): what a run would recompute though it is committed."""
     if not sd.exists() or not has_results(sd):
         return set()
@@ -53,7 +57,7 @@ def outdated(stage, sd: StageDir, rows: list[dict], manifest_dir: str, meta: dic
         return set()
     if stage.kind == "global":
         stored_key, _ = stored_fit(sd.result_path)
-        return set() if stored_key == current_fit_key(rows, readers) else {"<result>"}
+        return set() if stored_key == current_fit_key(rows, readers) else {STALE_RESULT}
     digests = clip_digests(stage.reads, manifest_dir, rows, readers)
     return {cid for cid, v in committed_index(sd).items() if v.digest is not None and digests.get(cid, v.digest) != v.digest}
 
