@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from soundstage.cache import index as index_module
-from soundstage.cache.index import INDEX_FILE, committed_index, part_infos
+from soundstage.cache.index import INDEX_FILE, clip_index, committed_index
 from soundstage.cache.maintenance import compact_stage, merge_shard_parts
 from soundstage.cache.reader import open_stage
 from soundstage.cache.store import Field, StageDir, field_schema
@@ -80,7 +80,7 @@ def test_an_unchanged_output_is_looked_up_through_the_mapped_file_without_resolv
     resolved = []
     real = index_module._resolve
     monkeypatch.setattr(index_module, "_resolve", lambda infos: resolved.append(len(infos)) or real(infos))
-    index = index_module.load_clip_index(sd)
+    index = index_module.clip_index(sd)
     assert resolved == [] and isinstance(index.ids.base, np.ndarray)  # a view of the file's map, not a copy
     assert committed_index(sd, ["c5", "c11", "a-much-longer-id-than-any-committed", ""]) == {
         "c5": index_module.ClipVersion(os.path.join(sd.parts_dir, "w-00001.h5"), 2, "dc5"),
@@ -90,7 +90,7 @@ def test_an_unchanged_output_is_looked_up_through_the_mapped_file_without_resolv
     assert resolved == []
     sd.write_part("w", 7, FIELDS, [("c5", _values("c5", 1))], sd.meta(), digests=["again"])
     assert committed_index(sd, ["c5"])["c5"].digest == "again" and resolved == [5]  # changed: resolved once, rewritten
-    assert index_module.load_clip_index(sd).versions(["c5"])["c5"].digest == "again" and resolved == [5]
+    assert index_module.clip_index(sd).versions(["c5"])["c5"].digest == "again" and resolved == [5]
 
 
 def test_a_reader_making_many_lookups_holds_the_index_in_memory_not_the_mapped_file(tmp_path):
@@ -132,7 +132,7 @@ def test_a_new_part_is_read_and_added_the_others_come_from_the_index(tmp_path, m
 def test_a_recomputed_clip_reads_its_newest_version_through_the_index(tmp_path):
     sd = _output(tmp_path, parts=3)
     open_stage(sd.path)  # index written before the recompute
-    sd.commit_floor_ns = max(i.committed_ns for i in part_infos(sd)) + 1
+    sd.commit_floor_ns = max(i.committed_ns for i in clip_index(sd).infos) + 1
     sd.write_part("w2", 0, FIELDS, [("c4", _values("c4", 1))], sd.meta(), digests=["new"])
     reader = open_stage(sd.path)
     _assert_reads(reader, _expected(sd, lambda cid: 1 if cid == "c4" else 0))
@@ -149,7 +149,7 @@ def test_reads_are_right_after_a_compaction_and_the_index_follows_the_new_parts(
     before._next_look = 0  # the once-a-second look, now
     _assert_reads(before, expected)
     assert [os.path.basename(p) for p in before.parts] == ["compact-00000.h5"]
-    infos = part_infos(sd)
+    infos = clip_index(sd).infos
     assert [i.name for i in infos] == ["compact-00000.h5"]
     _assert_reads(open_stage(sd.path), expected)
 

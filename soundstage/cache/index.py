@@ -84,28 +84,6 @@ def open_part(path: str):
         raise unreadable(path, e) from None
 
 
-def part_headers(sd: StageDir, attempts: int = 20) -> list[PartHeader]:
-    """Headers of the committed parts, oldest commit first, read from the parts themselves."""
-    for _ in range(attempts):
-        headers = []
-        try:
-            for path in sd.part_paths():
-                with open_part(path) as h5:
-                    headers.append(read_header(h5, path))
-        except FileNotFoundError:
-            continue  # replaced by compaction while we listed: list again
-        return sorted(headers, key=lambda h: (h.committed_ns, os.path.basename(h.path)))
-    raise CacheError(f"{sd.parts_dir}: parts keep changing while the index is read")
-
-
-def newest_versions(headers: list[PartHeader]) -> dict[str, ClipVersion]:
-    index = {}
-    for h in headers:  # oldest first: later versions replace earlier ones
-        for row, cid in enumerate(h.ids):
-            index[cid] = ClipVersion(h.path, row, h.digests[row] if h.digests is not None else None)
-    return index
-
-
 # ------------------------------------------------------------------------- the cached index
 
 
@@ -306,7 +284,7 @@ def _write_index_file(sd: StageDir, index: ClipIndex) -> None:
             os.remove(tmp)
 
 
-def load_clip_index(sd: StageDir, fields=None, attempts: int = 20, write: bool = True) -> ClipIndex:
+def clip_index(sd: StageDir, fields=None, attempts: int = 20, write: bool = True) -> ClipIndex:
     """The clip index of ``sd``'s committed parts. When the index file lists exactly the parts
     there are (same names, sizes and mtimes), it is used as it is, mapped: nothing is read but
     what lookups touch. Otherwise it is brought up to date (parts read only when new or changed,
@@ -339,11 +317,6 @@ def load_clip_index(sd: StageDir, fields=None, attempts: int = 20, write: bool =
             _write_index_file(sd, index)
         return index
     raise CacheError(f"{sd.parts_dir}: parts keep changing while the index is read")
-
-
-def part_infos(sd: StageDir, fields=None, attempts: int = 20, write: bool = True) -> list[PartInfo]:
-    """Every committed part's info, oldest commit first (see ``load_clip_index``)."""
-    return load_clip_index(sd, fields, attempts, write).infos
 
 
 class ClipIndex:
@@ -414,10 +387,6 @@ def _resolve(infos: list[PartInfo]) -> dict:
         "has_digests": has[part_of[last]] if len(has) else np.zeros(0, bool),
         "superseded": len(all_ids) - len(ids),
     }
-
-
-def clip_index(sd: StageDir, fields=None) -> ClipIndex:
-    return load_clip_index(sd, fields)
 
 
 def committed_index(sd: StageDir, clip_ids=None) -> dict[str, ClipVersion]:

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from soundstage.cache.index import load_clip_index, open_part, unreadable
+from soundstage.cache.index import clip_index, open_part, unreadable
 from soundstage.cache.maintenance import verify_part
 from soundstage.cache.mapping import map_readonly
 from soundstage.cache.quarantine import CorruptPart, load_verdicts, repair_hint, verdict
@@ -71,7 +71,7 @@ class StageReader(Mapping):
         The newest version of a clip wins (see ``soundstage.cache.index``); a part that vanishes
         meanwhile (compaction replaced it) makes the listing start again."""
         self._parts_dir_mtime = _mtime_ns(self.dir.parts_dir)
-        index = load_clip_index(self.dir)
+        index = clip_index(self.dir)
         self.parts = index.parts
         self._index = index
         self._offsets = [i.offsets for i in index.infos]  # per part: ragged field -> offsets array
