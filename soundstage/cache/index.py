@@ -253,12 +253,10 @@ def _write_index_file(sd: StageDir, index: ClipIndex) -> None:
         ],
     }
 
-    def cat(arrays, dtype):
-        return np.concatenate(arrays) if arrays else np.zeros(0, dtype)
-
+    all_ids, all_digests = _concatenated(infos)
     arrays = {
-        "ids": cat([i.ids for i in infos], "S1"),
-        "digests": cat([i.digests if i.digests is not None else np.full(len(i.ids), b"", "S1") for i in infos], "S1"),
+        "ids": all_ids,
+        "digests": all_digests,
         # the newest versions, sorted by clip id: what lookups read
         "view.ids": index.ids,
         "view.part": index.part,
@@ -267,7 +265,7 @@ def _write_index_file(sd: StageDir, index: ClipIndex) -> None:
         "view.has_digests": index.has_digests,
     }
     for name in ragged:  # parts without the field get rows+1 zeros so every part's slice lines up
-        arrays[f"offsets.{name}"] = cat([i.offsets.get(name, np.zeros(len(i.ids) + 1, np.int64)) for i in infos], np.int64)
+        arrays[f"offsets.{name}"] = np.concatenate([i.offsets.get(name, np.zeros(len(i.ids) + 1, np.int64)) for i in infos])
     tmp = os.path.join(sd.path, f".{INDEX_FILE}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "wb") as f:
@@ -289,7 +287,6 @@ def clip_index(sd: StageDir, fields=None, attempts: int = 20, write: bool = True
     there are (same names, sizes and mtimes), it is used as it is, mapped: nothing is read but
     what lookups touch. Otherwise it is brought up to date (parts read only when new or changed,
     vanished ones dropped), the newest versions resolved again, and the file rewritten."""
-    fields = sd.fields() if fields is None else fields
     cached, view = _load_index_file(sd)
     for _ in range(attempts):
         listing = part_listing(sd)
@@ -302,6 +299,7 @@ def clip_index(sd: StageDir, fields=None, attempts: int = 20, write: bool = True
                 info = cached.get(name)
                 if info is None or (info.size, info.mtime_ns) != stamp:
                     path = os.path.join(sd.parts_dir, name)
+                    fields = sd.fields() if fields is None else fields  # stage.json, read only when needed
                     try:
                         info = _read_part_info(path, fields, stamp)
                     except Exception as e:
@@ -364,21 +362,25 @@ class ClipIndex:
         return {cid: self.version(k) for cid, k in zip(clip_ids, self.positions(clip_ids).tolist()) if k >= 0}
 
 
+def _concatenated(infos: list[PartInfo]) -> tuple[np.ndarray, np.ndarray]:
+    """Every part's clip ids and input digests, end to end (b"" digests for parts without any)."""
+    if not infos:
+        return np.zeros(0, "S1"), np.zeros(0, "S1")
+    ids = np.concatenate([i.ids for i in infos])
+    digests = np.concatenate([i.digests if i.digests is not None else np.full(len(i.ids), b"", "S1") for i in infos])
+    return ids, digests
+
+
 def _resolve(infos: list[PartInfo]) -> dict:
     """The newest version of every clip in ``infos`` (oldest commit first), sorted by clip id."""
     rows = [len(i.ids) for i in infos]
-    all_ids = np.concatenate([i.ids for i in infos]) if infos else np.zeros(0, "S1")
+    all_ids, all_digests = _concatenated(infos)
     part_of = np.repeat(np.arange(len(infos), dtype=np.int32), rows)
     row_of = np.concatenate([np.arange(n, dtype=np.int32) for n in rows]) if infos else np.zeros(0, np.int32)
     # the newest version is the last occurrence in commit order: first in the reversed order
     ids, first = np.unique(all_ids[::-1], return_index=True)
     last = len(all_ids) - 1 - first
     has = np.array([i.digests is not None for i in infos], bool)
-    all_digests = (
-        np.concatenate([i.digests if i.digests is not None else np.full(len(i.ids), b"", "S1") for i in infos])
-        if infos
-        else np.zeros(0, "S1")
-    )
     return {
         "ids": ids,
         "part": part_of[last],
