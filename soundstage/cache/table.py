@@ -43,11 +43,16 @@ def read_manifest(path: str, columns: tuple[str, ...] = (), needed_by: str = "",
             with open(path, "rb") as f:
                 _check_utf8(path, f.read())
             raise
-    missing = [c for c in (*REQUIRED_COLUMNS, *columns) if c not in df.columns]
+    check_columns(path, df.columns, columns, needed_by)
+    return df.fillna("").astype(str)
+
+
+def check_columns(path: str, present, columns: tuple[str, ...] = (), needed_by: str = "") -> None:
+    """``ManifestError`` naming what of ``clip_id`` and ``columns`` the manifest lacks."""
+    missing = [c for c in (*REQUIRED_COLUMNS, *columns) if c not in present]
     if missing:
         by = f", which {needed_by} reads" if needed_by else ""
         raise ManifestError(f"manifest {path} lacks column(s) {', '.join(missing)}{by}")
-    return df.fillna("").astype(str)
 
 
 def _check_utf8(path: str, raw: bytes) -> None:

@@ -59,7 +59,7 @@ def outdated(stage, sd: StageDir, rows: list[dict], manifest_dir: str, meta: dic
         stored_key, _ = stored_fit(sd.result_path)
         return set() if stored_key == current_fit_key(rows, readers) else {STALE_RESULT}
     digests = clip_digests(stage.reads, manifest_dir, rows, readers)
-    return {cid for cid, v in committed_index(sd).items() if v.digest is not None and digests.get(cid, v.digest) != v.digest}
+    return {cid for cid, v in committed_index(sd, digests).items() if v.digest is not None and digests[cid] != v.digest}
 
 
 def stored_fit(path: str) -> tuple[str | None, int]:

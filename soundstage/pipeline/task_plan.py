@@ -23,7 +23,7 @@ import time
 import uuid
 
 from soundstage.cache.store import atomic_write_text
-from soundstage.cache.table import ManifestError
+from soundstage.cache.table import check_columns
 from soundstage.pipeline.shard import in_shard, manifest_columns, shard_of
 
 PLANS_DIR = "tasks"
@@ -72,9 +72,8 @@ def write_task_plans(output_dir: str, manifest_path: str, stage, num_shards: int
 def _split(stage, manifest_path: str, rows: list[dict], bad: list, shards: list) -> list[tuple[list, list]]:
     """Each shard's rows, with the stage's columns (``manifest_columns``), from rows read already."""
     present = list(rows[0]) if rows else []  # in the manifest's order
-    missing = [c for c in stage.required_columns if c not in present]
-    if rows and missing:
-        raise ManifestError(f"manifest {manifest_path} lacks column(s) {', '.join(missing)}, which {stage.name} reads")
+    if rows:
+        check_columns(manifest_path, present, tuple(stage.required_columns), stage.name)
     wanted = manifest_columns(stage)
     columns = [c for c in present if wanted is None or c in wanted]
     by_shard = {i: [] for i, _ in shards}
