@@ -282,3 +282,8 @@ def collate_frames(items: list[dict]) -> dict:
             continue
         batch[key] = torch.cat([it[key] for it in items])
     return batch
+
+
+def frame_clip_ids(batch: dict) -> list[str]:
+    """The clip id of each frame of a ``collate_frames`` batch."""
+    return [batch["clip_ids"][i] for i in batch["clip_index"].tolist()]

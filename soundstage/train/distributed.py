@@ -48,6 +48,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from soundstage.train.data import frame_clip_ids
+
 
 @dataclass
 class Distributed:
@@ -144,8 +146,7 @@ def rank_indices(size: int, group: int, dist: Distributed) -> list[int]:
 
 def frame_keys(batch: dict) -> list[int]:
     """One stable number per frame of a collated batch: (clip id, frame index)."""
-    clip_ids = [batch["clip_ids"][i] for i in batch["clip_index"].tolist()]
-    return [zlib.crc32(f"{cid}/{int(f)}".encode()) for cid, f in zip(clip_ids, batch["frames"].tolist())]
+    return [zlib.crc32(f"{cid}/{int(f)}".encode()) for cid, f in zip(frame_clip_ids(batch), batch["frames"].tolist())]
 
 
 class SplitInvariantLoss:

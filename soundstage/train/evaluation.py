@@ -14,7 +14,7 @@ import torch
 
 from soundstage.metrics import PROTOCOLS, Accumulator
 from soundstage.models.avs_mask2former import class_scores
-from soundstage.train.data import collate_frames
+from soundstage.train.data import collate_frames, frame_clip_ids
 from soundstage.train.distributed import Distributed, rank_indices, reduce_accumulator
 
 EPS = 1e-6
@@ -88,7 +88,7 @@ def evaluate(
                 outputs = model(**model_inputs(batch, device))
             labels = batch["labels"]
             pred = predictions(outputs, tuple(labels.shape[-2:]), task, two_channel).float().cpu()
-            videos = [batch["clip_ids"][i] for i in batch["clip_index"].tolist()]
+            videos = frame_clip_ids(batch)
             accumulator.update(pred, labels, videos=videos)
             frames += len(labels)
     finally:

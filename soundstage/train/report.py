@@ -39,7 +39,7 @@ from soundstage.metrics import Accumulator
 from soundstage.models.avs_mask2former import class_scores
 from soundstage.models.device import resolve_device
 from soundstage.train import assemble
-from soundstage.train.data import collate_frames
+from soundstage.train.data import collate_frames, frame_clip_ids
 from soundstage.train.evaluation import DEFAULT_PROTOCOL, model_inputs
 from soundstage.train.run_eval import load_run, run_model
 
@@ -89,7 +89,7 @@ class Scorer:
             out = self.model(**model_inputs(batch, self.device))
             labels = batch["labels"]
             scores = class_scores(out, tuple(labels.shape[-2:])).clamp_min(EPS).log().cpu()
-            clip_ids = [batch["clip_ids"][i] for i in batch["clip_index"].tolist()]
+            clip_ids = frame_clip_ids(batch)
             yield clip_ids, batch["frames"], scores, labels
 
     def score(self, data, subsets: dict) -> dict:
