@@ -30,8 +30,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from soundstage.models.beats import BEATs, tiny_config  # noqa: E402
+from soundstage.models.beats import BEATs  # noqa: E402
 from soundstage.models.fbank import num_frames  # noqa: E402
+from soundstage.models.tiny import tiny_beats_cfg  # noqa: E402
 from soundstage.stages.beats import STAGE  # noqa: E402
 
 REAL = dict(
@@ -104,7 +105,7 @@ def main():
     torch.manual_seed(0)
 
     tmp = tempfile.mkdtemp(prefix="bench_beats_")
-    cfg = tiny_config(**(REAL if args.size == "real" else {}))
+    cfg = tiny_beats_cfg(predictor_class=527, **(REAL if args.size == "real" else {}))  # the AudioSet head
     model = BEATs(cfg)
     model.label_dict = {i: f"/m/bench{i}" for i in range(cfg["predictor_class"])}
     path = os.path.join(tmp, "beats.pt")

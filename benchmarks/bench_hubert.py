@@ -66,7 +66,8 @@ def main():
     from soundstage.audio import load_audio
     from soundstage.manifests.synth import make_synthetic_dataset
     from soundstage.manifests.table import read_manifest, resolve_path
-    from soundstage.models.hubert import load_hubert, tiny_hubert_config
+    from soundstage.models.hubert import load_hubert
+    from soundstage.models.tiny import tiny_hubert_config
     from soundstage.pipeline.runner import run_stage
     from soundstage.stages import get_stage
 
