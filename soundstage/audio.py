@@ -45,7 +45,7 @@ def max_seconds_param(default: float | None = None):
         default,
         "refuse clips longer than this many seconds, before decoding: "
         "each is recorded as failed (cause: its length), so one huge clip cannot take the run down "
-        "(memory per clip grows with its length; see the README). Empty or 0: no limit",
+        "(memory per clip grows with its length; see the docs, Benchmarks). Empty or 0: no limit",
         fingerprint=False,
     )
 

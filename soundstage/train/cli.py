@@ -103,7 +103,7 @@ def train(pipeline_file, out, quiet, clip_grad, probes, **options):
 
     --nproc N trains on N DDP processes (global batch = --batch-size x N); under torchrun each
     process is a rank by itself. --executor slurm submits the same training as a job that
-    requeues itself at its time limit (see the README, "Training on several GPUs / SLURM")."""
+    requeues itself at its time limit (see the docs, "Running on a cluster")."""
     from soundstage.pipeline.pipeline_file import PipelineError
     from soundstage.train.config import ConfigError, resolve_config
     from soundstage.train.cues import CueError
