@@ -215,6 +215,7 @@ def test_object_layout_maps_to_the_same_columns(synth_dir, tmp_path):
     for _, row in manifest.iterrows():
         source = unified[row.clip_id]
         assert row.subset == source["label"] and row.split == source["split"]
+        assert row.vid == source["vid"]  # keyed alike in both layouts (v1m: vid == uid)
         assert row.source_layout == {"v1s": "object-s4", "v1m": "object-ms3"}[row.subset]
         assert row.labels_rgb_dir == "" and row.labels_semantic_dir == ""
         # frame i of the object layout is the same picture as frame i of the unified release

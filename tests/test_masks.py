@@ -156,6 +156,24 @@ def test_export_writes_one_binary_png_per_frame_of_every_clip_and_split(trained_
     assert count(tmp_path / "low") >= count(tmp_path / "png224")
 
 
+def test_export_replaces_each_clip_folder_whole(trained_run, predicted, tmp_path):
+    """What a killed export leaves (a partial hidden folder, a clip folder with a stray temporary
+    file) is gone after the next export: each clip folder holds exactly its frames."""
+    row = read_manifest(trained_run["manifest"]).to_dict("records")[0]
+    out = tmp_path / "out"
+    clip = out / row["subset"] / row["clip_id"]
+    partial = out / row["subset"] / f".{row['clip_id']}.partial"
+    for folder in (clip, partial):
+        folder.mkdir(parents=True)
+        (folder / f"0.png.tmp{os.getpid()}").write_bytes(b"half a png")
+    result = _export(trained_run["manifest"], predicted["cache"], out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(clip)) == [f"{i}.png" for i in range(int(row["num_frames"]))]
+    assert sorted(os.listdir(out / row["subset"])) == sorted(
+        r["clip_id"] for r in read_manifest(trained_run["manifest"]).to_dict("records") if r["subset"] == row["subset"]
+    )
+
+
 def test_export_names_a_clip_without_masks(trained_run, predicted, tmp_path):
     rows = read_manifest(trained_run["manifest"]).to_dict("records")
     with_new = str(tmp_path / "with_new.csv")

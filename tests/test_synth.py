@@ -53,8 +53,10 @@ def test_layout_and_identities(synth_dir):
         if row["label"] == "v2":
             match = re.fullmatch(r"([A-Za-z0-9_-]{11})_(\d+)_(\d+)", row["uid"])
             assert match and match.group(1) == row["vid"] and int(match.group(3)) - int(match.group(2)) == 10000
-        else:
+        elif row["label"] == "v1s":
             assert re.fullmatch(re.escape(row["vid"]) + r"_\d", row["uid"])
+        else:  # v1m: the real release keys MS3 clips by their uid
+            assert row["vid"] == row["uid"] and re.fullmatch(r"[A-Za-z0-9_-]{11}_\d", row["uid"])
         assert set(row["a_obj"].split("_")) <= set(CLASSES)
     v2_vids = [r["vid"] for r in rows if r["label"] == "v2"]
     assert len(set(v2_vids)) < len(v2_vids), "several v2 uids should share one vid"

@@ -311,6 +311,25 @@ def test_frame_names_from_vocabulary_mapping():
         textcues.frame_names({"status": ["ok"], "sources": ["[]"], "vocab_sources": ["null"]}, "vocab")
 
 
+def test_segpref_json_says_which_clips_share_a_key():
+    from soundstage.stages.export import segpref_texts, shared_keys_note
+
+    def record(names):
+        return {"status": ["ok"], "sources": [json.dumps(names)], "vocab_sources": [json.dumps(names)]}
+
+    reader = {"a": record(["dog"]), "b": record(["dog"]), "c": record(["cat"]), "d": record(["dog"])}
+    rows = [{"clip_id": "a", "vid": "v"}, {"clip_id": "b", "vid": "v"}, {"clip_id": "c", "vid": "w"}]
+    rows.append({"clip_id": "d", "vid": "v"})
+    texts, report = segpref_texts(rows, reader, 4, "raw", "vid")
+    assert texts == {"v": {"f0": "dog,None,None,None,"}, "w": {"f0": "cat,None,None,None,"}}
+    assert report["clips"] == 4 and report["sharing"] == {"v": ["a", "b", "d"]} and not report["conflicts"]
+    note = shared_keys_note(report["sharing"], "vid")
+    assert note.startswith("3 clips share 1 vid(s)") and "v: 3 clips, kept a (same as b, d)" in note
+    reader["d"] = record(["bird"])  # different cues under one key: a conflict, never folded
+    _, report = segpref_texts(rows, reader, 4, "raw", "vid")
+    assert report["conflicts"] == [("v", "a", "d")] and report["sharing"] == {"v": ["a", "b"]}
+
+
 def test_export_segpref_json(models, tmp_path):
     from soundstage.cli import main
 

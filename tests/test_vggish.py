@@ -441,3 +441,29 @@ def test_vggish_npy_avsbench_object_layout(vggish_cache, tmp_path):
         "--allow-missing",
     )
     assert result.exit_code == 1 and "no place in the AVSBench-object layout" in result.output
+
+
+def test_vggish_npy_per_subset_layout(vggish_cache, tmp_path):
+    """OUT/<subset>_vggish_embs/<uid>.npy: the path GAVS and bias_in_AVS build from ver and uid."""
+    from soundstage.cache import open_stage
+
+    root, manifest, outputs = vggish_cache
+    out = tmp_path / "feature_extract"
+    result = invoke(
+        "export", "vggish-npy", "--config", root / "pipeline.yaml", "--layout", "per-subset", "--out", out, "--allow-missing"
+    )
+    assert result.exit_code == 0, result.output
+    reader = open_stage(outputs["raw"])
+    rows = [r for r in read_manifest_rows(manifest) if r["clip_id"] in reader]
+    assert sorted(os.listdir(out)) == sorted({f"{r['subset']}_vggish_embs" for r in rows})
+    for row in rows:
+        ver, vid = row["subset"], row["clip_id"]
+        loaded = np.load(f"{out}/{ver}_vggish_embs/{vid}.npy")
+        np.testing.assert_array_equal(loaded, reader[vid]["embeddings"])
+    assert sum(len(os.listdir(out / d)) for d in os.listdir(out)) == len(rows)
+
+
+def read_manifest_rows(manifest):
+    from soundstage.cache.table import read_manifest
+
+    return read_manifest(manifest).to_dict("records")

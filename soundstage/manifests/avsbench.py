@@ -296,7 +296,7 @@ def _object_clips(root: str, subsets, splits) -> list[_Clip]:
             row = _empty_row()
             row.update(
                 clip_id=name or f"missing-uid-row{line}",
-                vid=re.sub(r"_\d+$", "", name),
+                vid=object_layout_vid(name, subset),
                 subset=subset,
                 split=split,
                 a_obj=record.get("category", ""),
@@ -310,6 +310,13 @@ def _object_clips(root: str, subsets, splits) -> list[_Clip]:
                 _object_files(data_dir, key, name, split, category, row, check)
             clips.append(_Clip(row, check))
     return clips
+
+
+def object_layout_vid(name: str, subset: str) -> str:
+    """The ``vid`` the unified release gives this clip: the YouTube id without the ``_<n>`` suffix
+    for S4 (v1s), the name itself for MS3 (v1m) (there ``vid == uid``; a stripped vid would miss
+    every MS3 clip of a file keyed by the unified release's vid, such as SegPref's text cues)."""
+    return re.sub(r"_\d+$", "", name) if subset == "v1s" else name
 
 
 def _object_files(data_dir: str, key: str, name: str, split: str, category: str, row: dict, check: ClipCheck):

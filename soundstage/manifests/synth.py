@@ -35,7 +35,7 @@ from PIL import Image
 from soundstage.manifests.avsbench import FRAMES_PER_SUBSET, SPLITS, SUBSETS, annotated_frame_indices
 from soundstage.manifests.palette import class_index, index_to_colour, label2idx
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: v1m clips have vid == uid, as in the real release
 #: A count for tests: every (subset, split) pair, two clips per train pair, generated in about a second.
 TEST_CLIPS = 12
 MARKER = "SYNTHETIC.json"
@@ -213,8 +213,9 @@ def _ytid(rng) -> str:
 
 
 def _identities(plan: list[tuple[str, str]], rng) -> list[dict]:
-    """vid, uid, s_min, s_sec per clip: v1 uids ``<ytid>_<n>``; v2 uids ``<ytid>_<startms>_<endms>``
-    with two or three consecutive v2 clips of a split cut from one video."""
+    """vid, uid, s_min, s_sec per clip, as the real release has them: v1 uids ``<ytid>_<n>`` with
+    vid ``<ytid>`` for v1s and ``vid == uid`` for v1m; v2 uids ``<ytid>_<startms>_<endms>`` with two
+    or three consecutive v2 clips of a split cut from one video (sharing its vid)."""
     ids, shared = [], None  # shared: (subset, split, ytid, next start second, clips left)
     for subset, split in plan:
         seconds = FRAMES_PER_SUBSET[subset]
@@ -227,6 +228,7 @@ def _identities(plan: list[tuple[str, str]], rng) -> list[dict]:
         else:
             vid, start = _ytid(rng), int(rng.integers(0, 300))
             uid = f"{vid}_{int(rng.integers(1, 6))}"
+            vid = uid if subset == "v1m" else vid
         ids.append({"vid": vid, "uid": uid, "s_min": start // 60, "s_sec": start % 60})
     return ids
 

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import click
 
 from soundstage.cache.cli import CACHE_OPTION
+from soundstage.manifests.avsbench import SUBSETS
 
 
 @click.group()
@@ -49,7 +51,7 @@ def segpref_texts(manifest_rows: list, reader, n_slots: int, names: str, key: st
     from soundstage.stages.textcues import frame_names
 
     out, owner = {}, {}
-    report = {"clips": 0, "frames": 0, "frames_without_answer": 0, "missing": [], "conflicts": []}
+    report = {"clips": 0, "frames": 0, "frames_without_answer": 0, "missing": [], "conflicts": [], "sharing": {}}
     for row in manifest_rows:
         cid = row["clip_id"]
         if cid not in reader:
@@ -58,10 +60,13 @@ def segpref_texts(manifest_rows: list, reader, n_slots: int, names: str, key: st
         record = reader[cid]
         frames = {f"f{i}": segpref_frame_text(n, n_slots) for i, n in enumerate(frame_names(record, names))}
         k = row[key]
-        if k in out and out[k] != frames:  # SegPref keys by vid, which several v2 clips share
-            report["conflicts"].append((k, owner[k], cid))
-            continue
-        out[k], owner[k] = frames, cid
+        if k in out:  # SegPref keys by vid, which several v2 clips share: the first clip's cues stay
+            if out[k] != frames:
+                report["conflicts"].append((k, owner[k], cid))
+                continue
+            report["sharing"].setdefault(k, [owner[k]]).append(cid)
+        else:
+            out[k], owner[k] = frames, cid
         report["clips"] += 1
         report["frames"] += len(frames)
         report["frames_without_answer"] += sum(s != "ok" for s in record["status"])
@@ -128,10 +133,25 @@ def segpref_json(manifest, cache_root, selector, out_path, n_slots, names, key, 
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     atomic_write_text(out_path, json.dumps(texts, ensure_ascii=False))
     click.echo(
-        f"wrote {out_path}: {report['clips']} clips, {report['frames']} frames "
+        f"wrote {out_path}: {len(texts)} keys for {report['clips']} clips, {report['frames']} frames "
         f"({report['frames_without_answer']} without a usable answer: written as no sources)"
         + (f"; left out {len(report['missing'])} clips without a sources record" if report["missing"] else "")
     )
+    if report["sharing"]:
+        click.echo(shared_keys_note(report["sharing"], key))
+
+
+def shared_keys_note(sharing: dict, key: str, shown: int = 5) -> str:
+    """Which keys several clips share (with identical cues) and whose cues the key holds."""
+    lines = [
+        f"{sum(map(len, sharing.values()))} clips share {len(sharing)} {key}(s), each with identical cues; "
+        "the key holds the first clip's (manifest order):"
+    ]
+    for k, clips in list(sharing.items())[:shown]:
+        lines.append(f"  {k}: {len(clips)} clips, kept {clips[0]} (same as {', '.join(clips[1:])})")
+    if len(sharing) > shown:
+        lines.append(f"  ... and {len(sharing) - shown} more")
+    return "\n".join(lines)
 
 
 def _add_exporters_of_other_stages() -> None:
@@ -238,6 +258,24 @@ def _replace_with(path: str, write) -> None:
     os.replace(tmp, path)
 
 
+def _replace_folder(path: str, write) -> None:
+    """``write(tmp_folder)`` then rename the folder whole: a killed export leaves no partial clip
+    folder (Stepping Stones counts every file in one), only a hidden ``.<name>.partial`` beside it,
+    which the next export of that clip removes."""
+    parent, name = os.path.split(path)
+    tmp, old = os.path.join(parent, f".{name}.partial"), os.path.join(parent, f".{name}.old")
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    if os.path.isdir(path):  # --overwrite: swap, then drop the old folder
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)
+
+
 def _save_npy(path: str, array) -> None:
     import numpy as np
 
@@ -258,15 +296,30 @@ def avsbench_object_path(row: dict) -> str:
     )
 
 
+def per_subset_path(row: dict) -> str:
+    """``<subset>_vggish_embs/<uid>`` — the folders GAVS and bias_in_AVS read
+    (``f"{feat_path}/{ver}_vggish_embs/{uid}.npy"`` with ver = v1s / v1m / v2)."""
+    if row.get("subset") not in SUBSETS:
+        raise click.ClickException(
+            f"clip {row['clip_id']}: subset {row.get('subset')!r} is not one of {', '.join(SUBSETS)}, "
+            "so it has no <subset>_vggish_embs folder; use --layout flat"
+        )
+    return os.path.join(f"{row['subset']}_vggish_embs", row["clip_id"])
+
+
+VGGISH_LAYOUTS = {"flat": lambda row: row["clip_id"], "per-subset": per_subset_path, "avsbench-object": avsbench_object_path}
+
+
 @export.command("vggish-npy")
 @output_options("vggish")
 @click.option(
     "--layout",
-    type=click.Choice(["flat", "avsbench-object"]),
+    type=click.Choice(list(VGGISH_LAYOUTS)),
     default="flat",
     show_default=True,
-    help="flat: OUT/<uid>.npy (GAVS, bias_in_AVS); avsbench-object: OUT/<split>/<category>/<uid>.npy "
-    "(S4) and OUT/<split>/<uid>.npy (MS3), as AVSBench-object lays out audio_wav/",
+    help="flat: OUT/<uid>.npy; per-subset: OUT/{v1s,v1m,v2}_vggish_embs/<uid>.npy (GAVS, bias_in_AVS); "
+    "avsbench-object: OUT/<split>/<category>/<uid>.npy (S4) and OUT/<split>/<uid>.npy (MS3), as "
+    "AVSBench-object lays out audio_wav/",
 )
 def vggish_npy(config, manifest, cache, selector, out_dir, overwrite, allow_missing, layout):
     """VGGish embeddings as one float32 [T, 128] .npy per clip."""
@@ -277,7 +330,7 @@ def vggish_npy(config, manifest, cache, selector, out_dir, overwrite, allow_miss
     rows, stage_dir = chosen_output("vggish", config, manifest, cache, selector)
     reader = open_stage(stage_dir.path, fields=["embeddings"])
     present, named = clips_to_write(rows, reader, stage_dir, allow_missing)
-    places = {row["clip_id"]: row["clip_id"] if layout == "flat" else avsbench_object_path(row) for row in present}
+    places = {row["clip_id"]: VGGISH_LAYOUTS[layout](row) for row in present}
     prepare_out_dir(out_dir, overwrite)
     for row in present:
         embeddings = np.asarray(reader[row["clip_id"]]["embeddings"], np.float32)
@@ -357,10 +410,13 @@ def masks(config, manifest, cache, selector, out_dir, overwrite, allow_missing, 
     present, named = clips_to_write(rows, reader, stage_dir, allow_missing)
     prepare_out_dir(out_dir, overwrite)
     for row in present:
-        for i, mask in enumerate(binary_masks(reader[row["clip_id"]]["probs"], size, threshold)):
-            _replace_with(
-                released_path(out_dir, row, i), lambda tmp, m=mask: Image.fromarray(m, mode="L").save(tmp, format="PNG")
-            )
+        masks = binary_masks(reader[row["clip_id"]]["probs"], size, threshold)
+
+        def write(folder, masks=masks):
+            for i, mask in enumerate(masks):
+                Image.fromarray(mask, mode="L").save(os.path.join(folder, f"{i}.png"), format="PNG")
+
+        _replace_folder(os.path.dirname(released_path(out_dir, row, 0)), write)
     report_written(len(present), out_dir, named)
 
 
