@@ -35,7 +35,7 @@ class LazyGroup(click.Group):
     def get_command(self, ctx, name):
         if name in STAGE_MODULES:
             from soundstage.pipeline.cli import stage_command
-            from soundstage.stages import get_stage
+            from soundstage.pipeline.registry import get_stage
 
             return stage_command(get_stage(name))
         if name in TOOL_COMMANDS:

@@ -210,7 +210,7 @@ def write_pipeline_file(path: str, text: str) -> None:
 def available_stages() -> list[str]:
     """The demo's stages, in pipeline order; each must import (a broken install is an error,
     not a smaller demo)."""
-    from soundstage.stages import get_stage
+    from soundstage.pipeline.registry import get_stage
 
     for name in DEMO_STAGES:
         try:
@@ -228,8 +228,8 @@ def stage_table(pipe, clip_ids: list[str]) -> list[dict]:
     (a whole-dataset stage counts as one item: its result)."""
     from soundstage.cache.index import output_status
     from soundstage.cache.store import StageDir
+    from soundstage.pipeline.registry import get_stage
     from soundstage.pipeline.resolve import expected_fingerprint
-    from soundstage.stages import get_stage
 
     rows, wanted = [], set(clip_ids)
     for name in pipe.order():
@@ -404,8 +404,8 @@ def masks_and_report(cache: str, manifest: str, run_dir: str, report_dir: str, o
     """After training: the run's stage-1 masks for every clip (the masks stage, as Stepping Stones'
     stage 2 would read them) and the run's report page, whose path is returned. The page is
     rewritten only when the run finished after it was written."""
+    from soundstage.pipeline.registry import get_stage
     from soundstage.pipeline.runner import run_stage
-    from soundstage.stages import get_stage
     from soundstage.train.report import write_report
 
     done = os.path.join(run_dir, "DONE")
@@ -428,8 +428,8 @@ def masks_and_report(cache: str, manifest: str, run_dir: str, report_dir: str, o
 def active_queries(pipeline_path: str, cache: str, manifest: str, mapping_path: str, out=click.echo) -> bool:
     """bias_in_AVS's active queries from the demo's units and BEATs tags, through the documented
     default mapping (written once, beside the models: it keys the output, so it is never replaced)."""
+    from soundstage.pipeline.registry import get_stage
     from soundstage.pipeline.runner import run_stage
-    from soundstage.stages import get_stage
     from soundstage.stages.export import query_mapping
 
     if not os.path.exists(mapping_path):

@@ -1,7 +1,9 @@
 """The package's layers, checked by parsing every import (imports inside functions count).
 
 Lowest first: ``cache`` <- ``pipeline`` (the engine) <- domain packages <- ``cli``/``demo``.
-Nothing imports upward, and no module import cycle exists.
+Nothing imports upward, no module import cycle exists, the packages depend on each other one way
+only (``PACKAGE_ORDER``), no module imports its own package's ``__init__``, and imports sit at the
+top of their module except the few that keep a heavy optional dependency off a path.
 """
 
 from __future__ import annotations
@@ -12,8 +14,28 @@ import os
 import soundstage
 
 ROOT = os.path.dirname(soundstage.__file__)
-DOMAIN = ("stages", "models", "llm", "manifests", "audio", "train", "metrics")
-TOP = ("cli", "demo")
+DOMAIN = ("stages", "models", "llm", "manifests", "audio", "device", "train", "metrics")
+TOP = ("cli", "demo", "evaluate")
+
+#: the top-level packages and modules of soundstage, lowest first: each may import only those
+#: before it. Two packages that need the same code get it from one below both (e.g. the masks
+#: stage reopens a trained run through ``train.inference``; training finds stages through the
+#: engine's registry, ``soundstage.pipeline.registry.get_stage``, never by importing ``stages``).
+PACKAGE_ORDER = (
+    "cache",
+    "pipeline",
+    "audio",
+    "device",
+    "manifests",
+    "metrics",
+    "llm",
+    "models",
+    "train",
+    "stages",
+    "evaluate",
+    "cli",
+    "demo",
+)
 
 
 def _module_name(path: str) -> str:
@@ -96,3 +118,36 @@ def test_no_module_import_cycle():
         if node not in state:
             visit(node, [])
     assert not cycles, "module import cycles:\n" + "\n".join(cycles)
+
+
+def test_packages_depend_on_each_other_one_way():
+    rank = {name: i for i, name in enumerate(PACKAGE_ORDER)}
+    violations = []
+    for module, imported in sorted(_imports().items()):
+        package = _layer(module)
+        if package == "soundstage":
+            continue
+        assert package in rank, f"{module}: package {package!r} is not in PACKAGE_ORDER; place it there"
+        for target in sorted(imported):
+            other = _layer(target)
+            if other not in ("soundstage", package) and rank[other] > rank[package]:
+                violations.append(f"{module} -> {target} ({package} is below {other} in PACKAGE_ORDER)")
+    assert not violations, "package imports against PACKAGE_ORDER:\n" + "\n".join(violations)
+
+
+def test_no_module_imports_its_own_package_init():
+    """``from soundstage.metrics import binary`` inside ``soundstage.metrics`` runs the package's
+    ``__init__`` from inside itself; import the submodule by its full name instead."""
+    violations = []
+    for base, _dirs, files in os.walk(ROOT):
+        for name in files:
+            if not name.endswith(".py") or name == "__init__.py" or base == ROOT:
+                continue
+            path = os.path.join(base, name)
+            package = _module_name(os.path.join(base, "__init__.py"))
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read(), path)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and (node.module == package or (node.level and not node.module)):
+                    violations.append(f"{_module_name(path)}:{node.lineno} imports from {package}")
+    assert not violations, "modules importing their own package:\n" + "\n".join(violations)

@@ -8,7 +8,8 @@ import uuid
 
 import click
 
-from soundstage.cache import gc, quarantine
+import soundstage.cache.gc as gc
+import soundstage.cache.quarantine as quarantine
 from soundstage.cache.maintenance import compact_stage, stage_status, verify_stage
 from soundstage.cache.store import CacheError, StageDir, iter_stage_dirs
 

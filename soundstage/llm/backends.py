@@ -51,7 +51,7 @@ class TransformersChatLM:
     def __init__(self, source: str, device: str = "cpu", dtype: str = "fp32", max_new_tokens: int = 256, batch_size: int = 16):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from soundstage.models.device import torch_dtype
+        from soundstage.device import torch_dtype
 
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         if not self.tokenizer.chat_template:

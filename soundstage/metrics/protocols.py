@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from soundstage.manifests.palette import NUM_CLASSES
-from soundstage.metrics import binary, semantic
+from soundstage.metrics.binary import FrameBatcher, frame_f_curves, frame_iou
 from soundstage.metrics.inputs import (
     PRED_KINDS,
     MetricInputError,
@@ -27,6 +27,7 @@ from soundstage.metrics.inputs import (
     resize_scores,
     size_pair,
 )
+from soundstage.metrics.semantic import class_labels, confusion, frame_class_scores
 
 AGGREGATIONS = {"set": None, "video": 1}  # aggregation name -> batch_size (in videos)
 
@@ -178,7 +179,7 @@ class Accumulator:
         self.kinds_seen: set[str] = set()
         kind = self.protocol.kind
         if kind in ("binary", "null"):
-            self.batcher = binary.FrameBatcher(self.options["batch_size"], self.options["frames_per_video"])
+            self.batcher = FrameBatcher(self.options["batch_size"], self.options["frames_per_video"])
         elif kind == "semantic":  # with num_classes unknown, created on the first update
             self.sums = None if self.options["num_classes"] is None else self._empty_sums(self.options["num_classes"])
         else:
@@ -233,9 +234,9 @@ class Accumulator:
             return
         target = binary_gt(gt, self.size)
         check_frames(mask, target, channels=False)
-        iou = binary.frame_iou(mask, target)
+        iou = frame_iou(mask, target)
         # without scores, the sweep runs on the 0/1 mask: what the reference gives for such input
-        curves, has_fg = binary.frame_f_curves(probs if probs is not None else mask.float(), target, self.options["beta2"])
+        curves, has_fg = frame_f_curves(probs if probs is not None else mask.float(), target, self.options["beta2"])
         self.batcher.add(iou, curves, has_fg, mask.reshape(n, -1).sum(1), pixels, videos)
 
     def _labels(self, pred: torch.Tensor) -> torch.Tensor:
@@ -249,7 +250,7 @@ class Accumulator:
             probs = torch.sigmoid(pred.float()) if kind == "logits" else pred.float()
             threshold = self.options.get("threshold", 0.5)
             return (resize_scores(probs, self.size) > threshold).long()
-        return semantic.class_labels(resize_scores(pred, self.size), kind)
+        return class_labels(resize_scores(pred, self.size), kind)
 
     def _num_classes(self, pred: torch.Tensor, labels: torch.Tensor, target: torch.Tensor) -> int:
         given = self.options["num_classes"]
@@ -278,7 +279,7 @@ class Accumulator:
         classes = self._num_classes(pred, labels, target)
         if self.sums is None:
             self.sums = self._empty_sums(classes)
-        ious, fscores, counted = semantic.frame_class_scores(labels, target, classes, self.options["beta2"])
+        ious, fscores, counted = frame_class_scores(labels, target, classes, self.options["beta2"])
         self.sums["frames"] += labels.shape[0]
         self.sums["iou_sum"] += ious.double().sum(0).numpy()
         self.sums["f_sum"] += fscores.double().sum(0).numpy()
@@ -290,7 +291,7 @@ class Accumulator:
         classes = self._num_classes(pred, labels, target)
         if self.matrix is None:
             self.matrix = np.zeros((classes, classes), dtype=np.int64)
-        self.matrix += semantic.confusion(labels, target, classes, self.options["ignore_index"])
+        self.matrix += confusion(labels, target, classes, self.options["ignore_index"])
 
     # -- state (summable) ---------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from soundstage.models.device import torch_dtype
+from soundstage.device import torch_dtype
 from soundstage.models.safe_pickle import numpy_data_globals, restricted_pickle_module
 
 SAMPLE_RATE = 16000

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import click
 
+import soundstage.pipeline.slurm as slurm
 from soundstage.cache.index import output_status
 from soundstage.cache.store import StageDir, StageStatus
-from soundstage.pipeline import slurm
 from soundstage.pipeline.freshness import STALE_RESULT, outdated
 from soundstage.pipeline.registry import get_stage
 from soundstage.pipeline.runner import manifest_rows, plan_stage

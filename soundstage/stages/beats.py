@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from soundstage.audio import TARGET_SR, load_audio, max_seconds_param
+from soundstage.device import device_param, dtype_param, resolve_device, torch_dtype
 from soundstage.manifests.table import frame_count, resolve_path
 from soundstage.models.beats import BEATs, min_samples
-from soundstage.models.device import device_param, dtype_param, resolve_device, torch_dtype
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.stage import ClipError, Field, Param, Stage
 

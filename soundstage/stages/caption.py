@@ -14,8 +14,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from soundstage.device import device_param, dtype_param, resolve_device, torch_dtype
 from soundstage.manifests.table import frame_count, resolve_path
-from soundstage.models.device import device_param, dtype_param, resolve_device, torch_dtype
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.stage import ClipError, Field, Param, Stage
 

@@ -105,9 +105,9 @@ def segpref_json(manifest, cache_root, selector, out_path, n_slots, names, key, 
     from soundstage.cache import open_stage
     from soundstage.cache.store import atomic_write_text
     from soundstage.manifests.table import read_manifest
+    from soundstage.pipeline.registry import get_stage
     from soundstage.pipeline.resolve import UpstreamError, choose
     from soundstage.pipeline.stage import ClipError
-    from soundstage.stages import get_stage
 
     try:
         stage_dir = choose(cache_root, get_stage("sources"), selector, log=lambda m: click.echo(m, err=True))
@@ -205,8 +205,8 @@ def output_options(stage_name: str):
 def chosen_output(stage_name: str, config, manifest, cache, selector):
     """(manifest rows, StageDir) the export options pick."""
     from soundstage.cache.table import read_manifest
+    from soundstage.pipeline.registry import get_stage
     from soundstage.pipeline.resolve import UpstreamError, choose, expected_fingerprint
-    from soundstage.stages import get_stage
 
     if config:
         from soundstage.pipeline.pipeline_file import load_pipeline

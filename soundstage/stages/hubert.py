@@ -9,8 +9,8 @@ chunking are those of fairseq (see ``soundstage.models.hubert``).
 import numpy as np
 
 from soundstage.audio import TARGET_SR, load_audio, max_seconds_param
+from soundstage.device import device_param, dtype_param, resolve_device
 from soundstage.manifests.table import resolve_path
-from soundstage.models.device import device_param, dtype_param, resolve_device
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.stage import Field, Param, Stage
 

@@ -18,7 +18,7 @@ The k-means code itself (fitting, assignment, importing) is ``soundstage.models.
 
 import numpy as np
 
-from soundstage.models.device import device_param
+from soundstage.device import device_param
 from soundstage.models.kmeans import fit_kmeans, inertia_per_frame, load_centroids, sample_clip_ids
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.progress import progress_bar
@@ -43,7 +43,7 @@ def read_sample(reader, clip_ids, progress: bool = False) -> np.ndarray:
 
 
 def fit(ctx):
-    from soundstage.models.device import resolve_device
+    from soundstage.device import resolve_device
 
     params, reader = ctx.params, ctx.upstream["hubert"]
     cached = [cid for cid in ctx.clip_ids if cid in reader]

@@ -25,8 +25,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from soundstage.device import device_param, dtype_param
 from soundstage.manifests.table import frame_path
-from soundstage.models.device import device_param, dtype_param
 from soundstage.pipeline.identity import cached_file_sha256, stable_hash
 from soundstage.pipeline.stage import ClipError, Field, Param, Stage
 

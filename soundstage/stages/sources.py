@@ -29,10 +29,10 @@ import logging
 
 import click
 
+from soundstage.device import device_param, dtype_param, resolve_device
 from soundstage.llm.backends import Generation, HttpSettings, OpenAIChatEndpoint, TransformersChatLM, http_params
 from soundstage.llm.parse import ERROR, OK, Vocabulary, parse_answer
 from soundstage.llm.prompt import PromptError, load_template, template_identity
-from soundstage.models.device import device_param, dtype_param, resolve_device
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.stage import ClipError, Field, Param, Stage, Upstream
 

@@ -22,7 +22,7 @@ import json
 
 import numpy as np
 
-from soundstage.models.device import device_param, dtype_param, resolve_device, torch_dtype
+from soundstage.device import device_param, dtype_param, resolve_device, torch_dtype
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.stage import ClipError, Field, Param, Stage, Upstream
 

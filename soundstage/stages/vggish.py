@@ -22,9 +22,9 @@ audio" cue) with a model from ``setup``.
 import numpy as np
 
 from soundstage.audio import TARGET_SR, load_audio, max_seconds_param, resample
+from soundstage.device import device_param, resolve_device
 from soundstage.manifests.table import frame_count, resolve_path
 from soundstage.models import vggish
-from soundstage.models.device import device_param, resolve_device
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.stage import ClipError, Field, Param, Stage
 

@@ -103,8 +103,8 @@ def _stage_field(name: str, option: str, known: dict) -> tuple[str, str]:
 
 def select_output(cache: str, stage: str, selector=None, log=print) -> StageDir:
     """The output of ``stage`` in ``cache`` that ``selector`` picks (see the module docstring)."""
+    from soundstage.pipeline.registry import get_stage
     from soundstage.pipeline.resolve import UpstreamError, choose
-    from soundstage.stages import get_stage
 
     try:
         return choose(cache, get_stage(stage), selector, log=log)

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import soundstage.train.assemble as assemble
+from soundstage.device import resolve_device, torch_dtype
 from soundstage.models.avs_mask2former import class_scores
-from soundstage.models.device import resolve_device, torch_dtype
 from soundstage.pipeline.identity import model_identity
-from soundstage.train import assemble
 from soundstage.train.config import ConfigError, TrainConfig
 from soundstage.train.cues import CueError
 from soundstage.train.data import AVSClips, active_weights, load_image

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from soundstage.models.device import resolve_device
-from soundstage.train import assemble
+import soundstage.train.assemble as assemble
+from soundstage.device import resolve_device
 from soundstage.train.checkpoint import (
     EpochSampler,
     StopSignals,

@@ -29,8 +29,8 @@ def silent_values(stage_dir: str, seconds: int, device: str = "cpu") -> dict:
     """The per-clip output (field -> array) of the stage output at ``stage_dir`` for ``seconds``
     of digital silence."""
     from soundstage.pipeline.fingerprint import normalise_params
+    from soundstage.pipeline.registry import get_stage
     from soundstage.pipeline.stage import LoadContext
-    from soundstage.stages import get_stage
 
     sd = StageDir(stage_dir)
     meta = sd.meta()

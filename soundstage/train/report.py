@@ -33,12 +33,12 @@ import click
 import numpy as np
 import torch
 
+import soundstage.train.assemble as assemble
+from soundstage.device import resolve_device
 from soundstage.manifests.palette import AVSBENCH_CLASSES, index_to_colour
 from soundstage.manifests.table import frame_path
 from soundstage.metrics import Accumulator
 from soundstage.models.avs_mask2former import class_scores
-from soundstage.models.device import resolve_device
-from soundstage.train import assemble
 from soundstage.train.data import collate_frames, frame_clip_ids
 from soundstage.train.evaluation import DEFAULT_PROTOCOL, model_inputs
 from soundstage.train.run_eval import load_run, run_model
@@ -216,7 +216,7 @@ def curve_pictures(run, out_dir: str) -> list[str]:
 
 def tag_histogram(cache: str, clip_ids: list[str], selector, out_dir: str) -> tuple[str | None, str]:
     """(picture, note) of the clip-level AudioSet tags of the beats output in ``cache``."""
-    from soundstage.stages.tags import TagNamer, class_mids_of_output, tag_counts
+    from soundstage.models.audioset_tags import TagNamer, class_mids_of_output, tag_counts
 
     sd, reader, present, note = _cached_clips(cache, "beats", "clip_probs", selector, clip_ids)
     if not present:
@@ -252,8 +252,8 @@ def cluster_histogram(cache: str, clip_ids: list[str], selector, out_dir: str) -
 def _cached_clips(cache: str, stage: str, field: str, selector, clip_ids: list[str]):
     """(StageDir, reader, the clips of ``clip_ids`` it holds, a note naming it or why there is none)."""
     from soundstage.cache import open_stage
+    from soundstage.pipeline.registry import get_stage
     from soundstage.pipeline.resolve import UpstreamError, choose
-    from soundstage.stages import get_stage
 
     if not cache or not os.path.isdir(os.path.join(cache, stage)):
         return None, None, [], f"no {stage} output in {cache}"

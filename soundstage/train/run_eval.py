@@ -10,9 +10,9 @@ import os
 
 import torch
 
+import soundstage.train.assemble as assemble
+from soundstage.device import resolve_device
 from soundstage.models.avs_mask2former import AVSMask2Former
-from soundstage.models.device import resolve_device
-from soundstage.train import assemble
 from soundstage.train.config import ConfigError, TrainConfig
 from soundstage.train.evaluation import DEFAULT_PROTOCOL, evaluate
 from soundstage.train.run_dir import RunDir, read_json
