@@ -16,7 +16,8 @@ from soundstage.models.avs_mask2former import (
     build_model,
     tiny_mask2former_spec,
 )
-from soundstage.train.config import TrainConfig
+from soundstage.train.checkpoint import WeightsError, read_state_dict
+from soundstage.train.config import ConfigError, TrainConfig
 from soundstage.train.cues import (
     CueError,
     active_cue,
@@ -113,6 +114,24 @@ def new_model(cfg: TrainConfig, cues: dict) -> AVSMask2Former:
     return model
 
 
+def init_weights(model, recipe, path: str, log=print) -> None:
+    """Start from ``path``: a run's ``model/`` folder or checkpoint, a state dict in our layout, or
+    a checkpoint the seed code saved (its key layout, mapped by the recipe's ``key_map``). Every
+    key must be used and every tensor must fit; weights the file lacks keep their initialisation
+    and are listed."""
+    try:
+        state = read_state_dict(path, recipe)
+    except WeightsError as e:
+        raise ConfigError(f"--init-from {e}") from None
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        unexpected = result.unexpected_keys
+        raise ConfigError(f"--init-from {path}: {len(unexpected)} key(s) the model does not have, e.g. {unexpected[0]}")
+    if result.missing_keys:
+        missing = result.missing_keys
+        log(f"--init-from {path}: {len(missing)} tensor(s) not in the file keep their initialisation, e.g. {missing[0]}")
+
+
 def train_clip_ids(cfg: TrainConfig) -> list[str]:
     from soundstage.manifests.table import read_manifest
 
@@ -142,6 +161,7 @@ def dataset(
     silence=None,
     num_queries: int | None = None,
     training: bool = False,
+    active_encoding=None,
 ) -> AVSClips:
     """The clips of ``split``; ``training``: with the training frames' mask prior (``prior_train``)
     rather than the evaluated frames' (``prior_eval``)."""
@@ -158,6 +178,7 @@ def dataset(
         silence=silence,
         num_queries=num_queries,
         prior=prior,
+        active_encoding=active_encoding,
     )
 
 

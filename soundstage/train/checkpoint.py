@@ -159,3 +159,27 @@ class StopSignals:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         return False
+
+
+class WeightsError(ValueError):
+    pass
+
+
+def read_state_dict(path: str, recipe) -> dict:
+    """Model weights in our key layout from ``path``: a saved model folder (``recipe.load``), a
+    checkpoint of ours (``{"model": ...}``), or a plain state dict — ours, or the seed code's
+    ``torch.save(model.state_dict())`` mapped by ``recipe.key_map``. Loaded with
+    ``weights_only=True`` (no pickled code runs)."""
+    if os.path.isdir(path):
+        return recipe.load(path).state_dict()
+    if not os.path.exists(path):
+        raise WeightsError(f"{path}: no such file or folder")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — any unreadable file is the same user error
+        raise WeightsError(f"{path}: not a torch weights file ({type(e).__name__}: {e})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict) and "step" in state:
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: holds no state dict (name -> tensor)")
+    return recipe.key_map(state) if recipe.key_map else state

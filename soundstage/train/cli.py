@@ -10,6 +10,13 @@ from soundstage.cache.reader import MissingClip
 from soundstage.train.command import audio_table, run_training_command  # noqa: F401 (re-exported)
 
 
+def _name_value(item: str) -> tuple[str, str]:
+    name, sep, value = item.partition("=")
+    if not sep or not name.strip():
+        raise click.BadParameter(f"{item!r}: use NAME=VALUE", param_hint="--recipe-option")
+    return name.strip().replace("-", "_"), value.strip()
+
+
 def _settings(**options) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
@@ -20,6 +27,19 @@ def _settings(**options) -> dict:
     "pipeline_file",
     type=click.Path(exists=True, dir_okay=False),
     help="pipeline file: manifest, cache, the stages' parameters and a train: section",
+)
+@click.option(
+    "--recipe",
+    help="the method: generic (default; soundstage's own model), bias-in-avs, bias-in-avs-avss, stepping-stones-stage1, "
+    "stepping-stones-stage2, segpref (their paper's settings are the defaults; see soundstage.train.recipes)",
+)
+@click.option(
+    "--recipe-option", "recipe_options", multiple=True, metavar="NAME=VALUE", help="a setting of the recipe (repeatable)"
+)
+@click.option(
+    "--init-from",
+    type=click.Path(exists=True),
+    help="start from these weights: a run's model/ or checkpoint, or a checkpoint the seed code saved (its key layout)",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="run directory (runs/NAME); rerun to resume")
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False), help="manifest (default: the pipeline file's)")
@@ -94,7 +114,7 @@ def _settings(**options) -> dict:
 @click.option("--qos", help="slurm: QOS")
 @click.option("--dry-run", is_flag=True, help="slurm: print the sbatch script and submit nothing")
 @click.option("--wait", is_flag=True, help="slurm: follow the job (through requeues) until it ends, then print the scores")
-def train(pipeline_file, out, quiet, clip_grad, probes, **options):
+def train(pipeline_file, out, quiet, clip_grad, probes, recipe_options, **options):
     """Train an audio-conditioned Mask2Former on the manifest's frames and the cached cues.
 
     The run directory holds config.json, provenance.json, checkpoints/, metrics/*.jsonl,
@@ -118,6 +138,8 @@ def train(pipeline_file, out, quiet, clip_grad, probes, **options):
         options["probes"] = [p.strip() for p in probes.split(",") if p.strip()]
     if clip_grad is not None:
         options["clip_grad"] = clip_grad or None
+    if recipe_options:
+        options["recipe_options"] = dict(_name_value(item) for item in recipe_options)
     try:
         cfg = resolve_config(pipeline_file, _settings(out=out, **options))
     except (ConfigError, CueError, MissingClip, PipelineError, FileNotFoundError) as e:

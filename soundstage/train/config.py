@@ -42,6 +42,10 @@ class TrainConfig:
     manifest: str | None = None
     cache: str | None = None
     pipeline: str | None = None  # the pipeline file the settings came from, if any
+    # the method (soundstage.train.recipes): its settings are the defaults of the fields below
+    recipe: str = "generic"
+    recipe_options: dict = field(default_factory=dict)  # the recipe's own options, resolved
+    init_from: str | None = None  # weights to start from: a run's model/ or checkpoint, or the seed code's checkpoint
     # model
     model: str | None = None  # transformers Mask2Former hub id or folder; None: the shipped tiny config
     task: str = "binary"
@@ -176,13 +180,27 @@ def resolve_config(pipeline_file: str | None, options: dict) -> TrainConfig:
             section["model"] = os.path.join(base, section["model"])  # a folder next to the file
         values.update(section)
     values.update({k: v for k, v in options.items() if v is not None})
-    for key in ("manifest", "cache", "out"):
+    values = with_recipe_settings(values)
+    for key in ("manifest", "cache", "out", "init_from"):
         if values.get(key):
             values[key] = os.path.abspath(os.path.expanduser(values[key]))
     for key in ("audio", "prior"):
         if isinstance(values.get(key), str) and values[key].lower() == "none":
             values[key] = None
     return TrainConfig.from_dict(values).validate()
+
+
+def with_recipe_settings(values: dict) -> dict:
+    """``values`` over the recipe's settings (its paper's defaults), with its options resolved."""
+    from soundstage.train.recipes import RecipeError, get_recipe
+
+    try:
+        recipe = get_recipe(values.get("recipe"))
+        options = recipe.resolved_options(values.get("recipe_options"))
+    except RecipeError as e:
+        raise ConfigError(str(e)) from None
+    paper = {"protocol": recipe.protocol} if recipe.protocol else {}
+    return {**paper, **recipe.settings, **values, "recipe": recipe.name, "recipe_options": options}
 
 
 def same_settings(saved: dict, current: dict) -> list[str]:

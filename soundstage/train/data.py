@@ -109,10 +109,13 @@ class AVSClips(torch.utils.data.Dataset):
         silence: np.ndarray | None = None,
         num_queries: int | None = None,
         prior: str | None = None,
+        active_encoding=None,
     ):
         """``cues``: role -> (CueSpec, StageReader) (see ``soundstage.train.cues``);
         ``num_queries``: the model's, for active query ids; ``prior``: each frame's mask prior
-        from ``gt`` (its ground-truth mask) or ``masks`` (the ``prior`` cue), None: no prior."""
+        from ``gt`` (its ground-truth mask) or ``masks`` (the ``prior`` cue), None: no prior;
+        ``active_encoding``: (ids ``[T, k]``, -1 = none; num_queries) -> weights ``[T, Q]``, the
+        recipe's (default: multi-hot)."""
         if task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
         if unlabelled not in UNLABELLED_POLICIES:
@@ -150,6 +153,7 @@ class AVSClips(torch.utils.data.Dataset):
         self.task, self.unlabelled = task, unlabelled
         self.silence = silence
         self.num_queries = num_queries
+        self.active_encoding = active_encoding
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -242,11 +246,12 @@ class AVSClips(torch.utils.data.Dataset):
         return cue + rng.standard_normal(cue.shape).astype(np.float32) * np.float32(np.sqrt(noise_power))
 
     def _active_weights(self, cue: np.ndarray, clip_id: str) -> np.ndarray:
-        return active_weights(cue, clip_id, self.num_queries)
+        return active_weights(cue, clip_id, self.num_queries, self.active_encoding)
 
 
-def active_weights(cue: np.ndarray, clip_id: str, num_queries: int) -> np.ndarray:
-    """Query ids ``[T, k]`` (-1 = none) -> multi-hot ``[T, Q]``; float weights pass through."""
+def active_weights(cue: np.ndarray, clip_id: str, num_queries: int, encoding=None) -> np.ndarray:
+    """Query ids ``[T, k]`` (-1 = none) -> multi-hot ``[T, Q]`` (or ``encoding(ids, num_queries)``);
+    float weights pass through."""
     if np.issubdtype(cue.dtype, np.floating):
         return cue
     if cue.max(initial=-1) >= num_queries:
@@ -255,6 +260,8 @@ def active_weights(cue: np.ndarray, clip_id: str, num_queries: int) -> np.ndarra
             f"{num_queries} queries (ids must lie in [0, {num_queries}))"
         )
     ids = cue.reshape(len(cue), -1)
+    if encoding is not None:
+        return encoding(ids, num_queries)
     weights = np.zeros((len(cue), num_queries), dtype=np.float32)
     rows, cols = np.nonzero(ids >= 0)
     weights[rows, ids[rows, cols]] = 1.0

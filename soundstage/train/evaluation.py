@@ -35,10 +35,23 @@ def model_inputs(batch: dict, device) -> dict:
 
 
 def predictions(outputs, size, task: str, two_channel: bool) -> torch.Tensor:
+    """Binary: the foreground logit log(s_sounding) − log(s_background) (two-channel protocols
+    get both log-scores); semantic: per-class log-scores."""
     scores = class_scores(outputs, size).clamp_min(EPS).log()
     if task == "semantic" or two_channel:
         return scores
     return scores[:, 1] - scores[:, 0]
+
+
+def predict(model, batch: dict, device, size, task: str, two_channel: bool) -> torch.Tensor:
+    """The generic recipe's evaluation predictions for a collated batch."""
+    return predictions(model(**model_inputs(batch, device)), size, task, two_channel)
+
+
+def two_channel_logits(logits: torch.Tensor) -> torch.Tensor:
+    """A foreground logit l ``[N, H, W]`` as the two-channel logits ``[N, 2, H, W]`` = (−l, 0):
+    their argmax is l > 0 and Stepping Stones' F input sigmoid(2·l1 − l0) is sigmoid(l)."""
+    return torch.stack([-logits, torch.zeros_like(logits)], dim=1)
 
 
 @torch.no_grad()
@@ -52,12 +65,14 @@ def evaluate(
     batch_size: int = 4,
     workers: int = 0,
     dist: Distributed | None = None,
+    predict=predict,
 ) -> dict:
     """The protocol's result dict (``miou``, ``fscore``, ...) plus ``clips`` and ``frames``.
 
     ``dist``: with several ranks each scores whole protocol batches of clips (group ``g`` on
     rank ``g mod W``) and the Accumulator totals are summed over ranks, so every rank returns
-    what one process scoring the whole split returns."""
+    what one process scoring the whole split returns. ``predict``: the recipe's
+    (``soundstage.train.recipes``), ``(model, batch, device, size, task, two_channel) -> logits``."""
     dist = dist or Distributed()
     protocol = protocol or DEFAULT_PROTOCOL[task]
     proto = PROTOCOLS[protocol]
@@ -66,7 +81,7 @@ def evaluate(
         raise ValueError(f"protocol {protocol} scores class predictions; this model is binary")
     options = {"pred_kind": "logits"}
     if proto.kind == "semantic":
-        options["num_classes"] = model.config.num_labels
+        options["num_classes"] = getattr(model, "num_classes", None) or model.config.num_labels
     accumulator = Accumulator(protocol, **options)
     share = dataset
     if dist.active:
@@ -84,10 +99,10 @@ def evaluate(
     frames = 0
     try:
         for batch in loader:
-            with autocast() if autocast else _null():
-                outputs = model(**model_inputs(batch, device))
             labels = batch["labels"]
-            pred = predictions(outputs, tuple(labels.shape[-2:]), task, two_channel).float().cpu()
+            with autocast() if autocast else _null():
+                pred = predict(model, batch, device, tuple(labels.shape[-2:]), task, two_channel)
+            pred = pred.float().cpu()
             videos = frame_clip_ids(batch)
             accumulator.update(pred, labels, videos=videos)
             frames += len(labels)

@@ -32,8 +32,9 @@ from soundstage.train.checkpoint import (
 )
 from soundstage.train.config import ConfigError, TrainConfig, same_settings
 from soundstage.train.data import collate_frames
-from soundstage.train.distributed import Distributed, SplitInvariantLoss, frame_keys
-from soundstage.train.evaluation import evaluate, model_inputs
+from soundstage.train.distributed import Distributed, SplitInvariantLoss
+from soundstage.train.evaluation import evaluate
+from soundstage.train.recipes import get_recipe
 from soundstage.train.run_dir import RunDir, plot_curves
 
 STOPPED = 75  # EX_TEMPFAIL: checkpointed on a signal, rerun to resume
@@ -124,6 +125,8 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
     saved = run.config()
     if saved is not None:
         saved.setdefault("world_size", 1)  # runs from before DDP
+        for key, value in (("recipe", "generic"), ("recipe_options", {}), ("init_from", None)):
+            saved.setdefault(key, value)  # runs from before recipes
     if saved is not None and same_settings(saved, cfg.to_dict()):
         raise ConfigError(
             f"{run.path} holds a run with other settings ({', '.join(same_settings(saved, cfg.to_dict()))}); "
@@ -136,10 +139,16 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
     dist.start(device)
 
     # -------------------------------------------------------------------- data
+    recipe = get_recipe(cfg.recipe)
     cues = assemble.open_cues(cfg, log=log)
-    model = assemble.new_model(cfg, cues).to(device)
+    model = recipe.build(cfg, cues)
+    if cfg.init_from and saved is None:
+        assemble.init_weights(model, recipe, cfg.init_from, log)
+    model = model.to(device)
     num_queries = model.config.num_queries
-    train_set = assemble.dataset(cfg, cues, cfg.train_split, num_queries=num_queries, training=True)
+    train_set = assemble.dataset(
+        cfg, cues, cfg.train_split, num_queries=num_queries, training=True, active_encoding=recipe.active_encoding
+    )
     sampler = EpochSampler(len(train_set), cfg.seed, rank=dist.rank, world_size=dist.world_size)
     loader = torch.utils.data.DataLoader(
         train_set,
@@ -156,8 +165,9 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
 
     # -------------------------------------------------------------------- optimisation
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = recipe.parameter_groups(model, cfg)
+    trainable = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         functools.partial(
@@ -171,7 +181,7 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
     )
     scaler = torch.amp.GradScaler(torch.device(device).type) if cfg.precision == "fp16" else None
     split_invariant = dist.active if cfg.split_invariant_loss is None else cfg.split_invariant_loss
-    split_loss = SplitInvariantLoss(model, dist, cfg.seed) if split_invariant else None
+    split_loss = SplitInvariantLoss(model, dist, cfg.seed) if split_invariant and recipe.split_invariant_loss else None
     autocast = autocast_for(cfg.precision, device)
 
     # -------------------------------------------------------------------- start or resume
@@ -238,14 +248,11 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
                 parts: dict[str, float] = {}
                 rank_loss = 0.0
                 for k, (batch, weight) in enumerate(micro_batches):
-                    mask_labels, class_labels = targets(batch["labels"], device)
-                    if split_loss:
-                        split_loss.prepare(class_labels, frame_keys(batch), step, weight, device)
                     last = k == len(micro_batches) - 1
                     with contextlib.nullcontext() if last or not dist.active else trained.no_sync():
                         with autocast() if autocast else contextlib.nullcontext():
-                            outputs = trained(**model_inputs(batch, device), mask_labels=mask_labels, class_labels=class_labels)
-                        loss = outputs.loss * weight / len(micro_batches)
+                            loss = recipe.loss(trained, batch, device, split_loss=split_loss, step=step, weight=weight)
+                        loss = loss * weight / len(micro_batches)
                         (scaler.scale(loss) if scaler else loss).backward()
                     rank_loss += loss.item()
                 parts["loss"] = float(dist.sum(rank_loss, device)) / dist.world_size  # the global batch's loss
@@ -297,32 +304,26 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
     return last_eval
 
 
-def targets(labels: torch.Tensor, device) -> tuple[list, list]:
-    """Mask2Former's targets per frame: one binary mask per class present, and the class ids."""
-    mask_labels, class_labels = [], []
-    for frame in labels:
-        classes = torch.unique(frame)
-        mask_labels.append((frame[None] == classes[:, None, None]).float().to(device))
-        class_labels.append(classes.to(device))
-    return mask_labels, class_labels
-
-
 def evaluate_run(
     cfg, run: RunDir, model, cues, epoch: int, step: int, device, autocast, num_queries, log, dist: Distributed | None = None
 ) -> dict:
     """Every audio variant on the evaluation split; one line of epochs.jsonl and the curves.
     With several ranks each scores its share and the metric totals are summed."""
     dist = dist or Distributed()
+    recipe = get_recipe(cfg.recipe)
+    encoding = recipe.active_encoding
     results = {}
     for variant in ["real", *cfg.probes]:
         silence = None
         if variant == "muted":
-            probe_set = assemble.dataset(cfg, cues, cfg.eval_split, num_queries=num_queries)
+            probe_set = assemble.dataset(cfg, cues, cfg.eval_split, num_queries=num_queries, active_encoding=encoding)
             if dist.main:  # computed once, by rank 0; the others read its file
                 silence = assemble.silence_for(run, cues, assemble.max_frames(probe_set))
             dist.barrier()
             silence = assemble.silence_for(run, cues, assemble.max_frames(probe_set))
-        data = assemble.dataset(cfg, cues, cfg.eval_split, variant, silence=silence, num_queries=num_queries)
+        data = assemble.dataset(
+            cfg, cues, cfg.eval_split, variant, silence=silence, num_queries=num_queries, active_encoding=encoding
+        )
         results[variant] = evaluate(
             model,
             data,
@@ -333,6 +334,7 @@ def evaluate_run(
             batch_size=cfg.eval_batch_size,
             workers=cfg.workers,
             dist=dist,
+            predict=recipe.predict,
         )
     record = {"epoch": epoch, "step": step, "split": cfg.eval_split, "eval": results}
     steps = [r["loss"] for r in run.records("steps.jsonl") if r["epoch"] == epoch - 1]

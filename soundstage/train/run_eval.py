@@ -6,15 +6,16 @@ run has not finished; the cues are exactly the cache outputs recorded in ``prove
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
 import soundstage.train.assemble as assemble
 from soundstage.device import resolve_device
-from soundstage.models.avs_mask2former import AVSMask2Former
 from soundstage.train.config import ConfigError, TrainConfig
 from soundstage.train.evaluation import DEFAULT_PROTOCOL, evaluate
+from soundstage.train.recipes import get_recipe
 from soundstage.train.run_dir import RunDir, read_json
 
 
@@ -27,13 +28,14 @@ def load_run(path: str) -> tuple[RunDir, TrainConfig, dict]:
     return run, TrainConfig.from_dict(saved), recorded.get("cues", {})
 
 
-def run_model(run: RunDir, cfg: TrainConfig, cues: dict) -> tuple[AVSMask2Former, str]:
+def run_model(run: RunDir, cfg: TrainConfig, cues: dict) -> tuple[object, str]:
     """(model, where its weights came from)."""
+    recipe = get_recipe(cfg.recipe)
     if os.path.isdir(run.model_dir):
-        return AVSMask2Former.from_pretrained(run.model_dir), run.model_dir
+        return recipe.load(run.model_dir), run.model_dir
     if not os.path.exists(run.checkpoint):
         raise ConfigError(f"{run.path} has neither a final model nor a checkpoint yet")
-    model = assemble.new_model(cfg, cues)
+    model = recipe.build(cfg, cues)
     model.load_state_dict(torch.load(run.checkpoint, map_location="cpu", weights_only=True)["model"])
     return model, run.checkpoint
 
@@ -47,17 +49,18 @@ def evaluate_saved_run(
     model, source = run_model(run, cfg, cues)
     device = resolve_device(device)
     model.to(device)
-    num_queries = model.config.num_queries
+    recipe = get_recipe(cfg.recipe)
+    clips = functools.partial(
+        assemble.dataset, cfg, cues, split, num_queries=model.config.num_queries, active_encoding=recipe.active_encoding
+    )
     silence = None
     if audio == "muted":
         if "audio" not in cues:
             raise ConfigError("the run has no audio cue to mute")
-        silence = assemble.silence_for(
-            run, cues, assemble.max_frames(assemble.dataset(cfg, cues, split, num_queries=num_queries))
-        )
-    data = assemble.dataset(cfg, cues, split, audio, silence=silence, num_queries=num_queries)
+        silence = assemble.silence_for(run, cues, assemble.max_frames(clips()))
+    data = clips(audio, silence=silence)
     protocol = protocol or cfg.protocol or DEFAULT_PROTOCOL[cfg.task]
-    result = evaluate(model, data, cfg.task, protocol, device=device, batch_size=cfg.eval_batch_size)
+    result = evaluate(model, data, cfg.task, protocol, device=device, batch_size=cfg.eval_batch_size, predict=recipe.predict)
     return {
         "miou": result.get("miou"),
         "fscore": result.get("fscore"),
