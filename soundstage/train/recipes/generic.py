@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
+import soundstage.train.assemble as assemble
 from soundstage.models.avs_mask2former import AVSMask2Former
-from soundstage.train import assemble
 from soundstage.train.distributed import frame_keys
 from soundstage.train.evaluation import model_inputs, predict
 from soundstage.train.recipes.recipe import Recipe
