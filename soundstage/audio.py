@@ -1,6 +1,7 @@
 """Decoding and resampling audio: the one helper every audio stage uses.
 
-soundfile decodes (wav, flac, ogg, ...); scipy's polyphase filter resamples (no torchaudio).
+soundfile decodes (wav, flac, ogg, ...); scipy's polyphase filter resamples (no torchaudio), or
+resampy's ``kaiser_best`` filter where a reference model's preprocessing used it (VGGish).
 """
 
 from __future__ import annotations
@@ -36,6 +37,16 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def resample_kaiser_best(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """``resampy.resample(wave, orig_sr, target_sr)`` with its default ``kaiser_best`` filter, in
+    float64 (torchvggish's ``waveform_to_examples``, which towhee's VGGish operator calls too)."""
+    if orig_sr == target_sr:
+        return wave
+    import resampy  # why here: it loads numba, and only non-16 kHz VGGish input needs it
+
+    return resampy.resample(np.asarray(wave, np.float64), orig_sr, target_sr, axis=-1)
+
+
 def max_seconds_param(default: float | None = None):
     """The ``--max-seconds`` parameter of an audio stage (not in the fingerprint: it decides which
     clips are tried, not their values)."""
@@ -50,8 +61,9 @@ def max_seconds_param(default: float | None = None):
     )
 
 
-def load_audio(path: str, target_sr: int = TARGET_SR, max_seconds: float | None = None) -> Audio:
-    """Read ``path``, average channels to mono and resample to ``target_sr``.
+def load_audio(path: str, target_sr: int = TARGET_SR, max_seconds: float | None = None, resampler=resample) -> Audio:
+    """Read ``path``, average channels to mono and resample to ``target_sr`` with ``resampler``
+    (``resample`` or ``resample_kaiser_best``).
 
     Raises ``ClipError`` with a short cause for a missing, unreadable or empty file, or one longer
     than ``max_seconds`` (read from its header, before decoding), so the runner records the clip
@@ -79,7 +91,7 @@ def load_audio(path: str, target_sr: int = TARGET_SR, max_seconds: float | None 
         raise ClipError(f"audio {path} contains NaN or Inf samples")
     mono = data.mean(axis=1)
     return Audio(
-        wave=np.ascontiguousarray(resample(mono, sr, target_sr), dtype=np.float32),
+        wave=np.ascontiguousarray(resampler(mono, sr, target_sr), dtype=np.float32),
         sample_rate=target_sr,
         orig_sample_rate=int(sr),
         orig_channels=int(data.shape[1]),

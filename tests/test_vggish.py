@@ -170,6 +170,57 @@ def test_loader_is_strict_and_refuses_pickled_code(tmp_path, tiny_checkpoint):
         vggish.load_vggish(str(tmp_path / "code.pth"))
 
 
+# ------------------------------------------------------------------- both variants vs the references
+
+REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "reference")
+
+
+@pytest.fixture(scope="module")
+def full_size_checkpoint(tmp_path_factory):
+    import sys
+
+    sys.path.insert(0, REFERENCE_DIR)
+    try:
+        import vggish_inputs
+    finally:
+        sys.path.remove(REFERENCE_DIR)
+    folder = tmp_path_factory.mktemp("vggish_full")
+    torch.save({k: torch.from_numpy(v) for k, v in vggish_inputs.full_size_weights(0).items()}, folder / "vggish.pth")
+    files = {(sr, ch): vggish_inputs.write_file(folder, sr, ch) for sr, ch in vggish_inputs.FILES}
+    return str(folder / "vggish.pth"), files
+
+
+@pytest.mark.parametrize("variant", vggish.VARIANTS)
+def test_both_variants_equal_the_reference_code_at_16_44_1_and_48_khz(tmp_path, full_size_checkpoint, variant):
+    """Stored outputs of harritaylor/torchvggish (``wavfile_to_examples`` + ``VGG``) and of towhee's
+    ``torch_vggish.VGG`` on the same examples, for seeded full-size weights and 16 kHz mono, 44.1 kHz
+    stereo and 48 kHz mono 16-bit WAVs (tests/reference/make_vggish_reference.py wrote them)."""
+    from soundstage.stages.vggish import STAGE, load
+
+    checkpoint, files = full_size_checkpoint
+    expected = np.load(os.path.join(REFERENCE_DIR, "vggish_reference.npz"))
+    params = stage_params(checkpoint, variant=variant)
+    model = STAGE.setup(params)
+    for (sr, ch), path in files.items():
+        item = load({"audio_path": path, "num_frames": ""}, ctx(tmp_path))
+        got = STAGE.process(model, [item], params)[0]["embeddings"]
+        ref = expected[f"{variant}_{sr}_{ch}"]
+        assert got.shape == ref.shape == (3, 128)
+        np.testing.assert_allclose(got, ref, atol=2e-3, rtol=0, err_msg=f"{variant} at {sr} Hz, {ch} channel(s)")
+    if variant == "towhee":
+        assert (got < 0).mean() > 0.3  # signed, as GAVS's shipped features
+    else:
+        assert (got >= 0).all()
+
+
+def test_towhee_variant_refuses_pca_params(tiny_checkpoint, tmp_path):
+    from soundstage.stages.vggish import STAGE
+
+    write_pca(tmp_path / "pca.pth")
+    with pytest.raises(ValueError, match="--variant torchvggish only"):
+        STAGE.setup(stage_params(tiny_checkpoint, variant="towhee", pca_params=str(tmp_path / "pca.pth")))
+
+
 # ------------------------------------------------------------------------------ PCA
 
 
@@ -217,7 +268,14 @@ def ctx(tmp_path):
 
 
 def stage_params(checkpoint, **extra):
-    return {"checkpoint": str(checkpoint), "pca_params": None, "pad": "repeat-last", "device": "cpu", **extra}
+    return {
+        "checkpoint": str(checkpoint),
+        "variant": "torchvggish",
+        "pca_params": None,
+        "pad": "repeat-last",
+        "device": "cpu",
+        **extra,
+    }
 
 
 def test_rows_follow_num_frames_with_either_padding(tmp_path, tiny_checkpoint):
@@ -266,7 +324,7 @@ def test_batch_of_mixed_lengths_equals_one_at_a_time(tmp_path, tiny_checkpoint):
 
 
 def test_embed_waveform_gives_the_stage_rows_and_resamples(tmp_path, tiny_checkpoint):
-    from soundstage.audio import resample
+    from soundstage.audio import resample, resample_kaiser_best
     from soundstage.stages.vggish import STAGE, embed_waveform, load
 
     params = stage_params(tiny_checkpoint)
@@ -280,12 +338,14 @@ def test_embed_waveform_gives_the_stage_rows_and_resamples(tmp_path, tiny_checkp
     assert silence.shape == (5, 128) and np.allclose(silence, silence[0])  # every silent example is alike
     at_48k = resample(wave, 16000, 48000)
     np.testing.assert_allclose(
-        embed_waveform(model, at_48k, 48000, params), model.embed(vggish.examples(resample(at_48k, 48000, 16000))), atol=1e-6
+        embed_waveform(model, at_48k, 48000, params),
+        model.embed(vggish.examples(resample_kaiser_best(at_48k, 48000, 16000))),
+        atol=1e-6,
     )
 
 
 def test_stage_end_to_end_with_pca(tmp_path, tiny_checkpoint):
-    from soundstage.audio import load_audio
+    from soundstage.audio import load_audio, resample_kaiser_best
     from soundstage.cache import open_stage
     from soundstage.manifests.synth import make_synthetic_dataset
     from soundstage.manifests.table import read_manifest
@@ -302,7 +362,7 @@ def test_stage_end_to_end_with_pca(tmp_path, tiny_checkpoint):
     assert raw.path != summary.path  # PCA is part of the fingerprint
     model = vggish.load_vggish(str(tiny_checkpoint))
     for row in read_manifest(manifest).to_dict("records"):
-        wave = load_audio(str(tmp_path / "data" / row["audio_path"])).wave
+        wave = load_audio(str(tmp_path / "data" / row["audio_path"]), resampler=resample_kaiser_best).wave
         with torch.no_grad():
             emb = model(torch.from_numpy(vggish.examples(wave)))
         record, raw_record = open_stage(summary.path)[row["clip_id"]], open_stage(raw.path)[row["clip_id"]]

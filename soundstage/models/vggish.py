@@ -1,5 +1,5 @@
-"""VGGish: the AudioSet log-mel front end, the network in the ``torchvggish`` state-dict layout,
-and the AudioSet PCA + 8-bit post-processing.
+"""VGGish: the AudioSet log-mel front end, the network in the ``torchvggish`` state-dict layout
+(two variants), and the AudioSet PCA + 8-bit post-processing.
 
 Everything follows the reference that AVSBench ships (harritaylor/torchvggish, a port of the
 TensorFlow AudioSet release ``research/audioset/vggish``), so the released weights
@@ -20,8 +20,9 @@ Front end (``log_mel``, ``examples``), at 16 kHz mono:
   ``1 + (frames - 96) // 96`` examples (5.0 s -> 5, 4.8 s -> 4, 10 s -> 10; at least 15,600
   samples, 0.975 s, for one).
 
-The reference resamples other rates with resampy; soundstage resamples with the shared loader
-(scipy's polyphase filter), so for non-16 kHz audio the samples differ slightly from resampy's.
+Other rates: channel mean, then ``resampy.resample(x, sr, 16000)`` with its default
+``kaiser_best`` filter, as the reference's ``waveform_to_examples`` does (the vggish stage loads
+audio through ``soundstage.audio.load_audio(..., resampler=resample_kaiser_best)``).
 
 Network (``VGGish``): input ``[N, 1, 96, 64]``; ``features`` = conv3x3(pad 1)+ReLU blocks with
 2x2 max pools, ``[64, M, 128, M, 256, 256, M, 512, 512, M]`` (state-dict indices 0, 3, 6, 8,
@@ -29,6 +30,16 @@ Network (``VGGish``): input ``[N, 1, 96, 64]``; ``features`` = conv3x3(pad 1)+Re
 TensorFlow layout); ``embeddings`` = Linear(12288, 4096)+ReLU, Linear(4096, 4096)+ReLU,
 Linear(4096, 128)+ReLU (indices 0, 2, 4), so the raw embeddings are >= 0. The widths are read
 from the state dict, so narrower stand-ins with the same layout load through the same code.
+
+Variants (``VARIANTS``), the same weights and keys:
+
+- ``torchvggish``: as above (harritaylor/torchvggish, which AVSBench ships);
+- ``towhee``: towhee's ``models/vggish/torch_vggish.py``, behind ``ops.audio_embedding.vggish()``
+  (what Stepping Stones, SegPref, GAVS and bias_in_AVS computed their features with), which
+  leaves the last ReLU out: signed embeddings, equal to torchvggish's before its last ReLU. Its
+  operator feeds the network the same examples as torchvggish's ``wavfile_to_examples`` for
+  16-bit WAV: ffmpeg decodes int16 samples, divided by 32768, channel mean, resampy, the
+  torchvggish front end. towhee applies no PCA.
 
 PCA params (``load_pca_params``): ``{"pca_eigen_vectors": [128, 128], "pca_means": [128]}``
 (the released file holds numpy arrays; ``pca_means`` may be ``[128, 1]``). Post-processing
@@ -61,6 +72,9 @@ QUANTIZE_MIN, QUANTIZE_MAX = -2.0, 2.0
 #: the conv stack of VGGish: channel counts, "M" = 2x2 max pool (each conv is followed by a ReLU)
 REFERENCE_LAYERS = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M")
 REFERENCE_HIDDEN = 4096
+
+#: network variants: torchvggish (final ReLU, AVSBench) and towhee (no final ReLU; the other seeds)
+VARIANTS = ("torchvggish", "towhee")
 
 #: fewest samples that give one example: 96 frames
 MIN_SAMPLES = WINDOW + (EXAMPLE_FRAMES - 1) * HOP
@@ -126,7 +140,7 @@ def examples(wave: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- network
 
 
-def _vggish_modules(layers, hidden: int):
+def _vggish_modules(layers, hidden: int, final_relu: bool):
     convs, channels = [], 1
     for v in layers:
         if v == "M":
@@ -142,18 +156,22 @@ def _vggish_modules(layers, hidden: int):
         nn.Linear(hidden, hidden),
         nn.ReLU(True),
         nn.Linear(hidden, EMBEDDING_SIZE),
-        nn.ReLU(True),
     ]
+    if final_relu:
+        mlp.append(nn.ReLU(True))
     return nn.Sequential(*convs), nn.Sequential(*mlp)
 
 
 class VGGish(nn.Module):
-    """The VGGish network with torchvggish's parameter names (``features.N.*``, ``embeddings.N.*``)."""
+    """The VGGish network with torchvggish's parameter names (``features.N.*``, ``embeddings.N.*``);
+    ``variant`` towhee leaves the final ReLU out."""
 
-    def __init__(self, layers=REFERENCE_LAYERS, hidden: int = REFERENCE_HIDDEN):
+    def __init__(self, layers=REFERENCE_LAYERS, hidden: int = REFERENCE_HIDDEN, variant: str = "torchvggish"):
         super().__init__()
-        self.layers, self.hidden = tuple(layers), hidden
-        self.features, self.embeddings = _vggish_modules(self.layers, hidden)
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown VGGish variant {variant!r} (choose from {', '.join(VARIANTS)})")
+        self.layers, self.hidden, self.variant = tuple(layers), hidden, variant
+        self.features, self.embeddings = _vggish_modules(self.layers, hidden, final_relu=variant == "torchvggish")
 
     def forward(self, x):
         """``[N, 1, 96, 64]`` (or ``[N, 96, 64]``) log-mel examples -> ``[N, 128]`` embeddings."""
@@ -182,9 +200,9 @@ def layers_from_state_dict(state: dict) -> tuple[tuple, int]:
     return tuple(layers), int(state["embeddings.0.weight"].shape[0])
 
 
-def load_vggish(path: str, map_location="cpu") -> VGGish:
-    """A VGGish from a torchvggish-layout ``.pth`` (e.g. ``vggish-10086976.pth``), loaded with
-    ``weights_only=True`` and strict key matching."""
+def load_vggish(path: str, map_location="cpu", variant: str = "torchvggish") -> VGGish:
+    """A VGGish (``variant``: see ``VARIANTS``) from a torchvggish-layout ``.pth`` (e.g.
+    ``vggish-10086976.pth``), loaded with ``weights_only=True`` and strict key matching."""
     state = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a state dict of tensors (expected the torchvggish layout)")
@@ -192,7 +210,7 @@ def load_vggish(path: str, map_location="cpu") -> VGGish:
         layers, hidden = layers_from_state_dict(state)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    model = VGGish(layers, hidden)
+    model = VGGish(layers, hidden, variant)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

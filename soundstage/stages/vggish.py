@@ -1,8 +1,12 @@
 """vggish: 128-d VGGish embeddings per 0.96 s of audio, as the AVS trainers consume them.
 
 Front end, network and PCA post-processing are those of torchvggish / the TensorFlow AudioSet
-release (``soundstage.models.vggish``). The log-mel examples are computed in the decoding
-workers; the network runs on the examples of a whole batch of clips at once (any lengths).
+release (``soundstage.models.vggish``). ``--variant`` picks the network: ``torchvggish``
+(AVSBench's; embeddings >= 0) or ``towhee`` (towhee's ``ops.audio_embedding.vggish()``, which
+Stepping Stones, SegPref, GAVS and bias_in_AVS used: no final ReLU, signed embeddings). Audio that
+is not at 16 kHz is averaged over channels and resampled with resampy's ``kaiser_best`` filter,
+as both references do. The log-mel examples are computed in the decoding workers; the network
+runs on the examples of a whole batch of clips at once (any lengths).
 
 Rows per clip: with ``num_frames`` in the manifest exactly that many (one per video frame):
 extra examples are dropped, missing ones padded by ``--pad`` — ``repeat-last`` (AVSBench's
@@ -13,7 +17,8 @@ how many examples the audio gave. Audio shorter than one example (15,600 samples
 
 ``--pca-params`` (the released ``vggish_pca_params-970ea276.pth``) stores the AudioSet-style
 post-processed embeddings (PCA whitening, clip to [-2, 2], 0..255 as float32); without it the
-raw embeddings (>= 0, AVSBench's choice).
+raw embeddings (>= 0, AVSBench's choice). towhee's operator has no post-processing, so
+``--pca-params`` is refused with ``--variant towhee``.
 
 ``embed_waveform`` gives the same rows for any waveform (e.g. digital silence for a "muted
 audio" cue) with a model from ``setup``.
@@ -21,7 +26,7 @@ audio" cue) with a model from ``setup``.
 
 import numpy as np
 
-from soundstage.audio import TARGET_SR, load_audio, max_seconds_param, resample
+from soundstage.audio import TARGET_SR, load_audio, max_seconds_param, resample_kaiser_best
 from soundstage.device import device_param, resolve_device
 from soundstage.manifests.table import frame_count, resolve_path
 from soundstage.models import vggish
@@ -63,15 +68,16 @@ def embed_waveform(
     model: vggish.VGGishEmbedder, waveform: np.ndarray, sample_rate: int, params: dict, num_frames: int | None = None
 ) -> np.ndarray:
     """``[rows, 128]`` float32 for a mono ``waveform``, exactly as the stage stores it (resampled
-    to 16 kHz with the shared loader's resampler; ``params["pad"]`` pads to ``num_frames``)."""
-    wave = resample(np.asarray(waveform, np.float32), sample_rate, TARGET_SR)
+    to 16 kHz as the stage does; ``params["pad"]`` pads to ``num_frames``)."""
+    wave = resample_kaiser_best(np.asarray(waveform, np.float32), sample_rate, TARGET_SR)
     found = examples_of(wave)
     rows = len(found) if num_frames is None else num_frames
     return fit_rows(model.embed(found[:rows]), rows, params.get("pad", "repeat-last"))
 
 
 def load(row, ctx):
-    wave = load_audio(resolve_path(row["audio_path"], ctx.manifest_dir), max_seconds=ctx.params.get("max_seconds")).wave
+    path = resolve_path(row["audio_path"], ctx.manifest_dir)
+    wave = load_audio(path, max_seconds=ctx.params.get("max_seconds"), resampler=resample_kaiser_best).wave
     raw = vggish.example_count(len(wave))
     rows = row_count(row, raw)
     if rows < 1:
@@ -82,7 +88,9 @@ def load(row, ctx):
 def setup(params):
     if not params["checkpoint"]:
         raise ValueError("--checkpoint is required: a torchvggish-layout .pth (e.g. vggish-10086976.pth)")
-    network = vggish.load_vggish(params["checkpoint"]).to(resolve_device(params["device"]))
+    if params["pca_params"] and params["variant"] == "towhee":
+        raise ValueError("--pca-params applies to --variant torchvggish only (towhee's VGGish has no post-processing)")
+    network = vggish.load_vggish(params["checkpoint"], variant=params["variant"]).to(resolve_device(params["device"]))
     pca = vggish.load_pca_params(params["pca_params"]) if params["pca_params"] else None
     return vggish.VGGishEmbedder(network, pca)
 
@@ -100,10 +108,18 @@ STAGE = Stage(
     name="vggish",
     reads=("audio_path", "num_frames"),  # manifest columns load uses (their files are digested too)
     required_columns=("audio_path",),
-    version=1,
+    version=2,  # 2: resampy kaiser_best for non-16 kHz audio (was scipy's polyphase filter)
     help="VGGish embeddings (128-d per 0.96 s, torchvggish front end and layout), one row per video frame.",
     params=[
         Param("checkpoint", str, None, "torchvggish-layout state dict .pth (vggish-10086976.pth)", identity=model_identity),
+        Param(
+            "variant",
+            str,
+            "torchvggish",
+            "torchvggish: final ReLU, embeddings >= 0 (AVSBench); towhee: no final ReLU, signed "
+            "(towhee's operator: Stepping Stones, SegPref, GAVS, bias_in_AVS)",
+            choices=vggish.VARIANTS,
+        ),
         Param(
             "pca_params",
             str,
