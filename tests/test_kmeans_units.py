@@ -170,7 +170,6 @@ def test_units_pipeline_and_refit_reuses_features(hubert_cache, tmp_path):
     from soundstage.cli import main
     from soundstage.manifests.table import read_manifest
     from soundstage.models.tiny import tiny_hubert_config
-    from soundstage.stages.units import km_command
 
     manifest, cache, hubert_params, hubert_dir = hubert_cache
     dim = tiny_hubert_config().hidden_size  # of the features the fixture's model writes
@@ -215,10 +214,59 @@ def test_units_pipeline_and_refit_reuses_features(hubert_cache, tmp_path):
 
     # fairseq .km export, in manifest order
     km_path = str(tmp_path / "train.km")
-    result = CliRunner().invoke(km_command, ["--out", km_path, "--cache", cache, "--manifest", manifest])
+    result = CliRunner().invoke(main, ["export", "km", "--out", km_path, "--cache", cache, "--manifest", manifest])
     assert result.exit_code == 0, result.output
     lines = open(km_path).read().splitlines()
     ids = open(str(tmp_path / "train.ids")).read().splitlines()
     assert ids == list(rows)
     for cid, line in zip(ids, lines):
         assert [int(u) for u in line.split(" ")] == reader[cid]["units"].tolist()
+    _check_hubert_layout(tmp_path, rows, lines, manifest)
+
+    # the k-means model as learn_kmeans.py saves it: ApplyKmeans gives the cached units
+    bin_path = str(tmp_path / "km4.bin")
+    result = CliRunner().invoke(
+        main, ["export", "kmeans-model", "--cache", cache, "--kmeans", km4.fingerprint, "--out", bin_path]
+    )
+    assert result.exit_code == 0, result.output
+    km = joblib.load(bin_path)
+    assert type(km).__name__ == "MiniBatchKMeans" and km.n_clusters == 4
+    np.testing.assert_array_equal(km.cluster_centers_, centroids)
+    for cid in rows:
+        x = feats[cid]["features"].astype(np.float32)  # what dump_hubert_feature.py would hold
+        np.testing.assert_array_equal(_apply_kmeans(km, x), reader[cid]["units"])
+        np.testing.assert_array_equal(km.predict(x.astype(np.float64)), reader[cid]["units"])
+    np.testing.assert_array_equal(load_centroids(bin_path, trust_pickle=True), centroids)  # and back in
+
+
+def _apply_kmeans(km, x):
+    """dump_km_label.py's ApplyKmeans (numpy path), written out."""
+    c = km.cluster_centers_.transpose()
+    dist = (x**2).sum(1, keepdims=True) - 2 * np.matmul(x, c) + (c**2).sum(0, keepdims=True)
+    return np.argmin(dist, axis=1)
+
+
+def _check_hubert_layout(folder, rows, km_lines, manifest):
+    """SPLIT.tsv as HuBERT's dataset reads it (root line, then path TAB samples of 16 kHz audio whose
+    length agrees with the labels at 50 Hz), and dict.km.txt: one "unit count" line per unit."""
+    import soundfile as sf
+
+    from soundstage.audio import load_audio
+    from soundstage.manifests.table import resolve_path
+
+    with open(folder / "train.tsv") as f:
+        root = f.readline().strip()
+        items = [line.rstrip("\n").split("\t") for line in f]
+    assert len(items) == len(rows) == len(km_lines)
+    for (rel, size), row, line in zip(items, rows.values(), km_lines):
+        path = os.path.join(root, rel)
+        wave, sr = sf.read(path)
+        assert sr == 16000 and len(wave) == int(size)
+        assert abs(int(size) / 16000 - len(line.split()) / 50) < 0.1  # verify_label_lengths' tolerance
+        ours = load_audio(resolve_path(row["audio_path"], os.path.dirname(manifest))).wave
+        np.testing.assert_allclose(wave if wave.ndim == 1 else wave.mean(-1), ours, atol=1e-7, rtol=0)
+    units = [int(u) for line in km_lines for u in line.split()]
+    with open(folder / "dict.km.txt") as f:
+        entries = [line.split() for line in f]
+    assert [int(u) for u, _ in entries] == list(range(4))
+    assert [int(n) for _, n in entries] == np.bincount(units, minlength=4).tolist()

@@ -527,3 +527,50 @@ def read_manifest_rows(manifest):
     from soundstage.cache.table import read_manifest
 
     return read_manifest(manifest).to_dict("records")
+
+
+def test_log_mel_export_is_what_avsbench_object_unpickles(vggish_cache, tmp_path):
+    """OUT/<split>/<category>/<uid>.pkl (S4) and OUT/<split>/<uid>.pkl (MS3): a [5, 1, 96, 64]
+    tensor, the front end's examples padded by repeating the last; v2 skipped; short audio named."""
+    import pickle
+
+    import pandas as pd
+
+    from soundstage.cache.table import read_manifest
+
+    root, manifest, _ = vggish_cache
+    rows = read_manifest(manifest)
+    with_v2 = root / "data" / "with_v2.csv"  # beside the manifest: its paths are relative to it
+    pd.concat([rows, pd.DataFrame([dict(rows.iloc[1], clip_id="a_v2_clip", subset="v2")])]).to_csv(with_v2, index=False)
+    v2_count = int((rows["subset"] == "v2").sum()) + 1
+    out = tmp_path / "audio_log_mel"
+    result = invoke("export", "log-mel", "--manifest", with_v2, "--out", out)
+    assert result.exit_code == 1 and "short_clip: audio of 0.500 s is too short" in result.output
+    assert f"skipped {v2_count} clip(s)" in result.output
+    checked_directly = 0
+    for row in read_manifest_rows(manifest):
+        if row["clip_id"] == "short_clip" or row["subset"] == "v2":
+            continue
+        where = [row["split"], row["a_obj"].replace("-", "_")] if row["subset"] == "v1s" else [row["split"]]
+        with open(os.path.join(out, *where, row["clip_id"] + ".pkl"), "rb") as fr:  # as their load_audio_lm
+            log_mel = pickle.load(fr).detach()
+        assert log_mel.shape == (5, 1, 96, 64) and log_mel.dtype == torch.float32
+        wave, sr = sf.read(root / "data" / row["audio_path"], dtype="int16")
+        if sr == 16000 and wave.ndim == 1 and checked_directly < 1:  # the formula written out
+            ref = direct_log_mel(wave / 32768.0)
+            count = 1 + (len(ref) - 96) // 96
+            expected = [ref[96 * min(i, count - 1) : 96 * min(i, count - 1) + 96] for i in range(5)]
+            np.testing.assert_allclose(log_mel[:, 0].numpy(), np.stack(expected), atol=1e-5, rtol=0)
+            checked_directly += 1
+        else:
+            found = vggish.examples(load_audio_wave(root / "data" / row["audio_path"]))
+            np.testing.assert_array_equal(log_mel[: len(found), 0].numpy(), found[:5])
+            assert (log_mel[len(found) :] == log_mel[len(found) - 1]).all()
+    assert checked_directly == 1 and len(list(out.rglob("*.pkl"))) == len(rows) - v2_count
+    assert not list(out.rglob("a_v2_clip*")) and not list(out.rglob("short_clip*"))
+
+
+def load_audio_wave(path):
+    from soundstage.audio import load_audio, resample_kaiser_best
+
+    return load_audio(str(path), resampler=resample_kaiser_best).wave

@@ -63,6 +63,25 @@ def fit_kmeans(x, k: int, backend: str = "faiss", seed: int = 0, device: str = "
     raise ValueError(f"unknown k-means backend {backend!r}; use faiss or sklearn")
 
 
+def sklearn_kmeans(centroids: np.ndarray, seed: int = 0):
+    """A fitted scikit-learn ``MiniBatchKMeans`` (fairseq's settings) holding ``centroids``: what
+    fairseq's ``learn_kmeans.py`` saves with ``joblib.dump`` and ``dump_km_label.py`` reads
+    (``cluster_centers_`` only). The centres are float64, so ApplyKmeans's distances are computed
+    in float64, like ``nearest_centroid``; ``predict`` then wants float64 input, as sklearn's own
+    float64 models do."""
+    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.utils._openmp_helpers import _openmp_effective_n_threads  # what fit() sets; predict() reads it
+
+    centroids = np.asarray(centroids, dtype=np.float64)
+    km = MiniBatchKMeans(n_clusters=len(centroids), random_state=int(seed), **SKLEARN_FAIRSEQ_SETTINGS)
+    km.cluster_centers_ = centroids
+    km.n_features_in_ = centroids.shape[1]
+    km._n_features_out = len(centroids)
+    km._n_threads = _openmp_effective_n_threads()
+    km.n_iter_ = km.n_steps_ = 0  # not fitted here: the centroids come from the kmeans stage
+    return km
+
+
 def kmeans_plusplus_init(x: np.ndarray, k: int, seed: int, init_size: int) -> np.ndarray:
     """k-means++ seeds (sklearn's greedy variant) drawn from ``init_size`` random rows of ``x``."""
     from sklearn.cluster import kmeans_plusplus

@@ -25,12 +25,28 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 
 import click
+import joblib
+import soundfile as sf
+import torch
 
+from soundstage.audio import TARGET_SR, load_audio
 from soundstage.cache.cli import CACHE_OPTION
-from soundstage.manifests.avsbench import SUBSETS
+from soundstage.cache.reader import read_result
+from soundstage.cache.store import atomic_write_text
+from soundstage.cache.table import read_manifest
+from soundstage.manifests.avsbench import FRAMES_PER_SUBSET, SUBSETS
+from soundstage.manifests.table import resolve_path
+from soundstage.models.kmeans import sklearn_kmeans
+from soundstage.pipeline.pipeline_file import load_pipeline
+from soundstage.pipeline.registry import get_stage
+from soundstage.pipeline.resolve import UpstreamError, choose, expected_fingerprint
+from soundstage.pipeline.stage import ClipError
+from soundstage.stages.units import export_km
+from soundstage.stages.vggish import clip_examples, fit_rows
 
 
 @click.group()
@@ -104,10 +120,6 @@ def segpref_json(manifest, cache_root, selector, out_path, n_slots, names, key, 
     """SegPref text-cue JSON from the sources stage: {"<vid>": {"f0": "guitar,man,None,None,", ...}}."""
     from soundstage.cache import open_stage
     from soundstage.cache.store import atomic_write_text
-    from soundstage.manifests.table import read_manifest
-    from soundstage.pipeline.registry import get_stage
-    from soundstage.pipeline.resolve import UpstreamError, choose
-    from soundstage.pipeline.stage import ClipError
 
     try:
         stage_dir = choose(cache_root, get_stage("sources"), selector, log=lambda m: click.echo(m, err=True))
@@ -154,15 +166,6 @@ def shared_keys_note(sharing: dict, key: str, shown: int = 5) -> str:
     return "\n".join(lines)
 
 
-def _add_exporters_of_other_stages() -> None:
-    from soundstage.stages.units import km_command  # fairseq's .km format
-
-    export.add_command(km_command)
-
-
-_add_exporters_of_other_stages()
-
-
 # ------------------------------------------------------------------ exports of per-clip arrays
 #
 # Each reads one output of a stage, picked like a stage picks its upstream (``--config
@@ -172,24 +175,27 @@ _add_exporters_of_other_stages()
 # recorded) instead of skipping it.
 
 
+def config_option(what: str):
+    return click.option("--config", type=click.Path(exists=True, dir_okay=False), help=f"pipeline YAML: {what}")
+
+
+def manifest_option(what: str):
+    return click.option("--manifest", type=click.Path(exists=True, dir_okay=False), envvar="SOUNDSTAGE_MANIFEST", help=what)
+
+
+#: the cache root of an export (the engine's ``CACHE_OPTION`` has no pipeline file to fall back on)
+cache_option = click.option("--cache", envvar="SOUNDSTAGE_CACHE", help="cache root (default: the pipeline's, else ./cache)")
+
+
 def output_options(stage_name: str):
     """--config / --manifest / --cache / --<stage> selector / --out / --overwrite / --allow-missing."""
 
     def decorate(command):
         for option in reversed(
             [
-                click.option(
-                    "--config",
-                    type=click.Path(exists=True, dir_okay=False),
-                    help="pipeline YAML: its manifest, cache and the exact output its parameters give",
-                ),
-                click.option(
-                    "--manifest",
-                    type=click.Path(exists=True, dir_okay=False),
-                    envvar="SOUNDSTAGE_MANIFEST",
-                    help="clips to export (default with --config: the pipeline's)",
-                ),
-                click.option("--cache", envvar="SOUNDSTAGE_CACHE", help="cache root (default: the pipeline's, else ./cache)"),
+                config_option("its manifest, cache and the exact output its parameters give"),
+                manifest_option("clips to export (default with --config: the pipeline's)"),
+                cache_option,
                 click.option(f"--{stage_name}", "selector", help=f"which {stage_name} output: FINGERPRINT or key=value,..."),
                 click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="folder to write"),
                 click.option("--overwrite", is_flag=True, help="write into a non-empty --out, replacing files of the same names"),
@@ -202,26 +208,30 @@ def output_options(stage_name: str):
     return decorate
 
 
-def chosen_output(stage_name: str, config, manifest, cache, selector):
-    """(manifest rows, StageDir) the export options pick."""
-    from soundstage.cache.table import read_manifest
-    from soundstage.pipeline.registry import get_stage
-    from soundstage.pipeline.resolve import UpstreamError, choose, expected_fingerprint
-
-    if config:
-        from soundstage.pipeline.pipeline_file import load_pipeline
-
-        pipe = load_pipeline(config)
+def pipeline_inputs(config, manifest, cache, need_manifest: bool = True):
+    """(manifest, cache, Pipeline or None): the options, else what the pipeline file names."""
+    pipe = load_pipeline(config) if config else None
+    if pipe:
         manifest, cache = manifest or pipe.manifest, cache or pipe.cache
-        if selector is None and stage_name in pipe.stages:
-            selector = expected_fingerprint(stage_name, pipe.stages)
-    if not manifest:
+    if need_manifest and not manifest:
         raise click.UsageError("give --manifest (or --config with a manifest)")
+    return manifest, cache, pipe
+
+
+def chosen_stage_dir(stage_name: str, cache, selector, pipe=None):
+    """The output of ``stage_name`` a selector, else the pipeline's parameters, else the only one picks."""
+    if pipe and selector is None and stage_name in pipe.stages:
+        selector = expected_fingerprint(stage_name, pipe.stages)
     try:
-        stage_dir = choose(cache or "cache", get_stage(stage_name), selector, log=lambda m: click.echo(m, err=True))
+        return choose(cache or "cache", get_stage(stage_name), selector, log=lambda m: click.echo(m, err=True))
     except UpstreamError as e:
         raise click.ClickException(str(e)) from None
-    return read_manifest(manifest).to_dict("records"), stage_dir
+
+
+def chosen_output(stage_name: str, config, manifest, cache, selector):
+    """(manifest rows, StageDir) the export options pick."""
+    manifest, cache, pipe = pipeline_inputs(config, manifest, cache)
+    return read_manifest(manifest).to_dict("records"), chosen_stage_dir(stage_name, cache, selector, pipe)
 
 
 def clips_to_write(rows: list, reader, stage_dir, allow_missing: bool) -> tuple[list, list]:
@@ -338,6 +348,144 @@ def vggish_npy(config, manifest, cache, selector, out_dir, overwrite, allow_miss
     report_written(len(present), out_dir, named)
 
 
+def manifest_options(what: str):
+    """--config / --manifest / --out / --overwrite of an export computed from the manifest's files."""
+
+    def decorate(command):
+        for option in reversed(
+            [
+                config_option("its manifest"),
+                manifest_option(f"clips to export (default with --config: the pipeline's); {what}"),
+                click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="folder to write"),
+                click.option("--overwrite", is_flag=True, help="write into a non-empty --out, replacing files of the same names"),
+            ]
+        ):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _save_pickle(path: str, value) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(value, f)
+
+
+@export.command("log-mel")
+@manifest_options("computed from their audio files")
+def log_mel(config, manifest, out_dir, overwrite):
+    """AVSBench-object's log-mel pickles: OUT/<split>/<category>/<uid>.pkl (S4), OUT/<split>/<uid>.pkl (MS3).
+
+    Each holds a float32 torch tensor [5, 1, 96, 64]: the VGGish front end of the vggish stage, cut
+    to 5 examples or padded by repeating the last (AVSBench's preprocessing). v2 clips, which that
+    code never reads, are skipped and counted."""
+    manifest, _, _ = pipeline_inputs(config, manifest, None)
+    rows = read_manifest(manifest).to_dict("records")
+    manifest_dir = os.path.dirname(os.path.abspath(manifest))
+    kept = [row for row in rows if row.get("subset") in ("v1s", "v1m")]
+    places = {row["clip_id"]: avsbench_object_path(row) for row in kept}
+    prepare_out_dir(out_dir, overwrite)
+    failed = []
+    for row in kept:
+        try:
+            found = clip_examples(resolve_path(row["audio_path"], manifest_dir))
+        except ClipError as e:
+            failed.append(f"{row['clip_id']}: {e}")
+            continue
+        examples = torch.from_numpy(fit_rows(found, FRAMES_PER_SUBSET[row["subset"]], "repeat-last"))[:, None]
+        _replace_with(os.path.join(out_dir, places[row["clip_id"]] + ".pkl"), lambda tmp, x=examples: _save_pickle(tmp, x))
+    skipped = len(rows) - len(kept)
+    click.echo(
+        f"wrote {len(kept) - len(failed)} clips to {out_dir}"
+        + (f"; skipped {skipped} clip(s) outside S4/MS3 (v2: AVSBench-object has no log-mel for them)" if skipped else "")
+    )
+    if failed:
+        raise click.ClickException(f"{len(failed)} clip(s) not written:\n  " + "\n  ".join(failed))
+
+
+# ------------------------------------------------------------------ fairseq HuBERT layout
+
+
+@export.command("km")
+@config_option("its manifest, cache and units output")
+@manifest_option(
+    "export this manifest's clips, in its order, with the .tsv of their audio (default: every cached clip, sorted, no .tsv)"
+)
+@cache_option
+@click.option("--units", "selector", help="which units output: FINGERPRINT or key=value,... (default: the only one)")
+@click.option("--out", "km_path", required=True, type=click.Path(dir_okay=False), help="SPLIT.km file to write")
+@click.option("--ids", "ids_path", type=click.Path(dir_okay=False), help="clip id list (default: --out with .ids)")
+def km(config, manifest, cache, selector, km_path, ids_path):
+    """fairseq's HuBERT label layout: SPLIT.km (unit ids per clip), SPLIT.ids, dict.km.txt and SPLIT.tsv.
+
+    SPLIT.tsv lists the clips' 16 kHz audio in the same order (first line the root folder, then
+    relative path TAB samples), as HuBERT's dataset reads it; audio at another rate is written once
+    as the 16 kHz mono float wav the hubert stage computed on, under SPLIT_audio16k/."""
+    manifest, cache, pipe = pipeline_inputs(config, manifest, cache, need_manifest=False)
+    for option, path in (("--out", km_path), ("--ids", ids_path)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise click.ClickException(f"{option} {path}: folder {folder} does not exist")
+    stage_dir = chosen_stage_dir("units", cache, selector, pipe)
+    rows = read_manifest(manifest).to_dict("records") if manifest else None
+    try:
+        ids, counts = export_km(stage_dir.path, km_path, ids_path, [r["clip_id"] for r in rows] if rows else None)
+    except (KeyError, ValueError, OSError) as e:
+        raise click.ClickException(str(e).strip("'\"")) from None
+    folder, split = os.path.split(os.path.splitext(os.path.abspath(km_path))[0])
+    dict_path = os.path.join(folder, "dict.km.txt")  # fairseq Dictionary: "<symbol> <count>" per line
+    atomic_write_text(dict_path, "".join(f"{unit} {count}\n" for unit, count in enumerate(counts.tolist())))
+    click.echo(f"wrote {len(ids)} clips to {km_path} and {len(counts)} units to {dict_path}")
+    if rows is None:
+        click.echo("no .tsv written: give --manifest (or --config) for the audio of the clips", err=True)
+        return
+    tsv_path, copied = write_hubert_tsv(rows, os.path.dirname(os.path.abspath(manifest)), folder, split)
+    click.echo(f"wrote {tsv_path}" + (f" ({copied} clip(s) resampled to 16 kHz into {split}_audio16k/)" if copied else ""))
+
+
+def write_hubert_tsv(rows: list, manifest_dir: str, folder: str, split: str) -> tuple[str, int]:
+    """``folder/split.tsv`` for ``rows`` (and 16 kHz copies of other-rate audio); (path, copies)."""
+    listed, copied = [], 0
+    for row in rows:
+        path = os.path.abspath(resolve_path(row["audio_path"], manifest_dir))
+        try:
+            info = sf.info(path)
+        except (RuntimeError, OSError) as e:
+            raise click.ClickException(f"clip {row['clip_id']}: cannot read audio {path} ({e})") from None
+        if info.samplerate != TARGET_SR:  # HuBERT's dataset refuses any other rate
+            path = os.path.join(folder, f"{split}_audio16k", f"{row['clip_id']}.wav")
+            wave = load_audio(resolve_path(row["audio_path"], manifest_dir)).wave
+            _replace_with(path, lambda tmp, w=wave: sf.write(tmp, w, TARGET_SR, subtype="FLOAT", format="WAV"))
+            copied += 1
+        listed.append((path, sf.info(path).frames))
+    root = os.path.commonpath([os.path.dirname(p) for p, _ in listed])
+    tsv_path = os.path.join(folder, f"{split}.tsv")
+    atomic_write_text(tsv_path, root + "\n" + "".join(f"{os.path.relpath(p, root)}\t{n}\n" for p, n in listed))
+    return tsv_path, copied
+
+
+@export.command("kmeans-model")
+@config_option("its cache and kmeans output")
+@cache_option
+@click.option("--kmeans", "selector", help="which kmeans output: FINGERPRINT or key=value,... (default: the only one)")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="joblib file to write (e.g. km500.bin)")
+@click.option("--overwrite", is_flag=True, help="replace an existing --out")
+def kmeans_model(config, cache, selector, out_path, overwrite):
+    """The fitted k-means as fairseq's learn_kmeans.py saves it: a joblib-pickled sklearn MiniBatchKMeans.
+
+    Its cluster_centers_ are our centroids in float64, so dump_km_label.py's ApplyKmeans computes
+    the distances in float64 as the units stage did and gives the cached units exactly."""
+    _, cache, pipe = pipeline_inputs(config, None, cache, need_manifest=False)
+    if os.path.exists(out_path) and not overwrite:
+        raise click.ClickException(f"{out_path} exists; choose another --out or pass --overwrite")
+    stage_dir = chosen_stage_dir("kmeans", cache, selector, pipe)
+    result = read_result(stage_dir.path)
+    model = sklearn_kmeans(result["centroids"], stage_dir.meta()["params"].get("seed", 0))
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    _replace_with(out_path, lambda tmp: joblib.dump(model, tmp))
+    click.echo(f"wrote {out_path}: {len(result['centroids'])} centroids of dim {result['centroids'].shape[1]}")
+
+
 @export.command("active-queries")
 @output_options("active-queries")
 def active_queries(config, manifest, cache, selector, out_dir, overwrite, allow_missing):
@@ -421,14 +569,9 @@ def masks(config, manifest, cache, selector, out_dir, overwrite, allow_missing, 
 
 
 @export.command("query-mapping")
-@click.option("--config", type=click.Path(exists=True, dir_okay=False), help="pipeline YAML (manifest, cache, outputs)")
-@click.option(
-    "--manifest",
-    type=click.Path(exists=True, dir_okay=False),
-    envvar="SOUNDSTAGE_MANIFEST",
-    help="the clips whose tags are counted (with --split)",
-)
-@click.option("--cache", envvar="SOUNDSTAGE_CACHE", help="cache root (default: the pipeline's, else ./cache)")
+@config_option("its manifest, cache and outputs")
+@manifest_option("the clips whose tags are counted (with --split)")
+@cache_option
 @click.option("--units", "units_selector", help="which units output (its cluster count K)")
 @click.option("--beats", "beats_selector", help="which beats output (its tags)")
 @click.option("--split", default="train", show_default=True, help="count tags on the clips of this split")

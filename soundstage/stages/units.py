@@ -10,17 +10,15 @@ length; a second without audio frames has count 0, units -1 and an all-zero hist
 
 The work is cheap and runs in the decoding workers (centroids are read once per process).
 
-``export_km`` (and the click command ``km_command``, meant for ``soundstage export km``) writes fairseq's ``.km`` text format: one line of
+``export_km`` (behind ``soundstage export km``) writes fairseq's ``.km`` text format: one line of
 space-separated unit ids per clip, with a file of the clip ids in the same order.
 """
 
 import math
 import os
 
-import click
 import numpy as np
 
-from soundstage.cache.cli import CACHE_OPTION
 from soundstage.manifests.table import frame_count
 from soundstage.models.kmeans import nearest_centroid
 from soundstage.pipeline.stage import Field, Param, Stage, Upstream
@@ -88,50 +86,27 @@ STAGE = Stage(
 # ---------------------------------------------------------------------------- .km export
 
 
-def export_km(units_dir: str, km_path: str, ids_path: str | None = None, clip_ids=None) -> int:
+def export_km(units_dir: str, km_path: str, ids_path: str | None = None, clip_ids=None) -> tuple[list, np.ndarray]:
     """Write fairseq's ``.km`` (one line of space-separated units per clip) and the clip id list.
 
-    ``clip_ids`` fixes the order (e.g. the manifest's); default: sorted. Returns the clip count.
+    ``clip_ids`` fixes the order (e.g. the manifest's); default: sorted. Returns the clip ids
+    written and how often each of the K units occurs in them (``[K]``, for ``dict.km.txt``).
     """
     from soundstage.cache import open_stage
 
-    reader = open_stage(units_dir, fields=["units"])
+    reader = open_stage(units_dir, fields=["units", "frame_hist"])
     ids = sorted(reader) if clip_ids is None else list(clip_ids)
     missing = [cid for cid in ids if cid not in reader]
     if missing:
         raise KeyError(f"{len(missing)} clips have no units in {units_dir}, e.g. {missing[:3]}")
     ids_path = ids_path or os.path.splitext(km_path)[0] + ".ids"
+    counts = None
     with open(km_path, "w") as km, open(ids_path, "w") as id_file:
         for cid in ids:
-            km.write(" ".join(map(str, reader[cid]["units"].tolist())) + "\n")
+            record = reader[cid]
+            if counts is None:
+                counts = np.zeros(record["frame_hist"].shape[1], dtype=np.int64)  # K
+            counts += np.bincount(record["units"], minlength=len(counts))
+            km.write(" ".join(map(str, record["units"].tolist())) + "\n")
             id_file.write(cid + "\n")
-    return len(ids)
-
-
-@click.command("km")
-@click.option(
-    "--manifest",
-    type=click.Path(exists=True, dir_okay=False),
-    envvar="SOUNDSTAGE_MANIFEST",
-    help="export this manifest's clips, in its order (default: every cached clip, sorted)",
-)
-@CACHE_OPTION
-@click.option("--units", "selector", help="which units output: FINGERPRINT or key=value,... (default: the only one)")
-@click.option("--out", "km_path", required=True, type=click.Path(dir_okay=False), help=".km file to write")
-@click.option("--ids", "ids_path", type=click.Path(dir_okay=False), help="clip id list (default: --out with .ids)")
-def km_command(manifest, cache_root, selector, km_path, ids_path):
-    """Units in fairseq's .km format (one line of unit ids per clip) plus the clip id list."""
-    from soundstage.manifests.table import read_manifest
-    from soundstage.pipeline.resolve import UpstreamError, choose
-
-    for option, path in (("--out", km_path), ("--ids", ids_path)):
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
-        if folder and not os.path.isdir(folder):
-            raise click.ClickException(f"{option} {path}: folder {folder} does not exist")
-    try:
-        stage_dir = choose(cache_root, STAGE, selector, log=lambda m: click.echo(m, err=True)).path
-        clip_ids = list(read_manifest(manifest)["clip_id"]) if manifest else None
-        n = export_km(stage_dir, km_path, ids_path, clip_ids)
-    except (UpstreamError, KeyError, ValueError, OSError) as e:
-        raise click.ClickException(str(e).strip("'\"")) from None
-    click.echo(f"wrote {n} clips to {km_path}")
+    return ids, counts if counts is not None else np.zeros(0, dtype=np.int64)

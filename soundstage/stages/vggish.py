@@ -53,15 +53,15 @@ def fit_rows(embeddings: np.ndarray, rows: int, pad: str) -> np.ndarray:
     return np.concatenate([embeddings, filler])
 
 
-def examples_of(wave: np.ndarray, rows: int | None = None) -> np.ndarray:
-    """The examples that feed the rows (at most ``rows``); too-short audio is a ``ClipError``."""
+def examples_of(wave: np.ndarray) -> np.ndarray:
+    """The examples of a 16 kHz waveform; too-short audio is a ``ClipError``."""
     found = vggish.examples(wave)
     if len(found) == 0:
         raise ClipError(
             f"audio of {len(wave) / TARGET_SR:.3f} s is too short for one VGGish example "
             f"(needs {vggish.MIN_SAMPLES} samples, {vggish.MIN_SAMPLES / TARGET_SR:.3f} s)"
         )
-    return found if rows is None else found[:rows]
+    return found
 
 
 def embed_waveform(
@@ -75,14 +75,18 @@ def embed_waveform(
     return fit_rows(model.embed(found[:rows]), rows, params.get("pad", "repeat-last"))
 
 
+def clip_examples(path: str, max_seconds: float | None = None) -> np.ndarray:
+    """Every log-mel example ``[N, 96, 64]`` of an audio file, exactly as the stage computes them
+    (also what ``soundstage export log-mel`` writes); too-short audio is a ``ClipError``."""
+    return examples_of(load_audio(path, max_seconds=max_seconds, resampler=resample_kaiser_best).wave)
+
+
 def load(row, ctx):
-    path = resolve_path(row["audio_path"], ctx.manifest_dir)
-    wave = load_audio(path, max_seconds=ctx.params.get("max_seconds"), resampler=resample_kaiser_best).wave
-    raw = vggish.example_count(len(wave))
-    rows = row_count(row, raw)
+    found = clip_examples(resolve_path(row["audio_path"], ctx.manifest_dir), ctx.params.get("max_seconds"))
+    rows = row_count(row, len(found))
     if rows < 1:
         raise ClipError(f"num_frames {row.get('num_frames')!r}: a clip needs at least one row")
-    return {"examples": examples_of(wave, rows), "raw": raw, "rows": rows}
+    return {"examples": found[:rows], "raw": len(found), "rows": rows}
 
 
 def setup(params):
