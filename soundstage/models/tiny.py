@@ -221,6 +221,98 @@ def build_clip(out_dir, seed: int = 0) -> str:
     return str(out_dir)
 
 
+def train_bpe_merges(words, count: int) -> list[tuple[str, str]]:
+    """Byte-pair merges learned on ``words`` the way CLIP's vocabulary was made: symbols are
+    characters, a word's last one marked ``</w>``; repeatedly the most frequent adjacent pair
+    (ties: the smallest) is merged, ``count`` times or until no pair is left."""
+    corpus = {}
+    for word in words:
+        symbols = (*word[:-1], word[-1] + "</w>")
+        corpus[symbols] = corpus.get(symbols, 0) + 1
+    merges = []
+    while len(merges) < count:
+        pairs = {}
+        for symbols, n in corpus.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] = pairs.get(pair, 0) + n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        merged = {}
+        for symbols, n in corpus.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if symbols[i : i + 2] == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] = n
+        corpus = merged
+    return merges
+
+
+def write_bpe_vocab(path, merges) -> str:
+    """A vocabulary file in the layout of CLIP's ``bpe_simple_vocab_16e6.txt.gz``: a version line,
+    then one merge per line (no trailing newline: the tokenizer reads lines 1 .. 48894 as merges)."""
+    import gzip
+
+    text = "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write(text)
+    return str(path)
+
+
+def build_imagebind_text(out_dir, seed: int = 0) -> str:
+    """A checkpoint with the text keys of ``imagebind_huge.pth`` (and ImageBind's names for them)
+    plus its BPE vocabulary file beside it: ``out_dir/imagebind_text.pth`` and
+    ``out_dir/bpe_simple_vocab_16e6.txt.gz``. Returns the checkpoint path."""
+    from soundstage.models.imagebind import BPE_FILE, ClipTokenizer
+
+    spec = tiny_config("imagebind_text")
+    os.makedirs(out_dir, exist_ok=True)
+    words = [w.lower() for w in SOURCE_WORDS + CAPTION_WORDS] + ["none"]
+    bpe = write_bpe_vocab(os.path.join(out_dir, BPE_FILE), train_bpe_merges(words, spec["bpe_merges"]))
+    c = spec["config"]
+    vocab = len(ClipTokenizer(bpe))
+
+    def make():
+        state = {
+            "modality_preprocessors.text.token_embedding.weight": 0.02 * torch.randn(vocab, c["width"]),
+            "modality_preprocessors.text.pos_embed": 0.01 * torch.randn(1, c["context_length"], c["width"]),
+            "modality_preprocessors.text.mask": torch.full((c["context_length"],) * 2, float("-inf")).triu(1),
+            "modality_heads.text.proj.0.weight": 1 + 0.1 * torch.randn(c["width"]),
+            "modality_heads.text.proj.0.bias": 0.1 * torch.randn(c["width"]),
+            "modality_heads.text.proj.1.weight": torch.randn(c["out_dim"], c["width"]) / c["width"] ** 0.5,
+            "modality_postprocessors.text.1.log_logit_scale": torch.tensor(c["logit_scale"]).log(),
+        }
+        w, m = c["width"], c["mlp_width"]
+        for i in range(c["layers"]):
+            block = f"modality_trunks.text.blocks.{i}."
+            for name, shape, scale in [
+                ("attn.in_proj_weight", (3 * w, w), w**-0.5),
+                ("attn.in_proj_bias", (3 * w,), 0.02),
+                ("attn.out_proj.weight", (w, w), w**-0.5),
+                ("attn.out_proj.bias", (w,), 0.02),
+                ("mlp.fc1.weight", (m, w), w**-0.5),
+                ("mlp.fc1.bias", (m,), 0.02),
+                ("mlp.fc2.weight", (w, m), m**-0.5),
+                ("mlp.fc2.bias", (w,), 0.02),
+                ("norm_1.bias", (w,), 0.1),
+                ("norm_2.bias", (w,), 0.1),
+            ]:
+                state[block + name] = scale * torch.randn(shape)
+            for norm in ("norm_1", "norm_2"):
+                state[f"{block}{norm}.weight"] = 1 + 0.1 * torch.randn(w)
+        return state
+
+    path = os.path.join(out_dir, "imagebind_text.pth")
+    torch.save(_seeded(seed, make), path)
+    return path
+
+
 # ----------------------------------------------------------------------------------- all of them
 
 #: name -> (builder, file name under out_dir, the real model it stands in for)
@@ -231,6 +323,7 @@ TINY_MODELS = {
     "blip": (build_blip, "blip", "Salesforce/blip-image-captioning-large"),
     "chat_lm": (build_chat_lm, "chat_lm", "Qwen/Qwen2.5-7B-Instruct"),
     "text_encoder": (build_text_encoder, "text_encoder", "distilbert/distilroberta-base"),
+    "imagebind_text": (build_imagebind_text, "imagebind_text", "imagebind_huge.pth (text branch) + CLIP's BPE vocabulary"),
 }
 
 
