@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
+import soundfile as sf
+from scipy.signal import resample_poly
 
 from soundstage.pipeline.stage import ClipError, Param
 
@@ -30,7 +32,6 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     """Band-limited polyphase resampling along the last axis (Kaiser-windowed FIR)."""
     if orig_sr == target_sr:
         return wave
-    from scipy.signal import resample_poly
 
     ratio = Fraction(target_sr, orig_sr)
     out = resample_poly(wave.astype(np.float64), ratio.numerator, ratio.denominator, axis=-1)
@@ -69,8 +70,6 @@ def load_audio(path: str, target_sr: int = TARGET_SR, max_seconds: float | None 
     than ``max_seconds`` (read from its header, before decoding), so the runner records the clip
     as failed instead of substituting anything.
     """
-    import soundfile as sf
-
     if not os.path.exists(path):
         raise ClipError(f"missing audio {path}")
     if os.path.getsize(path) == 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from soundstage.pipeline.stage import Param
+
 #: the ``--dtype`` choices of every model stage, and the torch dtype each stands for
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 DTYPE_CHOICES = tuple(DTYPES)
@@ -30,13 +32,9 @@ def resolve_device(device: str | None) -> str:
 
 def device_param(help: str = "cpu, cuda, cuda:1, ... (auto: cuda when available)"):
     """The ``--device`` parameter of a model stage (not in the fingerprint)."""
-    from soundstage.pipeline.stage import Param
-
     return Param("device", str, "auto", help, fingerprint=False)
 
 
 def dtype_param(default: str = "fp32", help: str = "inference precision (fp16/bf16 are for GPUs)"):
     """The ``--dtype`` parameter of a model stage (in the fingerprint: it changes the numbers)."""
-    from soundstage.pipeline.stage import Param
-
     return Param("dtype", str, default, help, choices=DTYPE_CHOICES)

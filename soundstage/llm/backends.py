@@ -30,6 +30,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 
+from soundstage.device import torch_dtype
 from soundstage.pipeline.stage import Param
 
 log = logging.getLogger("soundstage.llm")
@@ -50,8 +51,6 @@ class TransformersChatLM:
 
     def __init__(self, source: str, device: str = "cpu", dtype: str = "fp32", max_new_tokens: int = 256, batch_size: int = 16):
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from soundstage.device import torch_dtype
 
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         if not self.tokenizer.chat_template:

@@ -19,7 +19,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import soundfile as sf
 from PIL import Image
+
+from soundstage.pipeline.progress import progress_bar
 
 JPEG_END_MARKER = b"\xff\xd9"
 # Some encoders pad after the end marker; look for it in the last bytes, not only the last two.
@@ -78,8 +81,6 @@ def check_image(path: str, decode: bool = False) -> str | None:
 
 def check_audio(path: str) -> tuple[str | None, dict]:
     """(cause or ``None``, header facts) for an audio file."""
-    import soundfile as sf
-
     facts = {"audio_sample_rate": "", "audio_channels": "", "audio_seconds": ""}
     try:
         if os.path.getsize(path) == 0:
@@ -115,8 +116,6 @@ def check_clip(clip: ClipCheck, decode: bool = False) -> ClipReport:
 def check_clips(clips: list[ClipCheck], workers: int = 16, decode: bool = False, progress: bool = False) -> list[ClipReport]:
     """Reports in the order of ``clips``; ``workers`` threads (1 = in this thread); ``progress``: a
     bar on stderr (updated every 30 s when stderr is not a terminal, e.g. in a job's log)."""
-    from soundstage.pipeline.progress import progress_bar
-
     bar = progress_bar(len(clips), "checking clips", progress)
 
     def check(c):

@@ -8,6 +8,8 @@ import time
 import click
 
 from soundstage.manifests.avsbench import SPLITS, SUBSETS, MetadataError, build_avsbench_manifest, summarize
+from soundstage.manifests.synth import make_synthetic_dataset
+from soundstage.manifests.table import read_manifest, relative_paths, write_manifest
 
 
 @click.group()
@@ -43,8 +45,6 @@ def avsbench(root, output, subsets, splits, strict, workers, relative, decode, p
     Single-source/ and Multi-sources/). Every referenced file is opened; clips with missing or
     unreadable files keep their row, with the cause in the problem column.
     """
-    from soundstage.manifests.table import relative_paths, write_manifest
-
     started = time.perf_counter()
     try:
         result = build_avsbench_manifest(root, subsets or None, splits or None, workers=workers, decode=decode, progress=progress)
@@ -81,9 +81,6 @@ def synth(out, clips, seed):
 
     OUT must be empty, new, or an earlier synthetic dataset (which is replaced).
     """
-    from soundstage.manifests.synth import make_synthetic_dataset
-    from soundstage.manifests.table import read_manifest
-
     started = time.perf_counter()
     try:
         path = make_synthetic_dataset(out, clips=clips, seed=seed)

@@ -32,8 +32,9 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from soundstage.manifests.avsbench import FRAMES_PER_SUBSET, SPLITS, SUBSETS, annotated_frame_indices
+from soundstage.manifests.avsbench import FRAMES_PER_SUBSET, SPLITS, SUBSETS, annotated_frame_indices, build_avsbench_manifest
 from soundstage.manifests.palette import class_index, index_to_colour, label2idx
+from soundstage.manifests.table import relative_paths, write_manifest
 
 GENERATOR_VERSION = 2  # 2: v1m clips have vid == uid, as in the real release
 #: A count for tests: every (subset, split) pair, two clips per train pair, generated in about a second.
@@ -303,9 +304,6 @@ def _prepare(out_dir: str) -> None:
 
 def make_synthetic_dataset(out_dir: str, clips: int = 100, seed: int = 0, workers: int = 4) -> str:
     """Write the dataset into ``out_dir`` and return the path of its manifest (``manifest.csv``)."""
-    from soundstage.manifests.avsbench import build_avsbench_manifest
-    from soundstage.manifests.table import relative_paths, write_manifest
-
     if clips < 1:
         raise ValueError("clips must be at least 1")
     _prepare(out_dir)

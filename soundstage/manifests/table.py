@@ -28,6 +28,7 @@ import os
 import pandas as pd
 
 from soundstage.cache.table import REQUIRED_COLUMNS, ManifestError, read_manifest  # noqa: F401 (the engine's reader)
+from soundstage.pipeline.stage import ClipError
 
 PATH_COLUMNS = ("audio_path", "frames_dir", "labels_rgb_dir", "labels_semantic_dir", "labels_binary_dir", "label2idx_path")
 LABEL_KINDS = {"rgb": "labels_rgb_dir", "semantic": "labels_semantic_dir", "binary": "labels_binary_dir"}
@@ -38,8 +39,6 @@ def frame_count(row: dict) -> int | None:
 
     Anything but a whole number >= 0 is a mistake in the manifest: ``ClipError`` naming the value,
     so the clip is recorded as failed for that reason (never read as 0 or as the audio's length)."""
-    from soundstage.pipeline.stage import ClipError
-
     value = str(row.get("num_frames", "") or "").strip()
     if not value:
         return None

@@ -50,6 +50,14 @@ import os
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import (
+    Mask2FormerConfig,
+    Mask2FormerForUniversalSegmentation,
+    SwinConfig,
+)
+from transformers.utils import logging as hf_logging
+
+from soundstage.models.tiny import tiny_config
 
 CONDITIONING_CONFIG = "avs_conditioning.json"
 CONDITIONING_WEIGHTS = "avs_conditioning.pt"
@@ -246,8 +254,6 @@ class AVSMask2Former(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str) -> AVSMask2Former:
-        from transformers import Mask2FormerForUniversalSegmentation
-
         conditioning = os.path.join(path, CONDITIONING_CONFIG)
         if not os.path.exists(conditioning):
             raise FileNotFoundError(
@@ -277,12 +283,6 @@ def build_model(
     ``soundstage/data/tiny/mask2former.json`` (random weights, seeded). ``loss_weights``:
     ``class_weight``/``mask_weight``/``dice_weight``/``no_object_weight``; ``prior``: the model
     takes Stepping Stones' mask prior (see the module docstring)."""
-    from transformers import (
-        Mask2FormerConfig,
-        Mask2FormerForUniversalSegmentation,
-        SwinConfig,
-    )
-
     overrides = {"num_labels": num_labels, **(loss_weights or {})}
     if num_queries:
         overrides["num_queries"] = num_queries
@@ -315,8 +315,6 @@ def build_model(
 
 def tiny_mask2former_spec() -> dict:
     """The shipped tiny config: ``{"image_size": S, "config": Mask2FormerConfig arguments}``."""
-    from soundstage.models.tiny import tiny_config
-
     return tiny_config("mask2former")
 
 
@@ -332,8 +330,6 @@ def class_scores(outputs, size) -> torch.Tensor:
 @contextlib.contextmanager
 def _quiet_progress():
     """No transformers progress bars while saving/loading (they would mix into command output)."""
-    from transformers.utils import logging as hf_logging
-
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import HubertConfig, HubertModel
 
 from soundstage.device import torch_dtype
 from soundstage.models.safe_pickle import numpy_data_globals, restricted_pickle_module
@@ -173,8 +174,6 @@ def load_hubert(source, device="cpu", dtype=torch.float32, normalize: bool | Non
 
 
 def _hubert_from_transformers(source: str):
-    from transformers import HubertModel
-
     model = HubertModel.from_pretrained(source)
     normalize = model.config.feat_extract_norm == "layer"
     preprocessor = os.path.join(source, "preprocessor_config.json")
@@ -193,8 +192,6 @@ def _hubert_from_transformers(source: str):
 
 def hubert_from_fairseq(path: str):
     """``(transformers HubertModel, task normalize flag)`` from a fairseq HuBERT checkpoint."""
-    from transformers import HubertModel
-
     ckpt = load_fairseq_checkpoint(path)
     model_cfg, task_cfg = fairseq_configs(ckpt)
     config = hubert_config_from_fairseq(model_cfg)
@@ -306,8 +303,6 @@ _FAIRSEQ_DEFAULTS = {
 
 def hubert_config_from_fairseq(model_cfg: dict):
     """The transformers ``HubertConfig`` equivalent to a fairseq HuBERT model config."""
-    from transformers import HubertConfig
-
     cfg = {**_FAIRSEQ_DEFAULTS, **{k: v for k, v in model_cfg.items() if v is not None}}
     if cfg["layer_type"] != "transformer":
         raise ValueError(f"unsupported fairseq HuBERT layer_type {cfg['layer_type']!r} (only 'transformer')")

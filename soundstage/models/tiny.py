@@ -19,6 +19,28 @@ import os
 from functools import cache
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    BertTokenizerFast,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipImageProcessor,
+    BlipProcessor,
+    CLIPConfig,
+    CLIPModel,
+    HubertConfig,
+    HubertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    RobertaConfig,
+    RobertaModel,
+    Wav2Vec2FeatureExtractor,
+)
+
+from soundstage.llm.prompt import load_template
+from soundstage.models.beats import BEATs, audioset_classes
+from soundstage.models.vggish import VGGish
 
 TINY_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "tiny")
 
@@ -44,9 +66,6 @@ SOURCE_WORDS: tuple = tuple(_words()["source_words"])
 def word_tokenizer(sentences, chat_template=None, wrap=False):
     """A fast word-level tokenizer trained on ``sentences`` (split at whitespace and punctuation);
     ``wrap``: encoding adds [BOS] ... [EOS] around the text, as CLIP's tokenizer does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece()  # joins words with spaces
@@ -75,8 +94,6 @@ def tiny_hubert_config(layer_norm_first: bool = False, **overrides):
     """``data/tiny/hubert.json``'s transformers ``HubertConfig``. ``layer_norm_first=True`` gives
     the large-style variant (layer-norm conv stack with biases, pre-LN blocks, as
     ``facebook/hubert-large-ll60k``); tests build other variants with ``overrides``."""
-    from transformers import HubertConfig
-
     settings = dict(tiny_config("hubert")["config"])
     if layer_norm_first:
         settings.update(conv_bias=True, feat_extract_norm="layer", do_stable_layer_norm=True)
@@ -86,8 +103,6 @@ def tiny_hubert_config(layer_norm_first: bool = False, **overrides):
 def build_hubert(out_dir, seed: int = 0) -> str:
     """A transformers HuBERT directory (weights, config, preprocessor_config.json) like
     ``facebook/hubert-base-ls960``'s."""
-    from transformers import HubertModel, Wav2Vec2FeatureExtractor
-
     model = _seeded(seed, lambda: HubertModel(tiny_hubert_config()))
     model.save_pretrained(out_dir)
     Wav2Vec2FeatureExtractor(**tiny_config("hubert")["feature_extractor"]).save_pretrained(out_dir)
@@ -96,8 +111,6 @@ def build_hubert(out_dir, seed: int = 0) -> str:
 
 def beats_label_dict(display_names) -> dict:
     """Column -> AudioSet MID for these display names of the shipped AudioSet class list."""
-    from soundstage.models.beats import audioset_classes
-
     mid_of = {name: mid for mid, name in audioset_classes()}
     unknown = [n for n in display_names if n not in mid_of]
     if unknown:
@@ -113,8 +126,6 @@ def tiny_beats_cfg(**overrides) -> dict:
 
 def build_beats(path, seed: int = 0) -> str:
     """An official-format fine-tuned BEATs checkpoint file (``{"cfg", "model", "label_dict"}``)."""
-    from soundstage.models.beats import BEATs
-
     spec = tiny_config("beats")
     if spec["cfg"]["predictor_class"] != len(spec["classes"]):
         raise ValueError("data/tiny/beats.json: predictor_class must equal the number of classes")
@@ -128,8 +139,6 @@ def build_beats(path, seed: int = 0) -> str:
 def build_vggish(path, seed: int = 0) -> str:
     """A torchvggish-layout state dict ``.pth`` (``features.N.*``, ``embeddings.N.*``) of a
     narrow VGGish, as ``vggish-10086976.pth`` is distributed."""
-    from soundstage.models.vggish import VGGish
-
     spec = tiny_config("vggish")
     model = _seeded(seed, lambda: VGGish(spec["layers"], spec["hidden"]))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -143,8 +152,6 @@ def build_vggish(path, seed: int = 0) -> str:
 def build_blip(out_dir, seed: int = 0) -> str:
     """A BLIP captioner directory (model + processor) with a BERT word-piece tokenizer over
     the caption words."""
-    from transformers import BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
-
     spec = tiny_config("blip")
     vocab = spec["special_tokens"] + list(CAPTION_WORDS)
     tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, bos_token="[DEC]")
@@ -166,10 +173,6 @@ def build_blip(out_dir, seed: int = 0) -> str:
 def build_chat_lm(out_dir, seed: int = 0, **config_overrides) -> str:
     """A Llama-architecture chat LM directory whose tokenizer (with a chat template) covers the
     sources prompt template and the caption words. ``config_overrides``: e.g. ``hidden_size``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from soundstage.llm.prompt import load_template
-
     spec = tiny_config("chat_lm")
     tokenizer = word_tokenizer(
         [load_template().text, " ".join(CAPTION_WORDS), " ".join(SOURCE_WORDS), spec["extra_text"]], spec["chat_template"]
@@ -190,8 +193,6 @@ def build_chat_lm(out_dir, seed: int = 0, **config_overrides) -> str:
 
 def build_text_encoder(out_dir, seed: int = 0) -> str:
     """A RoBERTa text encoder directory (the architecture of distilroberta-base)."""
-    from transformers import RobertaConfig, RobertaModel
-
     tokenizer = word_tokenizer([" ".join(SOURCE_WORDS + CAPTION_WORDS)])
     config = RobertaConfig(
         **tiny_config("text_encoder")["config"], vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id
@@ -204,8 +205,6 @@ def build_text_encoder(out_dir, seed: int = 0) -> str:
 def build_clip(out_dir, seed: int = 0) -> str:
     """A CLIP dual encoder directory; textcues uses its text tower (pooler output: the final
     state at the end-of-text token) or its projected text embedding."""
-    from transformers import CLIPConfig, CLIPModel
-
     tokenizer = word_tokenizer([" ".join(SOURCE_WORDS + CAPTION_WORDS)], wrap=True)
     spec = tiny_config("clip")["config"]
     text_config = dict(

@@ -14,6 +14,8 @@ import re
 import click
 from click.core import ParameterSource
 
+from soundstage.pipeline.local import run_local
+from soundstage.pipeline.resolve import expected_fingerprint
 from soundstage.pipeline.stage import Param, Stage
 from soundstage.pipeline.task_args import flag_name as _flag_name
 from soundstage.pipeline.task_args import stage_cli_args
@@ -178,8 +180,6 @@ def stage_command(stage: Stage) -> click.Command:
 
 def invoke_stage(stage: Stage, values: dict, is_default) -> int:
     """Run a stage command with parsed option ``values``; returns the exit code."""
-    from soundstage.pipeline.resolve import expected_fingerprint
-
     upstream_select = {up.stage: values[_upstream_dest(up.stage)] for up in stage.upstream if values[_upstream_dest(up.stage)]}
     params = {p.name: values[p.name] for p in stage.params}
     manifest, cache = values["manifest"], values["cache"]
@@ -223,8 +223,6 @@ def invoke_stage(stage: Stage, values: dict, is_default) -> int:
             force=values["force"],
             reuse_fit=values["reuse_fit"],
         )
-
-    from soundstage.pipeline.local import run_local
 
     summary = run_local(
         stage,

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 
 import click
 
@@ -23,7 +24,9 @@ import soundstage.pipeline.slurm as slurm
 from soundstage.cache.index import output_status
 from soundstage.cache.store import StageDir, StageStatus
 from soundstage.pipeline.freshness import STALE_RESULT, outdated
+from soundstage.pipeline.local import run_local
 from soundstage.pipeline.registry import get_stage
+from soundstage.pipeline.resolve import expected_meta
 from soundstage.pipeline.runner import manifest_rows, plan_stage
 from soundstage.pipeline.shard import shard_of
 from soundstage.pipeline.stage import Stage
@@ -181,8 +184,6 @@ class LocalExecutor(Executor):
     runner_options: dict = field(default_factory=dict)  # passed to the runner (workers, force, ...)
 
     def run(self, works: list[StageWork]) -> int:
-        from soundstage.pipeline.local import run_local
-
         options = {k: v for k, v in self.runner_options.items() if v is not None}
         code, ran = 0, False
         for work in works:
@@ -383,8 +384,6 @@ def run_pipeline(
     stop the stages below: they record those clips as failed too and the exit status says so; an
     interrupted or crashed stage does stop them (``afterok`` on SLURM, where array tasks run with
     ``--allow-failed-clips``)."""
-    from soundstage.pipeline.resolve import expected_meta
-
     if not pipe.manifest:
         raise click.UsageError(f"{pipe.path} names no manifest")
     cache = pipe.cache or "cache"
@@ -433,8 +432,6 @@ STEP_ENTRY_POINTS = "soundstage.steps"
 
 def pipeline_steps(pipe) -> list:
     """The follow-up steps the pipeline file asks for (``soundstage run --executor slurm``)."""
-    from importlib.metadata import entry_points
-
     sections = {"train": pipe.train}
     wanted = [name for name, section in sections.items() if isinstance(section, dict) and section.get("step")]
     builders = {ep.name: ep for ep in entry_points(group=STEP_ENTRY_POINTS)}

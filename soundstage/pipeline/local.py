@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import pickle
 import signal
 import sys
 import threading
 import time
+
+import cloudpickle
 
 from soundstage.cache.store import StageDir
 from soundstage.pipeline.freshness import upstream_readers
@@ -93,10 +97,6 @@ class ShardProcess:
     through a pipe and exits with this process if it is killed."""
 
     def __init__(self, stage: Stage, args: tuple, shard: tuple[int, int], runner_kwargs: dict):
-        import multiprocessing
-
-        import cloudpickle  # a stage declared in a notebook or a test may hold lambdas
-
         method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
         context = multiprocessing.get_context(method)
         if method == "forkserver":  # the fork server imports the engine (and the stage) once; shards fork from it
@@ -139,8 +139,6 @@ class ShardProcess:
 
 
 def _shard_main(job: bytes, conn, parent) -> None:
-    import pickle
-
     exit_with(parent)
     stage, manifest, cache, params, upstream_select, shard, runner_kwargs = pickle.loads(job)
     try:

@@ -28,9 +28,12 @@ import os
 from dataclasses import dataclass, field
 
 import click
+import yaml
 
+from soundstage.pipeline.executors import run_pipeline
 from soundstage.pipeline.fingerprint import coerce_value
 from soundstage.pipeline.registry import STAGE_MODULES, get_stage
+from soundstage.pipeline.resolve import expected_fingerprint
 
 TOP_LEVEL_KEYS = {"manifest", "cache", "executor", "shards", "resources", "stages", "train"}
 #: keys of a stage entry that are not stage parameters
@@ -63,8 +66,6 @@ class Pipeline:
 
     def upstream_select(self, stage_name: str) -> dict:
         """Upstream stage name -> the exact fingerprint these parameters give it."""
-        from soundstage.pipeline.resolve import expected_fingerprint
-
         return {up.stage: expected_fingerprint(up.stage, self.stages) for up in get_stage(stage_name).upstream}
 
 
@@ -124,8 +125,6 @@ def _stage_params(name: str, entry: dict, base: str) -> dict:
 
 
 def load_pipeline(path: str) -> Pipeline:
-    import yaml
-
     try:
         with open(path, encoding="utf-8") as f:
             doc = yaml.safe_load(f) or {}
@@ -197,8 +196,6 @@ def _train_section(path: str, section) -> dict:
 @click.option("--dry-run", is_flag=True, help="print what would run (the sbatch scripts for slurm) without running it")
 def run(pipeline_file, stage_names, executor, shards, jobs, workers, wait, dry_run):
     """Run the stages of PIPELINE_FILE (or only STAGE... and what they need), skipping cached outputs."""
-    from soundstage.pipeline.executors import run_pipeline
-
     try:
         pipe = load_pipeline(pipeline_file)
         code = run_pipeline(

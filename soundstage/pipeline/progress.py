@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import sys
 
+from tqdm import tqdm
+
 
 def progress_bar(total: int, desc: str, enabled: bool, unit: str = "clip"):
-    from tqdm import tqdm
-
     return tqdm(
         total=total,
         desc=desc,

@@ -18,7 +18,7 @@ The k-means code itself (fitting, assignment, importing) is ``soundstage.models.
 
 import numpy as np
 
-from soundstage.device import device_param
+from soundstage.device import device_param, resolve_device
 from soundstage.models.kmeans import fit_kmeans, inertia_per_frame, load_centroids, sample_clip_ids
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.progress import progress_bar
@@ -43,8 +43,6 @@ def read_sample(reader, clip_ids, progress: bool = False) -> np.ndarray:
 
 
 def fit(ctx):
-    from soundstage.device import resolve_device
-
     params, reader = ctx.params, ctx.upstream["hubert"]
     cached = [cid for cid in ctx.clip_ids if cid in reader]
     if len(cached) < len(ctx.clip_ids):

@@ -11,15 +11,14 @@ from __future__ import annotations
 import click
 import numpy as np
 
+from soundstage.cache import open_stage
 from soundstage.cache.cli import CACHE_OPTION
 from soundstage.models.audioset_tags import DEFAULT_THRESHOLD, TagNamer, class_mids_of_output, tag_counts
+from soundstage.pipeline.registry import get_stage
+from soundstage.pipeline.resolve import UpstreamError, choose
 
 
 def _open_beats(cache: str, selector: str | None):
-    from soundstage.cache import open_stage
-    from soundstage.pipeline.registry import get_stage
-    from soundstage.pipeline.resolve import UpstreamError, choose
-
     try:
         sd = choose(cache, get_stage("beats"), selector, log=lambda msg: click.echo(msg, err=True))
     except UpstreamError as e:

@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from soundstage.cache import open_stage
 from soundstage.manifests.table import frame_count
 from soundstage.models.kmeans import nearest_centroid
 from soundstage.pipeline.stage import Field, Param, Stage, Upstream
@@ -92,8 +93,6 @@ def export_km(units_dir: str, km_path: str, ids_path: str | None = None, clip_id
     ``clip_ids`` fixes the order (e.g. the manifest's); default: sorted. Returns the clip ids
     written and how often each of the K units occurs in them (``[K]``, for ``dict.km.txt``).
     """
-    from soundstage.cache import open_stage
-
     reader = open_stage(units_dir, fields=["units", "frame_hist"])
     ids = sorted(reader) if clip_ids is None else list(clip_ids)
     missing = [cid for cid in ids if cid not in reader]

@@ -9,13 +9,16 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 
 from soundstage import __version__
+from soundstage.manifests.table import read_manifest
 from soundstage.models.avs_mask2former import (
     AVSMask2Former,
     build_model,
     tiny_mask2former_spec,
 )
+from soundstage.pipeline.pipeline_file import load_pipeline
 from soundstage.train.checkpoint import WeightsError, read_state_dict
 from soundstage.train.config import ConfigError, TrainConfig
 from soundstage.train.cues import (
@@ -70,8 +73,6 @@ def open_cues(cfg: TrainConfig, recorded: dict | None = None, log=print) -> dict
 
 
 def _declares(pipeline_file: str, stage: str) -> bool:
-    from soundstage.pipeline.pipeline_file import load_pipeline
-
     return stage in load_pipeline(pipeline_file).stages
 
 
@@ -133,8 +134,6 @@ def init_weights(model, recipe, path: str, log=print) -> None:
 
 
 def train_clip_ids(cfg: TrainConfig) -> list[str]:
-    from soundstage.manifests.table import read_manifest
-
     df = read_manifest(cfg.manifest)
     return df[df["split"] == cfg.train_split]["clip_id"].tolist()
 
@@ -187,7 +186,6 @@ def max_frames(data: AVSClips) -> int:
 
 
 def run_provenance(cfg: TrainConfig, cues: dict) -> dict:
-    import torch
     import transformers
 
     return {

@@ -27,6 +27,9 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from soundstage.models.avs_mask2former import MODES
+from soundstage.train.data import TASKS, UNLABELLED_POLICIES, parse_variant
+
 SCHEDULES = ("cosine", "poly", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 PRIOR_SOURCES = ("gt", "masks")
@@ -106,9 +109,6 @@ class TrainConfig:
     eval_batch_size: int = 4
 
     def validate(self) -> TrainConfig:
-        from soundstage.models.avs_mask2former import MODES
-        from soundstage.train.data import TASKS, UNLABELLED_POLICIES, parse_variant
-
         choices = {
             "task": TASKS,
             "conditioning": MODES,

@@ -33,6 +33,9 @@ import torch
 
 from soundstage.cache.reader import MissingClip, StageReader
 from soundstage.cache.store import StageDir
+from soundstage.pipeline.pipeline_file import load_pipeline
+from soundstage.pipeline.registry import get_stage
+from soundstage.pipeline.resolve import UpstreamError, choose, expected_fingerprint
 
 #: --audio NAME -> (stage, field) of the per-second audio vector
 AUDIO_CUES = {
@@ -103,9 +106,6 @@ def _stage_field(name: str, option: str, known: dict) -> tuple[str, str]:
 
 def select_output(cache: str, stage: str, selector=None, log=print) -> StageDir:
     """The output of ``stage`` in ``cache`` that ``selector`` picks (see the module docstring)."""
-    from soundstage.pipeline.registry import get_stage
-    from soundstage.pipeline.resolve import UpstreamError, choose
-
     try:
         return choose(cache, get_stage(stage), selector, log=log)
     except (UpstreamError, KeyError) as e:
@@ -114,9 +114,6 @@ def select_output(cache: str, stage: str, selector=None, log=print) -> StageDir:
 
 def pipeline_output(pipeline_file: str, stage: str) -> StageDir:
     """The output of ``stage`` that the pipeline file's parameters give (it must exist)."""
-    from soundstage.pipeline.pipeline_file import load_pipeline
-    from soundstage.pipeline.resolve import expected_fingerprint
-
     pipe = load_pipeline(pipeline_file)
     sd = StageDir.at(pipe.cache, stage, expected_fingerprint(stage, pipe.stages))
     if not sd.exists():

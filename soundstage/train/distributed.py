@@ -40,6 +40,7 @@ to each rank's own RNG; checkpoints hold rank 0's random states.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import zlib
 from dataclasses import dataclass
@@ -81,7 +82,6 @@ class Distributed:
     def start(self, device: str) -> None:
         if not self.active or torch.distributed.is_initialized():
             return
-        import datetime
 
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":

@@ -31,6 +31,7 @@ import sys
 import time
 
 from soundstage.pipeline import lifeline
+from soundstage.train.command import run_training_command
 from soundstage.train.config import TrainConfig
 
 STOPPED = 75
@@ -112,7 +113,6 @@ def worker_main() -> int:
     """One rank started by ``launch``: the settings come from the environment."""
     # a stop signal before the training loop runs stays pending for it (the loop delivers it)
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGUSR1])
-    from soundstage.train.command import run_training_command
 
     pid, _, started = os.environ.get("SOUNDSTAGE_LAUNCHER", "").partition(":")
     if pid:

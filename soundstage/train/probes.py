@@ -21,6 +21,9 @@ import soundfile as sf
 from soundstage.audio import TARGET_SR
 from soundstage.cache.reader import open_stage
 from soundstage.cache.store import StageDir
+from soundstage.pipeline.fingerprint import normalise_params
+from soundstage.pipeline.registry import get_stage
+from soundstage.pipeline.stage import LoadContext
 
 SILENCE_ID = "__digital_silence__"
 
@@ -28,10 +31,6 @@ SILENCE_ID = "__digital_silence__"
 def silent_values(stage_dir: str, seconds: int, device: str = "cpu") -> dict:
     """The per-clip output (field -> array) of the stage output at ``stage_dir`` for ``seconds``
     of digital silence."""
-    from soundstage.pipeline.fingerprint import normalise_params
-    from soundstage.pipeline.registry import get_stage
-    from soundstage.pipeline.stage import LoadContext
-
     sd = StageDir(stage_dir)
     meta = sd.meta()
     stage = get_stage(meta["stage"])

@@ -23,7 +23,8 @@ import click
 from click.core import ParameterSource
 
 from soundstage.pipeline import slurm
-from soundstage.train.config import TrainConfig
+from soundstage.train.command import audio_table
+from soundstage.train.config import ConfigError, TrainConfig, resolve_config
 from soundstage.train.run_dir import RunDir
 
 #: options of the submitting command that the job's own command does not repeat
@@ -130,8 +131,6 @@ def submit_training(
 ) -> int:
     """Write and submit the job (print it with ``dry_run``); with ``wait`` follow it through its
     requeues and print the last evaluation. Returns the exit status."""
-    from soundstage.train.command import audio_table
-
     if cluster["gpus_per_node"] and nproc > 1 and nproc != cluster["gpus_per_node"]:
         raise click.UsageError("--nproc and --gpus-per-node disagree: on GPU nodes there is one process per GPU")
     job, text = render(cfg, given_options(ctx), cluster, nproc)
@@ -191,8 +190,6 @@ def pipeline_step(pipe):
 
     The job runs ``soundstage train --config PIPELINE.yaml`` (the same section) on the step's
     resources, exactly as ``soundstage train --config PIPELINE.yaml --executor slurm`` would."""
-    from soundstage.train.config import ConfigError, resolve_config
-
     step = {k.replace("-", "_"): v for k, v in (pipe.train.get("step") or {}).items()}
     unknown = sorted(set(step) - set(STEP_KEYS))
     if unknown:
