@@ -30,7 +30,8 @@ from soundstage.train.config import resolve_config
 from soundstage.train.data import collate_frames
 from soundstage.train.evaluation import model_inputs
 from soundstage.train.launch import launch
-from soundstage.train.loop import targets, train
+from soundstage.train.loop import train
+from soundstage.train.recipes.generic import targets
 
 # 12 synthetic clips, 6 in train: 2 steps of 4 + 2 clips per epoch; evaluation on val after each
 SETTINGS = {"epochs": 2, "lr": 2e-3, "probes": ["zeroed"], "checkpoint_every": 1}
