@@ -55,7 +55,11 @@ DEMO_STAGES = {
         ("dtype", "fp32", "real: bf16 on a GPU"),
         ("vocabulary", "data/label2idx.json", "map the names onto the dataset's classes"),
     ],
-    "textcues": [("encoder", "model:text_encoder", "")],
+    "textcues": [
+        ("encoder", "model:imagebind_text", "SegPref's text features"),
+        ("bpe_vocab", "models/imagebind_text/bpe_simple_vocab_16e6.txt.gz", "real: CLIP's, shipped in imagebind/bpe/"),
+        ("slots", "segpref", "SegPref's 4 slots, 'None' embedded in empty ones"),
+    ],
 }
 
 #: the pipeline file's ``train:`` section: [(setting, demo value, comment)]
@@ -82,8 +86,8 @@ STAND_IN_WARNING = """\
 
 TINY_OUTPUTS_NOTE = """\
 With the stand-ins the captions are random words of a tiny vocabulary, the LLM's answers are
-word salad (stored with status 'unparseable', so every text-cue slot is masked) and the BEATs
-tags and HuBERT units are noise: the outputs have the right form, not the right content."""
+word salad (stored with status 'unparseable', so every text-cue slot holds SegPref's "None") and
+the BEATs tags and HuBERT units are noise: the outputs have the right form, not the right content."""
 
 
 def _model_value(value: str) -> str | None:

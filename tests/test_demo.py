@@ -182,8 +182,8 @@ def test_tiny_models_are_reproducible_files(tmp_path):
         files = [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path]
         return {os.path.relpath(f, path): hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}
 
-    first = tiny.build_tiny_models(tmp_path / "a", seed=0, names=["hubert", "text_encoder"])
-    second = tiny.build_tiny_models(tmp_path / "b", seed=0, names=["hubert", "text_encoder"])
+    first = tiny.build_tiny_models(tmp_path / "a", seed=0, names=["hubert", "imagebind_text"])
+    second = tiny.build_tiny_models(tmp_path / "b", seed=0, names=["hubert", "imagebind_text"])
     for name in first:
         assert digest(first[name]) == digest(second[name]), name
     with open(os.path.join(first["hubert"], "preprocessor_config.json")) as f:

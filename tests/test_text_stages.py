@@ -359,3 +359,67 @@ def test_export_segpref_json(models, tmp_path):
             assert slots == kept + ["None"] * (4 - len(kept))
     unpadded = CliRunner().invoke(main, args + ["--key", "clip_id", "--n-slots", "0"])
     assert unpadded.exit_code == 0 and json.loads(open(out).read())["c1"]["f0"] == "guitar,man,"
+
+
+# --- ImageBind text features as SegPref computes them --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def imagebind(tmp_path_factory):
+    from soundstage.models.imagebind import BPE_FILE
+    from soundstage.models.tiny import build_imagebind_text
+
+    folder = tmp_path_factory.mktemp("imagebind")
+    return build_imagebind_text(folder / "imagebind_text.pth"), str(folder / BPE_FILE)
+
+
+def test_textcues_imagebind_segpref_slots_and_segpref_text_export(models, imagebind, tmp_path):
+    from soundstage.cli import main
+    from soundstage.models.imagebind import ImageBindText
+
+    manifest, cache = _known_cache(tmp_path, models)
+    checkpoint, bpe = imagebind
+    params = {"encoder": checkpoint, "bpe_vocab": bpe, "slots": "segpref", "device": "cpu"}
+    summary = run_stage(textcues.STAGE, manifest, cache, params, batch_size=2, **QUIET)
+    assert summary.ok and summary.done == 2, summary.format()
+    out = open_stage(summary.path)
+    model = ImageBindText.from_checkpoint(checkpoint, bpe)
+    out_dir = tmp_path / "text_feat"
+    (tmp_path / "pipeline.yaml").write_text(f"manifest: {manifest}\ncache: {cache}\n")
+    result = CliRunner().invoke(
+        main, ["export", "segpref-text", "--config", str(tmp_path / "pipeline.yaml"), "--out", str(out_dir)]
+    )
+    assert result.exit_code == 0, result.output
+    for cid, frames in KNOWN.items():
+        cues, mask = out[cid]["cues"], out[cid]["cue_mask"]
+        names = np.array(out[cid]["cue_names"]).reshape(len(frames), 4)
+        assert cues.shape == (len(frames), 4, 1024) and mask.all()  # SegPref attends to every slot
+        assert sorted(os.listdir(out_dir / cid)) == [f"{i}.np" for i in range(len(frames))]
+        for i, (status, frame_sources) in enumerate(frames):
+            kept = (frame_sources or [])[:4] if status == "ok" else []
+            texts = kept + ["None"] * (4 - len(kept))  # "None" is embedded, not zeroed
+            assert names[i].tolist() == texts
+            np.testing.assert_allclose(cues[i], model(texts).numpy(), rtol=2e-3, atol=2e-3)  # float16 cache
+            exported = np.load(out_dir / cid / f"{i}.np")  # as SegPref reads {feat_text_dir}/{uid}/{idx}.np
+            assert exported.dtype == np.float32 and exported.shape == (4, 1024)
+            np.testing.assert_array_equal(exported, cues[i].astype(np.float32))
+    # a masked-slot output is refused: SegPref would read zeros where it trained on "None"
+    masked = run_stage(textcues.STAGE, manifest, cache, dict(params, slots="masked"), **QUIET)
+    result = CliRunner().invoke(
+        main,
+        ["export", "segpref-text", "--manifest", manifest, "--cache", cache, "--out", str(tmp_path / "m")]
+        + ["--textcues", os.path.basename(masked.path)],
+    )
+    assert result.exit_code != 0 and "--slots segpref" in result.output
+
+
+def test_export_segpref_json_takes_config(models, tmp_path):
+    from soundstage.cli import main
+
+    manifest, cache = _known_cache(tmp_path, models)
+    (tmp_path / "pipeline.yaml").write_text(f"manifest: {manifest}\ncache: {cache}\n")
+    out = tmp_path / "text.json"
+    args = ["export", "segpref-json", "--config", str(tmp_path / "pipeline.yaml"), "--key", "clip_id", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["c2"] == {"f0": "electric guitar,None,None,None,", "f1": "drum,guitar,None,None,"}

@@ -264,13 +264,13 @@ def write_bpe_vocab(path, merges) -> str:
     return str(path)
 
 
-def build_imagebind_text(out_dir, seed: int = 0) -> str:
-    """A checkpoint with the text keys of ``imagebind_huge.pth`` (and ImageBind's names for them)
-    plus its BPE vocabulary file beside it: ``out_dir/imagebind_text.pth`` and
-    ``out_dir/bpe_simple_vocab_16e6.txt.gz``. Returns the checkpoint path."""
+def build_imagebind_text(path, seed: int = 0) -> str:
+    """A checkpoint ``path`` with the text keys of ``imagebind_huge.pth`` (ImageBind's names for
+    them) and its BPE vocabulary ``bpe_simple_vocab_16e6.txt.gz`` beside it."""
     from soundstage.models.imagebind import BPE_FILE, ClipTokenizer
 
     spec = tiny_config("imagebind_text")
+    out_dir = os.path.dirname(os.path.abspath(path))
     os.makedirs(out_dir, exist_ok=True)
     words = [w.lower() for w in SOURCE_WORDS + CAPTION_WORDS] + ["none"]
     bpe = write_bpe_vocab(os.path.join(out_dir, BPE_FILE), train_bpe_merges(words, spec["bpe_merges"]))
@@ -307,9 +307,8 @@ def build_imagebind_text(out_dir, seed: int = 0) -> str:
                 state[f"{block}{norm}.weight"] = 1 + 0.1 * torch.randn(w)
         return state
 
-    path = os.path.join(out_dir, "imagebind_text.pth")
     torch.save(_seeded(seed, make), path)
-    return path
+    return str(path)
 
 
 # ----------------------------------------------------------------------------------- all of them
@@ -321,8 +320,7 @@ TINY_MODELS = {
     "vggish": (build_vggish, "vggish_tiny.pth", "vggish-10086976.pth (torchvggish release v0.1)"),
     "blip": (build_blip, "blip", "Salesforce/blip-image-captioning-large"),
     "chat_lm": (build_chat_lm, "chat_lm", "Qwen/Qwen2.5-7B-Instruct"),
-    "text_encoder": (build_text_encoder, "text_encoder", "distilbert/distilroberta-base"),
-    "imagebind_text": (build_imagebind_text, "imagebind_text", "imagebind_huge.pth (text branch) + CLIP's BPE vocabulary"),
+    "imagebind_text": (build_imagebind_text, "imagebind_text/imagebind_text.pth", "imagebind_huge.pth (ImageBind-Huge)"),
 }
 
 

@@ -13,6 +13,10 @@ loads with ``torch.load`` and iterates per frame), plus ``OUT/mapping.json`` (th
 and cluster rule they were made with). ``query-mapping`` writes the default mapping the
 ``active-queries`` stage takes.
 
+``segpref-text``: ``OUT/<uid>/<i>.np`` per frame (``np.save`` to a file named ``.np``, which
+``np.load`` reads), float32 ``[4, 1024]``: the ``textcues`` output made with ``--slots segpref``
+(ImageBind's embeddings of SegPref's four slot texts), SegPref's ``feat_text_dir``.
+
 ``masks``: ``OUT/<label>/<uid>/<i>.png`` per frame (label = v1s / v1m / v2), single channel,
 0/255, ``--size`` square, foreground where the cached probability > ``--threshold`` — the
 stage-1 masks Stepping Stones' stage 2 reads, here for every split.
@@ -34,7 +38,6 @@ import soundfile as sf
 import torch
 
 from soundstage.audio import TARGET_SR, load_audio
-from soundstage.cache.cli import CACHE_OPTION
 from soundstage.cache.reader import read_result
 from soundstage.cache.store import atomic_write_text
 from soundstage.cache.table import read_manifest
@@ -54,17 +57,21 @@ def export():
     """Write cached outputs in the formats of the original research code."""
 
 
-def segpref_frame_text(names: list, n_slots: int) -> str:
-    """``guitar,man,None,None,`` — names cut to ``n_slots`` and padded with None (0: no padding)."""
-    names = [n.replace(",", " ") for n in names]  # a comma would split one name into two
-    if n_slots:
-        names = names[:n_slots] + ["None"] * max(0, n_slots - len(names))
-    return "".join(f"{n}," for n in names)
+def config_option(what: str):
+    return click.option("--config", type=click.Path(exists=True, dir_okay=False), help=f"pipeline YAML: {what}")
+
+
+def manifest_option(what: str):
+    return click.option("--manifest", type=click.Path(exists=True, dir_okay=False), envvar="SOUNDSTAGE_MANIFEST", help=what)
+
+
+#: the cache root of an export (the engine's ``CACHE_OPTION`` has no pipeline file to fall back on)
+cache_option = click.option("--cache", envvar="SOUNDSTAGE_CACHE", help="cache root (default: the pipeline's, else ./cache)")
 
 
 def segpref_texts(manifest_rows: list, reader, n_slots: int, names: str, key: str) -> tuple[dict, dict]:
     """(json object, report) for the clips of ``manifest_rows`` found in the ``sources`` ``reader``."""
-    from soundstage.stages.textcues import frame_names
+    from soundstage.stages.textcues import frame_names, segpref_frame_text
 
     out, owner = {}, {}
     report = {"clips": 0, "frames": 0, "frames_without_answer": 0, "missing": [], "conflicts": [], "sharing": {}}
@@ -90,14 +97,9 @@ def segpref_texts(manifest_rows: list, reader, n_slots: int, names: str, key: st
 
 
 @export.command("segpref-json")
-@click.option(
-    "--manifest",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    envvar="SOUNDSTAGE_MANIFEST",
-    help="clips to export (and their vid)",
-)
-@CACHE_OPTION
+@config_option("its manifest, cache and the sources output its parameters give")
+@manifest_option("clips to export and their vid (default with --config: the pipeline's)")
+@cache_option
 @click.option("--sources", "selector", help="which sources output: FINGERPRINT or key=value,... (default: the only one)")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="JSON file to write")
 @click.option("--n-slots", default=4, show_default=True, help="cut/pad each frame to this many names with None (0: no padding)")
@@ -116,18 +118,13 @@ def segpref_texts(manifest_rows: list, reader, n_slots: int, names: str, key: st
     help="vid: as SegPref's loader looks texts up; clip_id: unique per clip",
 )
 @click.option("--allow-missing", is_flag=True, help="leave out clips without a sources record instead of failing")
-def segpref_json(manifest, cache_root, selector, out_path, n_slots, names, key, allow_missing):
+def segpref_json(config, manifest, cache, selector, out_path, n_slots, names, key, allow_missing):
     """SegPref text-cue JSON from the sources stage: {"<vid>": {"f0": "guitar,man,None,None,", ...}}."""
     from soundstage.cache import open_stage
-    from soundstage.cache.store import atomic_write_text
 
-    try:
-        stage_dir = choose(cache_root, get_stage("sources"), selector, log=lambda m: click.echo(m, err=True))
-    except UpstreamError as e:
-        raise click.ClickException(str(e)) from None
-    rows = read_manifest(manifest).to_dict("records")
+    rows, stage_dir = chosen_output("sources", config, manifest, cache, selector)
     if key not in rows[0]:
-        raise click.ClickException(f"manifest {manifest} has no column {key!r}")
+        raise click.ClickException(f"the manifest has no column {key!r} (use --key clip_id)")
     try:
         texts, report = segpref_texts(rows, open_stage(stage_dir.path), n_slots, names, key)
     except ClipError as e:
@@ -173,18 +170,6 @@ def shared_keys_note(sharing: dict, key: str, shown: int = 5) -> str:
 # only one in ``--cache``), writes one file per manifest clip, refuses a non-empty ``--out``
 # unless ``--overwrite``, and names every manifest clip without a record (with the cause the stage
 # recorded) instead of skipping it.
-
-
-def config_option(what: str):
-    return click.option("--config", type=click.Path(exists=True, dir_okay=False), help=f"pipeline YAML: {what}")
-
-
-def manifest_option(what: str):
-    return click.option("--manifest", type=click.Path(exists=True, dir_okay=False), envvar="SOUNDSTAGE_MANIFEST", help=what)
-
-
-#: the cache root of an export (the engine's ``CACHE_OPTION`` has no pipeline file to fall back on)
-cache_option = click.option("--cache", envvar="SOUNDSTAGE_CACHE", help="cache root (default: the pipeline's, else ./cache)")
 
 
 def output_options(stage_name: str):
@@ -566,6 +551,39 @@ def masks(config, manifest, cache, selector, out_dir, overwrite, allow_missing, 
 
         _replace_folder(os.path.dirname(released_path(out_dir, row, 0)), write)
     report_written(len(present), out_dir, named)
+
+
+@export.command("segpref-text")
+@output_options("textcues")
+def segpref_text(config, manifest, cache, selector, out_dir, overwrite, allow_missing):
+    """SegPref's text features: OUT/<uid>/<i>.np, one float32 [slots, dim] array per frame."""
+    import numpy as np
+
+    from soundstage.cache import open_stage
+
+    rows, stage_dir = chosen_output("textcues", config, manifest, cache, selector)
+    if stage_dir.meta()["params"].get("slots", "masked") != "segpref":
+        raise click.ClickException(
+            f"the textcues output {os.path.basename(stage_dir.path)} has masked slots (zeros where no source was found); "
+            "SegPref embeds the word None there: run textcues with --slots segpref (and --encoder imagebind_huge.pth)"
+        )
+    reader = open_stage(stage_dir.path, fields=["cues"])
+    present, named = clips_to_write(rows, reader, stage_dir, allow_missing)
+    prepare_out_dir(out_dir, overwrite)
+    frames = 0
+    for row in present:
+        cues = np.asarray(reader[row["clip_id"]]["cues"], np.float32)
+
+        def write(folder, cues=cues):
+            for i, frame in enumerate(cues):
+                with open(os.path.join(folder, f"{i}.np"), "wb") as f:  # a file object: np.save would add .npy
+                    np.save(f, frame)
+
+        _replace_folder(os.path.join(out_dir, row["clip_id"]), write)
+        frames += len(cues)
+    report_written(len(present), out_dir, named)
+    if present:
+        click.echo(f"{frames} frames of {cues.shape[1]} x {cues.shape[2]} (SegPref's feat_text_dir)")
 
 
 @export.command("query-mapping")
