@@ -21,13 +21,32 @@ def torch_dtype(name):
     return getattr(torch, torch_name)
 
 
-def resolve_device(device: str | None) -> str:
-    """``auto`` (or empty) -> ``cuda`` when a GPU is visible, else ``cpu``; anything else unchanged."""
-    if device not in (None, "", "auto"):
-        return device
-    import torch
+class DeviceError(ValueError):
+    """A --device this machine cannot give (a CUDA device on a CPU-only torch, a missing GPU)."""
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+
+def resolve_device(device: str | None) -> str:
+    """``auto`` (or empty) -> ``cuda`` when a GPU is visible, else ``cpu``; anything else is
+    checked (a name torch knows, a GPU that is there) and returned unchanged."""
+    import torch  # not at module level (see torch_dtype)
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        raise DeviceError(f"--device {device}: not a device name (cpu, cuda, cuda:1, ..., or auto)") from None
+    if kind.type == "cuda":
+        if torch.version.cuda is None:
+            raise DeviceError(
+                f"--device {device}: this torch is a CPU-only build (no CUDA); use --device cpu, or install a CUDA build of torch"
+            )
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise DeviceError(f"--device {device}: no GPU is visible (driver, CUDA_VISIBLE_DEVICES); use --device cpu")
+        if kind.index is not None and kind.index >= count:
+            raise DeviceError(f"--device {device}: only {count} GPU(s) visible (cuda:0 to cuda:{count - 1})")
+    return device
 
 
 def device_param(help: str = "cpu, cuda, cuda:1, ... (auto: cuda when available)"):

@@ -22,7 +22,7 @@ import os
 import click
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from soundstage.manifests import (
     annotated_frames,
@@ -39,7 +39,18 @@ MISSING_SHOWN = 10
 
 
 def read_prediction(path: str, png: str, scores: str) -> tuple[np.ndarray, str]:
-    """``(array, kind)`` with kind in mask / probabilities / logits / two-channel / class-logits / labels."""
+    """``(array, kind)`` with kind in mask / probabilities / logits / two-channel / class-logits / labels.
+    A file that cannot be read as such is a ``click.ClickException`` naming it."""
+    try:
+        return _read_prediction(path, png, scores)
+    except UnidentifiedImageError:
+        raise click.ClickException(f"{path}: not an image (its bytes are no image format PIL knows)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's and numpy's ways of saying "damaged"
+        what = "a .npy array" if path.endswith(".npy") else "an image"
+        raise click.ClickException(f"{path}: not readable as {what} ({type(e).__name__}: {e})") from None
+
+
+def _read_prediction(path: str, png: str, scores: str) -> tuple[np.ndarray, str]:
     if path.endswith(".npy"):
         array = np.load(path, allow_pickle=False)
         if array.ndim == 3:
@@ -47,8 +58,8 @@ def read_prediction(path: str, png: str, scores: str) -> tuple[np.ndarray, str]:
         if not np.issubdtype(array.dtype, np.floating):
             return array.astype(np.int64), "labels"
         return array.astype(np.float32), scores
-    image = Image.open(path)
-    array = np.asarray(image.convert("RGB") if image.mode in ("RGB", "RGBA") else image)
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("RGB") if image.mode in ("RGB", "RGBA") else image)
     if array.ndim == 3:
         return colour_to_index(array).astype(np.int64), "labels"
     if png == "labels":
@@ -57,6 +68,19 @@ def read_prediction(path: str, png: str, scores: str) -> tuple[np.ndarray, str]:
     if np.isin(values, (0, 255)).all() or np.isin(values, (0, 1)).all():
         return (array > 0).astype(np.uint8), "mask"
     return array.astype(np.float32) / 255.0, "probabilities"
+
+
+def check_sizes(paths: list[str], predictions: list[np.ndarray], truth_size) -> None:
+    """The frames of one clip are predicted at one size (any size: they are resized to the
+    protocol's); a frame that differs is named, with its size and the others'."""
+    sizes = [tuple(a.shape[-2:]) for a in predictions]
+    usual = max(set(sizes), key=sizes.count)
+    for path, size in zip(paths, sizes):
+        if size != usual:
+            raise click.ClickException(
+                f"{path}: {size[1]}x{size[0]} pixels, but the clip's other predictions are {usual[1]}x{usual[0]} "
+                f"(ground truth {truth_size[1]}x{truth_size[0]}); write every frame of a clip at one size"
+            )
 
 
 def read_truth(path: str, kind: str) -> np.ndarray:
@@ -150,6 +174,7 @@ def evaluate_prediction_dir(
         kind = mask_kind(row)
         truth = np.stack([read_truth(label_path(row, i, manifest_dir, kind), kind) for i in frames])
         loaded = [read_prediction(p, png, scores) for p in paths]
+        check_sizes(paths, [a for a, _ in loaded], truth.shape[-2:])
         kinds = sorted({k for _, k in loaded})
         if len(kinds) > 1:
             raise click.ClickException(f"{os.path.dirname(paths[0])}: frames mix prediction kinds ({', '.join(kinds)})")

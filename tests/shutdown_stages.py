@@ -69,3 +69,24 @@ FRAGILE_ON_LONG = Stage(
     risky=long_wave,
     default_batch_size=64,
 )
+
+
+def load_slowly(row, ctx):
+    """A decoding worker that is busy when the stop comes (a long clip being decoded)."""
+    time.sleep(ctx.params["load_sleep"])
+    return load_wave(row, ctx)
+
+
+SLOW_LOAD = Stage(
+    name="toy-slow-load",
+    version=1,
+    params=[
+        Param("load_sleep", float, 0.0, fingerprint=False),
+        Param("sleep", float, 0.0, fingerprint=False),
+        Param("marker_dir", str, "", fingerprint=False),
+    ],
+    fields=[Field("n", "int64", ())],
+    load=load_slowly,
+    process=process_wait,
+    default_batch_size=1,
+)

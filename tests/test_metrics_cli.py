@@ -94,3 +94,21 @@ def test_table_and_missing_predictions(synth_dir, tmp_path):  # noqa: F811
     missing = run("--pred", pred, "--manifest", os.path.join(synth_dir, "manifest.csv"))
     assert missing.exit_code == 1
     assert "1 predictions missing" in missing.output and f"{subset}/{uid}/{frame}" in missing.output
+
+
+def test_a_prediction_of_another_size_or_junk_bytes_is_named(synth_dir, tmp_path):  # noqa: F811
+    pred = str(tmp_path / "gt")
+    write_predictions(synth_dir, pred, lambda label: (label > 0) * 255)
+    frames = annotated_test_frames(synth_dir)
+    subset, uid, frame, label = next(f for f in frames if sum(g[1] == f[1] for g in frames) > 1)  # a clip of several frames
+    path = os.path.join(pred, subset, uid, f"{frame}.png")
+    height, width = label.shape
+    Image.fromarray(np.zeros((height // 2, width // 2), np.uint8)).save(path)
+    result = run("--pred", pred, "--manifest", os.path.join(synth_dir, "manifest.csv"))
+    assert result.exit_code == 1 and "Traceback" not in result.output and "bug" not in result.output, result.output
+    assert f"{path}: {width // 2}x{height // 2} pixels, but the clip's other predictions are {width}x{height}" in result.output
+    with open(path, "wb") as f:
+        f.write(b"<html>not a png</html>")
+    result = run("--pred", pred, "--manifest", os.path.join(synth_dir, "manifest.csv"))
+    assert result.exit_code == 1 and "bug" not in result.output, result.output
+    assert f"{path}: not an image" in result.output

@@ -28,6 +28,7 @@ from soundstage.stages import register_stage
 register_stage("toy-slow", "engine_stages:SLOW")
 register_stage("toy-wait", "shutdown_stages:WAIT")
 register_stage("toy-after", "shutdown_stages:AFTER")
+register_stage("toy-slow-load", "shutdown_stages:SLOW_LOAD")
 main({args!r})
 """
 
@@ -157,6 +158,28 @@ def test_sigterm_to_jobs_is_passed_on_and_the_summaries_merged(manifest, tmp_pat
     assert 0 < done < 8
     again = run_stage(SLOW, manifest, str(cache), {"sleep": 0.0}, progress=False)  # no lock left behind
     assert again.cached == done and again.done == 8 - done
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
+def test_sigterm_to_jobs_with_busy_decoding_workers_ends_every_process(manifest, tmp_path):
+    """Each shard process has its own pool of decoding workers, busy when the stop comes: the
+    shard ends them (it no longer needs what they decode) instead of waiting on them forever."""
+    markers, cache = tmp_path / "markers", tmp_path / "c"
+    markers.mkdir()
+    options = "--jobs 2 --workers 2 --load-sleep 1.5".split()
+    proc = start_cli(tmp_path, "toy-slow-load", *options, "--manifest", manifest, "--cache", cache, "--marker-dir", markers)
+    wait_for_files(markers, 2, proc)  # both shards have processed a clip; their workers decode the next ones
+    below = descendants(proc.pid)
+    assert len(below) >= 8, below  # 2 shards, each with a fork server and 2 workers
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = finish(proc, tmp_path, timeout=20)
+    finally:
+        left = wait_gone(below, timeout=5)
+    assert proc.returncode == 1 and "INTERRUPTED" in out, out + err
+    assert left == set()
+    done = int(out.split("done ")[1].split(",")[0])
+    assert len(open_stage(out.split("output: ")[1].split()[0])) == done >= 2
 
 
 def test_a_stop_in_the_last_batch_stops_the_chain(manifest, tmp_path):

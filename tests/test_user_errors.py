@@ -184,3 +184,35 @@ def test_a_bug_is_one_line_and_its_traceback_is_behind_debug(monkeypatch):
             assert isinstance(result.exception, ZeroDivisionError)  # raised: Python prints the traceback
     finally:
         os.environ.pop("SOUNDSTAGE_DEBUG", None)  # --debug sets it for this process and its children
+
+
+@pytest.mark.parametrize("stage", ["beats", "vggish"])
+def test_a_text_file_as_checkpoint_is_named(wav_manifest, tmp_path, stage):
+    text = tmp_path / "notes.pt"
+    text.write_text("hello\n")
+    result = invoke(
+        stage, "--manifest", wav_manifest, "--cache", tmp_path / "c", "--checkpoint", text, "--workers", 0, "--no-progress"
+    )
+    assert_one_line_error(result, str(text), "not a torch checkpoint file", "expected")
+
+
+def test_a_cuda_device_on_a_cpu_only_torch_is_one_line(wav_manifest, tmp_path, monkeypatch):
+    from soundstage.models.tiny import build_vggish
+
+    monkeypatch.setattr(torch.version, "cuda", None)  # what a CPU-only build of torch says
+    checkpoint = build_vggish(str(tmp_path / "vggish.pth"))
+    common = ["--manifest", wav_manifest, "--cache", tmp_path / "c", "--checkpoint", checkpoint, "--workers", 0, "--no-progress"]
+    assert_one_line_error(invoke("vggish", *common, "--device", "cuda:0"), "--device cuda:0", "CPU-only build", "--device cpu")
+    assert_one_line_error(invoke("vggish", *common, "--device", "gpu"), "--device gpu", "not a device name")
+
+
+def test_a_missing_model_folder_or_an_uncached_hub_id_offline(wav_manifest, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    common = ["--manifest", wav_manifest, "--cache", tmp_path / "c", "--workers", 0, "--no-progress", "--device", "cpu"]
+    missing = tmp_path / "nonexistent" / "hubert"
+    assert_one_line_error(invoke("hubert", *common, "--model", missing), f"--model {missing}: no such folder")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    line = assert_one_line_error(invoke("hubert", *common, "--model", "facebook/hubert-base-ls960"), "facebook/hubert-base-ls960")
+    assert "not in the local Hugging Face cache" in line and "hf download facebook/hubert-base-ls960" in line

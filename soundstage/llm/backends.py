@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 
 from soundstage.device import torch_dtype
+from soundstage.pipeline.identity import model_source
 from soundstage.pipeline.stage import Param
 
 log = logging.getLogger("soundstage.llm")
@@ -52,6 +53,7 @@ class TransformersChatLM:
     def __init__(self, source: str, device: str = "cpu", dtype: str = "fp32", max_new_tokens: int = 256, batch_size: int = 16):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        source = model_source(source, "--llm")
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         if not self.tokenizer.chat_template:
             raise ValueError(f"the tokenizer of {source} has no chat template; use a chat/instruct model")

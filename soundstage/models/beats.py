@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from soundstage.models.fbank import FBANK_MEAN, FBANK_STD, HOP, WINDOW, beats_fbank
+from soundstage.models.safe_pickle import load_tensors
 
 # Defaults of the original BEATsConfig; a checkpoint's ``cfg`` overrides them.
 DEFAULT_CONFIG = {
@@ -270,7 +271,7 @@ class BEATs(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu") -> BEATs:
         """Load an official BEATs ``.pt`` (no pickled code: ``weights_only=True``)."""
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = load_tensors(path, "an official BEATs checkpoint .pt", map_location)
         missing = [k for k in ("cfg", "model") if k not in state]
         if missing:
             raise ValueError(f"{path}: not a BEATs checkpoint (no {', '.join(missing)})")

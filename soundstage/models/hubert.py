@@ -38,6 +38,7 @@ from transformers import HubertConfig, HubertModel
 
 from soundstage.device import torch_dtype
 from soundstage.models.safe_pickle import numpy_data_globals, restricted_pickle_module
+from soundstage.pipeline.identity import model_source
 
 SAMPLE_RATE = 16000
 #: fairseq's ``--max_chunk``: samples per forward pass (100 s at 16 kHz)
@@ -167,7 +168,7 @@ def load_hubert(source, device="cpu", dtype=torch.float32, normalize: bool | Non
     if os.path.isfile(source):
         model, ckpt_normalize = hubert_from_fairseq(source)
     else:
-        model, ckpt_normalize = _hubert_from_transformers(source)
+        model, ckpt_normalize = _hubert_from_transformers(model_source(source, "--model"))
     if normalize is None:
         normalize = ckpt_normalize
     return HubertExtractor(model, normalize=normalize, device=device, dtype=dtype)

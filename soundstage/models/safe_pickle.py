@@ -73,3 +73,26 @@ def load_joblib(path: str, allowed: dict, what: str):
 
     with open(path, "rb") as f, numpy_pickle._validate_fileobject_and_memmap(f, path, None) as (fobj, _):
         return RestrictedJoblibUnpickler(path, fobj, True).load()
+
+
+def load_tensors(path: str, what: str, map_location="cpu", **load_kwargs):
+    """``torch.load(path, weights_only=True)`` (data only, no code), with a file that is not such a
+    checkpoint reported as one ``ValueError`` naming it and ``what`` was expected, instead of what
+    torch raises for it (``KeyError: 101`` for a text file, a long advice to drop ``weights_only``)."""
+    import torch  # not at module level: the units stage imports this module in every decoding worker
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, **load_kwargs)
+    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError, ValueError, IndexError) as e:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not head:
+            why = "the file is empty"
+        elif head.startswith(b"PK"):  # torch's zip format: cut short or damaged
+            why = f"a damaged or truncated torch file ({str(e).splitlines()[0]})"
+        elif isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+            found = next(line for line in str(e).splitlines() if "Unsupported global" in line)
+            why = f"it holds Python objects, not only tensors ({found.strip()})"
+        else:
+            why = "not a torch checkpoint file (neither torch's zip format nor a pickle)"
+        raise ValueError(f"{path}: {why}; expected {what}") from None

@@ -56,6 +56,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from soundstage.models.safe_pickle import load_tensors
+
 SAMPLE_RATE = 16000
 WINDOW = 400  # 25 ms
 HOP = 160  # 10 ms
@@ -203,7 +205,7 @@ def layers_from_state_dict(state: dict) -> tuple[tuple, int]:
 def load_vggish(path: str, map_location="cpu", variant: str = "torchvggish") -> VGGish:
     """A VGGish (``variant``: see ``VARIANTS``) from a torchvggish-layout ``.pth`` (e.g.
     ``vggish-10086976.pth``), loaded with ``weights_only=True`` and strict key matching."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    state = load_tensors(path, "a torchvggish-layout state dict .pth", map_location)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a state dict of tensors (expected the torchvggish layout)")
     try:

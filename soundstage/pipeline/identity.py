@@ -126,6 +126,32 @@ def looks_like_local_path(source: str) -> bool:
     return source.lower().endswith(_HASHED_SUFFIXES)
 
 
+def model_source(source, option: str) -> str:
+    """``source`` (a folder or a hub id) when it can be loaded here; else a ``FileNotFoundError``
+    naming ``option`` and what to do."""
+    source = str(source)
+    if os.path.isdir(source):
+        return source
+    if os.path.exists(source):
+        raise FileNotFoundError(f"{option} {source}: a file, not a model folder (config.json and weights) or hub id")
+    if os.path.isabs(source) or looks_like_local_path(source):
+        raise FileNotFoundError(f"{option} {source}: no such folder")
+    # not at module level: stage modules import this in every decoding worker, which needs no hub (~80 ms)
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        try:
+            snapshot_download(source, local_files_only=True)
+        except LocalEntryNotFoundError:
+            raise FileNotFoundError(
+                f"{option} {source}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub is offline "
+                f"(HF_HUB_OFFLINE=1); fetch it where there is network with `hf download {source}` (same HF_HOME), "
+                "or give a local folder"
+            ) from None
+    return source
+
+
 def _hub_revision(repo_id: str) -> str | None:
     try:
         from huggingface_hub import snapshot_download

@@ -257,7 +257,19 @@ def prefetch(load, ctx, rows, workers: int, depth: int):
                 pending.append((nxt, pool.submit(_worker_load, nxt)))
             yield (row, *fut.result())
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        end_workers(pool)
+
+
+def end_workers(pool: ProcessPoolExecutor) -> None:
+    """End a decoding pool now, busy or not: what it still decodes is no longer wanted (the loop
+    ended or stopped). Its workers are terminated and the pool joined, so none is left waiting for
+    work: a process that exits right after ``shutdown(wait=False)`` closes the queue the pool's own
+    thread would have sent the workers their stop on, and then waits for them forever."""
+    workers = list((pool._processes or {}).values())  # no public way to reach them before Python 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
+        worker.terminate()
+    pool.shutdown(wait=True)
 
 
 # ------------------------------------------------------------------------------- running

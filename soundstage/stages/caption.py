@@ -16,7 +16,7 @@ from PIL import Image
 
 from soundstage.device import device_param, dtype_param, resolve_device, torch_dtype
 from soundstage.manifests.table import frame_count, resolve_path
-from soundstage.pipeline.identity import model_identity
+from soundstage.pipeline.identity import model_identity, model_source
 from soundstage.pipeline.stage import ClipError, Field, Param, Stage
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
@@ -49,11 +49,10 @@ class Captioner:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.device = resolve_device(params["device"])
-        self.processor = AutoProcessor.from_pretrained(params["model"])
+        source = model_source(params["model"], "--model")
+        self.processor = AutoProcessor.from_pretrained(source)
         self.model = (
-            AutoModelForImageTextToText.from_pretrained(params["model"], dtype=torch_dtype(params["dtype"]))
-            .to(self.device)
-            .eval()
+            AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype(params["dtype"])).to(self.device).eval()
         )
         self.prompt = params["prompt"] or None
         self.frames_per_call = params["frames_per_call"]

@@ -41,7 +41,7 @@ import torch
 
 from soundstage.device import device_param, dtype_param, resolve_device, torch_dtype
 from soundstage.models.imagebind import ImageBindText
-from soundstage.pipeline.identity import model_identity
+from soundstage.pipeline.identity import model_identity, model_source
 from soundstage.pipeline.stage import ClipError, Field, Param, Stage, Upstream
 
 DEFAULT_ENCODER = "distilbert/distilroberta-base"
@@ -115,10 +115,11 @@ class TextEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         self.device = resolve_device(params["device"])
-        self.tokenizer = AutoTokenizer.from_pretrained(params["encoder"])
+        source = model_source(params["encoder"], "--encoder")
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
         if self.tokenizer.pad_token is None:  # GPT-like tokenizers: padded positions are masked anyway
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = AutoModel.from_pretrained(params["encoder"], dtype=torch_dtype(params["dtype"]))
+        model = AutoModel.from_pretrained(source, dtype=torch_dtype(params["dtype"]))
         self.pooling = params["pooling"]
         if self.pooling == "projected" and not hasattr(model, "get_text_features"):
             raise ValueError(f"{params['encoder']} has no projected text features; use --pooling mean or pooler")

@@ -8,6 +8,7 @@ import os
 import click
 
 from soundstage.cache.reader import MissingClip
+from soundstage.device import DeviceError
 
 
 def run_training_command(cfg, quiet: bool = False) -> int:
@@ -29,7 +30,7 @@ def run_training_command(cfg, quiet: bool = False) -> int:
         if dist.main:
             click.echo(str(e), err=True)
         return 75
-    except (ConfigError, CueError, MissingClip, PipelineError, FileNotFoundError) as e:
+    except (ConfigError, CueError, MissingClip, PipelineError, FileNotFoundError, DeviceError) as e:
         if "SOUNDSTAGE_LAUNCHER" not in os.environ:
             raise click.ClickException(str(e)) from None
         if dist.main:
