@@ -163,3 +163,28 @@ def test_example_pipeline_file_loads():
     assert pipe.manifest.endswith(os.path.join("demo", "data", "manifest.csv"))
     assert {"audio-stats", "hubert", "kmeans", "units"} <= set(pipe.declared)
     assert all(r.get("gpus") == 0 for r in pipe.resources.values())
+
+
+def test_a_copied_project_runs_where_it_is_now(tmp_path):
+    """``cp -a project copy``: the copy's pipeline names its own model file, of the same content
+    (so the same fingerprint); that path is not what the output was planned with, and must not
+    block the run. A touched audio file is recomputed, nothing else."""
+    import shutil
+
+    from soundstage.models.tiny import build_vggish
+
+    project = tmp_path / "project"
+    manifest = make_synthetic_dataset(str(project / "data"), clips=3, seed=2, workers=1)
+    os.makedirs(project / "models")
+    build_vggish(str(project / "models" / "vggish.pth"))
+    (project / "pipeline.yaml").write_text(
+        f"manifest: {os.path.relpath(manifest, project)}\ncache: cache\nstages:\n  vggish: {{checkpoint: models/vggish.pth}}\n"
+    )
+    first = CliRunner().invoke(main, ["run", str(project / "pipeline.yaml"), "--workers", "0"])
+    assert first.exit_code == 0, first.output
+    shutil.copytree(project, tmp_path / "copy", symlinks=True, copy_function=shutil.copy2)  # cp -a
+    audio = next((tmp_path / "copy" / "data").rglob("*.wav"))
+    os.utime(audio, (audio.stat().st_atime, audio.stat().st_mtime + 10))
+    again = CliRunner().invoke(main, ["run", str(tmp_path / "copy" / "pipeline.yaml"), "--workers", "0"])
+    assert again.exit_code == 0, again.output
+    assert "done 1, already cached 2, stale 1, failed 0" in again.output, again.output

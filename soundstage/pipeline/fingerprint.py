@@ -113,12 +113,15 @@ def plan_mismatch(stage: Stage, params: dict, meta: dict) -> str | None:
     """Why ``params`` are not what the planned output (its stage.json ``meta``) was made with; None if they are."""
     if (meta.get("stage"), meta.get("version")) != (stage.name, stage.version):
         return f"it belongs to {meta.get('stage')} version {meta.get('version')}, not {stage.name} version {stage.version}"
-    shown = shown_params(stage, params)
-    if canonical_json(shown) != canonical_json(meta.get("params", {})):
-        diff = {
-            k: (meta.get("params", {}).get(k), v)
-            for k, v in shown.items()
-            if canonical_json(v) != canonical_json(meta.get("params", {}).get(k))
-        }
+    # a model named by path is keyed by its content (in the fingerprint handed over), not where
+    # it lies: a copied or moved project names the same model by another path
+    located = {p.name for p in stage.params if p.identity is not None}
+    planned, shown = meta.get("params", {}), shown_params(stage, params)
+    diff = {
+        k: (planned.get(k), shown.get(k))
+        for k in sorted((set(planned) | set(shown)) - located)
+        if canonical_json(planned.get(k)) != canonical_json(shown.get(k))
+    }
+    if diff:
         return "planned with other parameters: " + ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in diff.items())
     return None
