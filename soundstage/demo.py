@@ -60,6 +60,7 @@ DEMO_STAGES = {
         ("bpe_vocab", "models/imagebind_text/bpe_simple_vocab_16e6.txt.gz", "real: CLIP's, shipped in imagebind/bpe/"),
         ("slots", "segpref", "SegPref's 4 slots, 'None' embedded in empty ones"),
     ],
+    "frames": [("size", 64, "the tiny model's input; real: 384 (Mask2Former swin-base); training reads these")],
 }
 
 #: the pipeline file's ``train:`` section: [(setting, demo value, comment)]

@@ -34,22 +34,30 @@ import shutil
 
 import click
 import joblib
+import numpy as np
 import soundfile as sf
 import torch
+from PIL import Image
 
 from soundstage.audio import TARGET_SR, load_audio
+from soundstage.cache import open_stage
 from soundstage.cache.reader import read_result
 from soundstage.cache.store import atomic_write_text
 from soundstage.cache.table import read_manifest
 from soundstage.manifests.avsbench import FRAMES_PER_SUBSET, SUBSETS
-from soundstage.manifests.table import resolve_path
+from soundstage.manifests.table import ManifestError, resolve_path
 from soundstage.models.kmeans import sklearn_kmeans
 from soundstage.pipeline.pipeline_file import load_pipeline
 from soundstage.pipeline.registry import get_stage
 from soundstage.pipeline.resolve import UpstreamError, choose, expected_fingerprint
 from soundstage.pipeline.stage import ClipError
+from soundstage.stages.active_queries import MappingError, default_mapping, frame_lists, mapping_json, parse_mapping, tag_ranking
+from soundstage.stages.masks import binary_masks, released_path
+from soundstage.stages.textcues import frame_names, segpref_frame_text
 from soundstage.stages.units import export_km
 from soundstage.stages.vggish import clip_examples, fit_rows
+from soundstage.train.cues import CueError
+from soundstage.train.data import load_label, normalized
 
 
 @click.group()
@@ -71,8 +79,6 @@ cache_option = click.option("--cache", envvar="SOUNDSTAGE_CACHE", help="cache ro
 
 def segpref_texts(manifest_rows: list, reader, n_slots: int, names: str, key: str) -> tuple[dict, dict]:
     """(json object, report) for the clips of ``manifest_rows`` found in the ``sources`` ``reader``."""
-    from soundstage.stages.textcues import frame_names, segpref_frame_text
-
     out, owner = {}, {}
     report = {"clips": 0, "frames": 0, "frames_without_answer": 0, "missing": [], "conflicts": [], "sharing": {}}
     for row in manifest_rows:
@@ -120,8 +126,6 @@ def segpref_texts(manifest_rows: list, reader, n_slots: int, names: str, key: st
 @click.option("--allow-missing", is_flag=True, help="leave out clips without a sources record instead of failing")
 def segpref_json(config, manifest, cache, selector, out_path, n_slots, names, key, allow_missing):
     """SegPref text-cue JSON from the sources stage: {"<vid>": {"f0": "guitar,man,None,None,", ...}}."""
-    from soundstage.cache import open_stage
-
     rows, stage_dir = chosen_output("sources", config, manifest, cache, selector)
     if key not in rows[0]:
         raise click.ClickException(f"the manifest has no column {key!r} (use --key clip_id)")
@@ -272,8 +276,6 @@ def _replace_folder(path: str, write) -> None:
 
 
 def _save_npy(path: str, array) -> None:
-    import numpy as np
-
     with open(path, "wb") as f:  # a file object: np.save would append .npy to the temporary name
         np.save(f, array)
 
@@ -318,10 +320,6 @@ VGGISH_LAYOUTS = {"flat": lambda row: row["clip_id"], "per-subset": per_subset_p
 )
 def vggish_npy(config, manifest, cache, selector, out_dir, overwrite, allow_missing, layout):
     """VGGish embeddings as one float32 [T, 128] .npy per clip."""
-    import numpy as np
-
-    from soundstage.cache import open_stage
-
     rows, stage_dir = chosen_output("vggish", config, manifest, cache, selector)
     reader = open_stage(stage_dir.path, fields=["embeddings"])
     present, named = clips_to_write(rows, reader, stage_dir, allow_missing)
@@ -384,6 +382,67 @@ def log_mel(config, manifest, out_dir, overwrite):
         f"wrote {len(kept) - len(failed)} clips to {out_dir}"
         + (f"; skipped {skipped} clip(s) outside S4/MS3 (v2: AVSBench-object has no log-mel for them)" if skipped else "")
     )
+    if failed:
+        raise click.ClickException(f"{len(failed)} clip(s) not written:\n  " + "\n  ".join(failed))
+
+
+# ------------------------------------------------------------------ bias_in_AVS processed bundles
+
+BUNDLE_FRAMES = 5  # bias_in_AVS's loader reads 5 images per clip (FN = 5), every subset
+BUNDLE_MASK_SIZE = 256
+
+
+def m2f_bundle(row: dict, frames: dict, embeddings: np.ndarray, manifest_dir: str) -> tuple:
+    """bias_in_AVS's ``AVS_m2f_processed/{ver}/{uid}.pth``: ``(img_recs, feat_aud, mask_recs,
+    image_sizes, uid)`` — 5 image-processor outputs ``{"pixel_values": [1, 3, S, S], "pixel_mask":
+    [1, S, S]}``, the VGGish rows ``[T, 128]`` (T = 5, or 10 for v2; the last repeated if short),
+    5 binary masks ``[256, 256]`` float32 and ``[(height, width)]`` of the last image read. v1s
+    train clips repeat frame 0 (the only labelled one) five times, as their loader does."""
+    repeat_first = row["subset"] == "v1s" and row["split"] == "train"
+    chosen = [0] * BUNDLE_FRAMES if repeat_first else list(range(BUNDLE_FRAMES))
+    pixels, size = frames["pixels"], frames["pixels"].shape[1]
+    images = [
+        {
+            "pixel_values": torch.from_numpy(normalized(pixels[f]))[None],
+            "pixel_mask": torch.ones((1, size, size), dtype=torch.int64),
+        }
+        for f in chosen
+    ]
+    rows = FRAMES_PER_SUBSET.get(row["subset"], BUNDLE_FRAMES)
+    audio = torch.from_numpy(fit_rows(np.asarray(embeddings, np.float32), rows, "repeat-last"))
+    masks = [
+        torch.from_numpy((load_label(row, f, manifest_dir, BUNDLE_MASK_SIZE, "binary") != 0).astype(np.float32)) for f in chosen
+    ]
+    height, width = (int(v) for v in frames["source_size"][chosen[-1]])
+    return images, audio, masks, [(height, width)], row["clip_id"]
+
+
+@export.command("m2f-bundles")
+@output_options("frames")
+@click.option("--vggish", "vggish_selector", help="which vggish output: FINGERPRINT or key=value,... (their feat_aud)")
+def m2f_bundles(config, manifest, cache, selector, out_dir, overwrite, allow_missing, vggish_selector):
+    """bias_in_AVS's processed bundles: OUT/<ver>/<uid>.pth, what its AVS dataset torch.loads per clip.
+
+    Images from the frames stage (Mask2Former's resize, rescale and normalise; their model views
+    pixel_values as 384 x 384: use the frames output of size 384), audio from the vggish stage, masks
+    from the manifest's labels."""
+    rows, frames_dir = chosen_output("frames", config, manifest, cache, selector)
+    manifest, cache, pipe = pipeline_inputs(config, manifest, cache)
+    vggish_dir = chosen_stage_dir("vggish", cache, vggish_selector, pipe)
+    frames, audio = open_stage(frames_dir.path), open_stage(vggish_dir.path, fields=["embeddings"])
+    present, named = clips_to_write(rows, frames, frames_dir, allow_missing)
+    present, named_audio = clips_to_write(present, audio, vggish_dir, allow_missing)
+    prepare_out_dir(out_dir, overwrite)
+    manifest_dir, failed = os.path.dirname(os.path.abspath(manifest)), []
+    for row in present:
+        try:
+            bundle = m2f_bundle(row, frames[row["clip_id"]], audio[row["clip_id"]]["embeddings"], manifest_dir)
+        except (ManifestError, OSError, CueError) as e:
+            failed.append(f"{row['clip_id']}: {e}")
+            continue
+        path = os.path.join(out_dir, row["subset"], row["clip_id"] + ".pth")
+        _replace_with(path, lambda tmp, b=bundle: torch.save(b, tmp))
+    report_written(len(present) - len(failed), out_dir, named + named_audio)
     if failed:
         raise click.ClickException(f"{len(failed)} clip(s) not written:\n  " + "\n  ".join(failed))
 
@@ -475,16 +534,6 @@ def kmeans_model(config, cache, selector, out_path, overwrite):
 @output_options("active-queries")
 def active_queries(config, manifest, cache, selector, out_dir, overwrite, allow_missing):
     """bias_in_AVS active queries: OUT/<uid>.pth (a list of T lists of query ids) and OUT/mapping.json."""
-    import torch
-
-    from soundstage.cache import open_stage
-    from soundstage.cache.store import atomic_write_text
-    from soundstage.stages.active_queries import (
-        frame_lists,
-        mapping_json,
-        parse_mapping,
-    )
-
     rows, stage_dir = chosen_output("active-queries", config, manifest, cache, selector)
     reader = open_stage(stage_dir.path)
     present, named = clips_to_write(rows, reader, stage_dir, allow_missing)
@@ -529,11 +578,6 @@ def active_queries(config, manifest, cache, selector, out_dir, overwrite, allow_
 @click.option("--split", "splits", multiple=True, help="only the clips of this split (repeatable; default: every split)")
 def masks(config, manifest, cache, selector, out_dir, overwrite, allow_missing, size, threshold, splits):
     """Stepping-stone masks as Stepping Stones' stage 2 reads them: OUT/<label>/<uid>/<i>.png, 0/255."""
-    from PIL import Image
-
-    from soundstage.cache import open_stage
-    from soundstage.stages.masks import binary_masks, released_path
-
     rows, stage_dir = chosen_output("masks", config, manifest, cache, selector)
     if splits:
         rows = [row for row in rows if row.get("split") in splits]
@@ -557,10 +601,6 @@ def masks(config, manifest, cache, selector, out_dir, overwrite, allow_missing, 
 @output_options("textcues")
 def segpref_text(config, manifest, cache, selector, out_dir, overwrite, allow_missing):
     """SegPref's text features: OUT/<uid>/<i>.np, one float32 [slots, dim] array per frame."""
-    import numpy as np
-
-    from soundstage.cache import open_stage
-
     rows, stage_dir = chosen_output("textcues", config, manifest, cache, selector)
     if stage_dir.meta()["params"].get("slots", "masked") != "segpref":
         raise click.ClickException(
@@ -598,15 +638,6 @@ def segpref_text(config, manifest, cache, selector, out_dir, overwrite, allow_mi
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="mapping JSON to write")
 def query_mapping(config, manifest, cache, units_selector, beats_selector, split, threshold, queries, out_path):
     """The default active-queries mapping: clusters c -> c, then the most frequent tags of --split -> K, K+1, ..."""
-    from soundstage.cache import open_stage
-    from soundstage.cache.store import atomic_write_text
-    from soundstage.stages.active_queries import (
-        MappingError,
-        default_mapping,
-        mapping_json,
-        tag_ranking,
-    )
-
     if os.path.exists(out_path):
         raise click.ClickException(f"{out_path} exists; the mapping keys the active-queries output, so it is not replaced")
     rows, units_dir = chosen_output("units", config, manifest, cache, units_selector)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from soundstage import __version__
+from soundstage.cache.reader import StageReader
 from soundstage.manifests.table import read_manifest
 from soundstage.models.avs_mask2former import (
     AVSMask2Former,
@@ -29,6 +30,7 @@ from soundstage.train.cues import (
     pipeline_output,
     prior_cue,
     provenance,
+    select_output,
     text_cue,
 )
 from soundstage.train.data import TASKS, AVSClips
@@ -165,7 +167,7 @@ def dataset(
     """The clips of ``split``; ``training``: with the training frames' mask prior (``prior_train``)
     rather than the evaluated frames' (``prior_eval``)."""
     prior = (cfg.prior_train if training else cfg.prior_eval) if cfg.prior else None
-    return AVSClips(
+    data = AVSClips(
         cfg.manifest,
         split,
         cues,
@@ -179,6 +181,29 @@ def dataset(
         prior=prior,
         active_encoding=active_encoding,
     )
+    reader = frames_reader(cfg)
+    if reader is not None:
+        data.use_frames(reader, required=cfg.frames == "cache")
+    return data
+
+
+def frames_reader(cfg: TrainConfig) -> StageReader | None:
+    """The ``frames`` output at the model's input size (``frames: auto`` or ``cache``), if any:
+    images are then read from it rather than decoded per item (the same tensors)."""
+    if cfg.frames == "decode" or not cfg.cache:
+        return None
+    try:
+        stage_dir = select_output(cfg.cache, "frames", {"size": image_size(cfg)}, log=lambda _: None)
+    except CueError as e:
+        if cfg.frames == "cache":
+            raise CueError(f"frames: cache: {e}") from None
+        return None
+    return StageReader(stage_dir.path, fields=["pixels"])
+
+
+def frames_provenance(cfg: TrainConfig) -> dict:
+    reader = frames_reader(cfg)
+    return {"read_from": "decoded"} if reader is None else {"read_from": "frames", **provenance(reader)}
 
 
 def max_frames(data: AVSClips) -> int:
@@ -190,6 +215,7 @@ def run_provenance(cfg: TrainConfig, cues: dict) -> dict:
 
     return {
         "cues": {role: {**spec.to_dict(), **provenance(reader)} for role, (spec, reader) in cues.items()},
+        "frames": frames_provenance(cfg),
         "manifest": {"path": cfg.manifest, "sha256": file_sha256(cfg.manifest)},
         "model": cfg.model or "tiny (soundstage/data/tiny/mask2former.json)",
         "versions": {"soundstage": __version__, "torch": torch.__version__, "transformers": transformers.__version__},

@@ -79,6 +79,11 @@ def _settings(**options) -> dict:
     type=click.Choice(["first", "repeat"]),
     help="frames without labels (v1s train): train on frame 0 only, or repeat frame 0 per second",
 )
+@click.option(
+    "--frames",
+    type=click.Choice(["auto", "cache", "decode"]),
+    help="images from the frames stage's output at the input size (auto: when it holds every clip) or decoded",
+)
 @click.option("--device", help="cpu, cuda, cuda:1, ... (default auto)")
 @click.option("--workers", type=click.IntRange(min=0), help="DataLoader worker processes")
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's)")

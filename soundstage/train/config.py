@@ -18,6 +18,11 @@ Mask prior (``prior``): the model takes a per-frame foreground probability as a 
 (``soundstage.models.avs_mask2former``); ``prior_train`` says where the training frames' prior
 comes from and ``prior_eval`` the evaluated frames' — ``gt`` (the ground-truth mask) or ``masks``
 (the cached stage-1 masks); defaults ``gt`` and ``masks``, as Stepping Stones trains and tests.
+
+Frames (``frames``): ``auto`` (default) reads each image from the ``frames`` stage's output at the
+model's input size when the cache holds one with every clip of the split, else decodes the JPEG
+per item; ``cache`` requires that output (an error otherwise); ``decode`` always decodes. Both
+give the same tensors, so the setting is not part of what resuming compares.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from soundstage.train.data import TASKS, UNLABELLED_POLICIES, parse_variant
 SCHEDULES = ("cosine", "poly", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 PRIOR_SOURCES = ("gt", "masks")
+FRAME_SOURCES = ("auto", "cache", "decode")
 
 
 class ConfigError(ValueError):
@@ -75,6 +81,7 @@ class TrainConfig:
     image_size: int | None = None  # None: 384 for a real model, the tiny config's for the tiny one
     mask_size: int | None = None  # None: image_size
     unlabelled: str = "first"  # first | repeat (frames without annotation, e.g. v1s train)
+    frames: str = "auto"  # auto | cache | decode: images from the frames stage's output at image_size, or decoded
     workers: int = 0
     # optimisation
     epochs: int = 10
@@ -115,6 +122,7 @@ class TrainConfig:
             "schedule": SCHEDULES,
             "precision": PRECISIONS,
             "unlabelled": UNLABELLED_POLICIES,
+            "frames": FRAME_SOURCES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -205,6 +213,6 @@ def with_recipe_settings(values: dict) -> dict:
 
 def same_settings(saved: dict, current: dict) -> list[str]:
     """Settings that differ between a saved run and this invocation (what resuming forbids)."""
-    ignored = {"workers", "device", "checkpoint_every", "log_every"}  # do not change the result
+    ignored = {"workers", "device", "checkpoint_every", "log_every", "frames"}  # do not change the result
     keys = (set(saved) | set(current)) - ignored
     return sorted(k for k in keys if json.dumps(saved.get(k)) != json.dumps(current.get(k)))

@@ -77,10 +77,30 @@ def parse_variant(variant: str) -> tuple[str, float | None]:
 
 def load_image(path: str, size: int) -> np.ndarray:
     """``[3, S, S]`` float32: the Mask2Former image processor's resize, rescale and normalise."""
+    return normalized(resized_frame(path, size)[0])
+
+
+def resized_frame(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """(``[S, S, 3]`` uint8 RGB, (height, width) decoded): the image processor's resize alone, the
+    part the ``frames`` stage caches."""
     with Image.open(path) as im:
-        image = im.convert("RGB").resize((size, size), Image.BILINEAR)
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    return ((array - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+        rgb = im.convert("RGB")
+        return np.asarray(rgb.resize((size, size), Image.BILINEAR)), (rgb.height, rgb.width)
+
+
+#: ``(v / 255 - mean) / std`` in float32 for every uint8 value v, per channel ``[3, 256]``: the
+#: same float32 operations as on a whole image, so looking values up gives the same numbers
+NORMALIZED_VALUES = ((np.arange(256, dtype=np.float32)[:, None] / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).T.copy()
+
+
+def normalized(pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``[S, S, 3]`` uint8 -> ``[3, S, S]`` float32: rescaled by 1/255, ImageNet mean/std
+    (into ``out`` when given)."""
+    pixels = np.asarray(pixels)
+    out = np.empty((3, *pixels.shape[:2]), dtype=np.float32) if out is None else out
+    for c in range(3):
+        np.take(NORMALIZED_VALUES[c], pixels[..., c], out=out[c])
+    return out
 
 
 def load_label(row: dict, frame: int, manifest_dir: str, size: int, task: str) -> np.ndarray:
@@ -154,6 +174,23 @@ class AVSClips(torch.utils.data.Dataset):
         self.silence = silence
         self.num_queries = num_queries
         self.active_encoding = active_encoding
+        self.frames = None  # a frames-stage reader (use_frames), else frames are decoded per item
+
+    def use_frames(self, reader, required: bool) -> bool:
+        """Read images from a ``frames`` stage output (``pixels`` resized to the image size) instead
+        of decoding the JPEGs; the tensors are the same. Only when it holds every clip: otherwise
+        an error if ``required``, else frames stay decoded. Returns whether it is used."""
+        size = reader.meta["params"]["size"]
+        if size != self.image_size:
+            raise CueError(f"the frames output {reader.dir.path} is at size {size}, the model's input is {self.image_size}")
+        missing = [cid for cid in self.clip_ids if cid not in reader]
+        if missing and required:
+            raise CueError(
+                f"{len(missing)} clip(s) are not in the frames output {reader.dir.path}, e.g. {missing[:3]} "
+                "(run the frames stage on the manifest, or train with frames: auto / decode)"
+            )
+        self.frames = None if missing else reader
+        return self.frames is not None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -171,12 +208,11 @@ class AVSClips(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         frames, seconds = self.frame_plan(row)
-        images = {f: load_image(frame_path(row, f, self.manifest_dir), self.image_size) for f in set(frames)}
         labels = {f: load_label(row, f, self.manifest_dir, self.mask_size, self.task) for f in set(frames)}
         item = {
             "clip_id": row["clip_id"],
             "frames": torch.tensor(frames, dtype=torch.int64),
-            "pixel_values": torch.from_numpy(np.stack([images[f] for f in frames])),
+            "pixel_values": torch.from_numpy(self._pixel_values(row, frames)),
             "labels": torch.from_numpy(np.stack([labels[f] for f in frames])),
         }
         if self.prior:
@@ -199,6 +235,22 @@ class AVSClips(torch.utils.data.Dataset):
                 mask = self._rows(values[spec.mask_field], need, row["clip_id"], spec)
                 item[f"{role}_mask"] = torch.from_numpy(np.ascontiguousarray(mask[seconds]).astype(bool))
         return item
+
+    def _pixel_values(self, row: dict, frames: list[int]) -> np.ndarray:
+        """``[T, 3, S, S]`` float32 of ``frames`` (a frame repeated is computed once), from the
+        frames cache or decoded."""
+        out = np.empty((len(frames), 3, self.image_size, self.image_size), dtype=np.float32)
+        pixels = self.frames[row["clip_id"]]["pixels"] if self.frames is not None else None
+        first = {}
+        for k, f in enumerate(frames):
+            if f in first:
+                out[k] = out[first[f]]
+            elif pixels is not None:
+                normalized(pixels[f], out=out[k])
+            else:
+                out[k] = load_image(frame_path(row, f, self.manifest_dir), self.image_size)
+            first.setdefault(f, k)
+        return out
 
     def _prior(self, row: dict, frames: list[int], labels: torch.Tensor) -> np.ndarray:
         """``[T, M, M]`` float32 in [0, 1]: the ground-truth foreground, or the cached masks of
