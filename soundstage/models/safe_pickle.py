@@ -15,18 +15,20 @@ import types
 from collections.abc import Callable
 
 import numpy as np
+from joblib import numpy_pickle
+
+try:  # where numpy keeps the functions its pickles name
+    import numpy._core.multiarray as numpy_multiarray  # numpy >= 2
+except ImportError:  # numpy 1.x
+    import numpy.core.multiarray as numpy_multiarray
 
 
 def numpy_data_globals() -> dict:
     """The globals that pickled numpy arrays and scalars need (they build data, run no code)."""
-    try:
-        import numpy._core.multiarray as npcore  # numpy >= 2
-    except ImportError:  # numpy 1.x
-        import numpy.core.multiarray as npcore
     allowed = {("numpy", "dtype"): np.dtype, ("numpy", "ndarray"): np.ndarray}
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "scalar")] = npcore.scalar
-        allowed[(module, "_reconstruct")] = npcore._reconstruct
+        allowed[(module, "scalar")] = numpy_multiarray.scalar
+        allowed[(module, "_reconstruct")] = numpy_multiarray._reconstruct
     for name in ("float64", "float32", "int64", "int32"):  # dtype classes (numpy >= 1.25 pickles them)
         allowed[("numpy.dtypes", type(np.dtype(name)).__name__)] = type(np.dtype(name))
     return allowed
@@ -60,8 +62,6 @@ def restricted_pickle_module(allowed: Callable[[], dict], what: str) -> types.Si
 
 def load_joblib(path: str, allowed: dict, what: str):
     """A joblib pickle (numpy arrays stored beside it) read with only ``allowed`` globals."""
-    from joblib import numpy_pickle
-
     allowed = {**numpy_data_globals(), **allowed, ("joblib.numpy_pickle", "NumpyArrayWrapper"): numpy_pickle.NumpyArrayWrapper}
 
     class RestrictedJoblibUnpickler(numpy_pickle.NumpyUnpickler):

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from soundstage.models.safe_pickle import load_tensors
+from soundstage.models.safe_pickle import load_tensors, numpy_multiarray
 
 SAMPLE_RATE = 16000
 WINDOW = 400  # 25 ms
@@ -225,13 +225,8 @@ def load_vggish(path: str, map_location="cpu", variant: str = "torchvggish") -> 
 
 def _numpy_array_globals() -> list:
     """What unpickling a plain numpy array needs: data only, no code (the released PCA file)."""
-    try:
-        from numpy._core import multiarray
-    except ImportError:  # numpy < 2
-        from numpy.core import multiarray
-
     dtype_classes = [type(np.dtype(t)) for t in ("float32", "float64")]
-    return [multiarray._reconstruct, np.ndarray, np.dtype, *dtype_classes]
+    return [numpy_multiarray._reconstruct, np.ndarray, np.dtype, *dtype_classes]
 
 
 def load_pca_params(path: str) -> tuple[np.ndarray, np.ndarray]:
