@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from soundstage.models.avs_mask2former import MODES
 from soundstage.train.data import TASKS, UNLABELLED_POLICIES, parse_variant
+from soundstage.train.recipes import RecipeError, get_recipe
 
 SCHEDULES = ("cosine", "poly", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -174,8 +175,11 @@ class TrainConfig:
 
 def resolve_config(pipeline_file: str | None, options: dict) -> TrainConfig:
     """Defaults <- the pipeline file's ``train:`` section (and its manifest/cache) <- ``options``
-    (None values are "not given")."""
+    (None values are "not given"); the recipe's settings (``soundstage.train.recipes``) sit above
+    the defaults, and above a ``train:`` section that does not name that recipe itself (one
+    written for the generic model)."""
     values: dict = {}
+    section: dict = {}
     if pipeline_file:
         from soundstage.pipeline.pipeline_file import load_pipeline
 
@@ -186,9 +190,8 @@ def resolve_config(pipeline_file: str | None, options: dict) -> TrainConfig:
         base = os.path.dirname(pipe.path)
         if isinstance(section.get("model"), str) and os.path.exists(os.path.join(base, section["model"])):
             section["model"] = os.path.join(base, section["model"])  # a folder next to the file
-        values.update(section)
-    values.update({k: v for k, v in options.items() if v is not None})
-    values = with_recipe_settings(values)
+    given = {k: v for k, v in options.items() if v is not None}
+    values.update(with_recipe_settings(section, given))
     for key in ("manifest", "cache", "out", "init_from"):
         if values.get(key):
             values[key] = os.path.abspath(os.path.expanduser(values[key]))
@@ -198,17 +201,21 @@ def resolve_config(pipeline_file: str | None, options: dict) -> TrainConfig:
     return TrainConfig.from_dict(values).validate()
 
 
-def with_recipe_settings(values: dict) -> dict:
-    """``values`` over the recipe's settings (its paper's defaults), with its options resolved."""
-    from soundstage.train.recipes import RecipeError, get_recipe
-
+def with_recipe_settings(section: dict, given: dict) -> dict:
+    """The settings from a pipeline file's ``train:`` section, the recipe's and the command line's
+    (``given``), in that order of precedence (see ``resolve_config``), options resolved."""
+    name = given.get("recipe") or section.get("recipe")
     try:
-        recipe = get_recipe(values.get("recipe"))
-        options = recipe.resolved_options(values.get("recipe_options"))
+        recipe = get_recipe(name)
+        options = recipe.resolved_options({**section.get("recipe_options", {}), **given.get("recipe_options", {})})
     except RecipeError as e:
         raise ConfigError(str(e)) from None
     paper = {"protocol": recipe.protocol} if recipe.protocol else {}
-    return {**paper, **recipe.settings, **values, "recipe": recipe.name, "recipe_options": options}
+    if section.get("recipe") == recipe.name:
+        merged = {**paper, **recipe.settings, **section, **given}
+    else:
+        merged = {**section, **paper, **recipe.settings, **given}
+    return {**merged, "recipe": recipe.name, "recipe_options": options}
 
 
 def same_settings(saved: dict, current: dict) -> list[str]:

@@ -5,7 +5,7 @@ split): the clip's frames as Mask2Former input and its masks, and for every fram
 that frame's second (AVSBench frames are one per second; frame i goes with second i)::
 
     {"clip_id": str, "frames": int64 [T] (frame indices),
-     "pixel_values": float32 [T, 3, S, S], "labels": int64 [T, M, M],
+     "pixel_values": float32 [T, 3, S, S], "labels": int64 [T, M, M], "image_hw": int64 [T, 2],
      "audio": float32 [T, D], "active": float32 [T, Q], "text": float32 [T, slots, Dt],
      "text_mask": bool [T, slots], "prior": float32 [T, M, M]}   # cue keys / prior only when configured
 
@@ -101,6 +101,12 @@ def normalized(pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     for c in range(3):
         np.take(NORMALIZED_VALUES[c], pixels[..., c], out=out[c])
     return out
+
+
+def image_hw(path: str) -> list[int]:
+    """The image's original (height, width) (its header only)."""
+    with Image.open(path) as im:
+        return [im.height, im.width]
 
 
 def load_label(row: dict, frame: int, manifest_dir: str, size: int, task: str) -> np.ndarray:
@@ -209,11 +215,13 @@ class AVSClips(torch.utils.data.Dataset):
         row = self.rows[index]
         frames, seconds = self.frame_plan(row)
         labels = {f: load_label(row, f, self.manifest_dir, self.mask_size, self.task) for f in set(frames)}
+        sizes = {f: image_hw(frame_path(row, f, self.manifest_dir)) for f in set(frames)}
         item = {
             "clip_id": row["clip_id"],
             "frames": torch.tensor(frames, dtype=torch.int64),
             "pixel_values": torch.from_numpy(self._pixel_values(row, frames)),
             "labels": torch.from_numpy(np.stack([labels[f] for f in frames])),
+            "image_hw": torch.tensor([sizes[f] for f in frames], dtype=torch.int64),
         }
         if self.prior:
             item["prior"] = torch.from_numpy(self._prior(row, frames, item["labels"]))

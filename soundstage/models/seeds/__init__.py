@@ -1,0 +1,1 @@
+"""The seed methods' models, as their code computes them, built around transformers' Mask2Former."""
