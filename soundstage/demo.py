@@ -175,7 +175,7 @@ def pipeline_text(out_dir: str, models: dict[str, str], stages: list[str]) -> st
                 value = os.path.relpath(models[model], out_dir)
                 comment = f"real: {TINY_MODELS[model][2]}" + (f" ({comment})" if comment else "")
             entry = f"    {param}: {json.dumps(value)}"
-            lines.append(f"{entry:<44}# {comment}" if comment else entry)
+            lines.append(f"{entry:<43} # {comment}" if comment else entry)
     lines += [
         "",
         "# soundstage train --config pipeline.yaml --out runs/NAME  (options override these)",
@@ -184,7 +184,7 @@ def pipeline_text(out_dir: str, models: dict[str, str], stages: list[str]) -> st
     ]
     for setting, value, comment in DEMO_TRAIN:
         entry = f"  {setting}: {json.dumps(value)}"
-        lines.append(f"{entry:<44}# {comment}" if comment else entry)
+        lines.append(f"{entry:<43} # {comment}" if comment else entry)
     body = "\n".join(lines) + "\n"
     return f"{GENERATED_MARK}{_digest(body)}\n{body}"
 
