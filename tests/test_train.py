@@ -345,18 +345,81 @@ def test_resumed_after_sigterm_and_kill_9_equals_uninterrupted(whole_run, vggish
     assert process.wait(timeout=60) == -signal.SIGKILL
 
     train(config(vggish_cache, broken, **RUN), log=lambda *_: None, progress=False)
-    a, b = load_file(str(whole / "model" / "model.safetensors")), load_file(str(broken / "model" / "model.safetensors"))
+    assert_same_run(whole, broken)
+
+
+def _records(run, name):
+    lines = (run / "metrics" / name).read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "step_seconds"} for line in lines]
+
+
+def assert_same_run(whole, other):
+    """Bit-identical weights, and the same step and epoch records (timings aside)."""
+    a, b = load_file(str(whole / "model" / "model.safetensors")), load_file(str(other / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ca = torch.load(whole / "model" / "avs_conditioning.pt", weights_only=True)
-    cb = torch.load(broken / "model" / "avs_conditioning.pt", weights_only=True)
+    cb = torch.load(other / "model" / "avs_conditioning.pt", weights_only=True)
     assert all(torch.equal(ca[k], cb[k]) for k in ca)
+    assert _records(whole, "steps.jsonl") == _records(other, "steps.jsonl")
+    assert _records(whole, "epochs.jsonl") == _records(other, "epochs.jsonl")
 
-    def records(run, name):
-        lines = (run / "metrics" / name).read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k != "step_seconds"} for line in lines]
 
-    assert records(whole, "steps.jsonl") == records(broken, "steps.jsonl")
-    assert records(whole, "epochs.jsonl") == records(broken, "epochs.jsonl")
+def _stop_after_step(run, cfg, steps: int) -> int:
+    """Train ``cfg`` until SIGTERM after ``steps`` steps (as a scheduler would); the step it stopped at."""
+    import threading
+
+    from soundstage.train.loop import Stopped, train
+
+    def send_sigterm():
+        while _steps_done(run) < steps:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = threading.Thread(target=send_sigterm, daemon=True)
+    sender.start()
+    with pytest.raises(Stopped):
+        train(cfg, log=lambda *_: None, progress=False)
+    sender.join()
+    return _steps_done(run)
+
+
+def _zero_256_bytes_in_the_middle(path):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        assert f.read(256) != bytes(256)  # the damage changes something
+        f.seek(size // 2)
+        f.write(bytes(256))
+
+
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_ends_as_an_uninterrupted_one(whole_run, vggish_cache):
+    import shutil
+
+    from soundstage.train.checkpoint import CheckpointError
+    from soundstage.train.loop import train
+
+    whole, damaged = whole_run[0], vggish_cache["root"] / "damaged"
+    stopped_at = _stop_after_step(damaged, config(vggish_cache, damaged, **RUN), 4)
+    checkpoints = damaged / "checkpoints"
+    assert torch.load(checkpoints / "previous.pt", weights_only=True)["step"] == stopped_at - 1  # the last two are kept
+    _zero_256_bytes_in_the_middle(checkpoints / "latest.pt")
+
+    hopeless = vggish_cache["root"] / "hopeless"  # the same run with both checkpoints damaged
+    shutil.copytree(damaged, hopeless)
+    _zero_256_bytes_in_the_middle(hopeless / "checkpoints" / "previous.pt")
+    steps_before = (hopeless / "metrics" / "steps.jsonl").read_text()
+    with pytest.raises(CheckpointError, match="no good checkpoint to resume from.*latest.pt: .*previous.pt: "):
+        train(config(vggish_cache, hopeless, **RUN), log=lambda *_: None, progress=False)
+    assert (hopeless / "metrics" / "steps.jsonl").read_text() == steps_before  # never a silent restart
+    assert sorted(os.listdir(hopeless / "checkpoints")) == ["latest.pt", "previous.pt"]  # a rerun says the same
+
+    lines = []
+    train(config(vggish_cache, damaged, **RUN), log=lines.append, progress=False)
+    set_aside = [line for line in lines if "set aside" in line]
+    assert len(set_aside) == 1 and "latest.pt: its content does not match the checksum" in set_aside[0], lines
+    assert f"at step {stopped_at - 1} " in next(line for line in lines if line.startswith("resuming"))
+    assert (checkpoints / "latest.pt.damaged").exists()
+    assert_same_run(whole, damaged)
 
 
 class _FakeReader(dict):

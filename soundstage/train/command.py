@@ -16,6 +16,7 @@ def run_training_command(cfg, quiet: bool = False) -> int:
     says so — and print the last evaluation (rank 0). Returns 0, or 75 when stopped by a signal;
     user mistakes raise ``click.ClickException`` (in a launched rank: printed by rank 0, status 1)."""
     from soundstage.pipeline.pipeline_file import PipelineError
+    from soundstage.train.checkpoint import CheckpointError
     from soundstage.train.config import ConfigError
     from soundstage.train.cues import CueError
     from soundstage.train.distributed import Distributed
@@ -30,7 +31,7 @@ def run_training_command(cfg, quiet: bool = False) -> int:
         if dist.main:
             click.echo(str(e), err=True)
         return 75
-    except (ConfigError, CueError, MissingClip, PipelineError, FileNotFoundError, DeviceError) as e:
+    except (ConfigError, CueError, MissingClip, PipelineError, FileNotFoundError, DeviceError, CheckpointError) as e:
         if "SOUNDSTAGE_LAUNCHER" not in os.environ:
             raise click.ClickException(str(e)) from None
         if dist.main:

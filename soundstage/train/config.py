@@ -221,5 +221,6 @@ def with_recipe_settings(section: dict, given: dict) -> dict:
 def same_settings(saved: dict, current: dict) -> list[str]:
     """Settings that differ between a saved run and this invocation (what resuming forbids)."""
     ignored = {"workers", "device", "checkpoint_every", "log_every", "frames"}  # do not change the result
+    ignored |= {"out", "pipeline"}  # where the run folder and the pipeline file are: a moved or copied run resumes
     keys = (set(saved) | set(current)) - ignored
     return sorted(k for k in keys if json.dumps(saved.get(k)) != json.dumps(current.get(k)))

@@ -27,7 +27,8 @@ from soundstage.device import resolve_device
 from soundstage.train.checkpoint import (
     EpochSampler,
     StopSignals,
-    load_checkpoint,
+    has_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
 )
 from soundstage.train.config import ConfigError, TrainConfig, same_settings
@@ -189,10 +190,12 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
     if saved is not None and run.done:
         log(f"{run.path}: the run is complete (rerun evaluations with `soundstage evaluate --run {run.path}`)")
         return (run.records("epochs.jsonl") or [{}])[-1]
-    resuming = saved is not None and _exists(run.checkpoint)
+    resuming = saved is not None and has_checkpoint(run.checkpoint)
     dist.barrier()  # every rank has looked before rank 0 writes
     if resuming:
-        state = load_checkpoint(run.checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        state = resume_checkpoint(
+            run.checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, log=log, set_aside=dist.main
+        )
         step, epoch, position = state["step"], state["epoch"], state["position"]
         if dist.main:
             run.keep_records("steps.jsonl", lambda r: r["step"] <= step)
@@ -351,9 +354,3 @@ def evaluate_run(
 
 def _gap(a, b):
     return None if a is None or b is None else a - b
-
-
-def _exists(path: str) -> bool:
-    import os
-
-    return os.path.exists(path)
