@@ -67,3 +67,20 @@ def test_checkpoint_and_vocabulary_errors(checkpoint, tmp_path):
         ImageBindText.from_checkpoint(path, other)
     with pytest.raises(ValueError, match="does not exist"):
         find_bpe_vocab(str(tmp_path / "missing.gz"))
+
+
+def test_bpe_vocabulary_is_found_in_an_installed_package_without_importing_it(checkpoint, tmp_path, monkeypatch):
+    import shutil
+
+    package = tmp_path / "site" / "imagebind"
+    (package / "bpe").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('needs torchvision')\n")  # as the real one, here
+    shutil.copy(checkpoint[1], package / "bpe" / "bpe_simple_vocab_16e6.txt.gz")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert find_bpe_vocab() == str(package / "bpe" / "bpe_simple_vocab_16e6.txt.gz")
+    assert len(ImageBindText.from_checkpoint(checkpoint[0]).tokenizer) == len(ClipTokenizer(checkpoint[1]))
+    from soundstage.models import imagebind
+
+    monkeypatch.setattr(imagebind, "BPE_PACKAGES", (("no_such_package_here", ""),))
+    with pytest.raises(ValueError, match="no CLIP BPE vocabulary: give --bpe-vocab"):
+        find_bpe_vocab()
