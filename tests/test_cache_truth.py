@@ -16,6 +16,7 @@ import soundfile as sf
 from click.testing import CliRunner
 
 from soundstage.cache import StageDir, open_stage
+from soundstage.cache.checksum import USERBLOCK_BYTES
 from soundstage.cache.locks import (
     OutputBusy,
     ShardCountConflict,
@@ -173,7 +174,8 @@ def test_status_lists_a_broken_part_and_every_error_names_the_file(wavs, tmp_pat
     stats = run_stage(AUDIO_STATS, manifest, cache, commit_every=2, progress=False)
     slow = run_stage(SLOW, manifest, cache, progress=False)
     broken = StageDir(stats.path).part_paths()[1]
-    with open(broken, "r+b") as f:  # the superblock: h5py cannot even open it
+    with open(broken, "r+b") as f:  # the superblock (after the user block): h5py cannot even open it
+        f.seek(USERBLOCK_BYTES)
         f.write(b"\0" * 64)
     garbled = os.path.join(cache, "audio-stats", "0123456789abcdef")
     os.makedirs(garbled)

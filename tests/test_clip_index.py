@@ -82,10 +82,12 @@ def test_an_unchanged_output_is_looked_up_through_the_mapped_file_without_resolv
     monkeypatch.setattr(index_module, "_resolve", lambda infos: resolved.append(len(infos)) or real(infos))
     index = index_module.clip_index(sd)
     assert resolved == [] and isinstance(index.ids.base, np.ndarray)  # a view of the file's map, not a copy
-    assert committed_index(sd, ["c5", "c11", "a-much-longer-id-than-any-committed", ""]) == {
-        "c5": index_module.ClipVersion(os.path.join(sd.parts_dir, "w-00001.h5"), 2, "dc5"),
-        "c11": index_module.ClipVersion(os.path.join(sd.parts_dir, "w-00003.h5"), 2, "dc11"),
+    found = committed_index(sd, ["c5", "c11", "a-much-longer-id-than-any-committed", ""])
+    assert {cid: (v.part, v.row, v.digest) for cid, v in found.items()} == {
+        "c5": (os.path.join(sd.parts_dir, "w-00001.h5"), 2, "dc5"),
+        "c11": (os.path.join(sd.parts_dir, "w-00003.h5"), 2, "dc11"),
     }
+    assert found["c5"].version != found["c11"].version  # written by different commits
     _assert_reads(open_stage(sd.path), {f"c{k}": _values(f"c{k}") for k in range(12)})
     assert resolved == []
     sd.write_part("w", 7, FIELDS, [("c5", _values("c5", 1))], sd.meta(), digests=["again"])

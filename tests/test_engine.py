@@ -360,7 +360,7 @@ def test_part_files_are_packed_columns_readable_by_plain_h5py(wavs, tmp_path):
     reader = open_stage(summary.path)
     (part,) = StageDir(summary.path).part_paths()
     with h5py.File(part, "r") as h5:
-        assert set(h5.keys()) == {"clip_id", "energy", "peak", "label", "pairs", "offsets", "input_digest", "utf8"}
+        assert set(h5.keys()) == {"clip_id", "energy", "peak", "label", "pairs", "offsets", "input_digest", "version", "utf8"}
         assert h5["energy"].dtype == np.float16 and h5["energy"].ndim == 1
         ids = h5["clip_id"].asstr()[...]
         off = h5["offsets/energy"][...]

@@ -47,7 +47,10 @@ class CachedClips(torch.utils.data.Dataset):
         absent = {name: [r["clip_id"] for r in rows if r["clip_id"] not in rd] for name, rd in self.readers.items()}
         absent = {k: v for k, v in absent.items() if v}
         if absent:
-            listing = "; ".join(f"{name}: {len(ids)} clips (e.g. {', '.join(ids[:3])})" for name, ids in absent.items())
+            listing = "; ".join(
+                f"{name}: {len(ids)} clips (e.g. {', '.join(ids[:3])})" + _stale_note(self.readers[name], ids)
+                for name, ids in absent.items()
+            )
             if missing == "error":
                 raise KeyError(
                     f"clips of the manifest missing from the cache — {listing}. "
@@ -77,3 +80,11 @@ class CachedClips(torch.utils.data.Dataset):
         if isinstance(value, np.generic):
             return torch.tensor(value.item())
         return value
+
+
+def _stale_note(reader: StageReader, ids: list) -> str:
+    """Why the first clips of ``ids`` held only in an outdated version are not served, if any are."""
+    stale = [cid for cid in ids if cid in reader.withdrawn]
+    if not stale:
+        return ""
+    return f", {len(stale)} of them held only as computed from older inputs ({stale[0]}: {reader.withdrawn[stale[0]]})"

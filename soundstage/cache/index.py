@@ -4,7 +4,13 @@ A clip may be in several parts: recomputed because its inputs changed (stale), o
 instant while compaction replaces parts. The newest version wins: parts are ordered by their
 ``committed_ns`` attribute (commit time; 0 for parts written before it was recorded) and then
 by name. Each part stores per clip the digest of its inputs (``/input_digest``; absent in parts
-written before digests were recorded).
+written before digests were recorded) and its version (``/version``: a new id each time the clip
+is computed, kept by compaction; what downstream clips and whole-dataset fits are keyed by, so a
+recomputed clip makes what was computed from it stale even when its inputs did not change).
+
+A committed version stops being current when a failure record of its clip withdraws it (its
+inputs changed and the recomputation failed, or has not run yet; ``withdrawn``): readers then
+refuse the clip with the recorded cause, and status counts it failed.
 
 Every error names the part file. A part that vanishes while the index is read (compaction
 replaced it) makes the scan start again: compaction commits the merged part before it removes
@@ -25,6 +31,7 @@ map instead of opening every part.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import uuid
@@ -37,9 +44,10 @@ from soundstage.cache.quarantine import CorruptPart, load_verdicts, repair_hint,
 from soundstage.cache.store import UTF8_GROUP, CacheError, StageDir, StageStatus, fsync_dir, h5py
 
 DIGEST_DATASET = "input_digest"
+VERSION_DATASET = "version"
 INDEX_FILE = "clip_index.bin"
 LEGACY_INDEX_FILE = "clip_index.npz"  # format 1, replaced by the first rewrite
-INDEX_FORMAT = "soundstage-clip-index/2"
+INDEX_FORMAT = "soundstage-clip-index/3"
 
 
 class UnreadablePart(CacheError):
@@ -52,6 +60,7 @@ class PartHeader:
     committed_ns: int
     ids: list
     digests: list | None  # per clip, None for parts written before digests were recorded
+    versions: list | None = None  # per clip, None for parts written before versions were recorded
 
 
 @dataclass(frozen=True)
@@ -59,13 +68,21 @@ class ClipVersion:
     part: str  # path of the part holding the newest version
     row: int
     digest: str | None
+    version: str | None = None  # None: committed before versions were recorded
+    withdrawn: str | None = None  # the cause, when a failure record withdrew this version
+
+    @property
+    def key(self) -> str:
+        """What identifies this version of the clip: its version id, else (older parts) its input digest."""
+        return self.version or self.digest or ""
 
 
 def read_header(h5, path: str) -> PartHeader:
     """Clip ids, input digests and commit time of an open part file."""
     ids = h5["clip_id"].asstr()[...].tolist()
     digests = [d or None for d in h5[DIGEST_DATASET].asstr()[...].tolist()] if DIGEST_DATASET in h5 else None
-    return PartHeader(path, int(h5.attrs.get("committed_ns", 0)), ids, digests)
+    versions = [v or None for v in h5[VERSION_DATASET].asstr()[...].tolist()] if VERSION_DATASET in h5 else None
+    return PartHeader(path, int(h5.attrs.get("committed_ns", 0)), ids, digests, versions)
 
 
 def unreadable(path: str, error: Exception) -> UnreadablePart:
@@ -101,6 +118,7 @@ class PartInfo:
     committed_ns: int
     ids: np.ndarray  # bytes (UTF-8), one per row
     digests: np.ndarray | None  # bytes, b"" = unknown; None: the part has no digests
+    versions: np.ndarray  # bytes, b"" = unknown (parts written before versions were recorded)
     offsets: dict  # ragged field -> int64 [rows + 1]
     layout: dict  # numeric field -> [byte offset, dtype, shape] of a contiguous dataset, or None
 
@@ -117,7 +135,8 @@ def _read_part_info(path: str, fields, stamp: tuple[int, int]) -> PartInfo:
                 for name in (f"{UTF8_GROUP}/{f.name}", f"{UTF8_GROUP}/offsets/{f.name}"):
                     layout[name] = _mappable(h5[name])
     digests = None if header.digests is None else _encode([d or "" for d in header.digests])
-    return PartInfo(os.path.basename(path), *stamp, header.committed_ns, _encode(header.ids), digests, offsets, layout)
+    versions = _encode([v or "" for v in header.versions or [""] * len(header.ids)])
+    return PartInfo(os.path.basename(path), *stamp, header.committed_ns, _encode(header.ids), digests, versions, offsets, layout)
 
 
 def _mappable(ds) -> list | None:
@@ -208,7 +227,7 @@ def _load_index_file(sd: StageDir) -> tuple[dict[str, PartInfo], dict | None]:
         header, arrays = mapped
         if header.get("format") != INDEX_FORMAT:
             return {}, None
-        ids, digests = arrays["ids"], arrays["digests"]
+        ids, digests, versions = arrays["ids"], arrays["digests"], arrays["versions"]
         infos, row, off = {}, 0, 0
         for p in header["list"]:
             n = p["rows"]
@@ -219,6 +238,7 @@ def _load_index_file(sd: StageDir) -> tuple[dict[str, PartInfo], dict | None]:
                 p["committed_ns"],
                 ids[row : row + n],
                 digests[row : row + n] if p["has_digests"] else None,
+                versions[row : row + n],
                 {name: arrays[f"offsets.{name}"][off : off + n + 1] for name in p["ragged"]},
                 p["layout"],
             )
@@ -253,16 +273,18 @@ def _write_index_file(sd: StageDir, index: ClipIndex) -> None:
         ],
     }
 
-    all_ids, all_digests = _concatenated(infos)
+    all_ids, all_digests, all_versions = _concatenated(infos)
     arrays = {
         "ids": all_ids,
         "digests": all_digests,
+        "versions": all_versions,
         # the newest versions, sorted by clip id: what lookups read
         "view.ids": index.ids,
         "view.part": index.part,
         "view.row": index.row,
         "view.digests": index.digests,
         "view.has_digests": index.has_digests,
+        "view.versions": index.version_ids,
     }
     for name in ragged:  # parts without the field get rows+1 zeros so every part's slice lines up
         arrays[f"offsets.{name}"] = np.concatenate([i.offsets.get(name, np.zeros(len(i.ids) + 1, np.int64)) for i in infos])
@@ -321,7 +343,8 @@ class ClipIndex:
     """The newest version of every committed clip, as arrays (no object per clip).
 
     ``parts``: part paths, oldest commit first; for the newest versions, sorted by clip id:
-    ``ids`` (bytes), ``part`` (position in ``parts``), ``row`` and ``digests`` (bytes, b"" none).
+    ``ids`` (bytes), ``part`` (position in ``parts``), ``row``, ``digests`` and ``versions``
+    (bytes, b"" none).
     ``view``: those arrays resolved already for exactly ``infos`` (from the index file)."""
 
     def __init__(self, sd: StageDir, infos: list[PartInfo], view: dict | None = None):
@@ -332,6 +355,7 @@ class ClipIndex:
             view = _resolve(infos)
         self.ids, self.part, self.row = view["ids"], view["part"], view["row"]
         self.digests, self.has_digests, self.superseded = view["digests"], view["has_digests"], view["superseded"]
+        self.version_ids = view["versions"]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -352,7 +376,7 @@ class ClipIndex:
 
     def version(self, k: int) -> ClipVersion:
         digest = self.digests[k].decode() if self.has_digests[k] else ""
-        return ClipVersion(self.parts[self.part[k]], int(self.row[k]), digest or None)
+        return ClipVersion(self.parts[self.part[k]], int(self.row[k]), digest or None, self.version_ids[k].decode() or None)
 
     def versions(self, clip_ids=None) -> dict[str, ClipVersion]:
         """clip id -> newest version, for ``clip_ids`` (default: every committed clip)."""
@@ -362,19 +386,19 @@ class ClipIndex:
         return {cid: self.version(k) for cid, k in zip(clip_ids, self.positions(clip_ids).tolist()) if k >= 0}
 
 
-def _concatenated(infos: list[PartInfo]) -> tuple[np.ndarray, np.ndarray]:
-    """Every part's clip ids and input digests, end to end (b"" digests for parts without any)."""
+def _concatenated(infos: list[PartInfo]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every part's clip ids, input digests and versions, end to end (b"" digests for parts without any)."""
     if not infos:
-        return np.zeros(0, "S1"), np.zeros(0, "S1")
+        return np.zeros(0, "S1"), np.zeros(0, "S1"), np.zeros(0, "S1")
     ids = np.concatenate([i.ids for i in infos])
     digests = np.concatenate([i.digests if i.digests is not None else np.full(len(i.ids), b"", "S1") for i in infos])
-    return ids, digests
+    return ids, digests, np.concatenate([i.versions for i in infos])
 
 
 def _resolve(infos: list[PartInfo]) -> dict:
     """The newest version of every clip in ``infos`` (oldest commit first), sorted by clip id."""
     rows = [len(i.ids) for i in infos]
-    all_ids, all_digests = _concatenated(infos)
+    all_ids, all_digests, all_versions = _concatenated(infos)
     part_of = np.repeat(np.arange(len(infos), dtype=np.int32), rows)
     row_of = np.concatenate([np.arange(n, dtype=np.int32) for n in rows]) if infos else np.zeros(0, np.int32)
     # the newest version is the last occurrence in commit order: first in the reversed order
@@ -386,15 +410,28 @@ def _resolve(infos: list[PartInfo]) -> dict:
         "part": part_of[last],
         "row": row_of[last],
         "digests": all_digests[last],
+        "versions": all_versions[last],
         "has_digests": has[part_of[last]] if len(has) else np.zeros(0, bool),
         "superseded": len(all_ids) - len(ids),
     }
 
 
+def withdrawn_versions(index: ClipIndex, failures: dict) -> dict[str, str]:
+    """clip id -> cause, for the committed clips whose newest version a failure record withdrew
+    (``failures``: the latest record per clip, ``StageDir.failures``)."""
+    records = {cid: rec for cid, rec in failures.items() if rec.get("withdraws")}
+    ids = list(records)
+    return {
+        cid: records[cid]["cause"]
+        for cid, k in zip(ids, index.positions(ids).tolist())
+        if k >= 0 and index.version(k).key == records[cid]["withdraws"]
+    }
+
+
 def committed_index(sd: StageDir, clip_ids=None) -> dict[str, ClipVersion]:
     """clip id -> its newest committed version (only of ``clip_ids`` if given: an array task asks
-    about its share). Refuses (naming the files) an output with parts that ``verify`` found bad
-    and that are not quarantined yet."""
+    about its share), with ``withdrawn`` set for a version that is no longer current. Refuses
+    (naming the files) an output with parts found bad and not quarantined yet."""
     index = clip_index(sd)
     sd.commit_floor_ns = max(sd.commit_floor_ns, index.max_committed_ns + 1 if index.parts else 0)
     verdicts = load_verdicts(sd)
@@ -402,7 +439,11 @@ def committed_index(sd: StageDir, clip_ids=None) -> dict[str, ClipVersion]:
     if bad:
         listing = "; ".join(f"{p}: {', '.join(v[:2])}" for p, v in bad.items())
         raise CorruptPart(f"{len(bad)} part(s) failed verification — {listing}; {repair_hint(next(iter(bad)))}")
-    return index.versions(clip_ids)
+    versions = index.versions(clip_ids)
+    for cid, cause in withdrawn_versions(index, sd.failures()).items():
+        if cid in versions:
+            versions[cid] = dataclasses.replace(versions[cid], withdrawn=cause)
+    return versions
 
 
 def output_status(sd: StageDir, clip_ids=None, whole_dataset: bool | None = None) -> StageStatus:
@@ -416,14 +457,15 @@ def output_status(sd: StageDir, clip_ids=None, whole_dataset: bool | None = None
     exists = sd.exists()
     index = clip_index(sd) if exists else None
     failures = sd.failures() if exists else {}
+    withdrawn = withdrawn_versions(index, failures) if index is not None else {}
     if clip_ids is None:
         committed = set(np.char.decode(index.ids, "utf-8").tolist()) if index is not None else set()
         ids = tuple(sorted(committed | set(failures)))
-        done = frozenset(committed)
+        done = frozenset(committed - set(withdrawn))
     else:
         ids = tuple(clip_ids)
         found = index.positions(ids) >= 0 if index is not None else np.zeros(len(ids), bool)
-        done = frozenset(cid for cid, ok in zip(ids, found.tolist()) if ok)
+        done = frozenset(cid for cid, ok in zip(ids, found.tolist()) if ok and cid not in withdrawn)
     asked = set(ids)
     failed = {cid: rec for cid, rec in failures.items() if cid in asked and cid not in done}
     return StageStatus(False, ids, done, failed)

@@ -7,10 +7,11 @@ import os
 
 import numpy as np
 
-from soundstage.cache.index import clip_index, part_listing, read_header
+from soundstage.cache.index import clip_index, part_listing, read_header, withdrawn_versions
+from soundstage.cache.integrity import Verdicts, checked, verify_part
 from soundstage.cache.locks import exclusive_lock
 from soundstage.cache.quarantine import CorruptPart, failed_parts, record_verdicts, repair_hint
-from soundstage.cache.store import PART_FORMAT, CacheError, StageDir, dataset_checksum, fields_from_schema, fsync_dir, h5py
+from soundstage.cache.store import CacheError, StageDir, fields_from_schema, fsync_dir, h5py
 
 #: written beside a whole-dataset result when a run reused it for other clips (``--reuse-fit``)
 PINNED = "pinned.json"
@@ -35,7 +36,7 @@ def stage_status(sd: StageDir) -> dict:
             "broken": [f"{sd.meta_path}: unreadable ({e})"],
         }
     parts, broken, extra = sd.part_paths(), [], {}
-    done_ids, fitted = set(), False
+    done_ids, fitted, failures = set(), False, sd.failures()
     if meta.get("kind") == "global":  # one result, no clips
         fitted = os.path.exists(sd.result_path)
         parts = [sd.result_path] if fitted else []
@@ -46,8 +47,8 @@ def stage_status(sd: StageDir) -> dict:
             index = clip_index(sd)
         except CacheError:  # a part does not open: each is looked at below, the broken ones listed
             index = None
-        if index is not None:
-            done_ids = set(np.char.decode(index.ids, "utf-8").tolist())
+        if index is not None:  # a clip whose committed version was withdrawn is failed, not done
+            done_ids = set(np.char.decode(index.ids, "utf-8").tolist()) - set(withdrawn_versions(index, failures))
             extra["no_input_digest"] = int(np.count_nonzero(~index.has_digests | (index.digests == b"")))
         unknown = 0
         for path in parts if index is None else []:
@@ -61,7 +62,7 @@ def stage_status(sd: StageDir) -> dict:
             unknown += len(header.ids) if header.digests is None else sum(d is None for d in header.digests)
         extra.setdefault("no_input_digest", unknown)
     broken += [f"{p}: failed verification ({'; '.join(v[:2])})" for p, v in _failed_parts_or_note(sd, broken).items()]
-    failed = {cid for cid in sd.failures() if cid not in done_ids}
+    failed = {cid for cid in failures if cid not in done_ids}
     return {
         "stage": meta["stage"],
         "fingerprint": meta["fingerprint"],
@@ -101,46 +102,6 @@ def fit_status(sd: StageDir, broken: list) -> dict:
         with open(pinned, encoding="utf-8") as f:
             fit["pinned"] = json.load(f)
     return fit
-
-
-def verify_part(path: str, fields, per_clip: bool = True) -> tuple[list[str], list[str]]:
-    """Problems of one part file (or, ``per_clip=False``, a whole-dataset result) and its clip ids."""
-    name = os.path.basename(path)
-    try:
-        h5 = h5py.File(path, "r")
-    except Exception as e:
-        return [f"{name}: does not open ({e})"], []
-    problems = []
-    with h5:
-        if per_clip and h5.attrs.get("format") != PART_FORMAT:
-            problems.append(f"{name}: format attribute is {h5.attrs.get('format')!r}, not {PART_FORMAT}")
-        try:
-            checksums = json.loads(h5.attrs["checksums"])
-            ids = h5["clip_id"].asstr()[...].tolist() if per_clip else []
-        except Exception as e:
-            return [f"{name}: unreadable index ({e})"], []
-        if len(set(ids)) != len(ids):
-            problems.append(f"{name}: a clip id appears twice within the part")
-        for dataset, expected in checksums.items():
-            try:
-                actual = dataset_checksum(h5[dataset])  # streamed: one block in memory, not the dataset
-            except Exception as e:
-                problems.append(f"{name}: dataset {dataset} unreadable ({e})")
-                continue
-            if actual != expected:
-                problems.append(f"{name}: checksum mismatch in {dataset}")
-        for f in fields:
-            if f.name not in h5:
-                problems.append(f"{name}: field {f.name} missing")
-                continue
-            rows = h5[f.name].shape[0]
-            if f.ragged:
-                off = h5[f"offsets/{f.name}"][...] if f"offsets/{f.name}" in h5 else None
-                if off is None or len(off) != len(ids) + 1 or off[0] != 0 or off[-1] != rows or np.any(np.diff(off) < 0):
-                    problems.append(f"{name}: offsets of {f.name} inconsistent with its {rows} rows and {len(ids)} clips")
-            elif rows != len(ids):
-                problems.append(f"{name}: {f.name} has {rows} rows for {len(ids)} clips")
-    return problems, ids
 
 
 def verify_stage(sd: StageDir) -> tuple[list[str], list[str], int]:
@@ -247,8 +208,9 @@ def _merge(sd: StageDir, meta: dict, index, parts: list[int], writer_id: str, ta
     ``target_bytes``; returns how many parts were written."""
     fields = fields_from_schema(meta["fields"])
     sd.commit_floor_ns = max(sd.commit_floor_ns, index.max_committed_ns + 1)
+    verdicts = Verdicts(sd)
     for p in parts:
-        problems, _ = verify_part(index.parts[p], fields)
+        problems = checked(sd, index.parts[p], fields, verdicts=verdicts)  # never copy damaged bytes into a fresh part
         if problems:
             raise CorruptPart(f"cannot merge parts of {sd.path}: {'; '.join(problems[:3])}; {repair_hint(index.parts[p])}")
     groups, group, size = [], [], 0
@@ -262,7 +224,7 @@ def _merge(sd: StageDir, meta: dict, index, parts: list[int], writer_id: str, ta
         groups.append(group)
     written = 0
     for seq, group in enumerate(groups):
-        rows, digests = [], []
+        rows, digests, versions = [], [], []
         for p in group:
             info = index.infos[p]
             at = index.positions(np.char.decode(info.ids, "utf-8").tolist())
@@ -271,10 +233,12 @@ def _merge(sd: StageDir, meta: dict, index, parts: list[int], writer_id: str, ta
                 if newest[row]:
                     rows.append((cid, values))
                     digests.append(info.digests[row].decode() or None if info.digests is not None else None)
+                    versions.append(info.versions[row].decode())  # the same versions: nothing downstream goes stale
         if rows:
-            sd.write_part(writer_id, seq, fields, rows, meta, digests=digests)
+            sd.write_part(writer_id, seq, fields, rows, meta, digests=digests, versions=versions)
             written += 1
         for p in group:
             os.remove(index.parts[p])
         fsync_dir(sd.parts_dir)
+    record_verdicts(sd, {})  # forgets the verdicts on the parts merged away
     return written

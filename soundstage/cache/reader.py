@@ -24,10 +24,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from soundstage.cache.index import clip_index, open_part, unreadable
-from soundstage.cache.maintenance import verify_part
+from soundstage.cache.index import clip_index, open_part, unreadable, withdrawn_versions
+from soundstage.cache.integrity import Verdicts, checked
 from soundstage.cache.mapping import map_readonly
-from soundstage.cache.quarantine import CorruptPart, load_verdicts, repair_hint, verdict
+from soundstage.cache.quarantine import CorruptPart, repair_hint
 from soundstage.cache.store import UTF8_GROUP, StageDir, fields_from_schema, h5py  # h5py after the locking env var
 
 
@@ -36,6 +36,11 @@ class MissingClip(KeyError):
 
     def __str__(self):
         return str(self.args[0])
+
+
+class StaleClip(MissingClip):
+    """A clip whose committed version is not current: its inputs changed and it was not
+    recomputed (the recomputation failed, or has not run yet). Its old values are not served."""
 
 
 class StageReader(Mapping):
@@ -58,6 +63,7 @@ class StageReader(Mapping):
         self.refresh()
 
     def _reset_handles(self) -> None:
+        self._files: dict = {}  # part -> the whole file, mapped
         self._maps: dict = {}  # part -> {field: ndarray view of its mapping}
         self._h5: OrderedDict = OrderedDict()  # part -> open h5py.File (LRU)
         self._strings: OrderedDict = OrderedDict()  # (part, field) -> decoded column (LRU)
@@ -79,14 +85,17 @@ class StageReader(Mapping):
         self._lookup: dict | None = None  # clip id -> position, built once many lookups were made
         self._lookups = 0
         self.superseded = index.superseded  # older versions of clips
-        self._verdicts = load_verdicts(self.dir)
-        self._checked: dict[int, list[str]] = {}  # part -> problems, once checked in this process
-        self._suspect = any(verdict(self._verdicts, p) for p in self.parts)
+        self.withdrawn = withdrawn_versions(index, self.dir.failures())  # clip id -> why its version is not current
+        self._checked: dict[int, list[str]] = {}  # part -> problems, once checked (or looked up) here
+        self._stamps = [(i.size, i.mtime_ns) for i in index.infos]  # what the verdicts are keyed by
+        self._verdicts = Verdicts(self.dir)
         self.close()  # part numbers changed: handles opened under the old ones are dropped
 
     def _position(self, clip_id) -> int | None:
         """Position of the clip in the index: a binary search for the first lookups (an array task
         asks about its share only), a dict once many are made (a training run reads every clip)."""
+        if self.withdrawn and clip_id in self.withdrawn:
+            return None
         if self._lookup is None:
             self._lookups += 1
             if self._lookups <= 4096:
@@ -103,7 +112,7 @@ class StageReader(Mapping):
         output) without this process ever touching a file that is gone (on NFS: ESTALE)."""
         ix = self._index
         ix.ids, ix.part, ix.row = np.array(ix.ids), np.array(ix.part), np.array(ix.row)
-        ix.digests, ix.has_digests = np.array(ix.digests), np.array(ix.has_digests)
+        ix.digests, ix.has_digests, ix.version_ids = np.array(ix.digests), np.array(ix.has_digests), np.array(ix.version_ids)
         self._offsets = [{name: np.array(arr) for name, arr in offsets.items()} for offsets in self._offsets]
         ix.infos = []  # their ids and digests are views of the map; reads do not use them
 
@@ -115,10 +124,35 @@ class StageReader(Mapping):
 
     def digest(self, clip_id: str) -> str | None:
         """Digest of the inputs the clip was computed from (None: recorded before digests were)."""
+        return self._version(clip_id).digest
+
+    def version(self, clip_id: str) -> str:
+        """What identifies this computation of the clip: a new id each time it is computed
+        (clips committed before versions were recorded: their input digest). Downstream clips
+        and whole-dataset fits are keyed by it."""
+        return self._version(clip_id).key
+
+    def _version(self, clip_id: str):
         k = self._position(clip_id)
         if k is None:
-            raise KeyError(clip_id)
-        return self._index.version(k).digest
+            raise self._missing(clip_id)
+        return self._index.version(k)
+
+    def why_missing(self, clip_id) -> str:
+        """Why ``clip_id`` is not served (not computed or failed, or only an outdated version is held)."""
+        return str(self._missing(clip_id))
+
+    def _missing(self, clip_id) -> MissingClip:
+        """Why ``clip_id`` is not served, as the error to raise."""
+        meta = self.meta
+        if self.withdrawn and clip_id in self.withdrawn:
+            return StaleClip(
+                f"{meta['stage']} output {meta['fingerprint']} holds clip {clip_id} only as computed from older "
+                f"inputs, which is not served: {self.withdrawn[clip_id]}"
+            )
+        return MissingClip(
+            f"no {meta['stage']} output for clip {clip_id} in {meta['fingerprint']} (not computed yet, or it failed there)"
+        )
 
     def lengths(self, field: str, clip_ids) -> np.ndarray:
         """Rows of the ragged ``field`` per clip of ``clip_ids``, from the index (nothing is read):
@@ -127,30 +161,37 @@ class StageReader(Mapping):
         for k, cid in enumerate(clip_ids):
             at = self._position(cid)
             if at is None:
-                raise MissingClip(f"no {self.meta['stage']} output for clip {cid} in {self.meta['fingerprint']}")
+                raise self._missing(cid)
             p, row = int(self._index.part[at]), int(self._index.row[at])
             offsets = self._offsets[p][field]
             out[k] = offsets[row + 1] - offsets[row]
         return out
 
     def _check(self, p: int) -> None:
-        """Refuse a part verify found bad; while the output has one, checksum unverified parts first."""
-        if p not in self._checked:
+        """Refuse a damaged part: checked the first time any process reads it, the verdict
+        remembered (``soundstage.cache.integrity``); here, one lookup per part."""
+        problems = self._checked.get(p)
+        if problems is None:
+            problems = self._checked[p] = checked(
+                self.dir,
+                self.parts[p],
+                fields_from_schema(self.meta["fields"]),
+                verdicts=self._verdicts,
+                at=self._stamps[p],
+                mapped=lambda: self._whole(p),
+            )
+        if problems:
             path = self.parts[p]
-            problems = verdict(self._verdicts, path)
-            if problems is None and self._suspect:
-                problems, _ = verify_part(path, fields_from_schema(self.meta["fields"]))
-            self._checked[p] = problems or []
-        if self._checked[p]:
-            raise CorruptPart(f"{self.parts[p]}: {'; '.join(self._checked[p][:3])}; {repair_hint(self.parts[p])}")
+            clips = sorted(np.char.decode(self._index.ids[self._index.part == p], "utf-8").tolist())
+            listed = ", ".join(clips[:5]) + (f" and {len(clips) - 5} more" if len(clips) > 5 else "")
+            raise CorruptPart(
+                f"{path}: {'; '.join(problems[:3])}; its clips ({listed}) are not served; {repair_hint(path)}", path, clips
+            )
 
     def __getitem__(self, clip_id: str) -> dict:
         k = self._position(clip_id)
         if k is None:
-            meta = self.meta
-            raise MissingClip(
-                f"no {meta['stage']} output for clip {clip_id} in {meta['fingerprint']} (not computed yet, or it failed there)"
-            )
+            raise self._missing(clip_id)
         try:
             return self._read(int(self._index.part[k]), int(self._index.row[k]))
         except FileNotFoundError:  # the part was replaced (compaction): find the clip again
@@ -190,7 +231,13 @@ class StageReader(Mapping):
         if mtime == self._parts_dir_mtime:
             return False
         self._parts_dir_mtime = mtime
-        return any(not os.path.exists(self.parts[p]) for p in self._maps)
+        return any(not os.path.exists(self.parts[p]) for p in {*self._maps, *self._files})
+
+    def _whole(self, p: int) -> np.ndarray:
+        whole = self._files.get(p)
+        if whole is None:
+            whole = self._files[p] = map_readonly(self.parts[p])
+        return whole
 
     def _views(self, p: int) -> dict:
         views = self._maps.get(p)
@@ -198,7 +245,7 @@ class StageReader(Mapping):
             views = {}
             layout = {name: where for name, where in self._layout[p].items() if where is not None}
             if layout:
-                whole = map_readonly(self.parts[p])
+                whole = self._whole(p)
                 for name, (offset, dtype, shape) in layout.items():
                     views[name] = np.ndarray(tuple(shape), dtype=np.dtype(dtype), buffer=whole, offset=offset)
             self._maps[p] = views
@@ -240,10 +287,11 @@ class StageReader(Mapping):
         return column
 
     def __iter__(self):
-        return (cid.decode() for cid in self._index.ids)
+        ids = (cid.decode() for cid in self._index.ids)
+        return (cid for cid in ids if cid not in self.withdrawn) if self.withdrawn else ids
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._index) - len(self.withdrawn)
 
     def __contains__(self, clip_id) -> bool:
         return self._position(clip_id) is not None
@@ -253,12 +301,13 @@ class StageReader(Mapping):
             h5.close()
         self._h5.clear()
         self._maps.clear()
+        self._files.clear()
         self._strings.clear()
         self._strings_held = 0
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_maps={}, _h5=OrderedDict(), _strings=OrderedDict(), _strings_held=0, _lookup=None)
+        state.update(_files={}, _maps={}, _h5=OrderedDict(), _strings=OrderedDict(), _strings_held=0, _lookup=None)
         return state
 
     def __del__(self):
@@ -298,9 +347,13 @@ def _mtime_ns(path: str) -> int:
 
 def read_result(stage_dir: str) -> dict:
     """The arrays of a whole-dataset stage (``result.h5``), plus its attributes under ``attrs``."""
-    path = StageDir(stage_dir).result_path
+    sd = StageDir(stage_dir)
+    path = sd.result_path
     if not os.path.exists(path):
         raise FileNotFoundError(f"{stage_dir} has no result.h5 (the stage has not finished)")
+    problems = checked(sd, path, [], per_clip=False)
+    if problems:
+        raise CorruptPart(f"{path}: {'; '.join(problems[:3])}; it is not served; {repair_hint(path)}", path)
     with h5py.File(path, "r") as h5:
         out = {name: h5[name][...] for name in h5.keys()}
         out["attrs"] = {k: (json.loads(v) if k == "checksums" else v) for k, v in h5.attrs.items()}

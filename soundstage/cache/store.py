@@ -19,8 +19,11 @@ Part file schema (plain h5py / h5ls can read it):
     /input_digest       vlen UTF-8 [n]                   digest of the inputs each clip was computed from
     /utf8/<field>       uint8 [bytes]                    a string field's strings, UTF-8, concatenated
     /utf8/offsets/<field> int64 [strings + 1]            string k is bytes offsets[k]:offsets[k+1]
+    /version            vlen UTF-8 [n]                   a new id each time a clip is computed (what downstream keys on)
     attrs: format, stage, fingerprint, fields (JSON schema), checksums (JSON: dataset -> sha256),
            created, committed_ns (commit time: the newest version of a clip wins), soundstage_version
+    user block          the first 512 bytes (HDF5 skips them): the xxh3-128 of the rest of the file,
+                        checked the first time anything reads the part (``soundstage.cache.integrity``)
 
 A part is committed when it has its final name: it is written under a temporary name, flushed,
 closed, fsynced and renamed, and the directory is fsynced. HDF5 has no journal, so this is what
@@ -47,6 +50,7 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
 from soundstage import __version__  # noqa: E402
+from soundstage.cache.checksum import USERBLOCK_BYTES, stamp_file_checksum  # noqa: E402
 from soundstage.cache.schema import Field, field_schema, fields_from_schema  # noqa: E402,F401
 
 PART_FORMAT = "soundstage-part/1"
@@ -199,7 +203,7 @@ def utf8_columns(name: str, strings: list[str]) -> dict:
 def write_part_file(path: str, columns: dict, attrs: dict) -> None:
     """Write ``columns`` into a new HDF5 file at ``path`` (not atomic by itself)."""
     checksums = {}
-    with h5py.File(path, "w", libver="latest") as h5:
+    with h5py.File(path, "w", libver="latest", userblock_size=USERBLOCK_BYTES) as h5:
         for name, data in columns.items():
             _create(h5, name, data)
             checksums[name] = array_checksum(np.asarray(data) if isinstance(data, np.ndarray) else data)
@@ -207,6 +211,7 @@ def write_part_file(path: str, columns: dict, attrs: dict) -> None:
             h5.attrs[key] = value
         h5.attrs["checksums"] = json.dumps(checksums, sort_keys=True)
         h5.flush()
+    stamp_file_checksum(path)
 
 
 def commit_file(tmp_path: str, final_path: str) -> None:
@@ -394,11 +399,15 @@ class StageDir:
         rows: list[tuple[str, dict]],
         meta: dict,
         digests: list[str] | None = None,
+        versions: list[str] | None = None,
     ) -> str:
-        """Commit ``rows`` as one part; ``digests``: per clip, the digest of its inputs ("" unknown)."""
+        """Commit ``rows`` as one part; ``digests``: per clip, the digest of its inputs ("" unknown);
+        ``versions``: per clip, its version id (compaction keeps them; default: a new one, the
+        clips were just computed)."""
         columns = pack_columns(fields, rows)
         if digests is not None:
             columns["input_digest"] = [d or "" for d in digests]
+        columns["version"] = [v or "" for v in versions] if versions is not None else [uuid.uuid4().hex[:16]] * len(rows)
         final = os.path.join(self.parts_dir, f"{writer_id}-{seq:05d}.h5")
         tmp = os.path.join(self.parts_dir, f".tmp-{writer_id}-{seq:05d}.h5")
         attrs = {
@@ -424,11 +433,25 @@ class StageDir:
         return removed
 
     # -- failures
-    def record_failure(self, writer_id: str, clip_id: str, cause: str, detail: str = "") -> None:
-        line = json.dumps({"clip_id": clip_id, "cause": cause, "detail": detail, "time": time.time()})
+    def record_failure(self, writer_id: str, clip_id: str, cause: str, detail: str = "", withdraws: str | None = None) -> None:
+        """Record that ``clip_id`` failed; ``withdraws``: the key of its committed version that
+        this makes not current (its inputs changed since; ``soundstage.cache.index.withdrawn_versions``)."""
+        self.record_failures(writer_id, [(clip_id, cause, detail, withdraws)])
+
+    def record_failures(self, writer_id: str, failures: list[tuple]) -> None:
+        """Several (clip_id, cause, detail, withdraws) records with one fsync."""
+        if not failures:
+            return
+        now = time.time()
+        lines = []
+        for clip_id, cause, detail, withdraws in failures:
+            record = {"clip_id": clip_id, "cause": cause, "detail": detail, "time": now}
+            if withdraws:
+                record["withdraws"] = withdraws
+            lines.append(json.dumps(record) + "\n")
         path = os.path.join(self.failures_dir, f"{writer_id}.jsonl")
         with open(path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+            f.write("".join(lines))
             f.flush()
             os.fsync(f.fileno())
 
@@ -436,7 +459,8 @@ class StageDir:
         """Fold the failure records of a shard's earlier writers (``writer_prefix``; we hold its
         lock) into one file: the latest record per clip, none for clips committed since. So
         records do not grow with reruns. ``keep``: this writer's own file, left alone;
-        ``committed``: the shard's committed clip ids (a set or mapping). The merged
+        ``committed``: clip id -> committed version (``ClipVersion``) of the shard's clips; a
+        record that withdraws the committed version is kept (the clip is still not current). The merged
         file replaces the old one atomically before the others are removed (a crash leaves a
         record twice at worst; the latest wins). Returns the records kept (0: nothing to fold)."""
         names = [
@@ -448,7 +472,11 @@ class StageDir:
         if not names or names == [merged_name]:
             return 0
         latest = _latest_records(os.path.join(self.failures_dir, n) for n in sorted(names))
-        lines = [json.dumps(rec) for cid, rec in latest.items() if cid not in committed]
+        lines = [
+            json.dumps(rec)
+            for cid, rec in latest.items()
+            if cid not in committed or (rec.get("withdraws") and rec["withdraws"] == committed[cid].key)
+        ]
         atomic_write_text(os.path.join(self.failures_dir, merged_name), "".join(line + "\n" for line in lines))
         for n in names:
             if n != merged_name:
@@ -457,7 +485,8 @@ class StageDir:
         return len(lines)
 
     def failures(self) -> dict[str, dict]:
-        """Latest failure record per clip id (clips committed since then are not failures)."""
+        """Latest failure record per clip id. A clip committed since is not failed, unless the record
+        withdraws its committed version (``soundstage.cache.index.withdrawn_versions``)."""
         if not os.path.isdir(self.failures_dir):
             return {}
         names = sorted(n for n in os.listdir(self.failures_dir) if n.endswith(".jsonl"))

@@ -1,10 +1,15 @@
 """Which committed clips still hold: input digests against what is stored.
 
 A clip is reused only when the digest of its inputs now (``soundstage.cache.digest``: the
-manifest cells the stage reads, the size and mtime of the files they name, the upstream clips'
-digests) equals the digest stored with it. Clips stored before digests were recorded have none:
+manifest cells the stage reads, the size and mtime of the files they name, the versions of the
+upstream clips it read) equals the digest stored with it, and its version was not withdrawn (a
+failure record says its inputs changed and it was not recomputed). An upstream clip's version is
+a new id each time it is computed (``soundstage.cache.index``), so a recomputed upstream clip
+makes the clips and fits computed from it stale even when its own inputs did not change (e.g.
+after ``verify --repair`` and a rerun). Clips stored before digests were recorded have none:
 they are trusted as they are (recomputing a whole cache on upgrade would cost more than it
-protects against; ``--force`` recomputes them) and the summary counts them.
+protects against; ``--force`` recomputes them) and the summary counts them; upstream clips stored
+before versions were recorded stand for themselves by their input digest.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from soundstage.cache.store import StageDir, h5py
 class Selection:
     todo: list = field(default_factory=list)  # rows to compute
     cached: int = 0  # committed with the same inputs (or trusted: no digest)
-    stale: int = 0  # committed, but their inputs changed since
+    stale: int = 0  # committed, but their inputs changed since (or their version was withdrawn)
+    withdraw: dict = field(default_factory=dict)  # clip id -> key of its committed version that is not current
     undigested: int = 0  # trusted although committed before digests were recorded
 
 
@@ -74,9 +80,9 @@ def stored_fit(path: str) -> tuple[str | None, int]:
 def _upstream_digest(reader, clip_id: str) -> str:
     if isinstance(reader, dict):  # a whole-dataset result: its content
         return result_checksum(reader["attrs"])
-    if clip_id not in reader:
+    if clip_id not in reader:  # not computed, failed, or withdrawn (not current)
         return "missing"
-    return reader.digest(clip_id) or ""
+    return reader.version(clip_id)
 
 
 def upstream_digests(readers: dict, clip_id: str) -> dict:
@@ -92,21 +98,24 @@ def select_work(rows: list[dict], index: dict[str, ClipVersion], digests: dict[s
     sel = Selection()
     for row in rows:
         have = index.get(row["clip_id"])
-        if have is None or force:
+        if have is None:
+            sel.todo.append(row)
+        elif have.withdrawn or (have.digest is not None and have.digest != digests[row["clip_id"]]):
+            sel.todo.append(row)
+            sel.stale += 1
+            sel.withdraw[row["clip_id"]] = have.key
+        elif force:
             sel.todo.append(row)
         elif have.digest is None:
             sel.cached += 1
             sel.undigested += 1
-        elif have.digest != digests[row["clip_id"]]:
-            sel.todo.append(row)
-            sel.stale += 1
         else:
             sel.cached += 1
     return sel
 
 
 def current_fit_key(rows: list[dict], readers: dict) -> str:
-    """The key of a whole-dataset fit over ``rows``: their ids and upstream digests."""
+    """The key of a whole-dataset fit over ``rows``: their ids and the versions of their upstream clips."""
     return fit_key({r["clip_id"]: upstream_digests(readers, r["clip_id"]) for r in rows})
 
 

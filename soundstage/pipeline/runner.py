@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from soundstage.cache.index import committed_index, output_status
 from soundstage.cache.locks import writer_lock
 from soundstage.cache.maintenance import PINNED, merge_shard_parts
+from soundstage.cache.quarantine import CorruptPart
 from soundstage.cache.reader import MissingClip
 from soundstage.cache.store import CacheError, PartWriter, StageDir, atomic_write_text
 from soundstage.pipeline.attempts import Attempts
@@ -132,6 +133,7 @@ class Plan:
     meta: dict
     manifest_path: str
     clip_digests: dict = field(default_factory=dict)  # clip id -> digest of its inputs, stored on commit
+    withdraw: dict = field(default_factory=dict)  # stale clip id -> key of its committed version, not current
 
     @property
     def manifest_dir(self) -> str:
@@ -215,6 +217,8 @@ def _load_guarded(load, ctx, row):
         return True, load(row, ctx), "", False
     except ClipError as e:
         return False, str(e), "", False
+    except CorruptPart:  # damaged upstream data is not this clip's failure: the run stops and names the part
+        raise
     except Exception as e:  # an unexpected error is still this clip's failure
         return False, f"{type(e).__name__}: {e}", traceback.format_exc(limit=5), not _is_input_error(e)
 
@@ -369,13 +373,20 @@ def run_stage(
         committed = committed_index(plan.dir, plan.clip_digests)
         plan.dir.merge_failure_records(writer_prefix, f"{writer_id}.jsonl", committed)  # records do not grow with reruns
         selection = select_work(mine, committed, plan.clip_digests, opts.force)
+        plan.withdraw = selection.withdraw
+        # a stale clip's old version stops being current now, before it is recomputed: a reader never
+        # gets it, whether the recomputation fails or this run is killed first
+        plan.dir.record_failures(
+            writer_id,
+            [(cid, STALE_CAUSE, "", key) for cid, key in selection.withdraw.items() if not committed[cid].withdrawn],
+        )
         todo = selection.todo
         summary.cached, summary.stale, summary.undigested = selection.cached, selection.stale, selection.undigested
         todo = _skip_clips_that_killed_a_run(plan, writer_prefix, writer_id, todo, summary, opts.force)
         for cid, cause in bad_rows:  # unusable manifest rows: each reported by the shard of its id
             if not in_shard(cid, shard):
                 continue
-            plan.dir.record_failure(writer_id, cid, cause)
+            plan.dir.record_failure(writer_id, cid, cause, withdraws=_committed_key(committed, cid))
             summary.failed.append((cid, cause))
         if todo:
             _process_clips(plan, todo, summary, writer_id, stop, opts, readers, model)
@@ -388,6 +399,16 @@ def run_stage(
         summary.interrupted = summary.interrupted or stop.flag
     summary.seconds = time.monotonic() - start
     return summary
+
+
+#: the failure record of a stale clip until it is recomputed
+STALE_CAUSE = "stale: its inputs changed since it was computed, and it has not been recomputed yet"
+
+
+def _committed_key(committed: dict, clip_id: str) -> str | None:
+    """The key of the committed version of a clip whose manifest row is now unusable (not current)."""
+    have = committed.get(clip_id)
+    return have.key if have is not None and have.key else None
 
 
 def settled(plan: Plan, rows: list[dict], readers: dict):
@@ -421,7 +442,7 @@ def _skip_clips_that_killed_a_run(plan, writer_prefix, writer_id, todo, summary,
         return todo
     for row in todo:
         if row["clip_id"] in died:
-            plan.dir.record_failure(writer_id, row["clip_id"], died[row["clip_id"]])
+            plan.dir.record_failure(writer_id, row["clip_id"], died[row["clip_id"]], withdraws=plan.withdraw.get(row["clip_id"]))
             summary.failed.append((row["clip_id"], died[row["clip_id"]]))
     return [row for row in todo if row["clip_id"] not in died]
 
@@ -442,7 +463,7 @@ def _process_clips(plan, todo, summary, writer_id, stop, opts: RunOptions, reade
     streak = []  # causes of the clips failing in a row with errors not about their input
 
     def fail(cid, cause, detail="", systemic=False):
-        plan.dir.record_failure(writer_id, cid, cause, detail)
+        plan.dir.record_failure(writer_id, cid, cause, detail, withdraws=plan.withdraw.get(cid))
         summary.failed.append((cid, cause))
         bar.update(1)
         bar.set_postfix(failed=len(summary.failed), refresh=False)
@@ -462,6 +483,8 @@ def _process_clips(plan, todo, summary, writer_id, stop, opts: RunOptions, reade
             if len(results) != len(batch):
                 raise ValueError(f"stage returned {len(results)} results for {len(batch)} clips")
             values = [buffer.validate(r) for r in results]
+        except CorruptPart:
+            raise
         except Exception as e:
             if len(batch) > 1:  # find the clip that breaks the batch; the others go on
                 for one in batch:
