@@ -275,9 +275,49 @@ def format_table(results: dict[str, dict]) -> str:
     show_default=True,
     help="--run: the audio cue as trained (real), or replaced: muted | zeroed | swapped | noise:SNR_DB.",
 )
-@click.option("--device", default="auto", show_default=True, help="--run: cpu, cuda, ... (auto: cuda when available).")
-def evaluate(pred_dir, manifest_path, protocol_name, split, subsets, png, scores, eval_size, as_json, run_dir, audio, device):
-    """Score predicted masks (--pred) or a trained run (--run) against the manifest's ground truth."""
+@click.option("--device", default="auto", show_default=True, help="--run/--recipe: cpu, cuda, ... (auto: cuda when available).")
+@click.option(
+    "--recipe",
+    help="Instead of --pred: score --checkpoint as this recipe's model (bias-in-avs, ...) through the caches: "
+    "every protocol side by side (the paper's first), with the real audio and each probe.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True),
+    help="--recipe: the weights: a checkpoint the seed code saved (its key layout), a run's checkpoint or model/.",
+)
+@click.option("--cache", type=click.Path(file_okay=False), help="--recipe: the cache with the cues (default: --config's).")
+@click.option(
+    "--config", "pipeline_file", type=click.Path(exists=True, dir_okay=False), help="--recipe: a pipeline file (manifest, cache)."
+)
+@click.option("--model", help="--recipe: the Mask2Former base the checkpoint was trained from (default: the tiny stand-in).")
+@click.option("--probes", help="--recipe: audio probes, comma-separated (default muted,zeroed,swapped,noise:10; '' for none).")
+def evaluate(
+    pred_dir,
+    manifest_path,
+    protocol_name,
+    split,
+    subsets,
+    png,
+    scores,
+    eval_size,
+    as_json,
+    run_dir,
+    audio,
+    device,
+    recipe,
+    checkpoint,
+    cache,
+    pipeline_file,
+    model,
+    probes,
+):
+    """Score predicted masks (--pred), a trained run (--run) or a recipe's checkpoint (--recipe
+    --checkpoint) against the manifest's ground truth."""
+    if recipe is not None:
+        return _evaluate_checkpoint(
+            recipe, checkpoint, manifest_path, cache, pipeline_file, split, model, probes, device, as_json
+        )
     if run_dir is not None:
         return _evaluate_run(run_dir, split or None, audio, None if protocol_name == "all" else protocol_name, device, as_json)
     if eval_size not in ("paper", "native") and not eval_size.isdigit():
@@ -296,6 +336,26 @@ def report(results: dict[str, dict], as_json: bool) -> None:
         click.echo(json.dumps(results, indent=2))
     else:
         click.echo(format_table(results))
+
+
+def _evaluate_checkpoint(recipe, checkpoint, manifest, cache, pipeline_file, split, model, probes, device, as_json):
+    from soundstage.cache.reader import MissingClip
+    from soundstage.pipeline.pipeline_file import PipelineError
+    from soundstage.train.config import ConfigError
+    from soundstage.train.cues import CueError
+    from soundstage.train.run_eval import checkpoint_table, evaluate_checkpoint
+
+    if checkpoint is None:
+        raise click.ClickException("--recipe needs --checkpoint FILE (the weights to score)")
+    if probes is not None:
+        probes = [p.strip() for p in probes.split(",") if p.strip()]
+    try:
+        result = evaluate_checkpoint(
+            recipe, checkpoint, manifest, cache, pipeline_file, split, model, probes, device, log=lambda *_: None
+        )
+    except (ConfigError, CueError, MissingClip, PipelineError, FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(result, indent=2) if as_json else checkpoint_table(result))
 
 
 def _evaluate_run(run_dir, split, audio, protocol_name, device, as_json):

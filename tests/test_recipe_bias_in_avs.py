@@ -3,13 +3,28 @@ tests/recipe_fixtures.py), the active-query weights and the focal loss against t
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import numpy as np
 import pytest
 import torch
+from fixtures_synth import synth_dir  # noqa: F401 (a fixture)
 from recipe_fixtures import load_fixture, seeded, seeded_state_dict
 
+import soundstage.train.assemble as assemble
+from soundstage.manifests.table import read_manifest
+from soundstage.metrics import Accumulator
 from soundstage.models.seeds.bias_in_avs import active_weights, focal_loss, key_map
+from soundstage.models.tiny import build_vggish
+from soundstage.pipeline.registry import get_stage
+from soundstage.pipeline.runner import run_stage
+from soundstage.train.config import resolve_config
+from soundstage.train.cues import active_cue
+from soundstage.train.evaluation import protocols_for
 from soundstage.train.recipes import load_reference
+from soundstage.train.recipes.bias_in_avs import frame_noise, mask2former_arguments
+from soundstage.train.run_eval import evaluate_checkpoint
 
 TOLERANCE = 1e-4
 
@@ -70,3 +85,59 @@ def test_focal_loss_is_their_formula():
     p = torch.sigmoid(logits)
     expected = (0.25 * (1 - p) ** 2 * -torch.log(p)).mean()
     assert float(focal_loss(logits, target)) == pytest.approx(float(expected), rel=1e-6)
+
+
+class _ActiveLists(dict):
+    """An active-queries output in memory: clip id -> {query_ids, frame_lengths}."""
+
+    meta = {"stage": "active-queries", "fingerprint": "test"}
+
+
+def test_evaluate_scores_a_checkpoint_in_their_key_layout(synth_dir, tmp_path, monkeypatch):  # noqa: F811
+    """Their layout (the fixture's state dict fits the recipe's tiny stand-in), scored through the
+    caches with every binary protocol; the paper's protocol equals the model run by hand."""
+    fixture = load_fixture("bias_in_avs")
+    checkpoint = str(tmp_path / "their.pth")
+    torch.save(seeded_state_dict(fixture), checkpoint)
+    manifest = os.path.join(synth_dir, "manifest.csv")
+    vggish = build_vggish(str(tmp_path / "vggish.pth"))
+    cache = str(tmp_path / "cache")
+    assert run_stage(get_stage("vggish"), manifest, cache, {"checkpoint": vggish}, progress=False, log=lambda *_: None).ok
+    rows = read_manifest(manifest)
+    lists = {
+        cid: [[t % 9], [3, 40, 3], *[[t, 60]] * (int(n) - 2)]
+        for t, (cid, n) in enumerate(zip(rows["clip_id"], rows["num_frames"]))
+    }
+    active = _ActiveLists(
+        {
+            cid: {
+                "query_ids": np.array([q for ids in frames for q in ids], np.int32),
+                "frame_lengths": np.array([len(ids) for ids in frames], np.int32),
+            }
+            for cid, frames in lists.items()
+        }
+    )
+    real_open_cues = assemble.open_cues
+
+    def open_cues(cfg, recorded=None, log=print):
+        cues = real_open_cues(dataclasses.replace(cfg, active=None), recorded, log)
+        return {**cues, "active": (active_cue("active-queries"), active)}
+
+    monkeypatch.setattr(assemble, "open_cues", open_cues)
+    result = evaluate_checkpoint("bias-in-avs", checkpoint, manifest, cache, split="val", probes=[], log=lambda *_: None)
+    assert result["protocols"][0] == "bias-in-avs" and set(result["protocols"]) == set(protocols_for("binary"))
+    assert set(result["eval"]) == {"real"}
+
+    model = load_reference("bias-in-avs", seeded_state_dict(fixture), mask2former_arguments(22))
+    cfg = resolve_config(None, {"recipe": "bias-in-avs", "manifest": manifest, "cache": cache, "out": str(tmp_path)})
+    data = assemble.dataset(cfg, open_cues(cfg), "val", num_queries=100, active_encoding=active_weights)
+    accumulator = Accumulator("bias-in-avs", pred_kind="logits")
+    for item in data:
+        noise = torch.stack([frame_noise(f"{item['clip_id']}/{int(f)}", 0, 256) for f in item["frames"]])
+        with torch.no_grad():
+            out = model(item["pixel_values"], item["audio"], item["active"], noise=noise, t=99, image_size=item["image_hw"])
+        accumulator.update(out["pred"], item["labels"], videos=[item["clip_id"]] * len(item["labels"]))
+    expected = accumulator.compute()
+    got = result["eval"]["real"]["bias-in-avs"]
+    assert got["miou"] == pytest.approx(float(expected["miou"]), abs=1e-6)
+    assert got["fscore"] == pytest.approx(float(expected["fscore"]), abs=1e-6)

@@ -54,12 +54,18 @@ def two_channel_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.stack([-logits, torch.zeros_like(logits)], dim=1)
 
 
+def protocols_for(task: str) -> list[str]:
+    """Every named protocol that scores a model of ``task`` (binary: the binary ones)."""
+    kind = "semantic" if task == "semantic" else "binary"
+    return [name for name, proto in PROTOCOLS.items() if proto.kind == kind]
+
+
 @torch.no_grad()
 def evaluate(
     model,
     dataset,
     task: str,
-    protocol: str | None = None,
+    protocol: str | list | None = None,
     device="cpu",
     autocast=None,
     batch_size: int = 4,
@@ -67,25 +73,25 @@ def evaluate(
     dist: Distributed | None = None,
     predict=predict,
 ) -> dict:
-    """The protocol's result dict (``miou``, ``fscore``, ...) plus ``clips`` and ``frames``.
+    """The protocol's result dict (``miou``, ``fscore``, ...) plus ``clips`` and ``frames``; with a
+    list of protocols, ``{protocol: result}`` from one pass over the data.
 
     ``dist``: with several ranks each scores whole protocol batches of clips (group ``g`` on
     rank ``g mod W``) and the Accumulator totals are summed over ranks, so every rank returns
-    what one process scoring the whole split returns. ``predict``: the recipe's
-    (``soundstage.train.recipes``), ``(model, batch, device, size, task, two_channel) -> logits``."""
+    what one process scoring the whole split returns (one protocol at a time). ``predict``: the
+    recipe's (``soundstage.train.recipes``), ``(model, batch, device, size, task, two_channel) -> logits``;
+    a binary model's two-channel logits give the other protocols their foreground logit (channel 1
+    minus channel 0)."""
     dist = dist or Distributed()
-    protocol = protocol or DEFAULT_PROTOCOL[task]
-    proto = PROTOCOLS[protocol]
-    two_channel = bool(proto.defaults.get("two_channel"))
-    if proto.kind == "semantic" and task != "semantic":
-        raise ValueError(f"protocol {protocol} scores class predictions; this model is binary")
-    options = {"pred_kind": "logits"}
-    if proto.kind == "semantic":
-        options["num_classes"] = getattr(model, "num_classes", None) or model.config.num_labels
-    accumulator = Accumulator(protocol, **options)
+    names = [protocol or DEFAULT_PROTOCOL[task]] if not isinstance(protocol, list) else protocol
+    if len(names) > 1 and dist.active:
+        raise ValueError("several protocols are scored in one process only")
+    accumulators = {name: _accumulator(name, task, model) for name in names}
+    two_channel = {name: bool(PROTOCOLS[name].defaults.get("two_channel")) for name in names}
     share = dataset
     if dist.active:
-        share = torch.utils.data.Subset(dataset, rank_indices(len(dataset), accumulator.options.get("batch_size") or 1, dist))
+        groups = accumulators[names[0]].options.get("batch_size") or 1
+        share = torch.utils.data.Subset(dataset, rank_indices(len(dataset), groups, dist))
     loader = torch.utils.data.DataLoader(
         share,
         batch_size=batch_size,
@@ -101,19 +107,33 @@ def evaluate(
         for batch in loader:
             labels = batch["labels"]
             with autocast() if autocast else _null():
-                pred = predict(model, batch, device, tuple(labels.shape[-2:]), task, two_channel)
+                pred = predict(model, batch, device, tuple(labels.shape[-2:]), task, any(two_channel.values()))
             pred = pred.float().cpu()
             videos = frame_clip_ids(batch)
-            accumulator.update(pred, labels, videos=videos)
+            for name, accumulator in accumulators.items():
+                mine = pred[:, 1] - pred[:, 0] if any(two_channel.values()) and not two_channel[name] else pred
+                accumulator.update(mine, labels, videos=videos)
             frames += len(labels)
     finally:
         model.train(was_training)
-    if dist.active:
-        reduce_accumulator(accumulator, dist, str(device))
-        frames = int(dist.sum(frames, str(device)))
-    result = accumulator.compute()
-    result.update(clips=len(dataset), frames=frames)
-    return _plain(result)
+    results = {}
+    for name, accumulator in accumulators.items():
+        if dist.active:
+            reduce_accumulator(accumulator, dist, str(device))
+        result = accumulator.compute()
+        result.update(clips=len(dataset), frames=int(dist.sum(frames, str(device))) if dist.active else frames)
+        results[name] = _plain(result)
+    return results if isinstance(protocol, list) else results[names[0]]
+
+
+def _accumulator(protocol: str, task: str, model) -> Accumulator:
+    proto = PROTOCOLS[protocol]
+    if proto.kind == "semantic" and task != "semantic":
+        raise ValueError(f"protocol {protocol} scores class predictions; this model is binary")
+    options = {"pred_kind": "logits"}
+    if proto.kind == "semantic":
+        options["num_classes"] = getattr(model, "num_classes", None) or model.config.num_labels
+    return Accumulator(protocol, **options)
 
 
 class _null:

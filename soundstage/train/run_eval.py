@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 
 import torch
 
 import soundstage.train.assemble as assemble
 from soundstage.device import resolve_device
-from soundstage.train.config import ConfigError, TrainConfig
-from soundstage.train.evaluation import DEFAULT_PROTOCOL, evaluate
+from soundstage.train.checkpoint import WeightsError, read_state_dict
+from soundstage.train.config import ConfigError, TrainConfig, resolve_config
+from soundstage.train.evaluation import DEFAULT_PROTOCOL, evaluate, protocols_for
 from soundstage.train.recipes import get_recipe
 from soundstage.train.run_dir import RunDir, read_json
 
@@ -73,3 +75,82 @@ def evaluate_saved_run(
         "weights": source,
         "result": result,
     }
+
+
+def evaluate_checkpoint(
+    recipe_name: str,
+    checkpoint: str,
+    manifest: str | None = None,
+    cache: str | None = None,
+    pipeline_file: str | None = None,
+    split: str = "test",
+    model: str | None = None,
+    probes: list | None = None,
+    device: str = "auto",
+    log=print,
+) -> dict:
+    """A checkpoint of a recipe's model — saved by the seed code (its key layout) or by us — scored
+    through the caches on ``split``: every protocol for its task (the paper's first) with the real
+    audio cue and each probe. Returns ``{"protocols": [...], "paper_protocol", "eval": {variant:
+    {protocol: result}}, "weights", "split", "recipe"}``."""
+    options = {"recipe": recipe_name, "manifest": manifest, "cache": cache, "model": model, "out": "."}
+    if probes is not None:
+        options["probes"] = probes
+    cfg = resolve_config(pipeline_file, options)
+    recipe = get_recipe(cfg.recipe)
+    cues = assemble.open_cues(cfg, log=log)
+    net = recipe.build(cfg, cues)
+    try:
+        state = read_state_dict(checkpoint, recipe)
+    except WeightsError as e:
+        raise ConfigError(f"--checkpoint {e}") from None
+    result = net.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith(recipe.unused_keys)]
+    if missing or result.unexpected_keys:
+        raise ConfigError(
+            f"--checkpoint {checkpoint} does not fit the {recipe.name} model "
+            f"({len(missing)} missing, e.g. {missing[:1]}; {len(result.unexpected_keys)} unexpected, "
+            f"e.g. {result.unexpected_keys[:1]}): another base model (--model) or another recipe?"
+        )
+    device = resolve_device(device)
+    net.to(device)
+    paper = cfg.protocol or DEFAULT_PROTOCOL[cfg.task]
+    names = [paper, *(p for p in protocols_for(cfg.task) if p != paper)]
+    clips = functools.partial(
+        assemble.dataset, cfg, cues, split, num_queries=net.config.num_queries, active_encoding=recipe.active_encoding
+    )
+    scores = {}
+    with tempfile.TemporaryDirectory(prefix="soundstage-eval-") as scratch:
+        for variant in ["real", *cfg.probes]:
+            silence = assemble.silence_for(RunDir(scratch), cues, assemble.max_frames(clips())) if variant == "muted" else None
+            data = clips(variant, silence=silence)
+            scores[variant] = evaluate(
+                net, data, cfg.task, names, device=device, batch_size=cfg.eval_batch_size, predict=recipe.predict
+            )
+    return {
+        "recipe": recipe.name,
+        "weights": checkpoint,
+        "split": split,
+        "paper_protocol": paper,
+        "protocols": names,
+        "eval": scores,
+    }
+
+
+def checkpoint_table(result: dict) -> str:
+    """One line per protocol, mIoU and F per audio variant (the paper's protocol first)."""
+    variants = list(result["eval"])
+    header = f"{'protocol':18s} " + " ".join(f"{v + ' mIoU':>14s} {v + ' F':>12s}" for v in variants)
+    lines = [header, "-" * len(header)]
+    for name in result["protocols"]:
+        cells = []
+        for v in variants:
+            r = result["eval"][v][name]
+            cells.append(f"{_number(r.get('miou')):>14s} {_number(r.get('fscore')):>12s}")
+        mark = " (paper)" if name == result["paper_protocol"] else ""
+        lines.append(f"{name + mark:18s} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def _number(value) -> str:
+    return "—" if value is None else f"{value:.4f}"

@@ -157,6 +157,7 @@ def _recipe(name: str, summary: str, head: str, settings: dict, protocol: str) -
         reference=functools.partial(seed.load_reference, head=head),
         active_encoding=active_encoding,
         protocol=protocol,
+        unused_keys=seed.UNUSED_BACKBONE_NORM,
     )
 
 

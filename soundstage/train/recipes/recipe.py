@@ -50,6 +50,7 @@ class Recipe:
     reference: Callable | None = None
     active_encoding: Callable | None = None  # None: multi-hot (soundstage.train.data.active_weights)
     protocol: str | None = None  # None: by task (avsbench-binary / avsbench-semantic)
+    unused_keys: tuple = ()  # suffixes of our model's keys a checkpoint may lack (weights the model never uses)
     split_invariant_loss: bool = False  # the loss supports soundstage.train.distributed.SplitInvariantLoss
 
     def resolved_options(self, given: dict | None) -> dict:
