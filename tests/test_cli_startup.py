@@ -10,7 +10,7 @@ import sys
 import click
 
 from soundstage.cli import TOOL_COMMANDS, _short_help_from_source, first_sentence, main
-from soundstage.stages import STAGE_MODULES
+from soundstage.stages import BUILTIN_STAGES
 
 HEAVY = ("torch", "transformers", "pandas", "matplotlib", "scipy", "sklearn")
 
@@ -32,7 +32,7 @@ def _modules_loaded_by(args: list[str]) -> tuple[str, list[str]]:
 
 def test_help_lists_every_command_without_importing_them():
     out, modules = _modules_loaded_by(["--help"])
-    for name in [*TOOL_COMMANDS, *STAGE_MODULES]:
+    for name in [*TOOL_COMMANDS, *BUILTIN_STAGES]:
         assert f"  {name} " in out, name
     heavy = sorted({m.split(".")[0] for m in modules} & set(HEAVY))
     assert not heavy, f"soundstage --help imported {heavy}"
@@ -46,7 +46,7 @@ def test_status_imports_no_model_library(tmp_path):
 def test_short_help_read_from_source_equals_the_commands_own():
     """The help read from the source is what the imported command says (for every built-in command)."""
     ctx = click.Context(main)
-    for name in [*TOOL_COMMANDS, *STAGE_MODULES]:
+    for name in [*TOOL_COMMANDS, *BUILTIN_STAGES]:
         command = main.get_command(ctx, name)
         expected = first_sentence(command.short_help or command.help or "")
         assert _short_help_from_source(name) == expected, name
