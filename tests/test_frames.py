@@ -103,6 +103,7 @@ def test_m2f_bundles_load_as_bias_in_avs_reads_them(frames_cache, tmp_path):
     args = ["export", "m2f-bundles", "--manifest", manifest, "--cache", cache, "--out", str(out)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
+    assert "note: images are 64 x 64; bias_in_AVS's model views pixel_values as 384 x 384" in result.output
     reference, embeddings = processor(SIZE), open_stage(vggish_dir)
     manifest_dir = os.path.dirname(manifest)
     rows = read_manifest(manifest).to_dict("records")

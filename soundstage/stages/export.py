@@ -5,8 +5,18 @@ Preference?" (SegPref, ECCV 2024): ``{"<vid>": {"f0": "guitar,man,None,None,", .
 comma-terminated source names per frame from the ``sources`` stage, cut or padded with "None"
 to ``--n-slots`` (SegPref's own loader pads the same way, so padded and unpadded files read alike).
 
-``vggish-npy``: ``OUT/<uid>.npy`` float32 ``[T, 128]`` per clip (the files GAVS and bias_in_AVS
-load with ``np.load``), or the AVSBench-object folder layout (``--layout avsbench-object``).
+``vggish-npy``: ``OUT/<uid>.npy`` float32 ``[T, 128]`` per clip, ``--layout per-subset``
+``OUT/{v1s,v1m,v2}_vggish_embs/<uid>.npy`` (the folders GAVS and bias_in_AVS ``np.load`` from), or
+the AVSBench-object folder layout (``--layout avsbench-object``).
+
+``log-mel``: AVSBench-object's per-clip pickles of the VGGish log-mel examples, a float32 tensor
+``[5, 1, 96, 64]``, ``OUT/<split>/<category>/<uid>.pkl`` (S4) and ``OUT/<split>/<uid>.pkl`` (MS3).
+
+``m2f-bundles``: bias_in_AVS's ``AVS_m2f_processed/<ver>/<uid>.pth`` (image-processor outputs from
+the ``frames`` stage, VGGish rows, masks, image sizes, uid).
+
+``km`` and ``kmeans-model``: fairseq's HuBERT layout (``SPLIT.km``, ``SPLIT.ids``, ``SPLIT.tsv``,
+``dict.km.txt``) and the k-means as ``learn_kmeans.py``'s joblib ``MiniBatchKMeans``.
 
 ``active-queries``: ``OUT/<uid>.pth`` per clip, a list of T lists of query ids (what bias_in_AVS
 loads with ``torch.load`` and iterates per frame), plus ``OUT/mapping.json`` (the mapping, threshold
@@ -390,6 +400,7 @@ def log_mel(config, manifest, out_dir, overwrite):
 
 BUNDLE_FRAMES = 5  # bias_in_AVS's loader reads 5 images per clip (FN = 5), every subset
 BUNDLE_MASK_SIZE = 256
+BIAS_IN_AVS_INPUT = 384  # AVS/models/avs_m2f.py: pixel_values.view(bsz, 3, 384, 384)
 
 
 def m2f_bundle(row: dict, frames: dict, embeddings: np.ndarray, manifest_dir: str) -> tuple:
@@ -443,6 +454,9 @@ def m2f_bundles(config, manifest, cache, selector, out_dir, overwrite, allow_mis
         path = os.path.join(out_dir, row["subset"], row["clip_id"] + ".pth")
         _replace_with(path, lambda tmp, b=bundle: torch.save(b, tmp))
     report_written(len(present) - len(failed), out_dir, named + named_audio)
+    size = frames_dir.meta()["params"]["size"]
+    if size != BIAS_IN_AVS_INPUT:
+        click.echo(f"note: images are {size} x {size}; bias_in_AVS's model views pixel_values as 384 x 384", err=True)
     if failed:
         raise click.ClickException(f"{len(failed)} clip(s) not written:\n  " + "\n  ".join(failed))
 
