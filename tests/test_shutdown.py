@@ -182,6 +182,37 @@ def test_sigterm_to_jobs_with_busy_decoding_workers_ends_every_process(manifest,
     assert len(open_stage(out.split("output: ")[1].split()[0])) == done >= 2
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
+def test_sigterm_to_the_process_group_commits_and_stops(manifest, tmp_path):
+    """SLURM's time limit, ``timeout`` and ``kill -- -PGID`` signal every process: the decoding
+    workers, busy, leave the stop to the stage, which commits what is finished and reports."""
+    markers, cache = tmp_path / "markers", tmp_path / "c"
+    markers.mkdir()
+    options = "--workers 2 --load-sleep 1.0".split()
+    proc = start_cli(
+        tmp_path,
+        "toy-slow-load",
+        *options,
+        "--manifest",
+        manifest,
+        "--cache",
+        cache,
+        "--marker-dir",
+        markers,
+        start_new_session=True,
+    )
+    wait_for_files(markers, 2, proc)
+    below = descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        out, err = finish(proc, tmp_path, timeout=20)
+    finally:
+        left = wait_gone(below, timeout=5)
+    assert proc.returncode == 1 and "INTERRUPTED" in out and "Traceback" not in err and "Error" not in err, out + err
+    assert left == set()
+    assert len(open_stage(out.split("output: ")[1].split()[0])) == int(out.split("done ")[1].split(",")[0]) >= 2
+
+
 def test_a_stop_in_the_last_batch_stops_the_chain(manifest, tmp_path):
     markers, cache = tmp_path / "markers", tmp_path / "c"
     markers.mkdir()

@@ -364,6 +364,29 @@ def assert_same_run(whole, other):
     assert _records(whole, "epochs.jsonl") == _records(other, "epochs.jsonl")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
+def test_sigterm_to_the_process_group_of_a_training_with_loader_workers(vggish_cache, tmp_path):
+    """What SLURM does at a time limit: SIGTERM to every process. The DataLoader workers leave it
+    to the loop, which checkpoints and exits 75; no process is left."""
+    from test_shutdown import descendants, wait_gone
+
+    out = tmp_path / "run"
+    log = open(tmp_path / "log.txt", "w")
+    proc = subprocess.Popen([*_command(vggish_cache, out), "--workers", "2"], stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while _steps_done(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    below = descendants(proc.pid)
+    assert len(below) >= 2, below  # the loader's workers
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=60)
+    finally:
+        left = wait_gone(below, timeout=10)
+    assert code == 75, (tmp_path / "log.txt").read_text()
+    assert "stopped by SIGTERM" in (tmp_path / "log.txt").read_text() and left == set()
+
+
 def _stop_after_step(run, cfg, steps: int) -> int:
     """Train ``cfg`` until SIGTERM after ``steps`` steps (as a scheduler would); the step it stopped at."""
     import threading

@@ -10,9 +10,14 @@ which is why the pid is handed over rather than read with ``os.getppid``.)
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 import threading
 import time
+
+#: what asks a toolkit process to commit what is finished and stop (terminal, SLURM, `kill`)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 def start_time(pid: int) -> str | None:
@@ -57,3 +62,31 @@ def exit_with(parent: tuple[int, str | None], interval: float = 0.5) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="soundstage-lifeline", daemon=True).start()
+
+
+def leave_stops_to_the_parent(*_) -> None:
+    """In a helper process (a decoding worker, a DataLoader worker): ignore the stop signals. One
+    sent to the whole process group (Ctrl-C, SLURM's time limit, ``timeout``, ``kill -- -PGID``)
+    would otherwise kill the helper mid-item and break its parent's pool, which then fails where it
+    should commit and stop; the parent stops its helpers when it has. (Also a ``worker_init_fn``.)"""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+
+
+def fork_server_context(preload: list[str]):
+    """The multiprocessing context for the toolkit's child processes: the fork server (its
+    processes fork from one that imported ``preload`` once), which ignores stop signals
+    (``soundstage.pipeline.fork_server``); spawn where there is no fork server."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["soundstage.pipeline.fork_server", *preload])
+    return context
+
+
+def take_stop_signals_back() -> None:
+    """In a process forked by the fork server that handles stops itself (a shard process): the
+    default action again, until its own handlers are in place."""
+    for number in STOP_SIGNALS:
+        if number != signal.SIGINT:  # the fork server already gave SIGINT back
+            signal.signal(number, signal.SIG_DFL)

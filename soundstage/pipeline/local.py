@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import pickle
 import signal
@@ -14,7 +13,7 @@ import cloudpickle
 
 from soundstage.cache.store import StageDir
 from soundstage.pipeline.freshness import upstream_readers
-from soundstage.pipeline.lifeline import exit_with, parent_token
+from soundstage.pipeline.lifeline import exit_with, fork_server_context, parent_token, take_stop_signals_back
 from soundstage.pipeline.runner import Summary, plan_stage, run_stage, settled, shard_rows
 from soundstage.pipeline.shard import in_shard, parse_shard, shard_from_env, shard_of
 from soundstage.pipeline.stage import Stage
@@ -97,11 +96,9 @@ class ShardProcess:
     through a pipe and exits with this process if it is killed."""
 
     def __init__(self, stage: Stage, args: tuple, shard: tuple[int, int], runner_kwargs: dict):
-        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-        context = multiprocessing.get_context(method)
-        if method == "forkserver":  # the fork server imports the engine (and the stage) once; shards fork from it
-            modules = ["soundstage.pipeline.runner", getattr(stage.load, "__module__", None)]
-            context.set_forkserver_preload([m for m in modules if m and m != "__main__"])
+        # the fork server imports the engine (and the stage) once; shards fork from it
+        modules = ["soundstage.pipeline.runner", getattr(stage.load, "__module__", None)]
+        context = fork_server_context([m for m in modules if m and m != "__main__"])
         self.shard, self.stage, self.cache_root = shard, stage, args[1]
         self.fingerprint = runner_kwargs["fingerprint"]
         self._conn, child_end = context.Pipe(duplex=False)
@@ -139,6 +136,7 @@ class ShardProcess:
 
 
 def _shard_main(job: bytes, conn, parent) -> None:
+    take_stop_signals_back()
     exit_with(parent)
     stage, manifest, cache, params, upstream_select, shard, runner_kwargs = pickle.loads(job)
     try:

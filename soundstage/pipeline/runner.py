@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import os
 import signal
 import sys
@@ -39,7 +38,7 @@ from soundstage.pipeline.freshness import (
     stored_fit,
     upstream_readers,
 )
-from soundstage.pipeline.lifeline import exit_with, parent_token
+from soundstage.pipeline.lifeline import exit_with, fork_server_context, leave_stops_to_the_parent, parent_token
 from soundstage.pipeline.progress import progress_bar
 from soundstage.pipeline.resolve import resolve_upstreams
 from soundstage.pipeline.shard import in_shard, manifest_share, select_shard, shard_from_env
@@ -205,7 +204,7 @@ _WORKER = {}
 
 def _worker_init(load, ctx, parent=None):
     _WORKER["load"], _WORKER["ctx"] = load, ctx
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    leave_stops_to_the_parent()
     if parent:  # and when it is gone (kill -9), so is this worker
         exit_with(parent)
 
@@ -243,10 +242,8 @@ def prefetch(load, ctx, rows, workers: int, depth: int):
         for row in rows:
             yield (row, *_load_guarded(load, ctx, row))
         return
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context(method), initializer=_worker_init, initargs=(load, ctx, parent_token())
-    )
+    context = fork_server_context(["__main__", getattr(load, "__module__", "__main__")])
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(load, ctx, parent_token()))
     try:
         pending = deque()
         it = iter(rows)
@@ -272,7 +269,7 @@ def end_workers(pool: ProcessPoolExecutor) -> None:
     workers = list((pool._processes or {}).values())  # no public way to reach them before Python 3.14
     pool.shutdown(wait=False, cancel_futures=True)
     for worker in workers:
-        worker.terminate()
+        worker.kill()  # not terminate(): they ignore SIGTERM (leave_stops_to_the_parent)
     pool.shutdown(wait=True)
 
 

@@ -14,6 +14,7 @@ import torch
 
 from soundstage.metrics import PROTOCOLS, Accumulator
 from soundstage.models.avs_mask2former import class_scores
+from soundstage.pipeline.lifeline import leave_stops_to_the_parent
 from soundstage.train.data import collate_frames, frame_clip_ids
 from soundstage.train.distributed import Distributed, rank_indices, reduce_accumulator
 
@@ -99,6 +100,7 @@ def evaluate(
         num_workers=workers,
         collate_fn=collate_frames,
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=leave_stops_to_the_parent,
     )
     was_training = model.training
     model.eval()

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import soundstage.train.assemble as assemble
 from soundstage.device import resolve_device
+from soundstage.pipeline.lifeline import leave_stops_to_the_parent
 from soundstage.train.checkpoint import (
     EpochSampler,
     StopSignals,
@@ -160,6 +161,7 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
         pin_memory=device.startswith("cuda"),
         persistent_workers=cfg.workers > 0,
         generator=torch.Generator().manual_seed(cfg.seed),
+        worker_init_fn=leave_stops_to_the_parent,  # a stop signal to the process group is the loop's to handle
     )
     global_batch = cfg.batch_size * dist.world_size  # clips per micro-batch over all ranks
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / global_batch) / cfg.accumulate)
