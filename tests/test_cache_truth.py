@@ -319,7 +319,10 @@ def test_a_whole_dataset_fit_is_keyed_by_its_clips(tmp_path, toy_stages):
     status = CliRunner().invoke(main, ["status", "--cache", cache])
     assert "fitted on 3 clips" in status.output and "pinned with --reuse-fit for a manifest of 6 clips" in status.output
     refit = run_stage(mean, big, cache, progress=False)
-    assert refit.done == 1 and "refitting: the clips changed since the fit (3 clips" in refit.format()
+    assert (
+        refit.done == 1
+        and "refitting: its clips, or the versions of their upstream clips, changed since the fit (3 clips" in refit.format()
+    )
     assert open_stage(first.path)["clips"][0] == 6
     status = CliRunner().invoke(main, ["status", "--cache", cache])
     assert "fitted on 6 clips" in status.output and "pinned" not in status.output
@@ -471,7 +474,7 @@ def test_units_follow_an_edited_num_frames_and_kmeans_refits_for_a_bigger_manife
     assert open_stage(fitted.path)["sample_clips"][0] == 3
     refit = run_stage(get_stage("kmeans"), full, cache, kmeans, **quiet)
     assert refit.done == 1 and open_stage(fitted.path)["sample_clips"][0] == 5
-    assert "refitting: the clips changed since the fit (3 clips" in refit.format()
+    assert "refitting: its clips, or the versions of their upstream clips, changed since the fit (3 clips" in refit.format()
 
     units = run_stage(get_stage("units"), full, cache, {"top_k": 2}, **quiet)
     clip = table.loc[0, "clip_id"]

@@ -18,6 +18,7 @@ import torch
 from click.testing import CliRunner
 
 from soundstage.cache import StageDir, open_stage
+from soundstage.cache import digest as digest_module
 from soundstage.cache import integrity as integrity_module
 from soundstage.cache.dataset import CachedClips
 from soundstage.cache.quarantine import CorruptPart, load_verdicts, verdict
@@ -252,3 +253,45 @@ def test_a_stale_clip_whose_recomputation_failed_is_never_served(tmp_path, toy_s
     assert (fixed.done, fixed.failed) == (2, [])
     assert {victim, other} <= set(open_stage(stats.path)) and open_stage(stats.path)[victim]["rms_db"].size
     assert run_stage(toy_sum, manifest, cache, **QUIET).done == 2 and victim in open_stage(total.path)
+
+
+# ------------------------------------------------ 11. content digests for same size + mtime
+
+
+def test_content_digest_notices_a_replacement_that_keeps_size_and_mtime(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOUNDSTAGE_DIGEST_CACHE", str(tmp_path / "digests"))
+    monkeypatch.setenv("SOUNDSTAGE_INPUT_DIGEST", "stat")  # restored after the test: the CLI option below sets it
+    root = str(tmp_path / "data")
+    rows = make_wavs(root, n=3)
+    manifest, cache = write_manifest(root, rows), str(tmp_path / "c")
+    stats = get_stage("audio-stats")
+    run_stage(stats, manifest, cache, **QUIET)
+
+    def replace_keeping_size_and_mtime(row):
+        path = os.path.join(root, row["audio_path"])
+        st = os.stat(path)
+        data = bytearray(open(path, "rb").read())
+        data[-4096:] = bytes(b ^ 0x55 for b in data[-4096:])  # other samples, same header and length
+        with open(path, "wb") as f:
+            f.write(bytes(data))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert os.path.getsize(path) == st.st_size and os.stat(path).st_mtime_ns == st.st_mtime_ns
+        return path
+
+    replace_keeping_size_and_mtime(rows[0])
+    assert run_stage(stats, manifest, cache, **QUIET).stale == 0  # size + mtime cannot see it
+
+    args = ["audio-stats", "--manifest", manifest, "--cache", cache, "--workers", "0", "--no-progress"]
+    switched = CliRunner().invoke(main, [*args, "--input-digest", "content"])
+    assert switched.exit_code == 0 and "stale 3" in switched.output, switched.output  # every digest changed once
+    hashed = []
+    real = digest_module.file_hash
+    monkeypatch.setattr(digest_module, "file_hash", lambda path: hashed.append(path) or real(path))
+    monkeypatch.setattr(digest_module, "CONTENT_HASHES", digest_module.ContentHashes())  # as a new process
+    monkeypatch.setenv("SOUNDSTAGE_INPUT_DIGEST", "content")
+    assert run_stage(stats, manifest, cache, **QUIET).cached == 3 and hashed == []  # looked up, not hashed again
+    changed = replace_keeping_size_and_mtime(rows[1])
+    again = run_stage(stats, manifest, cache, **QUIET)
+    assert (again.stale, again.done) == (1, 1) and hashed == [changed]
+    fresh = open_stage(run_stage(stats, manifest, str(tmp_path / "fresh"), **QUIET).path)
+    np.testing.assert_array_equal(open_stage(again.path)[rows[1]["clip_id"]]["rms_db"], fresh[rows[1]["clip_id"]]["rms_db"])

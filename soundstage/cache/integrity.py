@@ -25,22 +25,25 @@ from collections.abc import Callable
 import numpy as np
 
 from soundstage.cache.checksum import file_problems
-from soundstage.cache.quarantine import VERDICTS, append_verdict, load_verdicts, stamp
+from soundstage.cache.quarantine import VERDICTS, append_verdict, read_verdicts, stamp
 from soundstage.cache.store import PART_FORMAT, StageDir, dataset_checksum, h5py
 
 
 class Verdicts:
-    """The verdicts recorded for one output, loaded once and again only when the log grew."""
+    """The verdicts recorded for one output: the log is read once, then only what was appended
+    since, when a part is not in it (so checking every part of an output reads the log once)."""
 
     def __init__(self, sd: StageDir):
-        self.sd, self.known, self._size = sd, {}, -1
+        self.sd, self.known, self._offset = sd, {}, 0
 
     def get(self, name: str, at: tuple[int, int]) -> list[str] | None:
         key = (name, *at)
         if key not in self.known:
             size = (stamp(os.path.join(self.sd.path, VERDICTS)) or (0, 0))[0]
-            if size != self._size:  # another process recorded verdicts since
-                self.known, self._size = load_verdicts(self.sd), size
+            if size < self._offset:  # rewritten by verify or compaction: read it again
+                self.known, self._offset = {}, 0
+            if size > self._offset:  # verdicts recorded since (by us, or by other processes)
+                self.known, self._offset = read_verdicts(self.sd, self._offset, self.known)
         return self.known.get(key)
 
     def record(self, name: str, at: tuple[int, int], problems: list[str]) -> None:

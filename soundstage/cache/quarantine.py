@@ -66,13 +66,20 @@ def _line(name: str, at: tuple[int, int], problems: list[str]) -> str:
 
 def load_verdicts(sd: StageDir) -> dict:
     """(part name, size, mtime_ns) -> the problems recorded ([] = sound)."""
+    return read_verdicts(sd, 0, {})[0]
+
+
+def read_verdicts(sd: StageDir, offset: int, out: dict) -> tuple[dict, int]:
+    """Add the verdicts recorded from byte ``offset`` of the log on to ``out``; returns it and the
+    offset after the last whole line (where to read on from when the log grows)."""
     try:
-        with open(os.path.join(sd.path, VERDICTS), encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
+        with open(os.path.join(sd.path, VERDICTS), "rb") as f:
+            f.seek(offset)
+            data = f.read()
     except FileNotFoundError:
-        return {}
-    out = {}
-    for line in lines:
+        return out, 0
+    whole = data.rfind(b"\n") + 1  # a line being appended is read next time
+    for line in data[:whole].decode("utf-8", "replace").splitlines():
         body, _, crc = line.rpartition("\t")
         if not body or crc != f"{zlib.crc32(body.encode()):08x}":
             continue  # torn or garbled: that part is checked again
@@ -81,7 +88,7 @@ def load_verdicts(sd: StageDir) -> dict:
         problems = json.loads(problems)
         if problems or key not in out:  # bad wins
             out[key] = problems
-    return out
+    return out, offset + whole
 
 
 def verdict(verdicts: dict, path: str) -> list[str] | None:

@@ -185,7 +185,7 @@ class StageReader(Mapping):
             clips = sorted(np.char.decode(self._index.ids[self._index.part == p], "utf-8").tolist())
             listed = ", ".join(clips[:5]) + (f" and {len(clips) - 5} more" if len(clips) > 5 else "")
             raise CorruptPart(
-                f"{path}: {'; '.join(problems[:3])}; its clips ({listed}) are not served; {repair_hint(path)}", path, clips
+                f"{path}: {_said(problems, path)}; its clips ({listed}) are not served; {repair_hint(path)}", path, clips
             )
 
     def __getitem__(self, clip_id: str) -> dict:
@@ -338,6 +338,11 @@ def _read_strings(path: str, name: str) -> np.ndarray:
     return np.array([v.decode("utf-8") for v in raw], dtype=object)
 
 
+def _said(problems: list[str], path: str) -> str:
+    """The first problems of a part, without the part's name each begins with (the message names its path)."""
+    return "; ".join(p.removeprefix(os.path.basename(path) + ": ") for p in problems[:3])
+
+
 def _mtime_ns(path: str) -> int:
     try:
         return os.stat(path).st_mtime_ns
@@ -353,7 +358,7 @@ def read_result(stage_dir: str) -> dict:
         raise FileNotFoundError(f"{stage_dir} has no result.h5 (the stage has not finished)")
     problems = checked(sd, path, [], per_clip=False)
     if problems:
-        raise CorruptPart(f"{path}: {'; '.join(problems[:3])}; it is not served; {repair_hint(path)}", path)
+        raise CorruptPart(f"{path}: {_said(problems, path)}; it is not served; {repair_hint(path)}", path)
     with h5py.File(path, "r") as h5:
         out = {name: h5[name][...] for name in h5.keys()}
         out["attrs"] = {k: (json.loads(v) if k == "checksums" else v) for k, v in h5.attrs.items()}

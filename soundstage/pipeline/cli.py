@@ -14,6 +14,7 @@ import re
 import click
 from click.core import ParameterSource
 
+from soundstage.cache.digest import use_input_digest
 from soundstage.pipeline.local import run_local
 from soundstage.pipeline.resolve import expected_fingerprint
 from soundstage.pipeline.stage import Param, Stage
@@ -67,6 +68,13 @@ RUNNER_OPTIONS = {
         type=click.Path(file_okay=False),
         help="the planner's directory of per-task rows (array tasks): this task's rows are read "
         "from there instead of the manifest, unless the manifest changed since",
+    ),
+    "input_digest": dict(
+        type=click.Choice(["stat", "content"]),
+        envvar="SOUNDSTAGE_INPUT_DIGEST",
+        help="how input files count in each clip's input digest: size + mtime (stat, the default), or "
+        "their content hash (for file systems where a replaced file keeps its size and mtime; each file "
+        "is hashed once, then looked up). Switching recomputes every clip once",
     ),
     "allow_failed_clips": dict(
         is_flag=True,
@@ -203,6 +211,8 @@ def invoke_stage(stage: Stage, values: dict, is_default) -> int:
                 upstream_select[up.stage] = expected_fingerprint(up.stage, pipe.stages)
     if not manifest:
         raise click.UsageError("give --manifest (or --config with a manifest, or SOUNDSTAGE_MANIFEST)")
+    # this process, its shard processes and its SLURM tasks digest inputs alike
+    use_input_digest(values["input_digest"] or (pipe.input_digest if values["config"] else None))
 
     if values["executor"] == "slurm" or values["dry_run"]:
         from soundstage.pipeline.executors import launch_stage

@@ -21,6 +21,7 @@ from importlib.metadata import entry_points
 import click
 
 import soundstage.pipeline.slurm as slurm
+from soundstage.cache.digest import use_input_digest
 from soundstage.cache.index import output_status
 from soundstage.cache.store import StageDir, StageStatus
 from soundstage.pipeline.freshness import STALE_RESULT, outdated
@@ -387,6 +388,7 @@ def run_pipeline(
     if not pipe.manifest:
         raise click.UsageError(f"{pipe.path} names no manifest")
     cache = pipe.cache or "cache"
+    use_input_digest(pipe.input_digest)  # the file's setting, for every stage and task
     if executor == "local":
         runner = LocalExecutor(pipe.manifest, cache, dry_run, out, runner_options={"workers": workers})
     else:

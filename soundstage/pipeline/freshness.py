@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from soundstage.cache.digest import clip_digest, fit_key, result_checksum
+from soundstage.cache.digest import CONTENT_HASHES, clip_digest, fit_key, result_checksum
 from soundstage.cache.index import ClipVersion, committed_index, has_results
 from soundstage.cache.reader import open_stage
 from soundstage.cache.store import StageDir, h5py
@@ -91,7 +91,9 @@ def upstream_digests(readers: dict, clip_id: str) -> dict:
 
 def clip_digests(columns, manifest_dir: str, rows: list[dict], readers: dict) -> dict[str, str]:
     """clip id -> digest of its inputs as they are now (``columns``: the stage's ``reads``)."""
-    return {r["clip_id"]: clip_digest(r, columns, manifest_dir, upstream_digests(readers, r["clip_id"])) for r in rows}
+    digests = {r["clip_id"]: clip_digest(r, columns, manifest_dir, upstream_digests(readers, r["clip_id"])) for r in rows}
+    CONTENT_HASHES.flush()  # --input-digest content: remember the files hashed for the next run
+    return digests
 
 
 def select_work(rows: list[dict], index: dict[str, ClipVersion], digests: dict[str, str], force: bool = False) -> Selection:
@@ -137,6 +139,6 @@ def fit_decision(
     why = (
         "it was fitted before soundstage recorded the clips of a fit"
         if stored_key is None
-        else f"the clips changed since the fit ({stored_clips} clips, key {stored_key}; now {clips} clips)"
+        else f"its clips, or the versions of their upstream clips, changed since the fit ({stored_clips} clips, key {stored_key}; now {clips} clips)"
     )
     return False, f"refitting: {why}; to keep the old fit instead, pass --reuse-fit {stored_key or fingerprint}"

@@ -12,6 +12,8 @@ import json
 import math
 import os
 
+from soundstage.cache.digest import digest_cache_dir
+
 _HASHED_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".model", ".txt", ".npy", ".jinja")
 
 
@@ -53,16 +55,6 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
 # Content hashes of checkpoints are kept per (real path, size, mtime): in memory for the process,
 # and on disk for the machine, so a 15 GB model directory is read once, not by every task.
 _FILE_HASHES: dict = {}
-
-
-def digest_cache_dir() -> str:
-    """Where this machine keeps file digests: $SOUNDSTAGE_DIGEST_CACHE, else
-    $XDG_CACHE_HOME/soundstage/digests (default ~/.cache/soundstage/digests)."""
-    explicit = os.environ.get("SOUNDSTAGE_DIGEST_CACHE")
-    if explicit:
-        return explicit
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "soundstage", "digests")
 
 
 def cached_file_sha256(path: str) -> str:

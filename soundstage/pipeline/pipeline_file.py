@@ -30,12 +30,13 @@ from dataclasses import dataclass, field
 import click
 import yaml
 
+from soundstage.cache.digest import INPUT_DIGEST_MODES
 from soundstage.pipeline.executors import run_pipeline
 from soundstage.pipeline.fingerprint import coerce_value
 from soundstage.pipeline.registry import STAGE_MODULES, get_stage
 from soundstage.pipeline.resolve import expected_fingerprint
 
-TOP_LEVEL_KEYS = {"manifest", "cache", "executor", "shards", "resources", "stages", "train"}
+TOP_LEVEL_KEYS = {"manifest", "cache", "executor", "shards", "resources", "stages", "train", "input_digest"}
 #: keys of a stage entry that are not stage parameters
 STAGE_KEYS = {"resources", "shards"}
 
@@ -56,6 +57,7 @@ class Pipeline:
     #: stage name -> shard count (every known stage has an entry; None: not set)
     shards: dict
     executor: str | None = None
+    input_digest: str | None = None  # stat or content (soundstage.cache.digest); None: $SOUNDSTAGE_INPUT_DIGEST
     declared: list = field(default_factory=list)  # stage names in file order
     #: the ``train:`` section as written (read by ``soundstage train --config``, not by the engine)
     train: dict = field(default_factory=dict)
@@ -144,6 +146,8 @@ def load_pipeline(path: str) -> Pipeline:
     executor = doc.get("executor")
     if executor not in (None, "local", "slurm"):
         raise PipelineError(f"{path}: executor must be local or slurm, not {executor!r}")
+    if doc.get("input_digest") not in (None, *INPUT_DIGEST_MODES):
+        raise PipelineError(f"{path}: input_digest must be one of {', '.join(INPUT_DIGEST_MODES)}, not {doc['input_digest']!r}")
 
     stages, resources, shards, declared = {}, {}, {}, []
     for name, entry in (doc.get("stages") or {}).items():
@@ -170,6 +174,7 @@ def load_pipeline(path: str) -> Pipeline:
         resources=resources,
         shards=shards,
         executor=executor,
+        input_digest=doc.get("input_digest"),
         declared=declared,
         train=_train_section(path, doc.get("train")),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from soundstage.cache.digest import input_digest_mode
 from soundstage.pipeline.stage import Stage
 
 
@@ -23,6 +24,8 @@ def stage_cli_args(
         if values.get(name) is not None:
             args += [f"--{flag_name(name)}", str(values[name])]
     args += ["--no-progress", "--allow-failed-clips"]  # failures are in the cache; --wait reports them
+    if input_digest_mode() != "stat":
+        args += ["--input-digest", input_digest_mode()]
     if values.get("force"):
         args.append("--force")
     if values.get("reuse_fit"):
