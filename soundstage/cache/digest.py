@@ -153,9 +153,13 @@ class ContentHashes:
         self._pending = {}
 
 
-def file_hash(path: str, block: int = 1 << 20) -> str:
+def file_hash(path: str) -> str:
     """xxh3-128 of a file's content (hex)."""
-    digest = xxhash.xxh3_128()
+    return streamed_hash(path, xxhash.xxh3_128())
+
+
+def streamed_hash(path: str, digest, block: int = 1 << 20) -> str:
+    """``digest`` (a hashlib-like object) fed the file's content in blocks, as hex."""
     with open(path, "rb") as f:
         while data := f.read(block):
             digest.update(data)

@@ -12,7 +12,7 @@ import json
 import math
 import os
 
-from soundstage.cache.digest import digest_cache_dir
+from soundstage.cache.digest import digest_cache_dir, streamed_hash
 
 _HASHED_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".model", ".txt", ".npy", ".jinja")
 
@@ -44,12 +44,8 @@ def stable_hash(value, length: int = 16) -> str:
     return hashlib.sha256(canonical_json(value).encode()).hexdigest()[:length]
 
 
-def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def file_sha256(path: str) -> str:
+    return streamed_hash(path, hashlib.sha256())
 
 
 # Content hashes of checkpoints are kept per (real path, size, mtime): in memory for the process,
