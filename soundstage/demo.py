@@ -76,6 +76,7 @@ DEMO_TRAIN = [
     ("threads", 1, "a tiny model trains fastest on one thread of a busy CPU"),
 ]
 DEMO_RUN = "demo"  # OUT/runs/<name>
+RECIPE_STEPS = 4  # --recipes: optimizer steps of each recipe (a demo of the plumbing, not of the methods)
 
 STAND_IN_WARNING = """\
 ==============================================================================
@@ -310,7 +311,20 @@ def how_to_go_real(pipeline_path: str, stages: list[str]) -> str:
     type=click.IntRange(min=0),
     help="epochs of the demo training (default: the pipeline file's; 0: no training)",
 )
-def demo(out_dir, clips, seed, executor, shards, train_epochs):
+@click.option(
+    "--recipes",
+    "train_recipes",
+    is_flag=True,
+    help="also train every seed method's recipe (tiny configs) into OUT/runs/<recipe> and compare them (slow: minutes each)",
+)
+@click.option(
+    "--recipe-steps",
+    type=click.IntRange(min=1),
+    default=RECIPE_STEPS,
+    show_default=True,
+    help="--recipes: optimizer steps of each recipe's demo training",
+)
+def demo(out_dir, clips, seed, executor, shards, train_epochs, train_recipes, recipe_steps):
     """Run the whole pipeline on a synthetic dataset with TINY RANDOM STAND-IN models (no download).
 
     Writes OUT/data, OUT/models, OUT/pipeline.yaml and OUT/cache; a second run computes nothing.
@@ -370,6 +384,8 @@ def demo(out_dir, clips, seed, executor, shards, train_epochs):
         run_dir = os.path.join(out_dir, "runs", DEMO_RUN)
         train_demo_model(pipeline_path, run_dir, manifest, train_epochs)
         report = masks_and_report(pipe.cache, manifest, run_dir, os.path.join(out_dir, "report"))
+    if not incomplete and train_recipes:
+        train_every_recipe(pipeline_path, os.path.join(out_dir, "runs"), manifest, recipe_steps)
     click.echo("\n" + how_to_go_real(pipeline_path, stages))
     click.echo(f"\ndemo finished in {time.monotonic() - start:.1f} s")
     if report:
@@ -403,6 +419,56 @@ def train_demo_model(pipeline_path: str, run_dir: str, manifest: str, epochs: in
         raise click.ClickException(str(e)) from None
     click.echo(audio_table(record))
     click.echo("real vs muted/zeroed/swapped/noise: how much the model listens (it must lose accuracy without audio)")
+
+
+def train_every_recipe(pipeline_path: str, runs_dir: str, manifest: str, steps: int, out=click.echo) -> dict:
+    """``--recipes``: each seed method's recipe trained briefly on the demo's caches into
+    ``runs_dir/<recipe>``, then one table of them side by side (the paper's protocol of each, with
+    the audio probes). A recipe whose cues the cache lacks is skipped with the reason."""
+    from soundstage.train.config import ConfigError, resolve_config
+    from soundstage.train.cues import CueError
+    from soundstage.train.loop import train
+    from soundstage.train.recipes import recipes
+
+    records = {}
+    for name in recipes():
+        if name == "generic":
+            continue
+        run_dir = os.path.join(runs_dir, name)
+        out(
+            f"\nrecipe {name}: training {steps} steps into {run_dir} (reproduce: soundstage train --config {pipeline_path} --recipe {name} --out DIR)"
+        )
+        try:
+            cfg = resolve_config(
+                pipeline_path, {"out": run_dir, "recipe": name, "epochs": 1, "max_steps": steps, "batch_size": 1}
+            )
+            with _quiet_transformers():
+                records[name] = train(cfg, log=lambda *_: None, progress=False)
+        except (ConfigError, CueError, FileNotFoundError) as e:
+            out(f"recipe {name}: skipped ({e})")
+    if records:
+        out("\n" + recipe_table(records))
+    return records
+
+
+def recipe_table(records: dict) -> str:
+    """One line per recipe: its protocol's mIoU and F with the real audio and each probe."""
+    variants = []
+    for record in records.values():
+        variants += [v for v in record.get("eval", {}) if v not in variants]
+    header = f"{'recipe':24s} " + " ".join(f"{v:>17s}" for v in variants)
+    lines = ["every seed method on one cache (mIoU / F by each paper's protocol; tiny stand-ins):", header, "-" * len(header)]
+    for name, record in records.items():
+        cells = []
+        for v in variants:
+            r = record.get("eval", {}).get(v, {})
+            cells.append(f"{_score(r.get('miou'))} / {_score(r.get('fscore'))}".rjust(17))
+        lines.append(f"{name:24s} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def _score(value) -> str:
+    return "  —   " if value is None else f"{value:.4f}"
 
 
 def masks_and_report(cache: str, manifest: str, run_dir: str, report_dir: str, out=click.echo) -> str | None:

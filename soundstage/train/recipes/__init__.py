@@ -17,6 +17,7 @@ need to train, score and load one method, so the loop knows no method by name::
         reference=reference,    # (state_dict in their layout, Mask2FormerConfig dict | None) -> module
         active_encoding=enc,    # (ids [T, k] int, -1 = none; num_queries) -> [T, Q] float weights
         protocol="bias-in-avs", # the paper's evaluation protocol (soundstage.metrics)
+        unused_keys=(...),      # key suffixes of ours a checkpoint may lack (weights never used)
     )
 
 - ``settings``: the paper's values of ``TrainConfig`` fields; precedence is command line > the
