@@ -32,9 +32,9 @@ added to the pixel decoder's mask features (every channel); as the first masked-
 (positions where the prior is below 0.5 are masked, replacing the mask the initial query
 prediction gives; a query with every position masked attends everywhere, as transformers
 does for any mask); and as one of three learned embeddings — prior <= 0.4, in between, >= 0.6
-— added to the position embeddings of every feature level. Hooks again: a pre-hook on the
-transformer module (mask features), the decoder pre-hook (position embeddings) and a hook on
-the decoder's mask predictor (its first call only).
+— added to the position embeddings of every feature level. Hooks again (``MaskPrior.install``,
+which Stepping Stones' model shares): a pre-hook on the transformer module (mask features), one on
+the decoder (position embeddings) and a hook on the decoder's mask predictor (its first call only).
 
 Saving: ``save_pretrained(dir)`` writes the transformers model with its own
 ``save_pretrained`` (config.json + safetensors) and the conditioner as ``avs_conditioning.json``
@@ -68,11 +68,16 @@ PRIOR_MASKED_BELOW = 0.5  # first masked-attention mask
 
 
 class MaskPrior(nn.Module):
-    """Stepping Stones' spatial prior (see the module docstring); ``prior`` is ``[N, H, W]`` in [0, 1]."""
+    """Stepping Stones' spatial prior (see the module docstring); ``prior`` is ``[N, H, W]`` in [0, 1].
+
+    ``install(transformer)`` hooks it into a transformers ``Mask2FormerTransformerModule``; inside
+    ``with prior_module.applied(prior):`` a forward then sees the prior (outside it, nothing changes)."""
 
     def __init__(self, hidden_dim: int):
         super().__init__()
         self.regions = nn.Embedding(3, hidden_dim)  # 0: prior <= 0.4, 1: in between, 2: >= 0.6
+        self._prior = None  # the frames' prior during a forward
+        self._first_mask_pending = False
 
     @staticmethod
     def resized(prior: torch.Tensor, size) -> torch.Tensor:
@@ -97,6 +102,46 @@ class MaskPrior(nn.Module):
         """``[N * heads, queries, h*w]``, True (masked) where the prior is below 0.5."""
         masked = (self.resized(prior, size) < PRIOR_MASKED_BELOW).flatten(1)
         return masked[:, None, None].expand(-1, heads, queries, -1).flatten(0, 1)
+
+    # ------------------------------------------------------------------ hooks
+
+    def install(self, transformer) -> None:
+        """Pre-hooks on the transformer module (mask features) and its decoder (position
+        embeddings), and a hook on the decoder's mask predictor (its first call: the attention mask)."""
+        transformer.register_forward_pre_hook(self._mask_features_hook, with_kwargs=True)
+        transformer.decoder.register_forward_pre_hook(self._positions_hook, with_kwargs=True)
+        transformer.decoder.mask_predictor.register_forward_hook(self._first_attention_mask_hook)
+
+    @contextlib.contextmanager
+    def applied(self, prior: torch.Tensor):
+        self._prior, self._first_mask_pending = prior, True
+        try:
+            yield
+        finally:
+            self._prior, self._first_mask_pending = None, False
+
+    def _mask_features_hook(self, module, args, kwargs):
+        if self._prior is not None:
+            kwargs["mask_features"] = self.mask_features(kwargs["mask_features"], self._prior)
+        return args, kwargs
+
+    def _positions_hook(self, module, args, kwargs):
+        if self._prior is not None:
+            kwargs["multi_stage_positional_embeddings"] = self.position_embeddings(
+                kwargs["multi_stage_positional_embeddings"], kwargs["feature_size_list"], self._prior
+            )
+        return args, kwargs
+
+    def _first_attention_mask_hook(self, module, args, output):
+        if self._prior is None or not self._first_mask_pending:
+            return output
+        self._first_mask_pending = False
+        predicted, attention_mask = output
+        size = args[2] if len(args) > 2 else None
+        if size is None:
+            raise RuntimeError("the mask predictor was called without its target size; transformers' Mask2Former changed")
+        prior_mask = self.attention_mask(self._prior, size, module.num_heads, attention_mask.shape[1])
+        return predicted, prior_mask.to(attention_mask.device)
 
 
 class QueryConditioner(nn.Module):
@@ -186,13 +231,10 @@ class AVSMask2Former(nn.Module):
         self.mask2former = mask2former
         self.conditioner = conditioner
         self._cues = None
-        self._prior = None  # the frames' prior during forward (a model built with prior=True)
-        self._first_mask_pending = False
         transformer = mask2former.model.transformer_module
         transformer.decoder.register_forward_pre_hook(self._condition_queries, with_kwargs=True)
         if conditioner.prior is not None:
-            transformer.register_forward_pre_hook(self._prior_mask_features, with_kwargs=True)
-            transformer.decoder.mask_predictor.register_forward_hook(self._prior_first_attention_mask)
+            conditioner.prior.install(transformer)
 
     @property
     def config(self):
@@ -202,26 +244,7 @@ class AVSMask2Former(nn.Module):
         if self._cues is None:
             raise RuntimeError("AVSMask2Former's decoder ran outside AVSMask2Former.forward (no cues)")
         kwargs["inputs_embeds"] = self.conditioner(kwargs["inputs_embeds"], **self._cues)
-        if self._prior is not None:
-            kwargs["multi_stage_positional_embeddings"] = self.conditioner.prior.position_embeddings(
-                kwargs["multi_stage_positional_embeddings"], kwargs["feature_size_list"], self._prior
-            )
         return args, kwargs
-
-    def _prior_mask_features(self, module, args, kwargs):
-        kwargs["mask_features"] = self.conditioner.prior.mask_features(kwargs["mask_features"], self._prior)
-        return args, kwargs
-
-    def _prior_first_attention_mask(self, module, args, output):
-        if not self._first_mask_pending:
-            return output
-        self._first_mask_pending = False
-        predicted, attention_mask = output
-        size = args[2] if len(args) > 2 else None
-        if size is None:
-            raise RuntimeError("the mask predictor was called without its target size; transformers' Mask2Former changed")
-        prior_mask = self.conditioner.prior.attention_mask(self._prior, size, module.num_heads, attention_mask.shape[1])
-        return predicted, prior_mask.to(attention_mask.device)
 
     def forward(
         self, pixel_values, audio=None, active=None, text=None, text_mask=None, mask_labels=None, class_labels=None, prior=None
@@ -236,11 +259,12 @@ class AVSMask2Former(nn.Module):
                 else "this model was built without a mask prior; it takes no prior"
             )
         self._cues = {"audio": audio, "active": active, "text": text, "text_mask": text_mask}
-        self._prior, self._first_mask_pending = prior, prior is not None
+        applied = self.conditioner.prior.applied(prior) if prior is not None else contextlib.nullcontext()
         try:
-            return self.mask2former(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels)
+            with applied:
+                return self.mask2former(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels)
         finally:
-            self._cues, self._prior, self._first_mask_pending = None, None, False
+            self._cues = None
 
     # ------------------------------------------------------------------ saving and loading
 

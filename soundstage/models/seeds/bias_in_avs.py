@@ -27,14 +27,12 @@ one; each frame's computation is independent of the others).
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from soundstage.models.seeds.adapters import add_replacing_adapters, add_swin_adapters, legacy_state_dict
+from soundstage.models.seeds.base import SeedModel, load_seed_state, reference_mask2former
 
 ACTIVE_CLAMP = 1e-6
 DDPM_STEPS, DDPM_BETAS = 100, (1e-4, 0.02)
@@ -43,7 +41,6 @@ AVSS_CLASSES = 71
 PROCESSED_SIZE = 384  # their image processor's output size (mask logits are resized to it)
 OUTPUT_SIZE = 256  # AVS prediction / ground-truth size
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
-CONFIG_FILE, WEIGHTS_FILE = "bias_in_avs.json", "bias_in_avs.pt"
 #: their checkpoint's top-level prefixes -> ours
 KEY_PREFIXES = {"model_v.": "mask2former."}
 
@@ -75,9 +72,11 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return per_pixel.flatten(1).mean(1).mean()
 
 
-class BiasInAVS(nn.Module):
+class BiasInAVS(SeedModel):
     """``mask2former`` (transformers, with the adapters) + ``audio_proj``; ``head``: ``avs`` (binary
     foreground, focal loss) or ``avss`` (semantic classes, Mask2Former loss)."""
+
+    FILE_STEM, MASK2FORMER = "bias_in_avs", "mask2former"
 
     def __init__(self, mask2former, audio_dim: int = 128, head: str = "avs", num_classes: int | None = None):
         super().__init__()
@@ -192,38 +191,6 @@ class BiasInAVS(nn.Module):
         }
         return clean.loss + 10 * sum(losses.values())
 
-    # ------------------------------------------------------------------ saving and loading
-
-    def save_pretrained(self, out_dir: str) -> None:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump({"settings": self.settings, "mask2former": self.mask2former.config.to_dict()}, f, indent=1)
-        torch.save(self.state_dict(), os.path.join(out_dir, WEIGHTS_FILE))
-
-    @classmethod
-    def from_pretrained(cls, path: str) -> BiasInAVS:
-        config_path = os.path.join(path, CONFIG_FILE)
-        if not os.path.exists(config_path):
-            raise FileNotFoundError(f"{path} holds no {CONFIG_FILE}: not a model saved by the bias-in-avs recipe")
-        with open(config_path, encoding="utf-8") as f:
-            saved = json.load(f)
-        model = cls(mask2former_from_config(saved["mask2former"]), **saved["settings"])
-        model.load_state_dict(torch.load(os.path.join(path, WEIGHTS_FILE), map_location="cpu", weights_only=True))
-        return model
-
-
-def mask2former_from_config(arguments: dict):
-    """A randomly initialised Mask2Former from Mask2FormerConfig arguments (``backbone_config`` a dict)."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig  # why: heavy
-
-    arguments = dict(arguments)
-    backbone = arguments.get("backbone_config")
-    if isinstance(backbone, dict):
-        backbone = dict(backbone)
-        backbone.pop("model_type", None)
-        arguments["backbone_config"] = SwinConfig(**backbone)
-    return Mask2FormerForUniversalSegmentation(Mask2FormerConfig(**arguments))
-
 
 def key_map(state: dict) -> dict:
     """A state dict saved by their code (``model_v.model.…``, ``audio_proj.…``) -> ours; ours passes."""
@@ -253,22 +220,6 @@ def load_reference(state_dict: dict, mask2former_config: dict | None, head: str 
     """Their state dict (``model_v.…``, ``audio_proj.…``) in our model; every key must be used and
     every tensor of ours present, except the Swin ``layernorm`` today's backbone has and never uses."""
     state = key_map(state_dict)
-    if mask2former_config is None:
-        from transformers import Mask2FormerForUniversalSegmentation  # why: transformers is heavy
-
-        mask2former = Mask2FormerForUniversalSegmentation.from_pretrained(REAL_BASE)
-    else:
-        mask2former = mask2former_from_config(mask2former_config)
+    mask2former = reference_mask2former(mask2former_config)
     audio_dim = state["audio_proj.0.weight"].shape[1]
-    model = BiasInAVSReference(mask2former, audio_dim=audio_dim, head=head)
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith(UNUSED_BACKBONE_NORM)]
-    if missing or result.unexpected_keys:
-        raise KeyError(
-            f"state dict does not fit the bias_in_AVS model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
-        )
-    return model
-
-
-REAL_BASE = "facebook/mask2former-swin-base-ade-semantic"
-UNUSED_BACKBONE_NORM = ("encoder.swin.layernorm.weight", "encoder.swin.layernorm.bias")
+    return load_seed_state(BiasInAVSReference(mask2former, audio_dim=audio_dim, head=head), state, "bias_in_AVS")

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 import soundstage.models.seeds.bias_in_avs as seed
 import soundstage.train.assemble as assemble
 from soundstage.models.avs_mask2former import tiny_mask2former_spec
+from soundstage.models.seeds.base import UNUSED_BACKBONE_NORM, mask2former_from_config
 from soundstage.train.evaluation import two_channel_logits
 from soundstage.train.recipes.generic import targets
 from soundstage.train.recipes.recipe import Option, Recipe
@@ -55,7 +56,7 @@ def build(cfg, cues, head: str = "avs"):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         if cfg.model is None:
-            mask2former = seed.mask2former_from_config(mask2former_arguments(num_classes))
+            mask2former = mask2former_from_config(mask2former_arguments(num_classes))
         else:
             from transformers import Mask2FormerForUniversalSegmentation  # why: transformers is heavy
 
@@ -157,7 +158,7 @@ def _recipe(name: str, summary: str, head: str, settings: dict, protocol: str) -
         reference=functools.partial(seed.load_reference, head=head),
         active_encoding=active_encoding,
         protocol=protocol,
-        unused_keys=seed.UNUSED_BACKBONE_NORM,
+        unused_keys=UNUSED_BACKBONE_NORM,
     )
 
 
