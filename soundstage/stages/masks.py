@@ -116,7 +116,14 @@ def process(model, items, params):
     from soundstage.train.inference import clip_cues, foreground, to_uint8
 
     try:
-        clips = [{"pixel_values": it["pixel_values"], **clip_cues(model, it["clip_id"], len(it["pixel_values"]))} for it in items]
+        clips = [
+            {
+                "pixel_values": it["pixel_values"],
+                "clip_id": it["clip_id"],
+                **clip_cues(model, it["clip_id"], len(it["pixel_values"])),
+            }
+            for it in items
+        ]
     except CueError as e:
         raise ClipError(str(e)) from None
     return [{"probs": to_uint8(p)} for p in foreground(model, clips, params["size"])]

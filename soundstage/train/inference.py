@@ -3,10 +3,10 @@
 ``open_trained(run)`` reopens a training run as ``soundstage evaluate --run`` does — its final
 ``model/`` (or the weights of its last checkpoint), the cache outputs recorded in
 ``provenance.json`` — and ``foreground(trained, clips, size)`` runs it on whole clips (every
-frame, annotated or not) in one batch of frames. The foreground probability of a pixel is
-``s1 / (s0 + s1)`` of Mask2Former's semantic scores (``class_scores``: background s0,
-sounding s1), i.e. the sigmoid of the logit the evaluation scores, so ``p > 0.5`` is
-Stepping Stones' "p(sounding) > p(background)".
+frame, annotated or not) in one batch of frames. The foreground probability of a pixel is the
+sigmoid of the logit the evaluation scores (the run's recipe's predictions): for the generic
+recipe ``s1 / (s0 + s1)`` of Mask2Former's semantic scores (background s0, sounding s1), so
+``p > 0.5`` is Stepping Stones' "p(sounding) > p(background)".
 
 ``run_identity(run)`` is what identifies a run's predictions in a cache key: the content hash
 of the weights that would be loaded, the fingerprints of the cue outputs it reads and the input
@@ -25,15 +25,13 @@ import torch
 
 import soundstage.train.assemble as assemble
 from soundstage.device import resolve_device, torch_dtype
-from soundstage.models.avs_mask2former import class_scores
 from soundstage.pipeline.identity import model_identity
 from soundstage.train.config import ConfigError, TrainConfig
 from soundstage.train.cues import CueError
 from soundstage.train.data import AVSClips, active_weights, load_image
+from soundstage.train.recipes import get_recipe
 from soundstage.train.run_dir import RunDir
 from soundstage.train.run_eval import load_run, run_model
-
-EPS = 1e-6  # as the evaluation: scores are clamped before the log
 
 
 @dataclass
@@ -113,7 +111,7 @@ def clip_cues(trained: Trained, clip_id: str, seconds: int) -> dict[str, np.ndar
         values = reader[clip_id]
         rows = AVSClips._rows(values[spec.field], seconds, clip_id, spec)
         if role == "active":
-            rows = active_weights(rows, clip_id, trained.num_queries)
+            rows = active_weights(rows, clip_id, trained.num_queries, get_recipe(trained.cfg.recipe).active_encoding)
         out[role] = np.asarray(rows, dtype=np.float32)
         if spec.mask_field:
             out[f"{role}_mask"] = AVSClips._rows(values[spec.mask_field], seconds, clip_id, spec).astype(bool)
@@ -128,23 +126,26 @@ def read_frames(paths: list[str], image_size: int) -> np.ndarray:
 @torch.inference_mode()
 def foreground(trained: Trained, clips: list[dict], size: int) -> list[np.ndarray]:
     """Foreground probability ``[T, size, size]`` float32 per clip. Each clip: ``pixel_values
-    [T, 3, S, S]`` and its cues (``clip_cues``); all frames of all clips go through the model
-    as one batch (under autocast in ``trained.dtype`` when that is not fp32)."""
-    inputs = {"pixel_values": np.concatenate([c["pixel_values"] for c in clips])}
+    [T, 3, S, S]``, its cues (``clip_cues``) and optionally ``clip_id``; all frames of all clips go
+    through the model as one batch (under autocast in ``trained.dtype`` when that is not fp32)."""
+    batch = {"pixel_values": np.concatenate([c["pixel_values"] for c in clips])}
     for key in clips[0]:
-        if key != "pixel_values":
-            inputs[key] = np.concatenate([c[key] for c in clips])
-    kwargs = {k: torch.from_numpy(v).to(trained.device) for k, v in inputs.items()}
+        if key not in ("pixel_values", "clip_id"):
+            batch[key] = np.concatenate([c[key] for c in clips])
+    batch = {k: torch.from_numpy(v) for k, v in batch.items()}
+    lengths = [len(c["pixel_values"]) for c in clips]
+    batch["clip_ids"] = [c.get("clip_id", str(i)) for i, c in enumerate(clips)]
+    batch["clip_index"] = torch.repeat_interleave(torch.arange(len(clips)), torch.tensor(lengths))
+    batch["frames"] = torch.cat([torch.arange(n) for n in lengths])
     autocast = (
         torch.autocast(device_type=torch.device(trained.device).type, dtype=trained.dtype)
         if trained.dtype != torch.float32
         else contextlib.nullcontext()
     )
     with autocast:
-        outputs = trained.model(**kwargs)
-    scores = class_scores(outputs, (size, size)).clamp_min(EPS)  # float32 [N, 2, size, size]
-    probs = torch.sigmoid(scores[:, 1].log() - scores[:, 0].log()).cpu().numpy()
-    ends = np.cumsum([len(c["pixel_values"]) for c in clips])[:-1]
+        logits = get_recipe(trained.cfg.recipe).predict(trained.model, batch, trained.device, (size, size), "binary", False)
+    probs = torch.sigmoid(logits.float()).cpu().numpy()
+    ends = np.cumsum(lengths)[:-1]
     return np.split(probs, ends)
 
 
