@@ -25,7 +25,7 @@ from soundstage.cache.locks import (
 )
 from soundstage.cache.maintenance import compact_stage
 from soundstage.cache.quarantine import CorruptPart
-from soundstage.cache.store import CacheError
+from soundstage.cache.store import CacheError, iter_stage_dirs
 from soundstage.cli import main
 from soundstage.pipeline.identity import model_identity
 from soundstage.pipeline.runner import run_stage
@@ -515,3 +515,28 @@ def test_two_compactions_at_once_leave_every_clip_once(wavs):
     after = read_all(slow.path)
     for cid in before:
         np.testing.assert_array_equal(after[cid]["energy"], before[cid]["energy"])
+
+
+def test_an_interrupted_cache_rm_is_gone_for_readers_and_gc_finishes_it(wavs, tmp_path, monkeypatch):
+    import soundstage.cache.gc as cache_gc
+
+    root, rows, manifest, cache = wavs
+    cache = str(tmp_path / "cache")
+    stats = run_stage(AUDIO_STATS, manifest, cache, progress=False)
+
+    def interrupted(path, *args, **kwargs):  # Ctrl-C (or kill -9) while the files are being deleted
+        for name in os.listdir(os.path.join(path, "parts")):
+            os.remove(os.path.join(path, "parts", name))
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cache_gc.shutil, "rmtree", interrupted)
+        assert CliRunner().invoke(main, ["cache", "rm", "--cache", cache, stats.fingerprint]).exit_code != 0
+    status = CliRunner().invoke(main, ["status", "--cache", cache])
+    assert ".removing" not in status.output and stats.fingerprint not in status.output, status.output
+    assert list(iter_stage_dirs(cache)) == []  # no reader finds the half-removed output
+    (left,) = cache_gc.leftovers(cache)
+    assert os.path.basename(left).startswith(".removing-" + stats.fingerprint) and os.path.isdir(left)
+    result = CliRunner().invoke(main, ["cache", "gc", "--cache", cache])
+    assert result.exit_code == 0 and f"an interrupted removal: audio-stats/{os.path.basename(left)}" in result.output
+    assert not os.path.exists(left) and cache_gc.leftovers(cache) == []

@@ -365,9 +365,10 @@ def assert_same_run(whole, other):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
-def test_sigterm_to_the_process_group_of_a_training_with_loader_workers(vggish_cache, tmp_path):
-    """What SLURM does at a time limit: SIGTERM to every process. The DataLoader workers leave it
-    to the loop, which checkpoints and exits 75; no process is left."""
+def test_a_running_training_refuses_a_second_one_and_stops_whole_on_sigterm_to_its_group(vggish_cache, tmp_path):
+    """A second ``train`` into a run folder that is being trained is refused, naming the first.
+    Then what SLURM does at a time limit: SIGTERM to every process. The DataLoader workers leave
+    it to the loop, which checkpoints and exits 75; no process is left."""
     from test_shutdown import descendants, wait_gone
 
     out = tmp_path / "run"
@@ -378,6 +379,8 @@ def test_sigterm_to_the_process_group_of_a_training_with_loader_workers(vggish_c
         time.sleep(0.05)
     below = descendants(proc.pid)
     assert len(below) >= 2, below  # the loader's workers
+    second = CliRunner().invoke(_cli(), _command(vggish_cache, out)[3:])
+    assert second.exit_code == 1 and f"Error: {out} is being trained by pid {proc.pid} on " in second.output, second.output
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         code = proc.wait(timeout=60)
@@ -488,3 +491,14 @@ def test_a_run_directory_refuses_other_settings(whole_run, vggish_cache):
         train(config(vggish_cache, whole_run[0], **{**RUN, "lr": 5e-3}), log=lambda *_: None, progress=False)
     result = CliRunner().invoke(_cli(), _command(vggish_cache, whole_run[0])[3:] + ["--lr", "0.005"])
     assert result.exit_code == 1 and "other settings" in result.output
+
+
+def test_an_empty_train_split_is_one_line(vggish_cache, tmp_path):
+    rows = read_manifest(vggish_cache["manifest"])
+    manifest = str(tmp_path / "no_train.csv")
+    write_manifest(rows[rows["split"] != "train"], manifest)
+    command = _command(vggish_cache, tmp_path / "run")[3:]
+    command[command.index("--manifest") + 1] = manifest
+    result = CliRunner().invoke(_cli(), command)
+    assert result.exit_code == 1 and "bug" not in result.output, result.output
+    assert f"Error: {manifest}: no clips to train on in split 'train' (the manifest has: " in result.output

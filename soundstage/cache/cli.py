@@ -176,10 +176,19 @@ def rm(cache_root, with_dependents, dry_run, selector):
 @CACHE_OPTION
 @click.option("--dry-run", is_flag=True, help="only say what would be removed")
 def gc_command(cache_root, dry_run):
-    """Remove outputs with nothing committed (failed first attempts) and outputs whose upstream is gone."""
-    found = gc.garbage(cache_root)
-    if not found:
+    """Remove outputs with nothing committed (failed first attempts), outputs whose upstream is gone
+    and what interrupted removals left."""
+    found, left = gc.garbage(cache_root), gc.leftovers(cache_root)
+    if not found and not left:
         click.echo(f"nothing to remove under {cache_root}")
+    for path in left:
+        label = os.path.relpath(path, cache_root)
+        click.echo(f"an interrupted removal: {label}")
+        if dry_run:
+            click.echo(f"would remove {label}")
+        else:
+            gc.remove_leftover(path)
+            click.echo(f"removed {label}")
     busy = 0
     for sd, why in found:
         click.echo(f"{why}: {os.path.relpath(sd.path, cache_root)}")

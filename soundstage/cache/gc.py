@@ -44,12 +44,34 @@ def _upstream_keys(sd: StageDir) -> set:
         return set()
 
 
+TRASH = ".removing-"
+
+
 def remove_output(sd: StageDir) -> None:
-    """Delete an output directory, holding it exclusively (refused while a writer runs)."""
+    """Delete an output directory, holding it exclusively (refused while a writer runs). It is
+    renamed out of sight first; what an interrupted removal leaves is ``leftovers`` for gc."""
     with exclusive_lock(sd, "remove"):
-        trash = os.path.join(os.path.dirname(sd.path), f".removing-{os.path.basename(sd.path)}-{os.getpid()}")
+        trash = os.path.join(os.path.dirname(sd.path), f"{TRASH}{os.path.basename(sd.path)}-{os.getpid()}")
         os.rename(sd.path, trash)  # one step: the output is either whole or gone for readers
     shutil.rmtree(trash)
+
+
+def leftovers(cache_root: str) -> list[str]:
+    """Folders of removals that were interrupted (Ctrl-C, kill -9 during ``cache rm`` or ``gc``):
+    out of sight already, their bytes still on disk."""
+    if not os.path.isdir(cache_root):
+        return []
+    return [
+        os.path.join(cache_root, stage, name)
+        for stage in sorted(os.listdir(cache_root))
+        if os.path.isdir(os.path.join(cache_root, stage))
+        for name in sorted(os.listdir(os.path.join(cache_root, stage)))
+        if name.startswith(TRASH)
+    ]
+
+
+def remove_leftover(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)  # another gc may be removing it too
 
 
 def garbage(cache_root: str) -> list[tuple[StageDir, str]]:
@@ -66,4 +88,4 @@ def garbage(cache_root: str) -> list[tuple[StageDir, str]]:
     return out
 
 
-__all__ = ["CacheError", "dependents", "find_outputs", "garbage", "remove_output"]
+__all__ = ["CacheError", "dependents", "find_outputs", "garbage", "leftovers", "remove_leftover", "remove_output"]

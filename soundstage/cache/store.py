@@ -613,6 +613,8 @@ def iter_stage_dirs(cache_root: str, stage: str | None = None):
         if not os.path.isdir(base):
             continue
         for fp in sorted(os.listdir(base)):
+            if fp.startswith("."):  # an output being removed (or left half-removed by an interrupted rm)
+                continue
             sd = StageDir(os.path.join(base, fp))
             if sd.exists():
                 yield sd

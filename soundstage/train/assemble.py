@@ -137,7 +137,19 @@ def init_weights(model, recipe, path: str, log=print) -> None:
 
 def train_clip_ids(cfg: TrainConfig) -> list[str]:
     df = read_manifest(cfg.manifest)
-    return df[df["split"] == cfg.train_split]["clip_id"].tolist()
+    ids = df[df["split"] == cfg.train_split]["clip_id"].tolist()
+    if not ids:
+        raise empty_split(cfg, cfg.train_split, df)
+    return ids
+
+
+def empty_split(cfg: TrainConfig, split: str, df=None) -> ConfigError:
+    """The error for a split with no clips to train on, with the splits the manifest has."""
+    df = read_manifest(cfg.manifest) if df is None else df
+    has = ", ".join(f"{name} {count}" for name, count in df["split"].value_counts().sort_index().items()) or "no rows"
+    return ConfigError(
+        f"{cfg.manifest}: no clips to train on in split {split!r} (the manifest has: {has}); set train_split in the pipeline file's train: section, or fix the manifest"
+    )
 
 
 def silence_for(run: RunDir, cues: dict, seconds: int, device: str = "cpu") -> np.ndarray:
@@ -181,6 +193,8 @@ def dataset(
         prior=prior,
         active_encoding=active_encoding,
     )
+    if training and len(data) == 0:
+        raise empty_split(cfg, split)
     reader = frames_reader(cfg)
     if reader is not None:
         data.use_frames(reader, required=cfg.frames == "cache")

@@ -71,7 +71,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, dist: Distributed 
     dist = dist or Distributed.from_env()
     if not dist.main:
         log, progress = _quiet, False
-    with torch_settings(cfg):
+    with torch_settings(cfg), RunDir(cfg.out).trainer(hold=dist.main):
         try:
             return _train(cfg, log, progress, dist)
         finally:

@@ -22,9 +22,22 @@ that checkpoint are dropped first, so each step and epoch appears once.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import socket
+import time
+
+from soundstage.train.config import ConfigError
+
+TRAINER_LOCK = "train.lock"
+
+
+class RunBusy(ConfigError):
+    """Another process is training into the same run folder."""
 
 
 class RunDir:
@@ -45,6 +58,33 @@ class RunDir:
     @property
     def done(self) -> bool:
         return os.path.exists(self.file("DONE"))
+
+    @contextlib.contextmanager
+    def trainer(self, hold: bool = True):
+        """While it is held, this process is the one training into the folder; a second one is
+        refused with ``RunBusy`` naming the first. (``flock``: the kernel releases it when the holder
+        dies, so a killed or requeued run never leaves a stale lock.) ``hold=False``: a rank other
+        than 0, whose rank 0 holds it."""
+        if not hold:
+            yield
+            return
+        os.makedirs(self.path, exist_ok=True)
+        fd = os.open(self.file(TRAINER_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+                raise RunBusy(
+                    f"{self.path} is being trained by {holder}; wait for it to end (or stop it), or choose another --out"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def config(self) -> dict | None:
         return read_json(self.file("config.json"))
