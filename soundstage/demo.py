@@ -384,12 +384,16 @@ def demo(out_dir, clips, seed, executor, shards, train_epochs, train_recipes, re
         run_dir = os.path.join(out_dir, "runs", DEMO_RUN)
         train_demo_model(pipeline_path, run_dir, manifest, train_epochs)
         report = masks_and_report(pipe.cache, manifest, run_dir, os.path.join(out_dir, "report"))
+    recipes_page = None
     if not incomplete and train_recipes:
-        train_every_recipe(pipeline_path, os.path.join(out_dir, "runs"), manifest, recipe_steps)
+        trained = train_every_recipe(pipeline_path, os.path.join(out_dir, "runs"), manifest, recipe_steps)
+        recipes_page = compare_recipes(trained, os.path.join(out_dir, "report-recipes"))
     click.echo("\n" + how_to_go_real(pipeline_path, stages))
     click.echo(f"\ndemo finished in {time.monotonic() - start:.1f} s")
     if report:
         click.echo(f"report: {report}   (open it in a browser)")
+    if recipes_page:
+        click.echo(f"recipes side by side: {recipes_page}   (open it in a browser)")
     click.get_current_context().exit(code or (1 if incomplete or not queries_ok else 0))
 
 
@@ -430,7 +434,7 @@ def train_every_recipe(pipeline_path: str, runs_dir: str, manifest: str, steps: 
     from soundstage.train.loop import train
     from soundstage.train.recipes import recipes
 
-    records = {}
+    records = {}  # recipe -> its last evaluation (and its run folder under "run")
     for name in recipes():
         if name == "generic":
             continue
@@ -443,12 +447,25 @@ def train_every_recipe(pipeline_path: str, runs_dir: str, manifest: str, steps: 
                 pipeline_path, {"out": run_dir, "recipe": name, "epochs": 1, "max_steps": steps, "batch_size": 1}
             )
             with _quiet_transformers():
-                records[name] = train(cfg, log=lambda *_: None, progress=False)
+                records[name] = {**train(cfg, log=lambda *_: None, progress=False), "run": run_dir}
         except (ConfigError, CueError, FileNotFoundError) as e:
             out(f"recipe {name}: skipped ({e})")
     if records:
         out("\n" + recipe_table(records))
     return records
+
+
+def compare_recipes(records: dict, out_dir: str, out=click.echo) -> str | None:
+    """The comparison page of the recipes' runs (``soundstage report --run A --run B ...``)."""
+    from soundstage.train.compare import write_comparison
+
+    runs = [r["run"] for r in records.values() if os.path.exists(os.path.join(r["run"], "DONE"))]
+    if len(runs) < 2:
+        return None
+    with _quiet_transformers():
+        page = write_comparison(runs, out_dir, log=lambda *_: None)
+    out(f"  the same as a page: soundstage report {' '.join('--run ' + r for r in runs)} --out DIR")
+    return page
 
 
 def recipe_table(records: dict) -> str:

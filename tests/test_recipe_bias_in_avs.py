@@ -141,3 +141,25 @@ def test_evaluate_scores_a_checkpoint_in_their_key_layout(synth_dir, tmp_path, m
     got = result["eval"]["real"]["bias-in-avs"]
     assert got["miou"] == pytest.approx(float(expected["miou"]), abs=1e-6)
     assert got["fscore"] == pytest.approx(float(expected["fscore"]), abs=1e-6)
+
+
+def test_avss_reference_forward_equals_their_code():
+    """Their AVSS PmpAVS (``AVSS/models/avs_model.py``, 75-class head, t = 99): both passes' logits
+    and the semantic map (the clean classes × sigmoid of the debiased masks, argmax at the image size)."""
+    fixture = load_fixture("bias_in_avs_avss")
+    model = load_reference("bias-in-avs-avss", seeded_state_dict(fixture), fixture["config"])
+    seed = fixture["seed"]
+    out = model.reference_forward(
+        seeded((2, 3, 384, 384), seed + 1),
+        seeded((2, 128), seed + 2),
+        fixture["active_ids"],
+        tuple(fixture["image_size"]),
+        seeded((2, 256), seed + 3),
+        99,
+    )
+    want = fixture["cases"][99]
+    torch.testing.assert_close(out["class_queries_logits"], want["class_queries_logits"], atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(
+        out["masks_queries_logits"][:, :, ::4, ::8, ::8], want["masks_queries_logits"], atol=TOLERANCE, rtol=0
+    )
+    assert torch.equal(out["pred"][:, ::2, ::2].to(torch.uint8), want["pred"])

@@ -43,6 +43,7 @@ OUTPUT_SIZE = 256  # AVS prediction / ground-truth size
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
 #: their checkpoint's top-level prefixes -> ours
 KEY_PREFIXES = {"model_v.": "mask2former."}
+UNUSED_THEIRS = ("model_v.criterion.mtl_loss.",)
 
 
 def active_weights(ids, num_queries: int = 100):
@@ -193,9 +194,12 @@ class BiasInAVS(SeedModel):
 
 
 def key_map(state: dict) -> dict:
-    """A state dict saved by their code (``model_v.model.…``, ``audio_proj.…``) -> ours; ours passes."""
+    """A state dict saved by their code (``model_v.model.…``, ``audio_proj.…``) -> ours; ours passes.
+    Their AVSS criterion's ``mtl_loss.params`` (an uncertainty weighting their loss never applies:
+    ``multitask = False``) is left out."""
     if not any(k.startswith("model_v.") for k in state):
         return state
+    state = {k: v for k, v in state.items() if not k.startswith(UNUSED_THEIRS)}
     return legacy_state_dict(state, KEY_PREFIXES)
 
 
@@ -206,11 +210,16 @@ class BiasInAVSReference(BiasInAVS):
     @torch.no_grad()
     def reference_forward(self, pixel_values, audio, active_ids, image_size, noise, t) -> dict:
         """``pixel_values [T,3,384,384]``, ``audio [T,128]``, ``active_ids`` (T 1-D LongTensors),
-        ``image_size (H, W)``, ``noise [T,hidden]``, ``t`` -> ``pred [T,256,256]``,
-        ``class_queries_logits [T,2,Q,C+1]``, ``masks_queries_logits [T,2,Q,h,w]``."""
+        ``image_size (H, W)``, ``noise [T,hidden]``, ``t`` -> ``pred [T,256,256]`` (AVSS: the class map
+        ``[T,H,W]``, with ``scores [T,C,384,384]``), ``class_queries_logits [T,2,Q,C+1]``,
+        ``masks_queries_logits [T,2,Q,h,w]``."""
         weights = active_weights(list(active_ids), self.config.num_queries)
         sizes = torch.tensor([list(image_size)] * len(pixel_values))
-        return self.forward(pixel_values, audio, weights, noise=noise, t=t, image_size=sizes)
+        out = self.forward(pixel_values, audio, weights, noise=noise, t=t, image_size=sizes)
+        if self.head == "avss":  # their semantic map: the scores resized to the image, argmax over classes
+            out["scores"] = out["pred"]
+            out["pred"] = F.interpolate(out["scores"], size=tuple(image_size), mode="bilinear", align_corners=False).argmax(1)
+        return out
 
     def reference_loss(self, out: dict, gt: torch.Tensor) -> torch.Tensor:
         return focal_loss(out["pred"], gt)
