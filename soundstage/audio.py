@@ -62,6 +62,12 @@ def max_seconds_param(default: float | None = None):
     )
 
 
+def soundfile_name(path: str):
+    """``path`` as soundfile should get it: the file system's bytes on POSIX, since soundfile
+    encodes a str as UTF-8, which a name in another encoding (its bytes held as surrogates) is not."""
+    return os.fsencode(path) if os.name == "posix" else path
+
+
 def load_audio(path: str, target_sr: int = TARGET_SR, max_seconds: float | None = None, resampler=resample) -> Audio:
     """Read ``path``, average channels to mono and resample to ``target_sr`` with ``resampler``
     (``resample`` or ``resample_kaiser_best``).
@@ -74,14 +80,15 @@ def load_audio(path: str, target_sr: int = TARGET_SR, max_seconds: float | None 
         raise ClipError(f"missing audio {path}")
     if os.path.getsize(path) == 0:
         raise ClipError(f"zero-byte audio {path}")
+    name = soundfile_name(path)
     try:
-        seconds = sf.info(path).duration if max_seconds else 0.0
+        seconds = sf.info(name).duration if max_seconds else 0.0
     except Exception as e:  # soundfile raises LibsndfileError/RuntimeError for corrupt files
         raise ClipError(f"unreadable audio {path}: {e}") from None
     if max_seconds and seconds > max_seconds:
         raise ClipError(f"audio {path} is {seconds:.1f} s long, over --max-seconds {max_seconds:g}")
     try:
-        data, sr = sf.read(path, dtype="float32", always_2d=True)
+        data, sr = sf.read(name, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError/RuntimeError for corrupt files
         raise ClipError(f"unreadable audio {path}: {e}") from None
     if data.shape[0] == 0:

@@ -13,6 +13,7 @@ import importlib
 import importlib.machinery
 import importlib.util
 import os
+import sys
 
 import click
 
@@ -137,6 +138,15 @@ def _set_debug(ctx, param, value):
 )
 def main():
     """Resumable, cached preprocessing stages for audio-visual segmentation (AVS) research."""
+    print_file_names_as_they_are()
+
+
+def print_file_names_as_they_are() -> None:
+    """A file name that is not UTF-8 (its bytes held as surrogates) is written back as those bytes,
+    as ``ls`` shows it, instead of failing the print under a strict UTF-8 locale."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
 
 
 if __name__ == "__main__":

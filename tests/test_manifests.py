@@ -270,3 +270,24 @@ def test_check_image_opens_the_file(tmp_path):
     assert check_image(str(tmp_path / "cut.jpg")) == "truncated"
     open(tmp_path / "text.png", "wb").write(b"not an image at all")
     assert check_image(str(tmp_path / "text.png")) == "unreadable"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file names as bytes are a POSIX matter")
+def test_a_dataset_under_a_unicode_and_a_non_utf8_folder(synth_dir, tmp_path):
+    """A dataset in a folder whose name is not UTF-8 (latin-1 ``é``) beside real unicode: an
+    absolute manifest cannot hold its paths (one line saying so and what to do); a relative one
+    can, and every clip's audio then reads."""
+    folder = os.fsdecode(os.fsencode(str(tmp_path)) + "/caf\xe9 données 日本".encode("latin-1", "ignore") + "日本".encode())
+    root = copy_dataset(synth_dir, folder)
+    out = os.path.join(folder, "m.csv")
+    refused = run_cli("avsbench", root, "-o", out, "--no-progress")
+    assert refused.exit_code == 1 and "bug" not in refused.output, refused.output
+    assert "not valid UTF-8" in refused.output and "caf\\xe9 donn" in refused.output and "--relative" in refused.output
+    assert not os.path.exists(out)
+    written = run_cli("avsbench", root, "-o", out, "--no-progress", "--relative")
+    assert written.exit_code == 0, written.output
+    assert (read_manifest(out).problem == "").all()
+    stats = CliRunner().invoke(
+        main, ["audio-stats", "--manifest", out, "--cache", os.path.join(folder, "cache"), "--workers", "0", "--no-progress"]
+    )
+    assert stats.exit_code == 0 and "failed 0" in stats.output, stats.output

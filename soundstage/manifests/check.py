@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import soundfile as sf
 from PIL import Image
 
+from soundstage.audio import soundfile_name
 from soundstage.pipeline.progress import progress_bar
 
 JPEG_END_MARKER = b"\xff\xd9"
@@ -85,7 +86,7 @@ def check_audio(path: str) -> tuple[str | None, dict]:
     try:
         if os.path.getsize(path) == 0:
             return "zero-byte", facts
-        info = sf.info(path)
+        info = sf.info(soundfile_name(path))
     except FileNotFoundError:
         return "missing", facts
     except Exception:  # libsndfile raises LibsndfileError / RuntimeError for bad headers

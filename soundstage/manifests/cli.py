@@ -59,6 +59,8 @@ def avsbench(root, output, subsets, splits, strict, workers, relative, decode, p
         raise click.ClickException(
             f"{output}: cannot write Parquet without pyarrow; pip install pyarrow, or write .csv"
         ) from None
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(

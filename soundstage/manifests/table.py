@@ -51,8 +51,26 @@ def frame_count(row: dict) -> int | None:
     return int(number)
 
 
+def shown_bytes(name: str) -> str:
+    """A file name read from the file system, its bytes that are not UTF-8 shown as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def write_manifest(df: pd.DataFrame, path: str) -> None:
-    """Write atomically (temp file + rename) so a killed run never leaves half a manifest."""
+    """Write atomically (temp file + rename) so a killed run never leaves half a manifest. A
+    manifest is UTF-8 text: a value that is not (a file name in another encoding) is a
+    ``ValueError`` naming it, before anything is written."""
+    for column in df.columns:
+        for value in df[column]:
+            if isinstance(value, str) and not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(
+                        f"{path}: column {column} holds '{shown_bytes(value)}', not valid UTF-8 "
+                        "(a file name in another encoding); "
+                        "rename it, or write paths relative to the manifest (--relative) if only the folder above is affected"
+                    ) from None
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     if str(path).endswith(".parquet"):
