@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from soundstage.train.checkpoint import WeightsError, content_digest, read_state_dict
 from soundstage.train.config import ConfigError, resolve_config
 from soundstage.train.recipes import Option, RecipeError, get_recipe, recipes
 
@@ -47,3 +49,27 @@ def test_recipe_settings_sit_between_a_generic_train_section_and_the_command_lin
     pipeline.write_text(f"manifest: {manifest}\ncache: {tmp_path}\ntrain:\n  recipe: bias-in-avs\n  lr: 0.003\n")
     assert resolve_config(str(pipeline), {}).lr == 0.003  # a section written for the recipe wins
     assert resolve_config(str(pipeline), {"lr": 0.5}).lr == 0.5
+
+
+def test_init_weights_reads_only_tensor_state_dicts(tmp_path):
+    recipe = get_recipe("bias-in-avs")
+    text = tmp_path / "notes.pth"
+    text.write_text("not torch")
+    with pytest.raises(WeightsError, match="not a torch weights file"):
+        read_state_dict(str(text), recipe)
+    mixed = tmp_path / "mixed.pth"
+    torch.save({"a": torch.zeros(1), "b": 3}, mixed)
+    with pytest.raises(WeightsError, match="holds no state dict"):
+        read_state_dict(str(mixed), recipe)
+    theirs = tmp_path / "theirs.pth"
+    torch.save({"model_v.model.pixel_level_module.encoder.encoder.layers.0.blocks.0.output.dense.weight": torch.ones(2)}, theirs)
+    assert list(read_state_dict(str(theirs), recipe)) == [
+        "mask2former.model.pixel_level_module.encoder.swin.encoder.layers.0.blocks.0.mlp.fc2.weight"
+    ]
+    ours = tmp_path / "checkpoint.pt"
+    state = {"model": {"audio_proj.0.weight": torch.ones(2)}, "step": 3, "rng": {}}
+    torch.save({**state, "sha256": content_digest(state)}, ours)
+    assert list(read_state_dict(str(ours), recipe)) == ["audio_proj.0.weight"]
+    torch.save({**state, "sha256": "0" * 64}, ours)
+    with pytest.raises(WeightsError, match="does not match the checksum"):
+        read_state_dict(str(ours), recipe)

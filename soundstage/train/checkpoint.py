@@ -284,8 +284,11 @@ def read_state_dict(path: str, recipe) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 — any unreadable file is the same user error
         raise WeightsError(f"{path}: not a torch weights file ({type(e).__name__}: {e})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict) and "step" in state:
-        state = state["model"]
+    if isinstance(state, dict) and {"model", "step", "rng"} <= set(state):  # a training checkpoint: checked
+        try:
+            state = read_checkpoint(path)["model"]
+        except CheckpointError as e:
+            raise WeightsError(f"{path}: {e}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: holds no state dict (name -> tensor)")
     return recipe.key_map(state) if recipe.key_map else state
