@@ -43,6 +43,7 @@ DEMO_STAGES = {
     "vggish": [
         ("checkpoint", "model:vggish", "download from github.com/harritaylor/torchvggish/releases"),
         ("pad", "repeat-last", "rows = video frames; AVSBench repeats the last example"),
+        ("variant", "towhee", "towhee's VGGish (signed), what the seed methods' loaders computed"),
     ],
     "caption": [
         ("model", "model:blip", ""),

@@ -6,17 +6,26 @@ checkpoint layout, and the recipe's loss / prediction / parameter groups on a ti
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
 import torch
+from fixtures_synth import synth_dir  # noqa: F401 (a fixture)
 from recipe_fixtures import load_fixture, seeded, seeded_state_dict
 from torch.nn import functional as F
 
 import soundstage.models.seeds.stepping_stones as ss
+import soundstage.train.assemble as assemble
+from soundstage.metrics import Accumulator
 from soundstage.models.seeds.base import UNUSED_BACKBONE_NORM, mask2former_from_config
-from soundstage.models.tiny import tiny_config
+from soundstage.models.tiny import build_vggish, tiny_config
+from soundstage.pipeline.registry import get_stage
+from soundstage.pipeline.runner import run_stage
+from soundstage.train.config import resolve_config
+from soundstage.train.evaluation import protocols_for
 from soundstage.train.recipes import get_recipe, load_reference
+from soundstage.train.run_eval import evaluate_checkpoint
 
 TOLERANCE = 1e-4
 FRAMES = 2
@@ -93,22 +102,16 @@ def test_their_key_layout_maps_onto_ours(reference):
     assert ss.key_map(ours) is ours
 
 
-def test_stage1_skips_the_projections_stage2_applies_them(reference):
-    """Changing ``output_proj`` / ``out_proj`` changes stage 2's output and not stage 1's."""
-    stage, fixture, model = reference
-    seed = fixture["seed"]
-    prior = fixture_prior(seed) if stage == 2 else None
-    pixel_values, audio = seeded((1, 3, 384, 384), seed + 1), seeded((1, 128), seed + 2)
-    before = model.reference_forward(pixel_values, audio, prior if prior is None else prior[:1])["class_queries_logits"]
-    decoder_attention = model.model.model.transformer_module.decoder.layers[0].self_attn.out_proj
-    saved = decoder_attention.weight.detach().clone()
+@pytest.mark.parametrize("stage", [1, 2])
+def test_stage1_skips_the_projections_stage2_applies_them(stage):
+    """Changing ``out_proj`` of the decoder's self-attention changes stage 2's output and not stage 1's."""
+    model = tiny_model(stage).eval()
+    values = {k: v[:1] for k, v in batch(stage).items() if k in ("pixel_values", "audio", "prior")}
+    projection = model.model.model.transformer_module.decoder.layers[0].self_attn.out_proj
     with torch.no_grad():
-        decoder_attention.weight.mul_(3)
-    try:
-        after = model.reference_forward(pixel_values, audio, prior if prior is None else prior[:1])["class_queries_logits"]
-    finally:
-        with torch.no_grad():
-            decoder_attention.weight.copy_(saved)
+        before = model(**values).class_queries_logits
+        projection.weight.mul_(3)
+        after = model(**values).class_queries_logits
     assert torch.equal(before, after) == (stage == 1)
 
 
@@ -205,3 +208,47 @@ def test_stage1_loss_leaves_out_a_clip_with_empty_ground_truth():
     assert float(with_empty) == pytest.approx(float(recipe.loss(model, first, "cpu")))
     only_empty = {**first, "labels": torch.zeros_like(first["labels"])}
     assert float(recipe.loss(model, only_empty, "cpu")) == 0.0
+
+
+def test_evaluate_scores_a_stage1_checkpoint_in_their_key_layout(synth_dir, tmp_path):  # noqa: F811
+    """Their layout at the stage's 30 queries (the fixture's generator with those shapes) on a base
+    model folder of the fixture's config, scored through a towhee-VGGish cache with every binary
+    protocol; their protocol equals the reference model run by hand."""
+    fixture = load_fixture("stepping_stones_stage1")
+    queries = ss.STAGE_SHAPES[1]["num_queries"]
+    params = {
+        k: ([queries, v[1]] if k.endswith(("queries_embedder.weight", "queries_features.weight")) else v)
+        for k, v in fixture["params"].items()
+    }
+    state = seeded_state_dict({**fixture, "params": params})
+    checkpoint = str(tmp_path / "f_miou_best.pth")
+    torch.save(state, checkpoint)
+    config = {**fixture["config"], "num_queries": queries}
+    base = str(tmp_path / "base")
+    mask2former_from_config(config).save_pretrained(base)
+    manifest = os.path.join(synth_dir, "manifest.csv")
+    cache = str(tmp_path / "cache")
+    vggish = {"checkpoint": build_vggish(str(tmp_path / "vggish.pth")), "variant": "towhee"}
+    assert run_stage(get_stage("vggish"), manifest, cache, vggish, progress=False, log=lambda *_: None).ok
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(
+        f"manifest: {manifest}\ncache: {cache}\ntrain:\n  image_size: 192\n"
+    )  # small; every Swin stage still holds a window
+    result = evaluate_checkpoint(
+        "stepping-stones-stage1", checkpoint, pipeline_file=str(pipeline), split="val", model=base, probes=[], log=lambda *_: None
+    )
+    assert result["protocols"][0] == "stepping-stones" and set(result["protocols"]) == set(protocols_for("binary"))
+
+    model = load_reference("stepping-stones-stage1", state, config)
+    cfg = resolve_config(
+        None, {"recipe": "stepping-stones-stage1", "manifest": manifest, "cache": cache, "model": base, "out": "."}
+    )
+    accumulator = Accumulator("stepping-stones", pred_kind="logits")
+    for item in assemble.dataset(cfg, assemble.open_cues(cfg, log=lambda *_: None), "val", num_queries=queries):
+        size = tuple(item["labels"].shape[-2:])
+        pred = model.reference_forward(item["pixel_values"], item["audio"], None, size)["pred"]
+        accumulator.update(pred, item["labels"], videos=[item["clip_id"]] * len(item["labels"]))
+    expected = accumulator.compute()
+    got = result["eval"]["real"]["stepping-stones"]
+    assert got["miou"] == pytest.approx(float(expected["miou"]), abs=1e-6)
+    assert got["fscore"] == pytest.approx(float(expected["fscore"]), abs=1e-6)
