@@ -421,3 +421,74 @@ def _ids_in(part):
 
     with h5py.File(part, "r") as h5:
         return set(h5["clip_id"].asstr()[...].tolist())
+
+
+def _task_processes(job: str, task: int) -> set[int]:
+    """Every process of array task ``job_task`` on this node (from its environment in /proc)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        if env.get(b"SLURM_ARRAY_JOB_ID") == job.encode() and env.get(b"SLURM_ARRAY_TASK_ID") == str(task).encode():
+            found.add(int(entry))
+    return found
+
+
+def _job_state(task_id: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", task_id], capture_output=True, text=True).stdout
+    return out.split("JobState=")[1].split()[0] if "JobState=" in out else ""
+
+
+@needs_slurm
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the task's processes in /proc")
+def test_a_task_whose_node_dies_mid_shard_is_requeued_and_finishes_it_once(dataset, tmp_path, slurm_env):
+    """A node dying takes every process of its task at once (no signal to handle): here all of
+    them get SIGKILL while the task is on its 3rd clip, and the task is requeued under the same id
+    (``scontrol requeue``, as SLURM does for a failed node). The rerun finishes the shard: every
+    clip is committed exactly once, none is lost, and the output equals a local run's."""
+    import threading
+
+    cache = str(tmp_path / "cache")
+    ids = _clip_ids(dataset)
+    by_shard = {s: [c for c in ids if shard_of(c, 2) == s] for s in range(2)}
+    shard = max(by_shard, key=lambda s: len(by_shard[s]))
+    assert len(by_shard[shard]) >= 4, by_shard
+    gate = str(tmp_path / "gate")
+    os.mkfifo(gate)
+    slurm_env.setenv("SOUNDSTAGE_TEST_GATES", f"{by_shard[shard][2]}={gate}")
+    options = "--shards 2 --workers 1 --batch-size 1 --commit-every 1".split()
+    code, out = _invoke(["audio-stats", "--manifest", dataset, "--cache", cache, "--executor", "slurm", *options])
+    assert code == 0, out
+    job = out.split("submitted soundstage-audio-stats as job ")[1].split(";")[0]
+    plan = plan_stage(get_stage("audio-stats"), dataset, cache, {})
+    committed = lambda: plan.dir.committed_ids() if plan.dir.exists() else set()  # noqa: E731
+    _wait_until(lambda: set(by_shard[shard][:2]) <= committed(), "the task's first two clips")
+
+    victims = _task_processes(job, shard)
+    assert len(victims) >= 2, victims  # the batch shell, the stage, its decoding worker...
+    for pid in victims:
+        os.kill(pid, 9)
+    _wait_until(lambda: _job_state(f"{job}_{shard}") not in ("RUNNING", "COMPLETING", ""), "the task to end")
+    subprocess.run(["scontrol", "requeue", f"{job}_{shard}"], check=True)
+    # slurmctld makes a requeued job eligible 2 minutes later; the test does not wait for that
+    subprocess.run(["scontrol", "update", f"JobId={job}_{shard}", "StartTime=now"], check=True)
+    opener = threading.Thread(target=lambda: open(gate, "wb").close(), daemon=True)
+    opener.start()  # the rerun passes the 3rd clip
+    slurm.wait_for_jobs([job], poll_seconds=1, log=lambda *_: None)
+    opener.join(timeout=5)
+
+    assert committed() == set(ids)  # nothing lost
+    rows = [cid for part in _parts(plan.dir.path) for cid in _ids_in(part)]
+    assert sorted(rows) == sorted(ids)  # nothing twice
+    code, out = _invoke(["verify", "--cache", cache])
+    assert code == 0, out
+    reference = tmp_path / "reference"
+    slurm_env.delenv("SOUNDSTAGE_TEST_GATES")
+    code, out = _invoke(["audio-stats", "--manifest", dataset, "--cache", str(reference), "--workers", "0"])
+    assert code == 0, out
+    _assert_same_outputs(plan.dir.path, glob.glob(str(reference / "audio-stats" / "*"))[0])
