@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from soundstage.manifests import (
     annotated_frames,
+    duplicate_ids,
     good_clips,
     label_path,
     mask_kind,
@@ -148,6 +149,9 @@ def evaluate_prediction_dir(
 ) -> dict[str, dict]:
     """Every protocol in ``names`` over the annotated frames of the manifest's clips."""
     manifest = read_manifest(manifest_path)
+    repeated = duplicate_ids(manifest, manifest_path)
+    if repeated:
+        raise click.ClickException(repeated)
     manifest_dir = os.path.dirname(os.path.abspath(manifest_path))
     rows = good_clips(manifest)
     if split:

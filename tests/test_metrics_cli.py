@@ -112,3 +112,16 @@ def test_a_prediction_of_another_size_or_junk_bytes_is_named(synth_dir, tmp_path
     result = run("--pred", pred, "--manifest", os.path.join(synth_dir, "manifest.csv"))
     assert result.exit_code == 1 and "bug" not in result.output, result.output
     assert f"{path}: not an image" in result.output
+
+
+def test_a_clip_id_in_two_rows_is_refused_not_scored_twice(synth_dir, tmp_path):  # noqa: F811
+    import pandas as pd
+
+    pred = str(tmp_path / "gt")
+    write_predictions(synth_dir, pred, lambda label: (label > 0) * 255)
+    rows = pd.read_csv(os.path.join(synth_dir, "manifest.csv"), dtype=str, keep_default_na=False)
+    manifest = os.path.join(synth_dir, f"{tmp_path.name}.csv")  # beside it: the same relative paths
+    pd.concat([rows, rows.iloc[[0]]]).to_csv(manifest, index=False)
+    result = run("--pred", pred, "--manifest", manifest)
+    assert result.exit_code == 1 and "bug" not in result.output, result.output
+    assert f"clip_id {rows['clip_id'].iloc[0]} is in rows 2, {len(rows) + 2}" in result.output

@@ -493,12 +493,27 @@ def test_a_run_directory_refuses_other_settings(whole_run, vggish_cache):
     assert result.exit_code == 1 and "other settings" in result.output
 
 
-def test_an_empty_train_split_is_one_line(vggish_cache, tmp_path):
-    rows = read_manifest(vggish_cache["manifest"])
-    manifest = str(tmp_path / "no_train.csv")
-    write_manifest(rows[rows["split"] != "train"], manifest)
+def _train_on(vggish_cache, tmp_path, rows):
+    manifest = os.path.join(os.path.dirname(vggish_cache["manifest"]), f"{tmp_path.name}.csv")  # beside it: same relative paths
+    write_manifest(rows, manifest)
     command = _command(vggish_cache, tmp_path / "run")[3:]
     command[command.index("--manifest") + 1] = manifest
     result = CliRunner().invoke(_cli(), command)
     assert result.exit_code == 1 and "bug" not in result.output, result.output
-    assert f"Error: {manifest}: no clips to train on in split 'train' (the manifest has: " in result.output
+    return manifest, result.output
+
+
+def test_an_empty_train_split_is_one_line(vggish_cache, tmp_path):
+    rows = read_manifest(vggish_cache["manifest"])
+    manifest, output = _train_on(vggish_cache, tmp_path, rows[rows["split"] != "train"])
+    assert f"Error: {manifest}: no clips to train on in split 'train' (the manifest has: " in output
+
+
+def test_a_clip_id_in_two_rows_is_refused_not_trained_on_twice(vggish_cache, tmp_path):
+    import pandas as pd
+
+    rows = read_manifest(vggish_cache["manifest"])
+    twice = rows[rows["split"] == "train"].iloc[0]
+    manifest, output = _train_on(vggish_cache, tmp_path, pd.concat([rows, rows[rows["clip_id"] == twice["clip_id"]]]))
+    position = list(rows["clip_id"]).index(twice["clip_id"]) + 2
+    assert f"Error: manifest {manifest}: clip_id {twice['clip_id']} is in rows {position}, {len(rows) + 2}; " in output

@@ -7,6 +7,7 @@ avsbench``); generate the synthetic dataset: ``soundstage.manifests.synth.make_s
 
 from soundstage.manifests.table import (  # noqa: F401
     annotated_frames,
+    duplicate_ids,
     frame_path,
     good_clips,
     label_path,

@@ -123,6 +123,23 @@ def annotated_frames(row) -> list[int]:
     return [int(v) for v in str(row["annotated_frames"]).split(";") if v != ""]
 
 
+def duplicate_ids(df: pd.DataFrame, path: str) -> str | None:
+    """Why ``df`` (the manifest at ``path``) cannot be trained or scored on as it is: a clip id in
+    several rows (it would count twice); None when every id is one row. Rows are numbered as in
+    the file (the header is row 1)."""
+    repeated = df["clip_id"][df["clip_id"].duplicated(keep=False)]
+    if repeated.empty:
+        return None
+    first = repeated.iloc[0]
+    rows = ", ".join(str(i + 2) for i in range(len(df)) if df["clip_id"].iloc[i] == first)
+    others = repeated.nunique() - 1
+    return (
+        f"manifest {path}: clip_id {first} is in rows {rows}"
+        + (f" (and {others} more ids repeat)" if others else "")
+        + "; a clip is one row: remove the repeated rows"
+    )
+
+
 def good_clips(df: pd.DataFrame) -> pd.DataFrame:
     """The rows whose ``problem`` cell is empty (all rows if the manifest has no such column)."""
     return df[df["problem"] == ""] if "problem" in df.columns else df

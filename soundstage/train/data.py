@@ -47,6 +47,7 @@ from PIL import Image
 
 from soundstage.manifests.table import (
     annotated_frames,
+    duplicate_ids,
     frame_path,
     label_path,
     mask_kind,
@@ -152,6 +153,9 @@ class AVSClips(torch.utils.data.Dataset):
         if self.variant != "real" and "audio" not in cues:
             raise ValueError(f"audio variant {audio_variant!r} needs an audio cue")
         df = read_manifest(manifest)
+        repeated = duplicate_ids(df, manifest)
+        if repeated:
+            raise CueError(repeated)
         if "problem" in df.columns:
             bad = df[df["problem"] != ""]
             if len(bad):
