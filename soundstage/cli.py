@@ -34,6 +34,7 @@ TOOL_COMMANDS = {
     "evaluate": "soundstage.evaluate:evaluate",
     "train": "soundstage.train.cli:train",
     "report": "soundstage.train.report:report",
+    "runs": "soundstage.train.runs:runs",
 }
 
 

@@ -12,6 +12,13 @@ Predictions (``--pred DIR``) use the Stepping Stones layout ``DIR/<subset>/<clip
   ``[C, H, W]`` with C > 2 = per-class logits; integer ``[H, W]`` = class indices.
 
 Only annotated frames are scored; a missing prediction is an error that names it.
+
+Protocol options (``--batch-size``, ``--frames-per-video``, ``--threshold``, ``--aggregation``,
+``--option key=value``) change how a protocol scores; with ``--protocol all`` each applies to the
+protocols that have it. Every number is printed with its aggregation (the whole set as one
+batch, per video, or per batch of N videos): the same predictions give different numbers under
+different aggregations. ``--aggregation paper`` is each protocol's published one (AVSBench
+S4/MS3: batches of 4 videos, as its test script ran).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import os
 import click
 import numpy as np
 import torch
+import yaml
 from PIL import Image, UnidentifiedImageError
 
 from soundstage.manifests import (
@@ -34,7 +42,8 @@ from soundstage.manifests import (
 )
 from soundstage.manifests.palette import NUM_CLASSES, colour_to_index
 from soundstage.metrics import PROTOCOLS, Accumulator
-from soundstage.metrics.inputs import resize_labels, resize_scores
+from soundstage.metrics.inputs import MetricInputError, resize_labels, resize_scores
+from soundstage.metrics.protocols import COMMON_OPTIONS
 
 MISSING_SHOWN = 10
 
@@ -137,6 +146,37 @@ def protocol_inputs(name: str, pred: np.ndarray, kind: str, truth: np.ndarray, s
     return frames, gt, pred_kind, options
 
 
+def protocol_options(names: list[str], given: dict) -> dict[str, dict]:
+    """name -> the options of ``given`` that protocol has (all of them must fit a single named
+    protocol; with several, each option must fit at least one)."""
+    chosen = {}
+    for name in names:
+        proto = PROTOCOLS[name]
+        accepted = set(proto.defaults) | (set(COMMON_OPTIONS) - {"aggregation", "eval_size", "pred_kind"})
+        if "batch_size" in proto.defaults:
+            accepted.add("aggregation")
+        chosen[name] = {k: v for k, v in given.items() if k in accepted}
+    for key in given:
+        if not any(key in options for options in chosen.values()):
+            which = names[0] if len(names) == 1 else "any of the protocols"
+            raise click.ClickException(f"protocol option {key}: not an option of {which}")
+    return chosen
+
+
+def parse_options(batch_size, frames_per_video, threshold, aggregation, pairs) -> dict:
+    """The protocol options given on the command line (``--option key=value``: YAML values)."""
+    given = {"batch_size": batch_size, "frames_per_video": frames_per_video, "threshold": threshold}
+    given = {k: v for k, v in given.items() if v is not None}
+    if aggregation:
+        given["aggregation"] = aggregation
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.ClickException(f"--option {pair!r}: write key=value, e.g. --option beta2=0.3")
+        given[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return given
+
+
 def evaluate_prediction_dir(
     pred_dir: str,
     manifest_path: str,
@@ -146,8 +186,10 @@ def evaluate_prediction_dir(
     png: str = "auto",
     scores: str = "probabilities",
     eval_size: str = "paper",
+    options: dict | None = None,
 ) -> dict[str, dict]:
-    """Every protocol in ``names`` over the annotated frames of the manifest's clips."""
+    """Every protocol in ``names`` over the annotated frames of the manifest's clips
+    (``options``: name -> that protocol's options, see ``protocol_options``)."""
     manifest = read_manifest(manifest_path)
     repeated = duplicate_ids(manifest, manifest_path)
     if repeated:
@@ -190,8 +232,13 @@ def evaluate_prediction_dir(
             if isinstance(prepared, str):
                 unavailable[name] = prepared
                 continue
-            frames_t, gt_t, pred_kind, options = prepared
-            acc = accumulators.setdefault(name, Accumulator(name, pred_kind=pred_kind, **options))
+            frames_t, gt_t, pred_kind, extra = prepared
+            if name not in accumulators:
+                try:
+                    accumulators[name] = Accumulator(name, pred_kind=pred_kind, **extra, **(options or {}).get(name, {}))
+                except MetricInputError as e:
+                    raise click.ClickException(str(e)) from None
+            acc = accumulators[name]
             if acc.options["pred_kind"] != pred_kind:
                 raise click.ClickException(
                     f"{os.path.dirname(paths[0])}: {pred_kind} predictions, earlier clips had {acc.options['pred_kind']}"
@@ -213,7 +260,7 @@ def _number(value) -> str:
 
 
 def format_table(results: dict[str, dict]) -> str:
-    header = f"{'protocol':18s} {'mIoU':>8s} {'F':>8s} {'other':>18s} {'frames':>7s} {'size':>7s}  notes"
+    header = f"{'protocol':18s} {'mIoU':>8s} {'F':>8s} {'other':>18s} {'frames':>7s} {'size':>7s}  {'aggregation':44s} notes"
     lines = [header, "-" * len(header)]
     for name, r in results.items():
         other = (
@@ -224,7 +271,7 @@ def format_table(results: dict[str, dict]) -> str:
         lines.append(
             f"{name:18s} {_number(r.get('miou')):>8s} {_number(r.get('fscore')):>8s} {other:>18s} "
             f"{r.get('frames', r.get('pixels', '')) if 'unavailable' not in r else '':>7} "
-            f"{r.get('eval_size', '')!s:>7s}  {'; '.join(r.get('notes', []))}"
+            f"{r.get('eval_size', '')!s:>7s}  {r.get('aggregation', ''):44s} {'; '.join(r.get('notes', []))}"
         )
     return "\n".join(lines)
 
@@ -288,7 +335,7 @@ def format_table(results: dict[str, dict]) -> str:
 @click.option(
     "--checkpoint",
     type=click.Path(exists=True),
-    help="--recipe: the weights: a checkpoint the seed code saved (its key layout), a run's checkpoint or model/.",
+    help="--recipe: the weights: a checkpoint the seed code saved (its key layout), a run's checkpoint or model/best, model/last.",
 )
 @click.option("--cache", type=click.Path(file_okay=False), help="--recipe: the cache with the cues (default: --config's).")
 @click.option(
@@ -296,6 +343,24 @@ def format_table(results: dict[str, dict]) -> str:
 )
 @click.option("--model", help="--recipe: the Mask2Former base the checkpoint was trained from (default: the tiny stand-in).")
 @click.option("--probes", help="--recipe: audio probes, comma-separated (default muted,zeroed,swapped,noise:10; '' for none).")
+@click.option(
+    "--weights",
+    type=click.Choice(["best", "last"]),
+    help="--run: model/best (the best evaluation) or model/last  [default: best when the run has one]",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    help="protocol option: videos per averaged batch (AVSBench S4/MS3 published: 4)  [default: each protocol's]",
+)
+@click.option("--frames-per-video", type=click.IntRange(min=1), help="protocol option: frames of a video without clip ids")
+@click.option("--threshold", type=float, help="protocol option: the foreground probability threshold of the IoU")
+@click.option(
+    "--aggregation",
+    type=click.Choice(["set", "video", "paper"]),
+    help="protocol option: the whole set as one batch, per video, or the published batching (paper)",
+)
+@click.option("--option", "option_pairs", multiple=True, metavar="KEY=VALUE", help="any protocol option, e.g. beta2=0.3")
 def evaluate(
     pred_dir,
     manifest_path,
@@ -315,15 +380,27 @@ def evaluate(
     pipeline_file,
     model,
     probes,
+    weights,
+    batch_size,
+    frames_per_video,
+    threshold,
+    aggregation,
+    option_pairs,
 ):
     """Score predicted masks (--pred), a trained run (--run) or a recipe's checkpoint (--recipe
     --checkpoint) against the manifest's ground truth."""
+    given = parse_options(batch_size, frames_per_video, threshold, aggregation, option_pairs)
     if recipe is not None:
+        if given or weights:
+            raise click.ClickException("--weights and the protocol options: for --run and --pred, not --recipe")
         return _evaluate_checkpoint(
             recipe, checkpoint, manifest_path, cache, pipeline_file, split, model, probes, device, as_json
         )
     if run_dir is not None:
-        return _evaluate_run(run_dir, split or None, audio, None if protocol_name == "all" else protocol_name, device, as_json)
+        protocol = None if protocol_name == "all" else protocol_name
+        return _evaluate_run(run_dir, split or None, audio, protocol, device, as_json, weights, given)
+    if weights:
+        raise click.ClickException("--weights: for --run")
     if eval_size not in ("paper", "native") and not eval_size.isdigit():
         raise click.ClickException(f"--eval-size must be paper, native or a number, not {eval_size!r}")
     if pred_dir is None or manifest_path is None:
@@ -331,7 +408,8 @@ def evaluate(
     if not os.path.isdir(pred_dir):
         raise click.ClickException(f"--pred {pred_dir}: no such directory")
     names = list(PROTOCOLS) if protocol_name == "all" else [protocol_name]
-    results = evaluate_prediction_dir(pred_dir, manifest_path, names, split or None, subsets, png, scores, eval_size)
+    options = protocol_options(names, given)
+    results = evaluate_prediction_dir(pred_dir, manifest_path, names, split or None, subsets, png, scores, eval_size, options)
     report(results, as_json)
 
 
@@ -362,23 +440,32 @@ def _evaluate_checkpoint(recipe, checkpoint, manifest, cache, pipeline_file, spl
     click.echo(json.dumps(result, indent=2) if as_json else checkpoint_table(result))
 
 
-def _evaluate_run(run_dir, split, audio, protocol_name, device, as_json):
-    """``--run``: one JSON object (miou, fscore, protocol, split, audio, clips, ...) or a line."""
+def _evaluate_run(run_dir, split, audio, protocol_name, device, as_json, weights=None, given=None):
+    """``--run``: one JSON object (miou, fscore, protocol, aggregation, split, audio, weights,
+    clips, ...) or a line."""
     from soundstage.cache.reader import MissingClip
     from soundstage.train.config import ConfigError
     from soundstage.train.cues import CueError
     from soundstage.train.data import parse_variant
-    from soundstage.train.run_eval import evaluate_saved_run
+    from soundstage.train.evaluation import run_protocols
+    from soundstage.train.run_eval import evaluate_saved_run, load_run
 
     try:
         parse_variant(audio)
-        result = evaluate_saved_run(run_dir, split, audio, protocol_name, device, log=lambda *_: None)
-    except (ConfigError, CueError, MissingClip, ValueError, FileNotFoundError) as e:
+        options = None
+        if given:
+            name = protocol_name or run_protocols(load_run(run_dir)[1])[0]
+            options = protocol_options([name], given)[name]
+        result = evaluate_saved_run(
+            run_dir, split, audio, protocol_name, device, log=lambda *_: None, weights=weights, options=options
+        )
+    except (ConfigError, CueError, MissingClip, MetricInputError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
         click.echo(json.dumps(result))
     else:
         click.echo(
             f"{result['run']}  {result['split']}  audio={result['audio']}  {result['protocol']}: "
-            f"mIoU {result['miou']:.4f}  F {result['fscore']:.4f}  ({result['clips']} clips)"
+            f"mIoU {_number(result['miou'])}  F {_number(result['fscore'])}  ({result['clips']} clips; "
+            f"{result['aggregation']}; weights {result['weights']})"
         )

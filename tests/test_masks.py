@@ -96,14 +96,15 @@ def test_masks_fingerprint_is_the_runs_content_not_its_path(trained_run, tmp_pat
     shutil.copytree(trained_run["run"], moved)
     stage = get_stage("masks")
 
-    def plan(run, size=224):
+    def plan(run, size=224, **weights):
         return plan_stage(
-            stage, trained_run["manifest"], trained_run["cache"], {"run": run, "size": size}, log=lambda *_: None
+            stage, trained_run["manifest"], trained_run["cache"], {"run": run, "size": size, **weights}, log=lambda *_: None
         ).fingerprint
 
     assert plan(trained_run["run"]) == plan(moved)
     assert plan(trained_run["run"], 112) != plan(trained_run["run"])
-    weights = os.path.join(moved, "model", "model.safetensors")
+    assert plan(trained_run["run"], weights="last") != plan(trained_run["run"], weights="best")
+    weights = os.path.join(moved, "model", "last", "model.safetensors")
     with open(weights, "r+b") as f:  # other weights: another output
         f.seek(-4, os.SEEK_END)
         last = f.read(4)

@@ -125,3 +125,35 @@ def test_a_clip_id_in_two_rows_is_refused_not_scored_twice(synth_dir, tmp_path):
     result = run("--pred", pred, "--manifest", manifest)
     assert result.exit_code == 1 and "bug" not in result.output, result.output
     assert f"clip_id {rows['clip_id'].iloc[0]} is in rows 2, {len(rows) + 2}" in result.output
+
+
+def test_protocol_options_and_the_published_aggregation(synth_dir, tmp_path):  # noqa: F811
+    from soundstage.manifests.table import read_manifest
+
+    pred = str(tmp_path / "empty")
+    write_predictions(synth_dir, pred, lambda label: label * 0)  # IoU 1 on frames without foreground, else 0
+    empty = {(uid, int(frame)): float(not label.any()) for _, uid, frame, label in annotated_test_frames(synth_dir)}
+    rows = read_manifest(os.path.join(synth_dir, "manifest.csv"))
+    videos = [
+        [empty[(cid, f)] for f in sorted(f for c, f in empty if c == cid)] for cid in rows[rows["split"] == "test"]["clip_id"]
+    ]
+    batches = [sum(videos[i : i + 4], []) for i in range(0, len(videos), 4)]
+    native = ("--protocol", "avsbench-binary", "--eval-size", "native")
+    for options, expected, words in (
+        ((), np.mean(sum(videos, [])), "the whole set as one batch"),
+        (("--aggregation", "paper"), np.mean([np.mean(b) for b in batches]), "per batch of 4 videos, mean over batches"),
+        (("--batch-size", "4"), np.mean([np.mean(b) for b in batches]), "per batch of 4 videos, mean over batches"),
+        (("--aggregation", "video"), np.mean([np.mean(v) for v in videos]), "per video, mean over videos"),
+        (
+            ("--option", "batch_size=2", "--threshold", "0.4"),
+            np.mean([np.mean(sum(videos[i : i + 2], [])) for i in range(0, len(videos), 2)]),
+            "per batch of 2 videos",
+        ),  # fmt: skip
+    ):
+        result = scores(synth_dir, pred, *native, *options)["avsbench-binary"]
+        assert result["miou"] == pytest.approx(expected, abs=1e-6) and result["aggregation"].startswith(words), options
+    table = run("--pred", pred, "--manifest", os.path.join(synth_dir, "manifest.csv"), "--aggregation", "paper")
+    assert table.exit_code == 0, table.output
+    assert "per batch of 4 videos" in table.output and "one confusion matrix over the set" in table.output
+    wrong = run("--pred", pred, "--manifest", os.path.join(synth_dir, "manifest.csv"), *native, "--option", "beta=0.3")
+    assert wrong.exit_code == 1 and "protocol option beta: not an option of avsbench-binary" in wrong.output

@@ -302,19 +302,133 @@ def test_loss_goes_down_and_the_run_directory_is_complete(whole_run, vggish_cach
         "curves.png",
         "DONE",
         "checkpoints/latest.pt",
-        "model/model.safetensors",
-        "model/avs_conditioning.pt",
+        "model/last/model.safetensors",
+        "model/last/avs_conditioning.pt",
+        "model/best/model.safetensors",
     ):
         assert (run / name).exists(), name
     state = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
     assert state["step"] == 9 and set(state["rng"]) >= {"python", "numpy", "torch"}
-    result = CliRunner().invoke(_cli(), ["evaluate", "--run", str(run), "--split", "val", "--json"])
+    result = CliRunner().invoke(_cli(), ["evaluate", "--run", str(run), "--split", "val", "--weights", "last", "--json"])
     assert result.exit_code == 0, result.output
     scored = json.loads(result.output.strip().splitlines()[-1])
     assert scored["miou"] == pytest.approx(record["eval"]["real"]["miou"])
     assert {"miou", "fscore", "protocol", "split", "audio", "clips"} <= set(scored)
     zeroed = CliRunner().invoke(_cli(), ["evaluate", "--run", str(run), "--split", "val", "--audio", "zeroed", "--json"])
     assert json.loads(zeroed.output.strip().splitlines()[-1])["audio"] == "zeroed"
+
+
+def tensorboard_scalars(run) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] read back from the run's event files by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_holds_every_step_evaluation_and_frame(whole_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _ = whole_run
+    steps = [json.loads(line) for line in (run / "metrics" / "steps.jsonl").read_text().splitlines()]
+    epochs = [json.loads(line) for line in (run / "metrics" / "epochs.jsonl").read_text().splitlines()]
+    scalars = tensorboard_scalars(run)
+    for name in ("loss", "loss_class", "loss_mask", "loss_dice", "lr", "grad_norm", "clips_per_s", "step_seconds"):
+        assert scalars[f"train/{name}"] == [(r["step"], pytest.approx(r[name])) for r in steps], name
+    for r in steps:  # the parts are transformers' weighted terms: they add up to the loss
+        assert r["loss_class"] + r["loss_mask"] + r["loss_dice"] == pytest.approx(r["loss"], rel=1e-5)
+        assert r["clips_per_s"] == pytest.approx(2 / r["step_seconds"], rel=0.01)  # 2 clips per step
+    for protocol in ("avsbench-binary", "bias-in-avs", "stepping-stones", "segpref"):
+        real = [(e["step"], e["eval"]["real"]["protocols"][protocol]["miou"]) for e in epochs]
+        muted = [(e["step"], e["eval"]["muted"]["protocols"][protocol]["miou"]) for e in epochs]
+        assert scalars[f"val/{protocol}/miou"] == [(s, pytest.approx(v)) for s, v in real]
+        assert scalars[f"val/{protocol}/noise_10/fscore"]
+        gap = scalars[f"val/{protocol}/real-muted/miou"]
+        assert gap == [(s, pytest.approx(a - b, abs=1e-6)) for (s, a), (_, b) in zip(real, muted)]
+    assert [v for _, v in scalars["val/avsbench-binary/miou"]] == pytest.approx([e["eval"]["real"]["miou"] for e in epochs])
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    frames = [tag for tag in events.Tags()["images"] if tag.startswith("val/frames/")]
+    assert len(frames) == 3 and len(events.Images(frames[0])) == 3  # the 3 val clips, at each evaluation
+    image = events.Images(frames[0])[0]
+    assert (image.width, image.height) == (128, 128)  # the report's display size
+
+
+def test_wandb_offline_and_mlflow_file_store_get_each_step_once_across_a_resume(whole_run, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from soundstage.train.run_dir import RunDir
+    from soundstage.train.tracking import Tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = RunDir(str(tmp_path / "tracked"))
+    steps, epochs = RunDir(str(whole_run[0])).records("steps.jsonl"), RunDir(str(whole_run[0])).records("epochs.jsonl")
+    frame = {"val/frames/clip": np.full((8, 8, 3), 200, np.uint8)}
+    first = Tracking(["wandb", "mlflow"], run, {"lr": 1e-3})
+    for record in steps[:5]:  # "killed" after step 5; the checkpoint was at step 3
+        first.step(record)
+    first.evaluation(epochs[0], frame)
+    first.close()
+    resumed = Tracking(["wandb", "mlflow"], run, {"lr": 1e-3}, resume_step=3)
+    for record in steps[3:]:
+        resumed.step(record)
+    for record in epochs:
+        resumed.evaluation(record, frame)
+    resumed.close()
+
+    state = json.loads((tmp_path / "tracked" / "tracking.json").read_text())
+    client = MlflowClient(state["mlflow"]["uri"])
+    history = client.get_metric_history(state["mlflow"]["run_id"], "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(r["step"], pytest.approx(r["loss"])) for r in steps]
+    miou = client.get_metric_history(state["mlflow"]["run_id"], "val/avsbench-binary/real-muted/miou")
+    expected = [(e["step"], e["eval"]["real"]["miou"] - e["eval"]["muted"]["miou"]) for e in epochs]
+    assert sorted((m.step, m.value) for m in miou) == [(s, pytest.approx(v, abs=1e-6)) for s, v in expected]
+    assert client.get_run(state["mlflow"]["run_id"]).data.params["lr"] == "0.001"
+    # the resumed process writes a second offline folder of the same run id (`wandb sync` joins them)
+    folders = list((tmp_path / "tracked" / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(f.name.endswith(state["wandb"]["id"]) for f in folders)
+    logged = b"".join(p.read_bytes() for f in folders for p in f.glob("*.wandb"))
+    assert b"train/loss_dice" in logged and b"val/stepping-stones/real-swapped/fscore" in logged
+    assert state["sent"] == {"train": steps[-1]["step"], "eval": epochs[-1]["step"]}
+
+
+def test_best_model_is_the_best_evaluation_and_evaluate_loads_it(whole_run):
+    run, record = whole_run
+    epochs = [json.loads(line) for line in (run / "metrics" / "epochs.jsonl").read_text().splitlines()]
+    values = [e["eval"]["real"]["miou"] for e in epochs]
+    best = json.loads((run / "model" / "best" / "best.json").read_text())
+    first_best = values.index(max(values))
+    assert best == {
+        "metric": "val/avsbench-binary/miou",
+        "value": pytest.approx(max(values)),
+        "step": epochs[first_best]["step"],
+        "epoch": epochs[first_best]["epoch"],
+    }
+    for weights, expected in (("best", max(values)), ("last", values[-1])):
+        result = CliRunner().invoke(_cli(), ["evaluate", "--run", str(run), "--split", "val", "--weights", weights, "--json"])
+        assert result.exit_code == 0, result.output
+        scored = json.loads(result.output.strip().splitlines()[-1])
+        assert scored["miou"] == pytest.approx(expected) and scored["weights"].endswith(os.path.join("model", weights))
+    default = CliRunner().invoke(_cli(), ["evaluate", "--run", str(run), "--split", "val", "--json"])
+    assert json.loads(default.output.strip().splitlines()[-1])["weights"].endswith(os.path.join("model", "best"))
+
+
+def test_a_run_from_before_model_last_is_read_as_last(whole_run, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(whole_run[0], old, ignore=shutil.ignore_patterns("best"))
+    for name in os.listdir(old / "model" / "last"):
+        os.replace(old / "model" / "last" / name, old / "model" / name)
+    os.rmdir(old / "model" / "last")
+    result = CliRunner().invoke(_cli(), ["evaluate", "--run", str(old), "--split", "val", "--json"])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.output.strip().splitlines()[-1])
+    assert scored["weights"] == str(old / "model") and scored["miou"] == pytest.approx(whole_run[1]["eval"]["real"]["miou"])
+    best = CliRunner().invoke(_cli(), ["evaluate", "--run", str(old), "--weights", "best"])
+    assert best.exit_code == 1 and "no best model yet" in best.output
 
 
 def test_resumed_after_sigterm_and_kill_9_equals_uninterrupted(whole_run, vggish_cache):
@@ -350,18 +464,25 @@ def test_resumed_after_sigterm_and_kill_9_equals_uninterrupted(whole_run, vggish
 
 def _records(run, name):
     lines = (run / "metrics" / name).read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "step_seconds"} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if k not in ("step_seconds", "clips_per_s")} for line in lines]
 
 
 def assert_same_run(whole, other):
     """Bit-identical weights, and the same step and epoch records (timings aside)."""
-    a, b = load_file(str(whole / "model" / "model.safetensors")), load_file(str(other / "model" / "model.safetensors"))
+    a = load_file(str(whole / "model" / "last" / "model.safetensors"))
+    b = load_file(str(other / "model" / "last" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ca = torch.load(whole / "model" / "avs_conditioning.pt", weights_only=True)
-    cb = torch.load(other / "model" / "avs_conditioning.pt", weights_only=True)
+    ca = torch.load(whole / "model" / "last" / "avs_conditioning.pt", weights_only=True)
+    cb = torch.load(other / "model" / "last" / "avs_conditioning.pt", weights_only=True)
     assert all(torch.equal(ca[k], cb[k]) for k in ca)
     assert _records(whole, "steps.jsonl") == _records(other, "steps.jsonl")
     assert _records(whole, "epochs.jsonl") == _records(other, "epochs.jsonl")
+    # TensorBoard: what was written after the checkpoint a resume started from was purged: every step once
+    resumed, uninterrupted = tensorboard_scalars(other), tensorboard_scalars(whole)
+    assert resumed.keys() == uninterrupted.keys()
+    for tag in ("train/loss", "train/loss_dice", "train/lr", "val/avsbench-binary/miou", "val/segpref/real-swapped/fscore"):
+        assert [s for s, _ in resumed[tag]] == [s for s, _ in uninterrupted[tag]], tag
+        assert [v for _, v in resumed[tag]] == pytest.approx([v for _, v in uninterrupted[tag]]), tag
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
@@ -517,3 +638,114 @@ def test_a_clip_id_in_two_rows_is_refused_not_trained_on_twice(vggish_cache, tmp
     manifest, output = _train_on(vggish_cache, tmp_path, pd.concat([rows, rows[rows["clip_id"] == twice["clip_id"]]]))
     position = list(rows["clip_id"]).index(twice["clip_id"]) + 2
     assert f"Error: manifest {manifest}: clip_id {twice['clip_id']} is in rows {position}, {len(rows) + 2}; " in output
+
+
+# ------------------------------------------------------------------------------------ runs side by side
+
+
+def test_runs_table_compares_status_best_sensitivity_and_differing_settings(whole_run, tmp_path):
+    import shutil
+
+    run, _ = whole_run
+    root = tmp_path / "runs"
+    shutil.copytree(run, root / "a-finished")
+    running, stopped = root / "b-running", root / "c-stopped"
+    for copy, lr in ((running, 5e-3), (stopped, 1e-3)):
+        shutil.copytree(run, copy)
+        (copy / "DONE").unlink()
+        settings = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps({**settings, "lr": lr}))
+    import socket
+
+    (running / "train.lock").write_text(f"pid {os.getpid()} on {socket.gethostname()} since 2026-01-01 00:00:00")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (stopped / "train.lock").write_text(f"pid {dead.pid} on {socket.gethostname()} since 2026-01-01 00:00:00")
+    shutil.rmtree(stopped / "model" / "best")  # best from the evaluations instead
+
+    epochs = [json.loads(line) for line in (run / "metrics" / "epochs.jsonl").read_text().splitlines()]
+    best = max(epochs, key=lambda e: e["eval"]["real"]["miou"])
+    real = best["eval"]["real"]["protocols"]["avsbench-binary"]["miou"]
+    muted, swapped = (best["eval"][v]["protocols"]["avsbench-binary"]["miou"] for v in ("muted", "swapped"))
+
+    result = CliRunner().invoke(_cli(), ["runs", str(root), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["run"]: r for r in map(json.loads, result.output.splitlines())}
+    assert {name: r["status"] for name, r in rows.items()} == {
+        "a-finished": "finished",
+        "b-running": "running",
+        "c-stopped": "stopped",
+    }
+    for r in rows.values():
+        assert r["steps"] == 9 and r["epochs"] == 3 and r["metric"] == "val/avsbench-binary/miou"
+        assert r["best"] == pytest.approx(real) and r["best_epoch"] == best["epoch"]
+        assert r["real-muted"] == pytest.approx(real - muted) and r["real-swapped"] == pytest.approx(real - swapped)
+    assert [r["settings"] for r in rows.values()] == [{"lr": 1e-3}, {"lr": 5e-3}, {"lr": 1e-3}]
+
+    table = CliRunner().invoke(_cli(), ["runs", str(root)]).output.splitlines()
+    assert table[0].split() == ["run", "status", "steps", "epochs", "best", "val/avsbench-binary/miou", "real-muted", "real-swapped", "lr"]  # fmt: skip
+    assert table[3].split()[:5] == ["b-running", "running", "9", "3", f"{real:.4f}"]
+    assert table[3].split()[-3:] == [f"{real - muted:.4f}", f"{real - swapped:.4f}", "0.005"]
+    empty = CliRunner().invoke(_cli(), ["runs", str(tmp_path / "a-finished-nothing")])
+    assert empty.exit_code == 1 and "no such folder" in empty.output
+
+
+# ------------------------------------------------------------------------------------ frictions
+
+
+def test_cached_clips_batch_5_and_10_frame_clips(vggish_cache):
+    from soundstage.cache.dataset import CachedClips
+
+    ds = CachedClips(vggish_cache["manifest"], {"vggish": vggish_cache["stage_dir"]})
+    for loader in (ds.loader(batch_size=12), torch.utils.data.DataLoader(ds, batch_size=12, collate_fn=ds.collate_fn)):
+        (batch,) = list(loader)
+        assert batch["clip_id"] == [r["clip_id"] for r in ds.rows] and len(batch["row"]) == 12
+        embeddings = batch["vggish"]["embeddings"]
+        assert isinstance(embeddings, list) and {len(e) for e in embeddings} == {5, 10}
+        for cid, e in zip(batch["clip_id"], embeddings):
+            np.testing.assert_array_equal(e.numpy(), raw_field(vggish_cache["stage_dir"], cid, "embeddings"))
+    fives = CachedClips(vggish_cache["manifest"], {"vggish": vggish_cache["stage_dir"]}, subset="v1s")
+    (same_length,) = list(fives.loader(batch_size=12))
+    assert same_length["vggish"]["embeddings"].shape[:2] == (len(fives), 5)  # one shape: stacked
+
+
+def test_train_help_shows_the_defaults_and_none_is_accepted_for_every_cue(vggish_cache, tmp_path):
+    import click
+
+    from soundstage.train.cli import train
+
+    assert CliRunner().invoke(_cli(), ["train", "--help"]).exit_code == 0
+    with click.Context(train) as ctx:
+        shown = {p.name: p.get_help_record(ctx)[1] for p in train.params if isinstance(p, click.Option)}
+    for option, default in (("epochs", "10"), ("lr", "0.0001"), ("batch_size", "2"), ("accumulate", "1"), ("audio", "vggish")):
+        assert f"[default: {default}]" in shown[option], option
+    cfg = resolve_config(
+        None, {"manifest": vggish_cache["manifest"], "cache": vggish_cache["cache"], "active": "none", "prior": "none"}
+    )
+    assert cfg.active is None and cfg.prior is None
+    result = CliRunner().invoke(_cli(), _command(vggish_cache, tmp_path / "r")[3:] + ["--active", "none", "--max-steps", "1", "--epochs", "1", "--probes", "", "--tracker", "none"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "r" / "tb").exists() and (tmp_path / "r" / "model" / "last").is_dir()
+
+
+def _progress_log(steps: int, seconds: str, monkeypatch) -> str:
+    """What a progress bar of ``steps`` steps writes to a file (not a terminal)."""
+    import io
+
+    from soundstage.pipeline.progress import progress_bar
+
+    monkeypatch.setenv("SOUNDSTAGE_PROGRESS_SECONDS", seconds)
+    log = io.StringIO()
+    bar = progress_bar(steps, "train", True, unit="step", stream=log)
+    for _ in range(steps):
+        bar.update(1)
+    bar.close()
+    return log.getvalue()
+
+
+def test_progress_without_a_terminal_is_one_line_per_interval(monkeypatch):
+    text = _progress_log(50, "0", monkeypatch)
+    assert "\r" not in text and text.endswith("\n")
+    lines = text.splitlines()
+    assert 2 <= len(lines) <= 52 and lines[-1].startswith("train: 100%") and "50/50" in lines[-1]
+    assert len(_progress_log(1000, "3600", monkeypatch).splitlines()) <= 2  # the first line and the last only

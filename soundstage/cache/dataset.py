@@ -19,6 +19,14 @@ class CachedClips(torch.utils.data.Dataset):
     ``stages`` maps a name of your choice to a stage directory (or a ``StageReader``);
     ``fields`` optionally restricts each to some fields. Filters select manifest rows by column
     value (e.g. ``split="train"``). Readers open their files lazily in each worker process.
+    Which output of a stage: ``soundstage.train.cues.select_output(cache, "hubert", "layer=9")``
+    gives its ``StageDir`` (``.path``) by the stage's parameters, no fingerprint to copy.
+
+    Batches: clips differ in length (5 frames, 10 frames, ...), so torch's default collation,
+    which stacks, cannot batch them. Use ``ds.loader(batch_size=12)``, or pass
+    ``collate_fn=ds.collate_fn`` (``collate_clips``) to your own ``DataLoader``: ids and rows
+    become lists, a field whose clips all have one shape is stacked, any other is a list of
+    per-clip tensors.
     """
 
     def __init__(
@@ -65,6 +73,14 @@ class CachedClips(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def collate_fn(self):
+        return collate_clips
+
+    def loader(self, batch_size: int = 1, **options) -> torch.utils.data.DataLoader:
+        """A ``DataLoader`` over the clips with ``collate_clips`` (``options``: DataLoader's)."""
+        return torch.utils.data.DataLoader(self, batch_size=batch_size, collate_fn=collate_clips, **options)
+
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         item = {"clip_id": row["clip_id"], "row": row}
@@ -88,3 +104,20 @@ def _stale_note(reader: StageReader, ids: list) -> str:
     if not stale:
         return ""
     return f", {len(stale)} of them held only as computed from older inputs ({stale[0]}: {reader.withdrawn[stale[0]]})"
+
+
+def collate_clips(items: list[dict]) -> dict:
+    """A batch of ``CachedClips`` items: ``clip_id`` and ``row`` as lists; per stage and field,
+    the clips' tensors stacked when their shapes agree, else a list (one tensor per clip)."""
+    batch = {"clip_id": [it["clip_id"] for it in items], "row": [it["row"] for it in items]}
+    for name in items[0]:
+        if name in batch:
+            continue
+        batch[name] = {field: _stack_or_list([it[name][field] for it in items]) for field in items[0][name]}
+    return batch
+
+
+def _stack_or_list(values: list):
+    if all(isinstance(v, torch.Tensor) for v in values) and len({tuple(v.shape) for v in values}) == 1:
+        return torch.stack(values)
+    return values

@@ -29,7 +29,7 @@ from soundstage.metrics.inputs import (
 )
 from soundstage.metrics.semantic import class_labels, confusion, frame_class_scores
 
-AGGREGATIONS = {"set": None, "video": 1}  # aggregation name -> batch_size (in videos)
+AGGREGATIONS = {"set": None, "video": 1, "paper": "paper"}  # name -> batch_size (in videos); paper: the protocol's own
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,14 @@ class Protocol:
     doc: str
     defaults: dict = field(default_factory=dict)
     paper_eval_size: int | None = None
+    # the batch (in videos) behind the published numbers (aggregation="paper"); the defaults of
+    # avsbench-binary and refavs-null score the whole set at once instead
+    paper_batch_size: int | None = None
 
 
-def _binary(name, doc, paper_eval_size, **defaults):
+def _binary(name, doc, paper_eval_size, paper_batch_size, **defaults):
     base = {"threshold": 0.5, "beta2": 0.3, "batch_size": None, "frames_per_video": 5, "two_channel": False}
-    return Protocol(name, "binary", doc, {**base, **defaults}, paper_eval_size)
+    return Protocol(name, "binary", doc, {**base, **defaults}, paper_eval_size, paper_batch_size)
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -61,6 +64,7 @@ PROTOCOLS: dict[str, Protocol] = {
             "4 = the published numbers (test.sh --test_batch_size 4: 20 frames per batch, per-batch "
             "values averaged, last partial batch included).",
             224,
+            4,
         ),
         _binary(
             "bias-in-avs",
@@ -68,6 +72,7 @@ PROTOCOLS: dict[str, Protocol] = {
             "AVSBench rules with IoU threshold sigmoid > 0.4 and F β² 0.1, scored per video "
             "(batch_size 1) and averaged over videos; logits bilinearly resized to 256×256.",
             256,
+            1,
             threshold=0.4,
             beta2=0.1,
             batch_size=1,
@@ -79,6 +84,7 @@ PROTOCOLS: dict[str, Protocol] = {
             "channels (ties → background), F (β² 0.3, AVSBench sweep) on sigmoid(2·l1 − l0); per "
             "video (--bs 1) averaged over videos; 224×224.",
             224,
+            1,
             batch_size=1,
             two_channel=True,
         ),
@@ -88,6 +94,7 @@ PROTOCOLS: dict[str, Protocol] = {
             "SegPref/scripts/train.py, run_avs.py): the AVSBench rules with IoU threshold sigmoid > 0.4 "
             "and F β² 0.3, per batch of 4 clips averaged over batches; logits at 256×256.",
             256,
+            4,
             threshold=0.4,
             batch_size=4,
         ),
@@ -128,6 +135,7 @@ PROTOCOLS: dict[str, Protocol] = {
             "batch_size None = one S over the whole set. gt is not used.",
             {"threshold": 0.5, "batch_size": None, "frames_per_video": 10},
             256,
+            4,
         ),
     )
 }
@@ -153,12 +161,28 @@ def _options(proto: Protocol, options: dict) -> dict:
     if aggregation is not None:
         if "batch_size" not in proto.defaults or aggregation not in AGGREGATIONS:
             raise MetricInputError(f"protocol {proto.name} has no aggregation {aggregation!r}")
-        if "batch_size" in options and options["batch_size"] != AGGREGATIONS[aggregation]:
+        size = proto.paper_batch_size if aggregation == "paper" else AGGREGATIONS[aggregation]
+        if "batch_size" in options and options["batch_size"] != size:
             raise MetricInputError(f"aggregation={aggregation!r} contradicts batch_size={options['batch_size']}")
-        merged["batch_size"] = AGGREGATIONS[aggregation]
+        merged["batch_size"] = size
     if merged["pred_kind"] is not None and merged["pred_kind"] not in PRED_KINDS:
         raise MetricInputError(f"pred_kind must be one of {', '.join(PRED_KINDS)}, not {merged['pred_kind']!r}")
     return merged
+
+
+def aggregation(proto: Protocol, options: dict) -> str:
+    """How the protocol's per-frame numbers became its result, in words (printed with each
+    number: the same predictions give different numbers under different aggregations)."""
+    if proto.kind == "semantic":
+        return "per class: sums over frames, mean over classes"
+    if proto.kind == "confusion":
+        return "one confusion matrix over the set"
+    batch = options.get("batch_size")
+    if batch is None:
+        return "the whole set as one batch"
+    if batch == 1:
+        return "per video, mean over videos"
+    return f"per batch of {batch} videos, mean over batches"
 
 
 def _default_kind(pred: torch.Tensor, integer_kind: str) -> str:
@@ -329,7 +353,12 @@ class Accumulator:
     # -- result -------------------------------------------------------------------------------
     def compute(self) -> dict:
         state = self.state_dict()
-        result = {"protocol": self.protocol.name, "options": self._reported_options(), "notes": []}
+        result = {
+            "protocol": self.protocol.name,
+            "options": self._reported_options(),
+            "aggregation": aggregation(self.protocol, self.options),
+            "notes": [],
+        }
         kind = self.protocol.kind
         if kind == "binary":
             result.update(self._binary_result(state))

@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 
 import torch
 from torch import nn
@@ -223,6 +224,21 @@ class QueryConditioner(nn.Module):
         return queries
 
 
+LOSS_PARTS = {"cross_entropy": "class", "mask": "mask", "dice": "dice"}
+
+
+def loss_parts(loss_dict: dict) -> dict:
+    """transformers' weighted loss terms (``loss_mask``, ``loss_dice_3``: the auxiliary layer 3's,
+    ...) summed per kind: ``{"class", "mask", "dice"}`` (+ any other term under its own name),
+    detached; they add up to the loss."""
+    parts: dict = {}
+    for key, value in loss_dict.items():
+        kind = re.sub(r"_\d+$", "", key.removeprefix("loss_"))
+        name = LOSS_PARTS.get(kind, kind)
+        parts[name] = parts.get(name, 0.0) + value.detach()
+    return parts
+
+
 class AVSMask2Former(nn.Module):
     """``mask2former`` (transformers, unchanged) + ``conditioner`` applied to the decoder queries."""
 
@@ -231,6 +247,8 @@ class AVSMask2Former(nn.Module):
         self.mask2former = mask2former
         self.conditioner = conditioner
         self._cues = None
+        self.loss_parts: dict | None = None  # the last forward's loss parts (loss_parts), with labels
+        mask2former.get_loss = self._total_loss  # transformers sums the weighted parts; keep them too
         transformer = mask2former.model.transformer_module
         transformer.decoder.register_forward_pre_hook(self._condition_queries, with_kwargs=True)
         if conditioner.prior is not None:
@@ -251,7 +269,9 @@ class AVSMask2Former(nn.Module):
     ):
         """One image per frame: ``pixel_values [N, 3, H, W]`` and the cues of the same N frames
         (``prior [N, H', W']`` for a model built with a mask prior). With
-        ``mask_labels``/``class_labels`` the output carries transformers' Mask2Former loss."""
+        ``mask_labels``/``class_labels`` the output carries transformers' Mask2Former loss, and
+        ``self.loss_parts`` its parts (``loss_parts``: class, mask, dice; not in the output, whose
+        fields DDP rebuilds)."""
         if (prior is None) != (self.conditioner.prior is None):
             raise ValueError(
                 "this model was built with a mask prior: pass prior per frame"
@@ -261,10 +281,15 @@ class AVSMask2Former(nn.Module):
         self._cues = {"audio": audio, "active": active, "text": text, "text_mask": text_mask}
         applied = self.conditioner.prior.applied(prior) if prior is not None else contextlib.nullcontext()
         try:
+            self.loss_parts = None
             with applied:
                 return self.mask2former(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels)
         finally:
             self._cues = None
+
+    def _total_loss(self, loss_dict: dict) -> torch.Tensor:
+        self.loss_parts = loss_parts(loss_dict)
+        return sum(loss_dict.values())
 
     # ------------------------------------------------------------------ saving and loading
 

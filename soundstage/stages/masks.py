@@ -2,7 +2,8 @@
 
 Two sources, exactly one per output:
 
-- ``--run runs/STAGE1``: a binary (class-agnostic) run of ``soundstage train`` predicts every
+- ``--run runs/STAGE1`` (``--weights best|last``, default best when the run has a ``model/best``):
+  a binary (class-agnostic) run of ``soundstage train`` predicts every
   frame of every clip — all splits, annotated or not — with the cues it was trained on
   (``soundstage.train.inference``; batched over clips, autocast in ``--dtype`` on a GPU). The
   fingerprint holds the run's identity: the content hash of its weights, its cue outputs'
@@ -106,7 +107,7 @@ def setup(params):
         return None
     from soundstage.train.inference import open_trained
 
-    return open_trained(params["run"], params["device"], params["dtype"], log=lambda *_: None)
+    return open_trained(params["run"], params["device"], params["dtype"], log=lambda *_: None, weights=params["weights"])
 
 
 def process(model, items, params):
@@ -135,6 +136,7 @@ STAGE = Stage(
     help="Stepping-stone masks: foreground probability per frame from a trained binary run, or imported PNGs.",
     params=[
         Param("run", str, None, "training run (runs/NAME) of a binary model: predict the masks", identity=run_identity),
+        Param("weights", str, None, "--run: best | last (default: best when the run has a model/best, else last)"),
         Param(
             "import",
             str,

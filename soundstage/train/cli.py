@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import click
 
 from soundstage.cache.reader import MissingClip
 from soundstage.train.command import audio_table, run_training_command  # noqa: F401 (re-exported)
+from soundstage.train.config import TrainConfig
 
 
 def _name_value(item: str) -> tuple[str, str]:
@@ -95,6 +97,18 @@ def _settings(**options) -> dict:
     "--probes",
     help="audio replacements scored at each evaluation, comma-separated (default muted,zeroed,swapped,noise:10; '' for none)",
 )
+@click.option(
+    "--select",
+    help="the evaluation metric model/best is chosen by (higher is better), e.g. val/avsbench-binary/real-muted/miou "
+    "(default: the protocol's mIoU with the real audio, e.g. val/avsbench-binary/miou)",
+)
+@click.option(
+    "--tracker",
+    multiple=True,
+    type=click.Choice(["tensorboard", "wandb", "mlflow", "none"]),
+    help="where metrics also go, repeatable (RUN/tb, offline RUN/wandb, RUN/mlruns or $MLFLOW_TRACKING_URI)  "
+    "[default: tensorboard]",
+)
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option(
     "--nproc",
@@ -119,11 +133,12 @@ def _settings(**options) -> dict:
 @click.option("--qos", help="slurm: QOS")
 @click.option("--dry-run", is_flag=True, help="slurm: print the sbatch script and submit nothing")
 @click.option("--wait", is_flag=True, help="slurm: follow the job (through requeues) until it ends, then print the scores")
-def train(pipeline_file, out, quiet, clip_grad, probes, recipe_options, **options):
+def train(pipeline_file, out, quiet, clip_grad, probes, recipe_options, tracker, **options):
     """Train an audio-conditioned Mask2Former on the manifest's frames and the cached cues.
 
     The run directory holds config.json, provenance.json, checkpoints/, metrics/*.jsonl,
-    curves.png and model/. Rerunning the same command resumes from the last checkpoint;
+    curves.png, tb/ (TensorBoard) and model/last, model/best (by --select). Defaults shown are
+    the generic recipe's; --recipe NAME brings its paper's. Rerunning the same command resumes from the last checkpoint;
     SIGTERM/SIGUSR1 checkpoint and exit with status 75.
 
     --nproc N trains on N DDP processes (global batch = --batch-size x N); under torchrun each
@@ -143,6 +158,8 @@ def train(pipeline_file, out, quiet, clip_grad, probes, recipe_options, **option
         options["probes"] = [p.strip() for p in probes.split(",") if p.strip()]
     if clip_grad is not None:
         options["clip_grad"] = clip_grad or None
+    if tracker:
+        options["tracker"] = ["none"] if "none" in tracker else list(tracker)
     if recipe_options:
         options["recipe_options"] = dict(_name_value(item) for item in recipe_options)
     try:
@@ -185,3 +202,19 @@ def train(pipeline_file, out, quiet, clip_grad, probes, recipe_options, **option
             raise click.ClickException(str(e)) from None
         ctx.exit(code)
     ctx.exit(run_training_command(cfg, quiet))
+
+
+def _show_defaults(command: click.Command) -> click.Command:
+    """Each option that is a training setting shows its default (``TrainConfig``'s, the generic
+    recipe's) in --help; the options themselves default to None, "not given", so that a pipeline
+    file's or a recipe's value is not overridden."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    for param in command.params:
+        if isinstance(param, click.Option) and param.name in defaults and "default" not in (param.help or ""):
+            value = defaults[param.name]
+            shown = "none" if value is None else str(value).lower() if isinstance(value, bool) else value
+            param.help = f"{param.help or ''}  [default: {shown}]".strip()
+    return command
+
+
+train = _show_defaults(train)

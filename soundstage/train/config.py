@@ -40,6 +40,7 @@ SCHEDULES = ("cosine", "poly", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 PRIOR_SOURCES = ("gt", "masks")
 FRAME_SOURCES = ("auto", "cache", "decode")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 class ConfigError(ValueError):
@@ -115,6 +116,10 @@ class TrainConfig:
     protocol: str | None = None  # None: avsbench-binary / avsbench-semantic by task
     probes: list = field(default_factory=lambda: ["muted", "zeroed", "swapped", "noise:10"])
     eval_batch_size: int = 4
+    # model/best: the evaluation metric it is chosen by (None: the headline protocol's mIoU with
+    # the real audio, e.g. val/avsbench-binary/miou; names: soundstage.train.run_dir)
+    select: str | None = None
+    tracker: list = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow (soundstage.train.tracking)
 
     def validate(self) -> TrainConfig:
         choices = {
@@ -144,6 +149,12 @@ class TrainConfig:
                 raise ConfigError(f"probes: {e}") from None
         if self.probes and not self.audio:
             self.probes = []
+        if isinstance(self.tracker, str):
+            self.tracker = [t.strip() for t in self.tracker.split(",") if t.strip()]
+        self.tracker = [] if self.tracker == ["none"] else list(dict.fromkeys(self.tracker))
+        for name in self.tracker:
+            if name not in TRACKERS:
+                raise ConfigError(f"tracker {name!r}: use {', '.join(TRACKERS)} or none")
         self._validate_prior()
         return self
 
@@ -195,7 +206,7 @@ def resolve_config(pipeline_file: str | None, options: dict) -> TrainConfig:
     for key in ("manifest", "cache", "out", "init_from"):
         if values.get(key):
             values[key] = os.path.abspath(os.path.expanduser(values[key]))
-    for key in ("audio", "prior"):
+    for key in ("audio", "active", "prior"):
         if isinstance(values.get(key), str) and values[key].lower() == "none":
             values[key] = None
     return TrainConfig.from_dict(values).validate()
@@ -219,8 +230,10 @@ def with_recipe_settings(section: dict, given: dict) -> dict:
 
 
 def same_settings(saved: dict, current: dict) -> list[str]:
-    """Settings that differ between a saved run and this invocation (what resuming forbids)."""
-    ignored = {"workers", "device", "checkpoint_every", "log_every", "frames"}  # do not change the result
+    """Settings that differ between a saved run and this invocation (what resuming forbids).
+    A setting a saved run predates counts as its default."""
+    ignored = {"workers", "device", "checkpoint_every", "log_every", "frames", "tracker"}  # do not change the result
     ignored |= {"out", "pipeline"}  # where the run folder and the pipeline file are: a moved or copied run resumes
+    saved = {**TrainConfig().to_dict(), **saved}
     keys = (set(saved) | set(current)) - ignored
     return sorted(k for k in keys if json.dumps(saved.get(k)) != json.dumps(current.get(k)))

@@ -5,9 +5,15 @@ size; binary tasks give the foreground logit log(s_sounding) − log(s_backgroun
 protocols get both log-scores), semantic tasks per-class log-scores. Scores come from the
 named protocols of ``soundstage.metrics`` (Accumulator, per batch), with the frames of a clip
 marked as one video.
+
+A training run's evaluations score its headline protocol and, beside it, every other protocol of
+its task (``run_protocols``) in one pass; their numbers have names (``metric_names``,
+``soundstage.train.metric_names``) that ``--select`` and the trackers use.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -17,6 +23,7 @@ from soundstage.models.avs_mask2former import class_scores
 from soundstage.pipeline.lifeline import leave_stops_to_the_parent
 from soundstage.train.data import collate_frames, frame_clip_ids
 from soundstage.train.distributed import Distributed, rank_indices, reduce_accumulator
+from soundstage.train.metric_names import metric_name
 
 EPS = 1e-6
 DEFAULT_PROTOCOL = {"binary": "avsbench-binary", "semantic": "avsbench-semantic"}
@@ -61,6 +68,38 @@ def protocols_for(task: str) -> list[str]:
     return [name for name, proto in PROTOCOLS.items() if proto.kind == kind]
 
 
+def run_protocols(cfg) -> tuple[str, tuple[str, ...]]:
+    """(the headline protocol, the others scored beside it) of a run's evaluations."""
+    headline = cfg.protocol or DEFAULT_PROTOCOL[cfg.task]
+    return headline, tuple(p for p in protocols_for(cfg.task) if p != headline)
+
+
+def selected_metric(cfg) -> str:
+    """What ``model/best`` is chosen by: ``--select``, default the headline protocol's mIoU on
+    the evaluation split with the real audio (higher is better, as for every metric offered)."""
+    return cfg.select or metric_name(cfg.eval_split, run_protocols(cfg)[0], "real", "miou")
+
+
+def metric_names(cfg) -> list[str]:
+    """Every name the run's evaluations give (``soundstage.train.metric_names``)."""
+    names = []
+    headline, others = run_protocols(cfg)
+    for protocol in (headline, *others):
+        for metric in ("miou", "fscore"):
+            names.append(metric_name(cfg.eval_split, protocol, "real", metric))
+            for variant in cfg.probes:
+                names.append(metric_name(cfg.eval_split, protocol, variant, metric))
+                names.append(metric_name(cfg.eval_split, protocol, f"real-{variant}", metric))
+    return names
+
+
+def with_protocols(results: dict, headline: str) -> dict:
+    """``{protocol: result}`` as one record: the headline's result with ``protocols``, each
+    protocol's miou, fscore and aggregation (a line of ``epochs.jsonl``)."""
+    keep = ("miou", "fscore", "aggregation")
+    return {**results[headline], "protocols": {name: {k: r.get(k) for k in keep} for name, r in results.items()}}
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -73,6 +112,7 @@ def evaluate(
     workers: int = 0,
     dist: Distributed | None = None,
     predict=predict,
+    options: dict | None = None,
 ) -> dict:
     """The protocol's result dict (``miou``, ``fscore``, ...) plus ``clips`` and ``frames``; with a
     list of protocols, ``{protocol: result}`` from one pass over the data.
@@ -82,16 +122,15 @@ def evaluate(
     what one process scoring the whole split returns (one protocol at a time). ``predict``: the
     recipe's (``soundstage.train.recipes``), ``(model, batch, device, size, task, two_channel) -> logits``;
     a binary model's two-channel logits give the other protocols their foreground logit (channel 1
-    minus channel 0)."""
+    minus channel 0). ``options``: protocol -> its options (batch_size, frames_per_video,
+    threshold, aggregation, ...)."""
     dist = dist or Distributed()
     names = [protocol or DEFAULT_PROTOCOL[task]] if not isinstance(protocol, list) else protocol
-    if len(names) > 1 and dist.active:
-        raise ValueError("several protocols are scored in one process only")
-    accumulators = {name: _accumulator(name, task, model) for name in names}
+    accumulators = {name: _accumulator(name, task, model, (options or {}).get(name)) for name in names}
     two_channel = {name: bool(PROTOCOLS[name].defaults.get("two_channel")) for name in names}
     share = dataset
-    if dist.active:
-        groups = accumulators[names[0]].options.get("batch_size") or 1
+    if dist.active:  # whole batches of every protocol on each rank
+        groups = math.lcm(*(acc.options.get("batch_size") or 1 for acc in accumulators.values()))
         share = torch.utils.data.Subset(dataset, rank_indices(len(dataset), groups, dist))
     loader = torch.utils.data.DataLoader(
         share,
@@ -128,11 +167,11 @@ def evaluate(
     return results if isinstance(protocol, list) else results[names[0]]
 
 
-def _accumulator(protocol: str, task: str, model) -> Accumulator:
+def _accumulator(protocol: str, task: str, model, given: dict | None = None) -> Accumulator:
     proto = PROTOCOLS[protocol]
     if proto.kind == "semantic" and task != "semantic":
         raise ValueError(f"protocol {protocol} scores class predictions; this model is binary")
-    options = {"pred_kind": "logits"}
+    options = {"pred_kind": "logits", **(given or {})}
     if proto.kind == "semantic":
         options["num_classes"] = getattr(model, "num_classes", None) or model.config.num_labels
     return Accumulator(protocol, **options)

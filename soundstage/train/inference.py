@@ -1,7 +1,7 @@
 """A trained run as a predictor: every frame of a clip in, foreground probabilities out.
 
-``open_trained(run)`` reopens a training run as ``soundstage evaluate --run`` does — its final
-``model/`` (or the weights of its last checkpoint), the cache outputs recorded in
+``open_trained(run)`` reopens a training run as ``soundstage evaluate --run`` does — its
+``model/best`` or ``model/last`` (or the weights of its last checkpoint), the cache outputs recorded in
 ``provenance.json`` — and ``foreground(trained, clips, size)`` runs it on whole clips (every
 frame, annotated or not) in one batch of frames. The foreground probability of a pixel is the
 sigmoid of the logit the evaluation scores (the run's recipe's predictions): for the generic
@@ -9,7 +9,8 @@ recipe ``s1 / (s0 + s1)`` of Mask2Former's semantic scores (background s0, sound
 ``p > 0.5`` is Stepping Stones' "p(sounding) > p(background)".
 
 ``run_identity(run)`` is what identifies a run's predictions in a cache key: the content hash
-of the weights that would be loaded, the fingerprints of the cue outputs it reads and the input
+of every weights the run holds (best and last: the ``weights`` choice is a parameter of its
+own), the fingerprints of the cue outputs it reads and the input
 size — never its path.
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +30,7 @@ from soundstage.train.config import ConfigError, TrainConfig
 from soundstage.train.cues import CueError
 from soundstage.train.data import AVSClips, active_weights, load_image
 from soundstage.train.recipes import get_recipe
-from soundstage.train.run_dir import RunDir
+from soundstage.train.run_dir import WEIGHTS, MissingWeights, RunDir
 from soundstage.train.run_eval import load_run, run_model
 
 
@@ -53,22 +53,20 @@ class Trained:
         return self.model.config.num_queries
 
 
-def weights_path(run: RunDir) -> str:
-    """The weights ``open_trained`` loads: the final ``model/`` folder, else the last checkpoint."""
-    if os.path.isdir(run.model_dir):
-        return run.model_dir
-    if os.path.exists(run.checkpoint):
-        return run.checkpoint
-    raise ConfigError(f"{run.path} has neither a final model nor a checkpoint yet")
-
-
 def run_identity(path: str | None) -> dict | None:
     """The fingerprint entry of a run (see the module docstring)."""
     if not path:
         return None
     run, cfg, recorded = load_run(path)
+    held = {}
+    for which in WEIGHTS:
+        with contextlib.suppress(MissingWeights):
+            where, what = run.weights(which)
+            held[what] = model_identity(where)
+    if not held:
+        run.weights()  # raises: neither a model nor a checkpoint
     return {
-        "weights": model_identity(weights_path(run)),
+        "weights": held,
         "task": cfg.task,
         "image_size": assemble.image_size(cfg),
         "cues": {role: entry["fingerprint"] for role, entry in sorted(recorded.items())},
@@ -81,8 +79,11 @@ def run_image_size(path: str) -> int:
     return assemble.image_size(load_run(path)[1])
 
 
-def open_trained(path: str, device: str = "auto", dtype: str = "fp32", binary: bool = True, log=print) -> Trained:
-    """The run at ``path`` ready for inference; ``binary``: refuse a semantic (71-class) run."""
+def open_trained(
+    path: str, device: str = "auto", dtype: str = "fp32", binary: bool = True, log=print, weights: str | None = None
+) -> Trained:
+    """The run at ``path`` ready for inference; ``binary``: refuse a semantic (71-class) run;
+    ``weights``: best | last (None: best when the run has one)."""
     run, cfg, recorded = load_run(path)
     if binary and cfg.task != "binary":
         raise ConfigError(f"{path} was trained with task {cfg.task!r}; foreground masks need a binary (class-agnostic) run")
@@ -96,7 +97,7 @@ def open_trained(path: str, device: str = "auto", dtype: str = "fp32", binary: b
     if torch_type != torch.float32 and not device.startswith("cuda"):
         raise ConfigError(f"dtype {dtype} is meant for GPUs; use fp32 on {device}")
     cues = assemble.open_cues(cfg, recorded=recorded, log=log)
-    model, source = run_model(run, cfg, cues)
+    model, source = run_model(run, cfg, cues, weights)
     return Trained(run, cfg, model.to(device).eval(), cues, device, torch_type, source)
 
 

@@ -5,8 +5,13 @@ Exit codes of the command: 0 finished, ``STOPPED`` (75) stopped by SIGTERM/SIGUS
 a checkpoint: rerun the same command to continue.
 
 On several processes (DDP, ``soundstage.train.distributed``) every rank runs this loop on its
-share of each global batch; only rank 0 logs, writes metrics, curves, checkpoints and the model,
-and a signal received by any rank stops all of them at the same step.
+share of each global batch; only rank 0 logs, tracks, writes metrics, curves, checkpoints and the
+models, and a signal received by any rank stops all of them at the same step.
+
+Each evaluation also goes to the trackers (``soundstage.train.tracking``) and keeps ``model/best``
+when the ``select`` metric beats the best so far; the end of the run saves ``model/last``. A
+recipe's ``loss`` returns the loss, or a dict of it (``"loss"``) and its parts, which add up to it
+(``steps.jsonl`` and the trackers show each as ``loss_<part>``).
 """
 
 from __future__ import annotations
@@ -20,11 +25,11 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import soundstage.train.assemble as assemble
 from soundstage.device import resolve_device
 from soundstage.pipeline.lifeline import leave_stops_to_the_parent
+from soundstage.pipeline.progress import progress_bar
 from soundstage.train.checkpoint import (
     EpochSampler,
     StopSignals,
@@ -35,9 +40,11 @@ from soundstage.train.checkpoint import (
 from soundstage.train.config import ConfigError, TrainConfig, same_settings
 from soundstage.train.data import collate_frames
 from soundstage.train.distributed import Distributed, SplitInvariantLoss
-from soundstage.train.evaluation import evaluate
+from soundstage.train.evaluation import evaluate, metric_names, run_protocols, selected_metric, with_protocols
+from soundstage.train.metric_names import metric_values
 from soundstage.train.recipes import get_recipe
 from soundstage.train.run_dir import RunDir, plot_curves
+from soundstage.train.tracking import Tracking, shown_frames
 
 STOPPED = 75  # EX_TEMPFAIL: checkpointed on a signal, rerun to resume
 
@@ -134,6 +141,11 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
             f"{run.path} holds a run with other settings ({', '.join(same_settings(saved, cfg.to_dict()))}); "
             "resume it with the same settings or choose another --out"
         )
+    if selected_metric(cfg) not in metric_names(cfg):
+        raise ConfigError(
+            f"select {cfg.select!r} is not a metric of this run's evaluations; e.g. "
+            f"{', '.join(metric_names(cfg)[:1] + [n for n in metric_names(cfg) if '/real-' in n][:1])}"
+        )
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -208,6 +220,7 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
         run.write_json("provenance.json", assemble.run_provenance(cfg, cues))
         for name in ("steps.jsonl", "epochs.jsonl"):
             run.keep_records(name, lambda r: False)
+    tracking = Tracking(cfg.tracker if dist.main else [], run, cfg.to_dict(), resume_step=step if resuming else None)
     trained = model
     if dist.active:
         # find_unused_parameters: some of Mask2Former's parameters take no part in the loss
@@ -231,9 +244,9 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
 
     # -------------------------------------------------------------------- the loop
     trained.train()
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total_steps, "train", progress, unit="step", initial=step)
     last_eval = {}
-    with StopSignals() as signals, stop_signals_delivered():
+    with StopSignals() as signals, stop_signals_delivered(), contextlib.closing(tracking):
         while epoch < cfg.epochs and step < total_steps:
             sampler.set_epoch(epoch, position // dist.world_size)
             batches = iter(loader)
@@ -250,21 +263,25 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
                         micro_batches.append((batch, 1.0))
                         previous = batch
                 started = time.perf_counter()
-                parts: dict[str, float] = {}
-                rank_loss = 0.0
+                rank_losses: dict[str, float] = {}  # the loss and its parts, summed over micro-batches
                 for k, (batch, weight) in enumerate(micro_batches):
                     last = k == len(micro_batches) - 1
                     with contextlib.nullcontext() if last or not dist.active else trained.no_sync():
                         with autocast() if autocast else contextlib.nullcontext():
-                            loss = recipe.loss(trained, batch, device, split_loss=split_loss, step=step, weight=weight)
+                            loss, loss_parts = with_parts(
+                                recipe.loss(trained, batch, device, split_loss=split_loss, step=step, weight=weight)
+                            )
                         loss = loss * weight / len(micro_batches)
                         (scaler.scale(loss) if scaler else loss).backward()
-                    rank_loss += loss.item()
-                parts["loss"] = float(dist.sum(rank_loss, device)) / dist.world_size  # the global batch's loss
+                    rank_losses["loss"] = rank_losses.get("loss", 0.0) + loss.item()
+                    for name, value in loss_parts.items():
+                        rank_losses[name] = rank_losses.get(name, 0.0) + float(value) * weight / len(micro_batches)
+                names = sorted(rank_losses)  # the global batch's loss and parts: the mean over ranks
+                parts = dict(zip(names, (dist.sum([rank_losses[n] for n in names], device) / dist.world_size).tolist()))
                 if scaler:
                     scaler.unscale_(optimizer)
-                if cfg.clip_grad:
-                    parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad))
+                # the norm before clipping; without --clip-grad only measured (an infinite limit)
+                parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad or math.inf))
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()
@@ -273,21 +290,22 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 step += 1
-                position = min(len(train_set), position + len(micro_batches) * global_batch)
+                clips = min(len(train_set), position + len(micro_batches) * global_batch) - position
+                position += clips
 
                 seconds = time.perf_counter() - started
                 if step % cfg.log_every == 0 and dist.main:
-                    run.append(
-                        "steps.jsonl",
-                        {
-                            "step": step,
-                            "epoch": epoch,
-                            **parts,
-                            "lr": scheduler.get_last_lr()[0],
-                            "step_seconds": round(seconds, 4),
-                        },
-                    )
-                bar.set_postfix(loss=f"{parts['loss']:.4f}", step_s=f"{seconds:.2f}", epoch=epoch)
+                    record = {
+                        "step": step,
+                        "epoch": epoch,
+                        **parts,
+                        "lr": scheduler.get_last_lr()[0],
+                        "clips_per_s": round(clips / seconds, 4),
+                        "step_seconds": round(seconds, 4),
+                    }
+                    run.append("steps.jsonl", record)
+                    tracking.step(record)
+                bar.set_postfix(loss=f"{parts['loss']:.4f}", step_s=f"{seconds:.2f}", epoch=epoch, refresh=False)
                 bar.update(1)
                 stopping = dist.any(signals.received is not None, device) if dist.active else signals.received
                 if step % cfg.checkpoint_every == 0 or stopping:
@@ -299,14 +317,38 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
                 epoch, position = epoch + 1, 0
                 if epoch % cfg.eval_every == 0 or step >= total_steps:
                     last_eval = evaluate_run(cfg, run, model, cues, epoch, step, device, autocast, num_queries, log, dist)
+                    if dist.main:
+                        keep_best(run, model, last_eval, selected_metric(cfg), log)
+                    if tracking.active:
+                        shown = assemble.dataset(
+                            cfg, cues, cfg.eval_split, num_queries=num_queries, active_encoding=recipe.active_encoding
+                        )
+                        tracking.evaluation(last_eval, shown_frames(model, shown, cfg.task, device, recipe.predict))
                 checkpoint()
     bar.close()
 
     if dist.main:
-        model.save_pretrained(run.model_dir)
+        run.save_model(model, "last")
         run.write_json("DONE", {"step": step, "epoch": epoch})
     dist.barrier()
     return last_eval
+
+
+def with_parts(loss) -> tuple[torch.Tensor, dict]:
+    """A recipe's loss as (the loss, ``{"loss_<part>": detached value}``): a tensor has no parts;
+    a dict holds ``"loss"`` and its parts."""
+    if not isinstance(loss, dict):
+        return loss, {}
+    return loss["loss"], {f"loss_{name}": value.detach() for name, value in loss.items() if name != "loss"}
+
+
+def keep_best(run: RunDir, model, record: dict, metric: str, log) -> None:
+    """``model/best`` (with ``best.json``) when ``metric`` of this evaluation beats the best so far."""
+    value, best = metric_values(record).get(metric), run.best()
+    if value is None or (best is not None and best.get("metric") == metric and value <= best["value"]):
+        return
+    run.save_model(model, "best", {"metric": metric, "value": value, "step": record["step"], "epoch": record["epoch"]})
+    log(f"model/best: {metric} {value:.4f} (epoch {record['epoch']}, step {record['step']})")
 
 
 def evaluate_run(
@@ -329,11 +371,12 @@ def evaluate_run(
         data = assemble.dataset(
             cfg, cues, cfg.eval_split, variant, silence=silence, num_queries=num_queries, active_encoding=encoding
         )
-        results[variant] = evaluate(
+        headline, others = run_protocols(cfg)
+        scores = evaluate(
             model,
             data,
             cfg.task,
-            cfg.protocol,
+            [headline, *others],
             device=device,
             autocast=autocast,
             batch_size=cfg.eval_batch_size,
@@ -341,6 +384,7 @@ def evaluate_run(
             dist=dist,
             predict=recipe.predict,
         )
+        results[variant] = with_protocols(scores, headline)
     record = {"epoch": epoch, "step": step, "split": cfg.eval_split, "eval": results}
     steps = [r["loss"] for r in run.records("steps.jsonl") if r["epoch"] == epoch - 1]
     record["train_loss"] = float(np.mean(steps)) if steps else None

@@ -35,7 +35,7 @@ from soundstage.pipeline.stage import ClipError
 from soundstage.train.data import collate_frames, frame_clip_ids
 from soundstage.train.evaluation import DEFAULT_PROTOCOL
 from soundstage.train.recipes import get_recipe
-from soundstage.train.run_dir import RunDir, read_json
+from soundstage.train.run_dir import RunDir
 from soundstage.train.run_eval import load_run, run_model
 
 VARIANTS = ("real", "muted", "zeroed", "swapped", "noise:10")
@@ -197,7 +197,7 @@ def score_run(run_path: str, split: str | None = None, device: str = "auto", log
             datasets[variant] = clips(variant, silence)
         results[variant], per_subset[variant], clip_scores[variant] = scorer.score(datasets[variant], subsets)
         log(f"report: {os.path.basename(run.path)}: scored {split} with {variant} audio")
-    best = read_json(run.file("best.json"))
+    best = run.best() if os.path.basename(os.path.normpath(weights)) == "best" else None
     return ScoredRun(run, cfg, recorded, weights, best, split, scorer, datasets, results, per_subset, clip_scores)
 
 

@@ -6,15 +6,26 @@
                              stage, version, fingerprint, stage.json parameters and upstream
                              fingerprints), the manifest (path, sha256), the base model, versions
       checkpoints/latest.pt  the last checkpoint (soundstage.train.checkpoint; weights_only-loadable)
-      metrics/steps.jsonl    one JSON object per optimizer step: step, epoch, loss (+ its parts),
-                             lr, step_seconds
+      metrics/steps.jsonl    one JSON object per optimizer step: step, epoch, loss and its parts
+                             (loss_class, loss_mask, loss_dice, ...), lr, grad_norm, clips_per_s,
+                             step_seconds
       metrics/epochs.jsonl   one per evaluation: epoch, step, train_loss, and per audio variant
-                             (real, muted, zeroed, swapped, noise:SNR) the protocol's result;
+                             (real, muted, zeroed, swapped, noise:SNR) the headline protocol's
+                             result, with ``protocols``: every protocol's miou/fscore;
                              ``gap_real_muted`` = real − muted mIoU and F
       silence/<stage>-<fingerprint>-<field>.npy   the muted cue, computed once
       curves.png             loss, validation mIoU/F and audio sensitivity per epoch
-      model/                 the final model: transformers save_pretrained + avs_conditioning.*
+      tb/                    TensorBoard event files (--tracker; wandb/ and mlruns/ likewise)
+      model/last/            the final model: transformers save_pretrained + avs_conditioning.*
+      model/best/            the model of the evaluation with the best --select metric, with
+                             best.json: metric, value, step, epoch
+      train.lock             flock'ed by the process training the run ("pid P on HOST since ...")
       DONE                   written when the run finished every epoch
+
+Runs written before ``model/last`` existed hold the final model in ``model/`` itself: it is read
+as ``last``.
+
+Metric names: ``soundstage.train.metric_names``.
 
 A rerun with the same settings resumes from ``checkpoints/latest.pt``; metric lines written after
 that checkpoint are dropped first, so each step and epoch appears once.
@@ -28,16 +39,22 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 
 from soundstage.train.config import ConfigError
 
 TRAINER_LOCK = "train.lock"
+WEIGHTS = ("best", "last")
 
 
 class RunBusy(ConfigError):
     """Another process is training into the same run folder."""
+
+
+class MissingWeights(ConfigError):
+    """The run has not (yet) the weights asked for."""
 
 
 class RunDir:
@@ -51,9 +68,45 @@ class RunDir:
     def checkpoint(self) -> str:
         return self.file("checkpoints", "latest.pt")
 
-    @property
-    def model_dir(self) -> str:
-        return self.file("model")
+    def model_dir(self, which: str = "last") -> str:
+        return self.file("model", which)
+
+    def save_model(self, model, which: str, info: dict | None = None) -> str:
+        """``model/<which>/`` replaced as a whole: written beside it, then swapped in (``info``:
+        ``<which>.json`` inside it)."""
+        final = self.model_dir(which)
+        fresh, old = self.file("model", f".{which}.new"), self.file("model", f".{which}.old")
+        for leftover in (fresh, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        model.save_pretrained(fresh)
+        if info is not None:
+            write_json(os.path.join(fresh, f"{which}.json"), info)
+        if os.path.isdir(final):
+            os.replace(final, old)
+        os.replace(fresh, final)
+        shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def best(self) -> dict | None:
+        """``model/best/best.json`` (metric, value, step, epoch), None without a best model."""
+        return read_json(self.file("model", "best", "best.json"))
+
+    def weights(self, which: str | None = None) -> tuple[str, str]:
+        """``(path, what)`` of the weights to load: ``which`` best or last; None: best when the run
+        has one, else last. ``what``: best, last, or checkpoint (an unfinished run's last
+        checkpoint stands for last)."""
+        if which not in (None, *WEIGHTS):
+            raise MissingWeights(f"weights {which!r}: use best or last")
+        if which in (None, "best") and os.path.isdir(self.model_dir("best")):
+            return self.model_dir("best"), "best"
+        if which == "best":
+            raise MissingWeights(f"{self.path} has no best model yet (model/best is written at evaluations); use last")
+        for path in (self.model_dir("last"), self.file("model")):  # model/ itself: runs from before model/last
+            if os.path.exists(os.path.join(path, "config.json")):
+                return path, "last"
+        if os.path.exists(self.checkpoint):
+            return self.checkpoint, "checkpoint"
+        raise MissingWeights(f"{self.path} has neither a final model nor a checkpoint yet")
 
     @property
     def done(self) -> bool:

@@ -1,13 +1,14 @@
 """Evaluating a saved run (``soundstage evaluate --run runs/NAME``) on any split and audio variant.
 
-The model is the run's final ``model/`` folder, or the weights of its last checkpoint when the
-run has not finished; the cues are exactly the cache outputs recorded in ``provenance.json``.
+The model is the run's ``model/best`` (the evaluation with the best ``--select`` metric) or
+``model/last`` (``weights``; default best when there is one), or the weights of its last
+checkpoint when the run has not finished; the cues are exactly the cache outputs recorded in
+``provenance.json``.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import tempfile
 
 import torch
@@ -30,25 +31,32 @@ def load_run(path: str) -> tuple[RunDir, TrainConfig, dict]:
     return run, TrainConfig.from_dict(saved), recorded.get("cues", {})
 
 
-def run_model(run: RunDir, cfg: TrainConfig, cues: dict) -> tuple[object, str]:
-    """(model, where its weights came from)."""
+def run_model(run: RunDir, cfg: TrainConfig, cues: dict, weights: str | None = None) -> tuple[object, str]:
+    """(model, where its weights came from); ``weights``: best | last | None (best when there is one)."""
     recipe = get_recipe(cfg.recipe)
-    if os.path.isdir(run.model_dir):
-        return recipe.load(run.model_dir), run.model_dir
-    if not os.path.exists(run.checkpoint):
-        raise ConfigError(f"{run.path} has neither a final model nor a checkpoint yet")
+    path, what = run.weights(weights)
+    if what != "checkpoint":
+        return recipe.load(path), path
     model = recipe.build(cfg, cues)
-    model.load_state_dict(torch.load(run.checkpoint, map_location="cpu", weights_only=True)["model"])
-    return model, run.checkpoint
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+    return model, path
 
 
 def evaluate_saved_run(
-    path: str, split: str | None = None, audio: str = "real", protocol: str | None = None, device: str = "auto", log=print
+    path: str,
+    split: str | None = None,
+    audio: str = "real",
+    protocol: str | None = None,
+    device: str = "auto",
+    log=print,
+    weights: str | None = None,
+    options: dict | None = None,
 ) -> dict:
+    """``options``: the protocol's options (batch_size, frames_per_video, threshold, ...)."""
     run, cfg, recorded = load_run(path)
     split = split or cfg.eval_split
     cues = assemble.open_cues(cfg, recorded=recorded, log=log)
-    model, source = run_model(run, cfg, cues)
+    model, source = run_model(run, cfg, cues, weights)
     device = resolve_device(device)
     model.to(device)
     recipe = get_recipe(cfg.recipe)
@@ -62,7 +70,16 @@ def evaluate_saved_run(
         silence = assemble.silence_for(run, cues, assemble.max_frames(clips()))
     data = clips(audio, silence=silence)
     protocol = protocol or cfg.protocol or DEFAULT_PROTOCOL[cfg.task]
-    result = evaluate(model, data, cfg.task, protocol, device=device, batch_size=cfg.eval_batch_size, predict=recipe.predict)
+    result = evaluate(
+        model,
+        data,
+        cfg.task,
+        protocol,
+        device=device,
+        batch_size=cfg.eval_batch_size,
+        predict=recipe.predict,
+        options={protocol: options or {}},
+    )
     return {
         "miou": result.get("miou"),
         "fscore": result.get("fscore"),
@@ -73,6 +90,7 @@ def evaluate_saved_run(
         "frames": result["frames"],
         "run": run.path,
         "weights": source,
+        "aggregation": result.get("aggregation"),
         "result": result,
     }
 

@@ -9,7 +9,8 @@ need to train, score and load one method, so the loop knows no method by name::
         settings={"lr": 5e-4, "epochs": 150, "task": "binary", "audio": "vggish", ...},
         options={"trainable": Option("paper", "what is trained: paper | script", ("paper", "script"))},
         build=build,            # (cfg: TrainConfig, cues: dict) -> model (an nn.Module with .config)
-        loss=loss,              # (model, batch: dict, device, split_loss=None, step=0, weight=1.0) -> scalar
+        loss=loss,              # (model, batch: dict, device, split_loss=None, step=0, weight=1.0) -> scalar,
+                                #   or {"loss": scalar, "<part>": ...} with parts adding up to it
         predict=predict,        # (model, batch, device, size, task, two_channel) -> eval logits
         trainable=trainable,    # (model, cfg) -> optimizer parameter groups (frozen = absent)
         load=load,              # (folder) -> model saved by model.save_pretrained(folder)

@@ -28,11 +28,14 @@ def targets(labels: torch.Tensor, device) -> tuple[list, list]:
     return mask_labels, class_labels
 
 
-def loss(model, batch: dict, device, split_loss=None, step: int = 0, weight: float = 1.0) -> torch.Tensor:
+def loss(model, batch: dict, device, split_loss=None, step: int = 0, weight: float = 1.0) -> dict:
+    """transformers' Mask2Former loss and its parts (class, mask, dice: they add up to it)."""
     mask_labels, class_labels = targets(batch["labels"], device)
     if split_loss is not None:
         split_loss.prepare(class_labels, frame_keys(batch), step, weight, device)
-    return model(**model_inputs(batch, device), mask_labels=mask_labels, class_labels=class_labels).loss
+    outputs = model(**model_inputs(batch, device), mask_labels=mask_labels, class_labels=class_labels)
+    core = model.module if hasattr(model, "module") else model  # under DDP
+    return {"loss": outputs.loss, **core.loss_parts}
 
 
 RECIPES = [
