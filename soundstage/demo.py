@@ -78,6 +78,7 @@ DEMO_TRAIN = [
 ]
 DEMO_RUN = "demo"  # OUT/runs/<name>
 RECIPE_STEPS = 4  # --recipes: optimizer steps of each recipe (a demo of the plumbing, not of the methods)
+STAGE1_RECIPE, STAGE2_RECIPE = "stepping-stones-stage1", "stepping-stones-stage2"  # stage 2 reads stage 1's masks
 
 STAND_IN_WARNING = """\
 ==============================================================================
@@ -429,27 +430,38 @@ def train_demo_model(pipeline_path: str, run_dir: str, manifest: str, epochs: in
 def train_every_recipe(pipeline_path: str, runs_dir: str, manifest: str, steps: int, out=click.echo) -> dict:
     """``--recipes``: each seed method's recipe trained briefly on the demo's caches into
     ``runs_dir/<recipe>``, then one table of them side by side (the paper's protocol of each, with
-    the audio probes). A recipe whose cues the cache lacks is skipped with the reason."""
+    the audio probes). After Stepping Stones' stage 1, its masks of every clip (stage 2's prior).
+    A recipe whose cues the cache lacks is skipped with the reason."""
+    from soundstage.pipeline.pipeline_file import load_pipeline
+    from soundstage.pipeline.registry import get_stage
+    from soundstage.pipeline.runner import run_stage
     from soundstage.train.config import ConfigError, resolve_config
     from soundstage.train.cues import CueError
     from soundstage.train.loop import train
     from soundstage.train.recipes import recipes
 
+    cache = load_pipeline(pipeline_path).cache
     records = {}  # recipe -> its last evaluation (and its run folder under "run")
+    stage1_masks = None
     for name in recipes():
         if name == "generic":
             continue
         run_dir = os.path.join(runs_dir, name)
         out(
-            f"\nrecipe {name}: training {steps} steps into {run_dir} (reproduce: soundstage train --config {pipeline_path} --recipe {name} --out DIR)"
+            f"\nrecipe {name}: {steps} steps into {run_dir} (soundstage train --config {pipeline_path} --recipe {name} --out DIR)"
         )
+        settings = {"out": run_dir, "recipe": name, "epochs": 1, "max_steps": steps, "batch_size": 1}
+        if name == STAGE2_RECIPE and stage1_masks:
+            settings["prior"] = f"masks={stage1_masks}"
         try:
-            cfg = resolve_config(
-                pipeline_path, {"out": run_dir, "recipe": name, "epochs": 1, "max_steps": steps, "batch_size": 1}
-            )
+            cfg = resolve_config(pipeline_path, settings)
             with _quiet_transformers():
                 records[name] = {**train(cfg, log=lambda *_: None, progress=False), "run": run_dir}
-        except (ConfigError, CueError, FileNotFoundError) as e:
+                if name == STAGE1_RECIPE:
+                    masks = run_stage(get_stage("masks"), manifest, cache, {"run": run_dir}, progress=False, log=lambda *_: None)
+                    stage1_masks = os.path.basename(masks.path)
+                    out(f"its masks of every clip (stage 2's prior): {masks.format().splitlines()[0]}")
+        except (ConfigError, CueError, FileNotFoundError, ValueError) as e:
             out(f"recipe {name}: skipped ({e})")
     if records:
         out("\n" + recipe_table(records))
