@@ -677,13 +677,13 @@ def test_runs_table_compares_status_best_sensitivity_and_differing_settings(whol
         "c-stopped": "stopped",
     }
     for r in rows.values():
-        assert r["steps"] == 9 and r["epochs"] == 3 and r["metric"] == "val/avsbench-binary/miou"
+        assert r["steps"] == 9 and r["evals"] == 3 and r["metric"] == "val/avsbench-binary/miou"
         assert r["best"] == pytest.approx(real) and r["best_epoch"] == best["epoch"]
         assert r["real-muted"] == pytest.approx(real - muted) and r["real-swapped"] == pytest.approx(real - swapped)
     assert [r["settings"] for r in rows.values()] == [{"lr": 1e-3}, {"lr": 5e-3}, {"lr": 1e-3}]
 
     table = CliRunner().invoke(_cli(), ["runs", str(root)]).output.splitlines()
-    assert table[0].split() == ["run", "status", "steps", "epochs", "best", "val/avsbench-binary/miou", "real-muted", "real-swapped", "lr"]  # fmt: skip
+    assert table[0].split() == ["run", "status", "steps", "evals", "best", "val/avsbench-binary/miou", "real-muted", "real-swapped", "lr"]  # fmt: skip
     assert table[3].split()[:5] == ["b-running", "running", "9", "3", f"{real:.4f}"]
     assert table[3].split()[-3:] == [f"{real - muted:.4f}", f"{real - swapped:.4f}", "0.005"]
     empty = CliRunner().invoke(_cli(), ["runs", str(tmp_path / "a-finished-nothing")])

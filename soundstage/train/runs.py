@@ -7,7 +7,7 @@ at any depth (a run's own folders are not searched). Per run:
   last trained it — is alive: on this host its pid exists; on another host its metrics were
   written in the last ``STALE_SECONDS``), else ``stopped`` (rerun the same ``soundstage train``
   command to resume it);
-- steps: the last optimizer step logged; epochs: evaluations so far;
+- steps: the last optimizer step logged; evals: evaluations so far;
 - best: the ``select`` metric of ``model/best`` (``best.json``), else the best evaluation so far;
 - real−muted and real−swapped: the headline protocol's mIoU lost when the audio is muted or
   swapped, at that best evaluation;
@@ -111,7 +111,7 @@ def summary(run: RunDir, root: str) -> dict:
         "run": os.path.relpath(run.path, root),
         "status": status(run),
         "steps": steps[-1]["step"] if steps else 0,
-        "epochs": len(epochs),
+        "evals": len(epochs),
         "metric": metric,
         "best": value,
         "best_epoch": at["epoch"] if at else None,
@@ -130,7 +130,7 @@ def table(rows: list[dict]) -> str:
     settings = differing(rows)
     metrics = {r["metric"] for r in rows}
     best_header = f"best {metrics.pop()}" if len(metrics) == 1 else "best (metric)"
-    header = ["run", "status", "steps", "epochs", best_header, "real-muted", "real-swapped", *settings]
+    header = ["run", "status", "steps", "evals", best_header, "real-muted", "real-swapped", *settings]
     lines = [header]
     for r in rows:
         best = _number(r["best"])
@@ -139,7 +139,7 @@ def table(rows: list[dict]) -> str:
         if best_header == "best (metric)" and r["best"] is not None:
             best += f" ({r['metric']})"
         values = [_setting(r["settings"].get(k)) for k in settings]
-        lines.append([r["run"], r["status"], str(r["steps"]), str(r["epochs"]), best, _number(r["real-muted"]), _number(r["real-swapped"]), *values])  # fmt: skip
+        lines.append([r["run"], r["status"], str(r["steps"]), str(r["evals"]), best, _number(r["real-muted"]), _number(r["real-swapped"]), *values])  # fmt: skip
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     return "\n".join([text[0], "  ".join("-" * w for w in widths), *text[1:]])
