@@ -749,3 +749,38 @@ def test_progress_without_a_terminal_is_one_line_per_interval(monkeypatch):
     lines = text.splitlines()
     assert 2 <= len(lines) <= 52 and lines[-1].startswith("train: 100%") and "50/50" in lines[-1]
     assert len(_progress_log(1000, "3600", monkeypatch).splitlines()) <= 2  # the first line and the last only
+
+
+def test_a_moved_run_folder_evaluates_and_resumes_but_not_on_other_data(vggish_cache, tmp_path):
+    """A project moved with its runs (`mv project moved`): the run finds its cache and manifest at
+    the same places relative to it, evaluates as before, and is taken as the same run by `train`;
+    a manifest of other content is refused."""
+    import shutil
+
+    from soundstage.train.loop import train
+
+    project = tmp_path / "project"
+    shutil.copytree(vggish_cache["root"] / "cache", project / "cache")
+    shutil.copy(vggish_cache["manifest"], project / "manifest.csv")
+    for name in os.listdir(os.path.dirname(vggish_cache["manifest"])):  # the clips the manifest names
+        if os.path.isdir(os.path.join(os.path.dirname(vggish_cache["manifest"]), name)):
+            os.symlink(os.path.join(os.path.dirname(vggish_cache["manifest"]), name), project / name)
+    settings = {**FAST, "epochs": 1, "probes": [], "manifest": str(project / "manifest.csv"), "cache": str(project / "cache")}
+    record = train(resolve_config(None, {**settings, "out": str(project / "runs" / "a")}), log=lambda *_: None, progress=False)
+    moved = tmp_path / "moved"
+    os.rename(project, moved)
+
+    scored = CliRunner().invoke(_cli(), ["evaluate", "--run", str(moved / "runs" / "a"), "--split", "val", "--json"])
+    assert scored.exit_code == 0, scored.output
+    assert json.loads(scored.output.strip().splitlines()[-1])["miou"] == pytest.approx(record["eval"]["real"]["miou"])
+    lines = []
+    again = {**settings, "manifest": str(moved / "manifest.csv"), "cache": str(moved / "cache"), "out": str(moved / "runs" / "a")}
+    train(resolve_config(None, again), log=lines.append, progress=False)
+    assert any("the run is complete" in line for line in lines), lines
+
+    rows = read_manifest(str(moved / "manifest.csv"))
+    write_manifest(rows.iloc[::-1], str(moved / "reordered.csv"))  # other bytes: another manifest
+    from soundstage.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot resume on other data: the manifest .*reordered.csv differs"):
+        train(resolve_config(None, {**again, "manifest": str(moved / "reordered.csv")}), log=lambda *_: None, progress=False)

@@ -35,7 +35,7 @@ from soundstage.train.cues import (
 )
 from soundstage.train.data import TASKS, AVSClips
 from soundstage.train.probes import silence_cue
-from soundstage.train.run_dir import RunDir, file_sha256
+from soundstage.train.run_dir import RunDir, file_sha256, read_json
 
 REAL_IMAGE_SIZE = 384  # the seed methods' Mask2Former input size
 
@@ -222,6 +222,24 @@ def frames_provenance(cfg: TrainConfig) -> dict:
 
 def max_frames(data: AVSClips) -> int:
     return max(int(r["num_frames"]) for r in data.rows)
+
+
+def check_same_data(run: RunDir, cfg: TrainConfig, cues: dict) -> None:
+    """A run resumes only on the data it was trained on: the manifest's content (sha256) and each
+    cue's cache output (fingerprint) as ``provenance.json`` recorded them, wherever they lie now."""
+    recorded = read_json(run.file("provenance.json"))
+    if not recorded:
+        return
+    changed = []
+    manifest = recorded.get("manifest", {})
+    if manifest.get("sha256") and manifest["sha256"] != file_sha256(cfg.manifest):
+        changed.append(f"the manifest {cfg.manifest} differs from the one it was trained on ({manifest.get('path')})")
+    for role, (_, reader) in cues.items():
+        was = recorded.get("cues", {}).get(role, {}).get("fingerprint")
+        if was and was != reader.meta["fingerprint"]:
+            changed.append(f"its {role} cue is now {reader.meta['stage']} {reader.meta['fingerprint']}, it was trained on {was}")
+    if changed:
+        raise ConfigError(f"{run.path} cannot resume on other data: {'; '.join(changed)}; choose another --out")
 
 
 def run_provenance(cfg: TrainConfig, cues: dict) -> dict:

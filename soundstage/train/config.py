@@ -233,7 +233,9 @@ def same_settings(saved: dict, current: dict) -> list[str]:
     """Settings that differ between a saved run and this invocation (what resuming forbids).
     A setting a saved run predates counts as its default."""
     ignored = {"workers", "device", "checkpoint_every", "log_every", "frames", "tracker"}  # do not change the result
-    ignored |= {"out", "pipeline"}  # where the run folder and the pipeline file are: a moved or copied run resumes
+    # where the run folder, the pipeline file, the manifest and the cache are: a moved or copied run
+    # resumes; the manifest's and the cues' content are checked instead (assemble.check_same_data)
+    ignored |= {"out", "pipeline", "manifest", "cache"}
     saved = {**TrainConfig().to_dict(), **saved}
     keys = (set(saved) | set(current)) - ignored
     return sorted(k for k in keys if json.dumps(saved.get(k)) != json.dumps(current.get(k)))

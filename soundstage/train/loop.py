@@ -155,6 +155,8 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
     # -------------------------------------------------------------------- data
     recipe = get_recipe(cfg.recipe)
     cues = assemble.open_cues(cfg, log=log)
+    if saved is not None:
+        assemble.check_same_data(run, cfg, cues)
     model = recipe.build(cfg, cues)
     if cfg.init_from and saved is None:
         assemble.init_weights(model, recipe, cfg.init_from, log)

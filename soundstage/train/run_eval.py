@@ -9,6 +9,7 @@ checkpoint when the run has not finished; the cues are exactly the cache outputs
 from __future__ import annotations
 
 import functools
+import os
 import tempfile
 
 import torch
@@ -28,7 +29,24 @@ def load_run(path: str) -> tuple[RunDir, TrainConfig, dict]:
     if saved is None:
         raise ConfigError(f"{path} is not a training run (no config.json)")
     recorded = read_json(run.file("provenance.json")) or {}
-    return run, TrainConfig.from_dict(saved), recorded.get("cues", {})
+    cfg, cues = TrainConfig.from_dict(saved), recorded.get("cues", {})
+    # a run folder moved or copied with its project (`cp -a project copy`): what it recorded by
+    # absolute path is looked for at the same place relative to the run folder when it is gone
+    for key in ("manifest", "cache", "pipeline"):
+        setattr(cfg, key, relocated(getattr(cfg, key), saved.get("out"), run.path))
+    for entry in cues.values():
+        entry["path"] = relocated(entry.get("path"), saved.get("out"), run.path)
+    cfg.out = run.path
+    return run, cfg, cues
+
+
+def relocated(path: str | None, recorded_run: str | None, run: str) -> str | None:
+    """``path`` as recorded by the run then at ``recorded_run``; when it is gone and the run folder
+    is now ``run``, the path at the same place relative to it, if that exists."""
+    if not path or not recorded_run or os.path.exists(path) or os.path.abspath(recorded_run) == run:
+        return path
+    moved = os.path.normpath(os.path.join(run, os.path.relpath(path, recorded_run)))
+    return moved if os.path.exists(moved) else path
 
 
 def run_model(run: RunDir, cfg: TrainConfig, cues: dict, weights: str | None = None) -> tuple[object, str]:
