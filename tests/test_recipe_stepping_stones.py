@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import types
 
+import numpy as np
 import pytest
 import torch
 from fixtures_synth import synth_dir  # noqa: F401 (a fixture)
+from PIL import Image
 from recipe_fixtures import load_fixture, seeded, seeded_state_dict
 from torch.nn import functional as F
 
@@ -136,6 +138,22 @@ def test_prior_regions_and_first_attention_mask_follow_their_thresholds():
     }
     theirs["model.model.pixel_level_module.encoder.encoder.layers.0.blocks.0.attention.self.query.weight"] = torch.zeros(1)
     assert ss.key_map(theirs)["prior.regions.weight"][:, 0].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_loss_targets_are_their_image_processors():
+    """Their Mask2FormerImageProcessor resizes the label map with PIL's nearest neighbour, then makes
+    one mask per class present: the same as ``mask_targets`` (checked against PIL directly)."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.zeros(2, 224, 224, dtype=torch.int64)
+    labels[0, 30:121, 41:150] = 1
+    labels[1, 100:201, 13:90] = 7
+    labels[1, 5:17, 5:219] = torch.randint(1, 71, (), generator=generator)
+    masks, classes = ss.mask_targets(labels, (384, 384))
+    for frame, mask, cls in zip(labels, masks, classes):
+        resized = torch.from_numpy(np.asarray(Image.fromarray(frame.numpy().astype(np.uint8)).resize((384, 384), Image.NEAREST)))
+        expected = torch.unique(resized.long())
+        assert torch.equal(cls, expected)
+        assert torch.equal(mask, (resized[None].long() == expected[:, None, None]).float())
 
 
 # ------------------------------------------------------------------------------------ the recipe

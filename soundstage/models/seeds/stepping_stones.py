@@ -28,7 +28,8 @@ transformers ``Mask2FormerForUniversalSegmentation`` (``soundstage.models.seeds.
   takes the argmax, their F ``sigmoid(2·s1 − s0)``. Stage 2 (``semantic_scores``) — the same without
   the no-object class (softmax then drop it), argmax after resizing.
 - Loss: transformers' Mask2Former loss (class 2, mask 5, dice 5, no-object 0.1) on per-class binary
-  masks of the labels at the processed size (their image processor's targets: background is class 0).
+  masks of the labels at the processed size (their image processor's targets, ``mask_targets``:
+  background is class 0).
   Stage 1 returns 0 for a clip whose every frame has empty ground truth (their ``get_loss``, meant for
   MS3: only MS3 has such clips).
 - 30 queries and 2 labels for AVS (stage 1), 100 queries and 71 labels for AVSS (stage 2), as their
@@ -149,9 +150,10 @@ def key_map(state: dict) -> dict:
 
 
 def mask_targets(labels: torch.Tensor, size) -> tuple[list, list]:
-    """Their image processor's Mask2Former targets: per frame, the labels resized (nearest) to
-    ``size`` and one binary mask per class present (background 0 included), with the class ids."""
-    labels = F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+    """Their image processor's Mask2Former targets: per frame, the labels resized to ``size`` by
+    nearest neighbour with PIL's pixel-centre rule (``nearest-exact``; the processor resizes with
+    PIL) and one binary mask per class present (background 0 included), with the class ids."""
+    labels = F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest-exact")[:, 0].long()
     mask_labels, class_labels = [], []
     for frame in labels:
         classes = torch.unique(frame)
