@@ -71,6 +71,34 @@ def test_reference_forward_equals_their_code(reference):
         assert torch.equal(out["pred"][clear], fixture["pred"].long()[clear])
 
 
+def test_training_loss_equals_their_code(reference):
+    """Their ``AdaptiveAVS`` in training mode with their image processor's targets (two frames, a
+    box each; stage 2 with the ground truth as prior), the same torch seed for the loss's random
+    points: the same loss (the matching included, with transformers 4.35's class cost of 1)."""
+    stage, fixture, model = reference
+    seed = fixture["seed"]
+    labels = torch.zeros(FRAMES, 224, 224, dtype=torch.int64)
+    labels[0, 30:120, 40:150] = 1 if stage == 1 else 3
+    labels[1, 100:200, 10:90] = 1 if stage == 1 else 4
+    values = {
+        "pixel_values": seeded((FRAMES, 3, 384, 384), seed + 1),
+        "audio": seeded((FRAMES, 128), seed + 2),
+        "labels": labels,
+        "clip_ids": ["clip"],
+        "clip_index": torch.zeros(FRAMES, dtype=torch.int64),
+    }
+    if stage == 2:
+        values["prior"] = (labels != 0).float()
+    model.train()
+    try:
+        torch.manual_seed(fixture["train_loss"]["torch_seed"])
+        with torch.no_grad():
+            loss = get_recipe(f"stepping-stones-stage{stage}").loss(model, values, "cpu")
+    finally:
+        model.eval()
+    assert abs(float(loss) - float(fixture["train_loss"]["loss"])) < TOLERANCE
+
+
 def test_post_processing_equals_their_image_processor(reference):
     """Their ``post_process_binary_segmentation`` (stage 1) / ``post_process_semantic_segmentation``
     (stage 2) on varied logits, where the random model's class map is nearly uniform."""

@@ -33,6 +33,16 @@ def mask2former_from_config(arguments: dict):
     return Mask2FormerForUniversalSegmentation(Mask2FormerConfig(**arguments))
 
 
+#: transformers 4.3x's Mask2FormerLoss built its Hungarian matcher with a class cost of 1.0 whatever
+#: ``class_weight`` (today's uses ``class_weight``: 2.0 for these models); the seed code ran 4.30 / 4.35
+LEGACY_MATCHER_CLASS_COST = 1.0
+
+
+def legacy_matcher(mask2former) -> None:
+    """Match queries to targets as the seed code's transformers did (``LEGACY_MATCHER_CLASS_COST``)."""
+    mask2former.criterion.matcher.cost_class = LEGACY_MATCHER_CLASS_COST
+
+
 def reference_mask2former(mask2former_config: dict | None, **overrides):
     """``load_reference``'s Mask2Former: from Mask2FormerConfig arguments, or (None) the real base
     model from a local folder or the Hugging Face cache (nothing is downloaded) with ``overrides``."""

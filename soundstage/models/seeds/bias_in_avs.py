@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from soundstage.models.seeds.adapters import add_replacing_adapters, add_swin_adapters, legacy_state_dict
-from soundstage.models.seeds.base import SeedModel, load_seed_state, reference_mask2former
+from soundstage.models.seeds.base import SeedModel, legacy_matcher, load_seed_state, reference_mask2former
 
 ACTIVE_CLAMP = 1e-6
 DDPM_STEPS, DDPM_BETAS = 100, (1e-4, 0.02)
@@ -83,6 +83,7 @@ class BiasInAVS(SeedModel):
         super().__init__()
         add_swin_adapters(mask2former.model.pixel_level_module.encoder)
         add_replacing_adapters(mask2former.model)
+        legacy_matcher(mask2former)  # their transformers 4.30's matching (AVSS loss)
         hidden = mask2former.config.hidden_dim
         mask2former.model.transformer_module.decoder.layernorm_sc = nn.LayerNorm(hidden)  # in their model, unused
         self.mask2former = mask2former

@@ -27,7 +27,8 @@ transformers ``Mask2FormerForUniversalSegmentation`` (``soundstage.models.seeds.
   queries, resized bilinearly to the image size: ``[N, 2, H, W]`` (background, sounding); their IoU
   takes the argmax, their F ``sigmoid(2·s1 − s0)``. Stage 2 (``semantic_scores``) — the same without
   the no-object class (softmax then drop it), argmax after resizing.
-- Loss: transformers' Mask2Former loss (class 2, mask 5, dice 5, no-object 0.1) on per-class binary
+- Loss: transformers' Mask2Former loss (class 2, mask 5, dice 5, no-object 0.1; the Hungarian matching
+  with a class cost of 1, as transformers 4.35's loss built its matcher) on per-class binary
   masks of the labels at the processed size (their image processor's targets, ``mask_targets``:
   background is class 0).
   Stage 1 returns 0 for a clip whose every frame has empty ground truth (their ``get_loss``, meant for
@@ -50,7 +51,7 @@ from torch.nn import functional as F
 
 from soundstage.models.avs_mask2former import MaskPrior
 from soundstage.models.seeds.adapters import add_replacing_adapters, add_swin_adapters, legacy_state_dict
-from soundstage.models.seeds.base import SeedModel, load_seed_state, reference_mask2former
+from soundstage.models.seeds.base import SeedModel, legacy_matcher, load_seed_state, reference_mask2former
 
 PROCESSED_SIZE = 384  # their image processor's output size; mask logits are resized to it
 IMAGE_SIZE = 224  # their masks and predictions
@@ -73,6 +74,7 @@ class SteppingStones(SeedModel):
             raise ValueError(f"Stepping Stones has stages 1 and 2, not {stage}")
         add_swin_adapters(mask2former.model.pixel_level_module.encoder)
         add_replacing_adapters(mask2former.model, skip_projection=stage == 1)
+        legacy_matcher(mask2former)
         hidden = mask2former.config.hidden_dim
         transformer = mask2former.model.transformer_module
         self.model = mask2former
