@@ -5,16 +5,28 @@ against its formula, and the recipe's loss / prediction / parameter groups on a 
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import types
 
+import numpy as np
 import pytest
 import torch
+from fixtures_synth import synth_dir  # noqa: F401 (a fixture)
 from recipe_fixtures import load_fixture, seeded, seeded_state_dict
 
 import soundstage.models.seeds.segpref as sp
+import soundstage.train.assemble as assemble
+from soundstage.manifests.table import read_manifest
+from soundstage.metrics import Accumulator
 from soundstage.models.seeds.base import UNUSED_BACKBONE_NORM, mask2former_from_config
-from soundstage.models.tiny import tiny_config
+from soundstage.models.tiny import build_vggish, tiny_config
+from soundstage.pipeline.registry import get_stage
+from soundstage.pipeline.runner import run_stage
+from soundstage.train.config import resolve_config
+from soundstage.train.cues import text_cue
 from soundstage.train.recipes import get_recipe, load_reference
+from soundstage.train.run_eval import evaluate_checkpoint
 
 TOLERANCE = 1e-4
 FRAMES = 2
@@ -115,3 +127,55 @@ def test_recipe_trains_their_modules_and_predicts_their_map():
     assert pred.shape == (2, 32, 32)
     recipe.parameter_groups(model, types.SimpleNamespace(recipe_options={"train_text_audio": True}))
     assert model.ca.query_embedding.weight.requires_grad
+
+
+class _TextCues(dict):
+    """A textcues output in memory (slots=segpref): clip id -> {cues [frames, 4, 1024], cue_mask}."""
+
+    meta = {"stage": "textcues", "fingerprint": "test"}
+
+
+def test_evaluate_scores_a_checkpoint_in_their_key_layout(synth_dir, tmp_path, monkeypatch):  # noqa: F811
+    """Their state dict (``mha_*`` included) on a base model folder of the fixture's config, scored
+    through a towhee-VGGish cache and text cues with every binary protocol; their protocol equals the
+    reference model run by hand."""
+    fixture = load_fixture("segpref")
+    checkpoint = str(tmp_path / "ckpt_best_miou.pth")
+    torch.save(seeded_state_dict(fixture), checkpoint)
+    base = str(tmp_path / "base")
+    mask2former_from_config(fixture["config"]).save_pretrained(base)
+    manifest = os.path.join(synth_dir, "manifest.csv")
+    cache = str(tmp_path / "cache")
+    vggish = {"checkpoint": build_vggish(str(tmp_path / "vggish.pth")), "variant": "towhee"}
+    assert run_stage(get_stage("vggish"), manifest, cache, vggish, progress=False, log=lambda *_: None).ok
+    rows = read_manifest(manifest)
+    text = _TextCues(
+        {
+            cid: {"cues": seeded((int(n), 4, 1024), k).numpy(), "cue_mask": np.ones((int(n), 4), bool)}
+            for k, (cid, n) in enumerate(zip(rows["clip_id"], rows["num_frames"]))
+        }
+    )
+    real_open_cues = assemble.open_cues
+
+    def open_cues(cfg, recorded=None, log=print):
+        cues = real_open_cues(dataclasses.replace(cfg, text_cues=False), recorded, log)
+        return {**cues, "text": (text_cue(), text)}
+
+    monkeypatch.setattr(assemble, "open_cues", open_cues)
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(f"manifest: {manifest}\ncache: {cache}\ntrain:\n  image_size: 192\n")  # small; windows fit
+    result = evaluate_checkpoint(
+        "segpref", checkpoint, pipeline_file=str(pipeline), split="val", model=base, probes=[], log=lambda *_: None
+    )
+    assert result["protocols"][0] == "segpref"
+
+    model = load_reference("segpref", seeded_state_dict(fixture), fixture["config"])
+    cfg = resolve_config(str(pipeline), {"recipe": "segpref", "model": base, "out": "."})
+    accumulator = Accumulator("segpref", pred_kind="logits")
+    for item in assemble.dataset(cfg, open_cues(cfg), "val", num_queries=100):
+        pred = model.reference_forward(item["pixel_values"], item["audio"], item["text"])["pred"]
+        accumulator.update(pred, item["labels"], videos=[item["clip_id"]] * len(item["labels"]))
+    expected = accumulator.compute()
+    got = result["eval"]["real"]["segpref"]
+    assert got["miou"] == pytest.approx(float(expected["miou"]), abs=1e-6)
+    assert got["fscore"] == pytest.approx(float(expected["fscore"]), abs=1e-6)
