@@ -14,6 +14,7 @@ Their outputs are meaningless: they exist so that the whole pipeline runs with n
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from functools import cache
@@ -40,6 +41,7 @@ from transformers import (
 
 from soundstage.llm.prompt import load_template
 from soundstage.models.beats import BEATs, audioset_classes
+from soundstage.models.imagebind import BPE_FILE, ClipTokenizer
 from soundstage.models.vggish import VGGish
 
 TINY_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "tiny")
@@ -256,8 +258,6 @@ def train_bpe_merges(words, count: int) -> list[tuple[str, str]]:
 def write_bpe_vocab(path, merges) -> str:
     """A vocabulary file in the layout of CLIP's ``bpe_simple_vocab_16e6.txt.gz``: a version line,
     then one merge per line (no trailing newline: the tokenizer reads lines 1 .. 48894 as merges)."""
-    import gzip
-
     text = "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges)
     with gzip.open(path, "wt", encoding="utf-8") as f:
         f.write(text)
@@ -267,8 +267,6 @@ def write_bpe_vocab(path, merges) -> str:
 def build_imagebind_text(path, seed: int = 0) -> str:
     """A checkpoint ``path`` with the text keys of ``imagebind_huge.pth`` (ImageBind's names for
     them) and its BPE vocabulary ``bpe_simple_vocab_16e6.txt.gz`` beside it."""
-    from soundstage.models.imagebind import BPE_FILE, ClipTokenizer
-
     spec = tiny_config("imagebind_text")
     out_dir = os.path.dirname(os.path.abspath(path))
     os.makedirs(out_dir, exist_ok=True)

@@ -15,7 +15,9 @@ import click
 from click.core import ParameterSource
 
 from soundstage.cache.digest import use_input_digest
+from soundstage.pipeline.executors import launch_stage
 from soundstage.pipeline.local import run_local
+from soundstage.pipeline.pipeline_file import load_pipeline
 from soundstage.pipeline.resolve import expected_fingerprint
 from soundstage.pipeline.stage import Param, Stage
 from soundstage.pipeline.task_args import flag_name as _flag_name
@@ -196,8 +198,6 @@ def invoke_stage(stage: Stage, values: dict, is_default) -> int:
     }
 
     if values["config"]:
-        from soundstage.pipeline.pipeline_file import load_pipeline
-
         pipe = load_pipeline(values["config"])
         manifest = manifest or pipe.manifest
         cache = pipe.cache if is_default("cache") and pipe.cache else cache
@@ -215,8 +215,6 @@ def invoke_stage(stage: Stage, values: dict, is_default) -> int:
     use_input_digest(values["input_digest"] or (pipe.input_digest if values["config"] else None))
 
     if values["executor"] == "slurm" or values["dry_run"]:
-        from soundstage.pipeline.executors import launch_stage
-
         cli_args = stage_cli_args(stage, params, manifest, cache, upstream_select, values)
         return launch_stage(
             stage,

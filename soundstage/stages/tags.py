@@ -13,6 +13,7 @@ import numpy as np
 
 from soundstage.cache import open_stage
 from soundstage.cache.cli import CACHE_OPTION
+from soundstage.manifests.table import read_manifest
 from soundstage.models.audioset_tags import DEFAULT_THRESHOLD, TagNamer, class_mids_of_output, tag_counts
 from soundstage.pipeline.registry import get_stage
 from soundstage.pipeline.resolve import UpstreamError, choose
@@ -98,8 +99,6 @@ def summary(manifest, cache_root, selector, checkpoint, threshold, top):
     groups: dict[str, list[str]] = {}
     missing = 0
     if manifest:
-        from soundstage.manifests.table import read_manifest
-
         df = read_manifest(manifest)
         subsets = df["subset"] if "subset" in df.columns else ["all"] * len(df)
         for cid, subset in zip(df["clip_id"], subsets):

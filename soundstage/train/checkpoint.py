@@ -28,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import signal
+import threading
 
 import numpy as np
 import torch
@@ -244,9 +246,6 @@ class StopSignals:
         self._previous = {}
 
     def __enter__(self):
-        import signal
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
                 number = getattr(signal, name, None)
@@ -255,13 +254,9 @@ class StopSignals:
         return self
 
     def _handle(self, number, frame):
-        import signal
-
         self.received = signal.Signals(number).name
 
     def __exit__(self, *exc):
-        import signal
-
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         return False

@@ -9,20 +9,19 @@ import click
 
 from soundstage.cache.reader import MissingClip
 from soundstage.device import DeviceError
+from soundstage.pipeline.pipeline_file import PipelineError
+from soundstage.train.checkpoint import CheckpointError
+from soundstage.train.config import ConfigError
+from soundstage.train.cues import CueError
+from soundstage.train.distributed import Distributed
+from soundstage.train.loop import Stopped, hold_stop_signals
+from soundstage.train.loop import train as run_training
 
 
 def run_training_command(cfg, quiet: bool = False) -> int:
     """Train (or resume) ``cfg`` in this process — one rank of a DDP run when the environment
     says so — and print the last evaluation (rank 0). Returns 0, or 75 when stopped by a signal;
     user mistakes raise ``click.ClickException`` (in a launched rank: printed by rank 0, status 1)."""
-    from soundstage.pipeline.pipeline_file import PipelineError
-    from soundstage.train.checkpoint import CheckpointError
-    from soundstage.train.config import ConfigError
-    from soundstage.train.cues import CueError
-    from soundstage.train.distributed import Distributed
-    from soundstage.train.loop import Stopped, hold_stop_signals
-    from soundstage.train.loop import train as run_training
-
     hold_stop_signals()  # the loop takes them (a stop before it starts is kept for it)
     dist = Distributed.from_env()
     try:

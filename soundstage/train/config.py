@@ -33,6 +33,7 @@ import os
 from dataclasses import dataclass, field
 
 from soundstage.models.avs_mask2former import MODES
+from soundstage.pipeline.pipeline_file import load_pipeline
 from soundstage.train.data import TASKS, UNLABELLED_POLICIES, parse_variant
 from soundstage.train.recipes import RecipeError, get_recipe
 
@@ -192,8 +193,6 @@ def resolve_config(pipeline_file: str | None, options: dict) -> TrainConfig:
     values: dict = {}
     section: dict = {}
     if pipeline_file:
-        from soundstage.pipeline.pipeline_file import load_pipeline
-
         pipe = load_pipeline(pipeline_file)
         values.update(manifest=pipe.manifest, cache=pipe.cache, pipeline=pipe.path)
         section = {k.replace("-", "_"): v for k, v in (pipe.train or {}).items()}

@@ -27,6 +27,7 @@ one; each frame's computation is independent of the others).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -51,8 +52,6 @@ def active_weights(ids, num_queries: int = 100):
     gives a one-hot at index **0** whatever the id; otherwise ``eye(Q)[ids].sum(0)`` (duplicates
     add); then clamped to [1e-6, 1 − 1e-6]. ``ids``: a list of 1-D integer tensors, or an array
     ``[T, k]`` padded with -1 (-> numpy float32 ``[T, Q]``)."""
-    import numpy as np
-
     padded = not isinstance(ids, (list, tuple))
     rows = [np.asarray(r).reshape(-1) for r in ids]
     rows = [r[r >= 0] for r in rows] if padded else rows
