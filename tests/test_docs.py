@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from soundstage.stages import BUILTIN_STAGES
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GETTING_STARTED = os.path.join(REPO, "docs", "getting-started.md")
 MARKER = "<!-- tested:"
@@ -56,3 +58,11 @@ def test_docs_site_builds_strictly(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_every_stage_has_its_option_table_in_the_stages_page():
+    """docs/hooks/stage_options.py turns ``<!-- stage-options: NAME -->`` into the stage's options;
+    a stage without the marker would be missing from the Stages page."""
+    with open(os.path.join(REPO, "docs", "stages.md"), encoding="utf-8") as f:
+        documented = set(re.findall(r"<!-- stage-options: ([\w-]+) -->", f.read()))
+    assert set(BUILTIN_STAGES) <= documented, sorted(set(BUILTIN_STAGES) - documented)
