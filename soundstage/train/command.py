@@ -44,10 +44,12 @@ def run_training_command(cfg, quiet: bool = False) -> int:
 
 def audio_table(record: dict) -> str:
     """The last evaluation, one line per audio variant."""
-    lines = [f"{'audio':<10} {'mIoU':>8} {'F':>8}   ({record.get('split')}, epoch {record.get('epoch')})"]
+    lines = [f"{'audio':<12} {'mIoU':>8} {'F':>8}   ({record.get('split')}, epoch {record.get('epoch')})"]
     for variant, result in record.get("eval", {}).items():
-        lines.append(f"{variant:<10} {result.get('miou', float('nan')):>8.4f} {result.get('fscore', float('nan')):>8.4f}")
-    gap = record.get("gap_real_muted")
-    if gap and gap.get("miou") is not None:
-        lines.append(f"{'real-muted':<10} {gap['miou']:>8.4f} {gap['fscore']:>8.4f}")
+        lines.append(f"{variant:<12} {result.get('miou', float('nan')):>8.4f} {result.get('fscore', float('nan')):>8.4f}")
+    results = record.get("eval", {})
+    for other in ("muted", "swapped"):  # how much the model listens: it must lose accuracy without its audio
+        if "real" in results and other in results:
+            gap = [results["real"].get(k, float("nan")) - results[other].get(k, float("nan")) for k in ("miou", "fscore")]
+            lines.append(f"{'real-' + other:<12} {gap[0]:>8.4f} {gap[1]:>8.4f}")
     return "\n".join(lines)
