@@ -178,7 +178,7 @@ def test_loss_targets_are_their_image_processors():
     labels[1, 5:17, 5:219] = torch.randint(1, 71, (), generator=generator)
     masks, classes = ss.mask_targets(labels, (384, 384))
     for frame, mask, cls in zip(labels, masks, classes):
-        resized = torch.from_numpy(np.asarray(Image.fromarray(frame.numpy().astype(np.uint8)).resize((384, 384), Image.NEAREST)))
+        resized = torch.from_numpy(np.array(Image.fromarray(frame.numpy().astype(np.uint8)).resize((384, 384), Image.NEAREST)))
         expected = torch.unique(resized.long())
         assert torch.equal(cls, expected)
         assert torch.equal(mask, (resized[None].long() == expected[:, None, None]).float())
