@@ -1,7 +1,8 @@
 """Training on several processes (DDP, gloo on CPU) and as a SLURM job.
 
 A 2-process run with batch B equals a 1-process run with batch 2B (loss curve, evaluation,
-final weights) up to float rounding; a run whose rank was killed resumes and ends as the
+final weights) up to float rounding — both in float64: over a run, AdamW turns float32 rounding
+of near-zero gradient elements into weight steps, and then a ReLU on that noise (docs/cluster.md); a run whose rank was killed resumes and ends as the
 uninterrupted one; the sbatch script is checked line by line; and (with ``sbatch`` on PATH) a
 real job on the single-node SLURM is stopped with ``scancel --signal=USR1``, requeues itself and
 ends equal to the local run.
@@ -34,7 +35,7 @@ from soundstage.train.loop import train
 from soundstage.train.recipes.generic import targets
 
 # 12 synthetic clips, 6 in train: 2 steps of 4 + 2 clips per epoch; evaluation on val after each
-SETTINGS = {"epochs": 2, "lr": 2e-3, "probes": ["zeroed"], "checkpoint_every": 1}
+SETTINGS = {"epochs": 2, "lr": 2e-3, "probes": ["zeroed"], "checkpoint_every": 1, "precision": "fp64"}
 
 
 def weights(run) -> dict:
@@ -54,7 +55,7 @@ def cli_options(vggish_cache, out, batch_size: int) -> list:  # noqa: F811
     return [
         "--manifest", vggish_cache["manifest"], "--cache", vggish_cache["cache"], "--out", out,
         "--threads", 1, "--batch-size", batch_size, "--lr", SETTINGS["lr"], "--epochs", SETTINGS["epochs"],
-        "--probes", ",".join(SETTINGS["probes"]), "--checkpoint-every", 1, "--quiet",
+        "--probes", ",".join(SETTINGS["probes"]), "--checkpoint-every", 1, "--precision", SETTINGS["precision"], "--quiet",
     ]  # fmt: skip
 
 

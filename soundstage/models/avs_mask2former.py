@@ -313,7 +313,8 @@ class AVSMask2Former(nn.Module):
             conditioner = QueryConditioner(**json.load(f))
         conditioner.load_state_dict(torch.load(os.path.join(path, CONDITIONING_WEIGHTS), weights_only=True))
         with _quiet_progress():
-            return cls(Mask2FormerForUniversalSegmentation.from_pretrained(path), conditioner)
+            # in the default dtype, whatever the saved one (an fp64 training run saves float64)
+            return cls(Mask2FormerForUniversalSegmentation.from_pretrained(path, dtype=torch.get_default_dtype()), conditioner)
 
 
 def build_model(

@@ -72,7 +72,7 @@ def _settings(**options) -> dict:
 @click.option("--warmup-steps", type=click.IntRange(min=0))
 @click.option("--schedule", type=click.Choice(["cosine", "poly", "constant"]))
 @click.option("--clip-grad", type=float, help="max gradient norm (0: no clipping)")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "fp64"]))
 @click.option("--freeze-backbone/--train-backbone", default=None)
 @click.option("--image-size", type=click.IntRange(min=32))
 @click.option("--mask-size", type=click.IntRange(min=8))

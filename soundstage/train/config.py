@@ -38,7 +38,7 @@ from soundstage.train.data import TASKS, UNLABELLED_POLICIES, parse_variant
 from soundstage.train.recipes import RecipeError, get_recipe
 
 SCHEDULES = ("cosine", "poly", "constant")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "fp64")  # fp64: for checking that two runs are the same training
 PRIOR_SOURCES = ("gt", "masks")
 FRAME_SOURCES = ("auto", "cache", "decode")
 TRACKERS = ("tensorboard", "wandb", "mlflow")

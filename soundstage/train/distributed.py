@@ -31,7 +31,9 @@ transformers' code for everything else:
 * the rest (Hungarian matching, uncertainty sampling, losses) is transformers' own code.
 
 So a run on ``W`` processes with batch ``B`` equals a one-process run with batch ``B·W`` and
-``split_invariant_loss: true`` up to float rounding (tests/test_train_ddp.py). (A plain
+``split_invariant_loss: true`` up to float rounding: per step (the same gradient from the same
+weights); over a run in float32, AdamW's per-element normalisation amplifies the rounding of
+near-zero gradient elements, so tests/test_train_ddp.py compares whole runs in ``fp64``. (A plain
 one-process run keeps transformers' own draws from the global RNG: the same distribution of
 sample points, other values, so the same training statistically but not bit for bit.) Dropout (0 in the tiny model) is the one draw left
 to each rank's own RNG; checkpoints hold rank 0's random states.

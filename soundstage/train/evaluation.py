@@ -30,7 +30,8 @@ DEFAULT_PROTOCOL = {"binary": "avsbench-binary", "semantic": "avsbench-semantic"
 
 
 def model_inputs(batch: dict, device) -> dict:
-    """The model's keyword arguments from a collated batch."""
+    """The model's keyword arguments from a collated batch; floating inputs in the default dtype
+    (float64 in an ``fp64`` run)."""
     names = {
         "pixel_values": "pixel_values",
         "audio": "audio",
@@ -39,7 +40,12 @@ def model_inputs(batch: dict, device) -> dict:
         "text_mask": "text_mask",
         "prior": "prior",
     }
-    return {arg: batch[key].to(device, non_blocking=True) for key, arg in names.items() if key in batch}
+    dtype = torch.get_default_dtype()
+    return {
+        arg: batch[key].to(device, dtype=dtype if batch[key].is_floating_point() else None, non_blocking=True)
+        for key, arg in names.items()
+        if key in batch
+    }
 
 
 def predictions(outputs, size, task: str, two_channel: bool) -> torch.Tensor:

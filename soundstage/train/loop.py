@@ -115,17 +115,21 @@ def stop_signals_delivered():
 
 @contextlib.contextmanager
 def torch_settings(cfg: TrainConfig):
-    """Deterministic algorithms and the thread count for the run; the caller's come back after."""
+    """Deterministic algorithms, the thread count and the default dtype (float64 for ``fp64``:
+    the model is built in it, inputs and targets follow it) for the run; the caller's come back after."""
     deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    threads = torch.get_num_threads()
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.precision == "fp64":
+        torch.set_default_dtype(torch.float64)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
 
 
 def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
@@ -154,6 +158,8 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
 
     # -------------------------------------------------------------------- data
     recipe = get_recipe(cfg.recipe)
+    if cfg.precision == "fp64" and not recipe.split_invariant_loss:
+        raise ConfigError(f"--precision fp64 is for recipes with the split-invariant loss (generic), not {recipe.name}")
     cues = assemble.open_cues(cfg, log=log)
     if saved is not None:
         assemble.check_same_data(run, cfg, cues)

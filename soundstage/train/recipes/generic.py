@@ -23,7 +23,7 @@ def targets(labels: torch.Tensor, device) -> tuple[list, list]:
     mask_labels, class_labels = [], []
     for frame in labels:
         classes = torch.unique(frame)
-        mask_labels.append((frame[None] == classes[:, None, None]).float().to(device))
+        mask_labels.append((frame[None] == classes[:, None, None]).to(device, torch.get_default_dtype()))
         class_labels.append(classes.to(device))
     return mask_labels, class_labels
 
