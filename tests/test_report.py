@@ -14,6 +14,7 @@ from fixtures_synth import synth_dir  # noqa: F401
 from fixtures_trained import trained_run  # noqa: F401
 
 from soundstage.cli import main
+from soundstage.train.run_dir import RunDir
 
 FIXED_PICTURES = {"curves.png", "tags.png", "clusters.png"}
 SECTIONS = ("best", "worst", "audio-sensitive")
@@ -98,6 +99,7 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(trained_run
     # the chosen split (6 train clips): best and worst, no clip twice (none left for audio-sensitive);
     # each clip with its frames and the spectrogram strip of its audio
     assert scores["split"] == "train" and len(scores["clip_iou"]["real"]) == 6
+    assert scores["weights"] == RunDir(trained_run["run"]).weights()[0]  # best when the run keeps one
     assert sum(len(shown[s]) for s in SECTIONS) == len({c for s in SECTIONS for c in shown[s]}) == 6
     strips = {f"clips/{s}-{n}-{kind}.png" for s in SECTIONS for n in range(1, len(shown[s]) + 1) for kind in ("real", "audio")}
     strips |= {f"clips/audio-sensitive-{n}-muted.png" for n in range(1, len(shown["audio-sensitive"]) + 1)}
@@ -146,7 +148,7 @@ def test_comparison_page_of_two_runs_renders_in_headless_chromium(trained_run, t
     other = train_tiny(trained_run["manifest"], trained_run["cache"], str(tmp_path / "runs" / "other"), lr=3e-4, seed=1)
     out = tmp_path / "compare"
     result = CliRunner().invoke(
-        main, ["report", "--run", trained_run["run"], "--run", other, "--out", str(out), "--device", "cpu"]
+        main, ["report", "--run", trained_run["run"], "--run", other, "--out", str(out), "--device", "cpu", "--weights", "last"]
     )
     assert result.exit_code == 0, result.output
     page = str(out / "index.html")
@@ -159,7 +161,10 @@ def test_comparison_page_of_two_runs_renders_in_headless_chromium(trained_run, t
     for protocol in ("avsbench-binary", "bias-in-avs", "stepping-stones", "segpref"):
         assert f"<th>{protocol} mIoU</th>" in text
     for name, path in (("stage1", trained_run["run"]), ("other", other)):
-        evaluated = evaluate_saved_run(path, audio="real", protocol="avsbench-binary", device="cpu", log=lambda *_: None)
+        evaluated = evaluate_saved_run(
+            path, audio="real", protocol="avsbench-binary", device="cpu", log=lambda *_: None, weights="last"
+        )
+        assert scores["runs"][name]["weights"] == RunDir(path).weights("last")[0]
         assert scores["runs"][name]["protocols"]["real"]["avsbench-binary"]["miou"] == pytest.approx(evaluated["miou"], abs=1e-6)
     # the same frames of the same clips, one strip per run, and the clip's spectrogram under them
     shown = scores["shown"]

@@ -122,12 +122,15 @@ def side_by_side(runs: list[parts.ScoredRun], names: list[str], clip_ids: list[s
     return "".join(blocks)
 
 
-def write_comparison(run_paths: list[str], out_dir: str, split: str | None = None, device: str = "auto", log=print) -> str:
-    """Write ``out_dir/index.html`` comparing the runs (see the module docstring); returns its path."""
+def write_comparison(
+    run_paths: list[str], out_dir: str, split: str | None = None, device: str = "auto", log=print, weights: str | None = None
+) -> str:
+    """Write ``out_dir/index.html`` comparing the runs (see the module docstring); returns its path.
+    ``weights``: best | last for every run (None: each run's best when it keeps one)."""
     if len(run_paths) < 2:
         raise ValueError("a comparison needs at least two runs")
-    first = parts.score_run(run_paths[0], split, device, log=log)
-    runs = [first] + [parts.score_run(p, first.split, device, log=log) for p in run_paths[1:]]
+    first = parts.score_run(run_paths[0], split, device, log=log, weights=weights)
+    runs = [first] + [parts.score_run(p, first.split, device, log=log, weights=weights) for p in run_paths[1:]]
     names = run_names(run_paths)
     os.makedirs(out_dir, exist_ok=True)
     configs = [r.cfg.to_dict() for r in runs]

@@ -220,9 +220,11 @@ def write_report(
     beats: str | None = None,
     units: str | None = None,
     log=print,
+    weights: str | None = None,
 ) -> str:
-    """Write ``out_dir/index.html`` and its pictures; returns the page's path."""
-    scored = score_run(run_path, split, device, log=log)
+    """Write ``out_dir/index.html`` and its pictures; returns the page's path. ``weights``: best |
+    last (None: best when the run keeps one)."""
+    scored = score_run(run_path, split, device, log=log, weights=weights)
     cfg, run, split = scored.cfg, scored.run, scored.split
     cache = cache or cfg.cache
     os.makedirs(out_dir, exist_ok=True)
@@ -361,8 +363,13 @@ def _per_class(result: dict, clips: dict, rows: dict, semantic: bool, variants, 
 @click.option("--cache", help="cache root for the tag and cluster histograms (default: the run's; one run only)")
 @click.option("--beats", help="which beats output for the tag histogram: FINGERPRINT or key=value,... (one run only)")
 @click.option("--units", help="which units output for the cluster histogram: FINGERPRINT or key=value,... (one run only)")
+@click.option(
+    "--weights",
+    type=click.Choice(["best", "last"]),
+    help="the run's best model (model/best) or its last weights (default: best when the run keeps one)",
+)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ...")
-def report(run_paths, out_dir, split, cache, beats, units, device):
+def report(run_paths, out_dir, split, cache, beats, units, weights, device):
     """A static HTML page about a training run: curves, audio sensitivity, per-subset and per-class
     scores, best / worst / audio-sensitive clips with their spectrograms, tag and cluster histograms.
 
@@ -371,12 +378,14 @@ def report(run_paths, out_dir, split, cache, beats, units, device):
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
         if len(run_paths) == 1:
-            page = write_report(run_paths[0], out_dir, split=split, cache=cache, device=device, beats=beats, units=units, log=log)
+            page = write_report(
+                run_paths[0], out_dir, split=split, cache=cache, device=device, beats=beats, units=units, log=log, weights=weights
+            )
         else:
             given = [name for name, value in (("--cache", cache), ("--beats", beats), ("--units", units)) if value]
             if given:
                 raise click.UsageError(f"{', '.join(given)}: only for the page of one run (the comparison has no histograms)")
-            page = write_comparison(list(run_paths), out_dir, split=split, device=device, log=log)
+            page = write_comparison(list(run_paths), out_dir, split=split, device=device, log=log, weights=weights)
     except (ConfigError, CueError, MissingClip, ReportError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"report: {page}")

@@ -137,7 +137,7 @@ class ScoredRun:
     cfg: object
     recorded: dict
     weights: str  # where the weights came from
-    best: dict | None  # the run's best.json, when it keeps a best model
+    best: dict | None  # model/best/best.json, when the run keeps a best model
     split: str
     scorer: Scorer
     datasets: dict  # variant -> dataset
@@ -165,14 +165,15 @@ class ScoredRun:
         return self.results["real"][primary].get(key) - self.results[variant][primary].get(key)
 
 
-def score_run(run_path: str, split: str | None = None, device: str = "auto", log=print) -> ScoredRun:
-    """Load the run's model and cues (the cache outputs it recorded) and score ``split``
-    (default: the run's evaluation split) with every audio variant."""
+def score_run(run_path: str, split: str | None = None, device: str = "auto", log=print, weights: str | None = None) -> ScoredRun:
+    """Load the run's model (``weights``: best | last; None: best when the run keeps one) and cues
+    (the cache outputs it recorded) and score ``split`` (default: the run's evaluation split) with
+    every audio variant."""
     run, cfg, recorded = load_run(run_path)
     split = split or cfg.eval_split
     device = resolve_device(device)
     cues = assemble.open_cues(cfg, recorded=recorded, log=lambda *_: None)
-    model, weights = run_model(run, cfg, cues)
+    model, source = run_model(run, cfg, cues, weights)
     model.to(device).eval()
     recipe = get_recipe(cfg.recipe)
 
@@ -197,8 +198,8 @@ def score_run(run_path: str, split: str | None = None, device: str = "auto", log
             datasets[variant] = clips(variant, silence)
         results[variant], per_subset[variant], clip_scores[variant] = scorer.score(datasets[variant], subsets)
         log(f"report: {os.path.basename(run.path)}: scored {split} with {variant} audio")
-    best = run.best() if os.path.basename(os.path.normpath(weights)) == "best" else None
-    return ScoredRun(run, cfg, recorded, weights, best, split, scorer, datasets, results, per_subset, clip_scores)
+    best = run.best() if os.path.basename(os.path.normpath(source)) == "best" else None
+    return ScoredRun(run, cfg, recorded, source, best, split, scorer, datasets, results, per_subset, clip_scores)
 
 
 def weights_note(scored: ScoredRun) -> str:
