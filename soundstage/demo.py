@@ -22,6 +22,27 @@ import os
 import time
 
 import click
+from transformers.utils import logging as hf_logging
+
+from soundstage.cache.index import output_status
+from soundstage.cache.store import StageDir
+from soundstage.manifests.synth import MARKER, make_synthetic_dataset
+from soundstage.manifests.table import read_manifest
+from soundstage.models.tiny import TINY_CONFIG_DIR, TINY_MODELS, build_tiny_models, tiny_model_path
+from soundstage.pipeline.executors import run_pipeline
+from soundstage.pipeline.pipeline_file import load_pipeline
+from soundstage.pipeline.registry import get_stage
+from soundstage.pipeline.resolve import expected_fingerprint
+from soundstage.pipeline.runner import run_stage
+from soundstage.stages.export import query_mapping
+from soundstage.train.command import audio_table
+from soundstage.train.compare import write_comparison
+from soundstage.train.config import ConfigError, resolve_config
+from soundstage.train.cues import CueError
+from soundstage.train.loop import train
+from soundstage.train.recipes import recipes
+from soundstage.train.report import write_report
+from soundstage.train.run_eval import evaluate_saved_run
 
 DEFAULT_CLIPS = 48  # enough train clips and test clips for the listening check (docs/training.md)
 
@@ -103,8 +124,6 @@ def _model_value(value: str) -> str | None:
 
 def prepare_dataset(data_dir: str, clips: int, seed: int, out=click.echo) -> str:
     """The synthetic dataset's manifest; generated unless one with these settings is there."""
-    from soundstage.manifests.synth import MARKER, make_synthetic_dataset
-
     manifest = os.path.join(data_dir, "manifest.csv")  # written last: its presence means complete
     made = _read_json(os.path.join(data_dir, MARKER))
     if os.path.exists(manifest) and (made.get("clips"), made.get("seed")) == (clips, seed):
@@ -121,8 +140,6 @@ MODELS_MARKER = "TINY_MODELS.json"
 
 def tiny_configs_digest() -> str:
     """Hash of the shipped tiny configs: models built from other configs are rebuilt."""
-    from soundstage.models.tiny import TINY_CONFIG_DIR
-
     digest = hashlib.sha256()
     for name in sorted(os.listdir(TINY_CONFIG_DIR)):
         with open(os.path.join(TINY_CONFIG_DIR, name), "rb") as f:
@@ -132,8 +149,6 @@ def tiny_configs_digest() -> str:
 
 def prepare_models(models_dir: str, seed: int, out=click.echo) -> dict[str, str]:
     """``{name: path}`` of the tiny models; built unless the same ones are there already."""
-    from soundstage.models.tiny import TINY_MODELS, build_tiny_models, tiny_model_path
-
     marker = os.path.join(models_dir, MODELS_MARKER)
     wanted = {"seed": seed, "configs": tiny_configs_digest(), "models": sorted(TINY_MODELS)}
     paths = {name: tiny_model_path(models_dir, name) for name in TINY_MODELS}
@@ -151,8 +166,6 @@ def prepare_models(models_dir: str, seed: int, out=click.echo) -> dict[str, str]
 
 def pipeline_text(out_dir: str, models: dict[str, str], stages: list[str]) -> str:
     """The demo's pipeline file: relative paths, each model line commented with the real one."""
-    from soundstage.models.tiny import TINY_MODELS
-
     lines = [
         "# soundstage demo pipeline: TINY RANDOM STAND-IN models on a synthetic dataset (meaningless numbers).",
         "# To use real data and real models, edit this file: point `manifest` at your manifest",
@@ -218,8 +231,6 @@ def write_pipeline_file(path: str, text: str) -> None:
 def available_stages() -> list[str]:
     """The demo's stages, in pipeline order; each must import (a broken install is an error,
     not a smaller demo)."""
-    from soundstage.pipeline.registry import get_stage
-
     for name in DEMO_STAGES:
         try:
             get_stage(name)
@@ -234,11 +245,6 @@ def available_stages() -> list[str]:
 def stage_table(pipe, clip_ids: list[str]) -> list[dict]:
     """Per stage of the pipeline: its output's fingerprint, and clips committed / failed / expected
     (a whole-dataset stage counts as one item: its result)."""
-    from soundstage.cache.index import output_status
-    from soundstage.cache.store import StageDir
-    from soundstage.pipeline.registry import get_stage
-    from soundstage.pipeline.resolve import expected_fingerprint
-
     rows, wanted = [], set(clip_ids)
     for name in pipe.order():
         sd = StageDir.at(pipe.cache, name, expected_fingerprint(name, pipe.stages))
@@ -265,8 +271,6 @@ def format_table(before: list[dict], after: list[dict]) -> str:
 
 
 def how_to_go_real(pipeline_path: str, stages: list[str]) -> str:
-    from soundstage.models.tiny import TINY_MODELS
-
     lines = [
         f"To run on real data with real models, edit {pipeline_path}:",
         "  manifest:  your dataset's manifest  (soundstage manifest avsbench /path/to/AVSBench -o OUT.csv)",
@@ -331,10 +335,6 @@ def demo(out_dir, clips, seed, executor, shards, train_epochs, train_recipes, re
 
     Writes OUT/data, OUT/models, OUT/pipeline.yaml and OUT/cache; a second run computes nothing.
     Edit OUT/pipeline.yaml to point the same pipeline at real data and real models."""
-    from soundstage.manifests.table import read_manifest
-    from soundstage.pipeline.executors import run_pipeline
-    from soundstage.pipeline.pipeline_file import load_pipeline
-
     start = time.monotonic()
     out_dir = os.path.abspath(out_dir)
     click.echo(STAND_IN_WARNING)
@@ -402,12 +402,6 @@ def demo(out_dir, clips, seed, executor, shards, train_epochs, train_recipes, re
 def train_demo_model(pipeline_path: str, run_dir: str, manifest: str, epochs: int | None) -> None:
     """Train the tiny model as the pipeline file's ``train:`` section says, and print how it
     scores with its real audio and with the audio replaced."""
-    from soundstage.manifests.table import read_manifest
-    from soundstage.train.command import audio_table
-    from soundstage.train.config import ConfigError, resolve_config
-    from soundstage.train.cues import CueError
-    from soundstage.train.loop import train
-
     splits = set(read_manifest(manifest)["split"])
     if not {"train", "val"} <= splits:
         click.echo("\ntraining: skipped, the dataset needs train and val clips (--clips 9 or more)")
@@ -432,8 +426,6 @@ def train_demo_model(pipeline_path: str, run_dir: str, manifest: str, epochs: in
 def test_scores(run_dir: str, epoch=None) -> dict:
     """The trained model on the test split (clips training never chose by) with every audio variant,
     in the form of a training evaluation record (``audio_table`` prints it)."""
-    from soundstage.train.run_eval import evaluate_saved_run
-
     results = {}
     with _quiet_transformers():
         for variant in ("real", "muted", "zeroed", "swapped", "noise:10"):
@@ -446,14 +438,6 @@ def train_every_recipe(pipeline_path: str, runs_dir: str, manifest: str, steps: 
     ``runs_dir/<recipe>``, then one table of them side by side (the paper's protocol of each, with
     the audio probes). After Stepping Stones' stage 1, its masks of every clip (stage 2's prior).
     A recipe whose cues the cache lacks is skipped with the reason."""
-    from soundstage.pipeline.pipeline_file import load_pipeline
-    from soundstage.pipeline.registry import get_stage
-    from soundstage.pipeline.runner import run_stage
-    from soundstage.train.config import ConfigError, resolve_config
-    from soundstage.train.cues import CueError
-    from soundstage.train.loop import train
-    from soundstage.train.recipes import recipes
-
     cache = load_pipeline(pipeline_path).cache
     records = {}  # recipe -> its last evaluation (and its run folder under "run")
     stage1_masks = None
@@ -484,8 +468,6 @@ def train_every_recipe(pipeline_path: str, runs_dir: str, manifest: str, steps: 
 
 def compare_recipes(records: dict, out_dir: str, out=click.echo) -> str | None:
     """The comparison page of the recipes' runs (``soundstage report --run A --run B ...``)."""
-    from soundstage.train.compare import write_comparison
-
     runs = [r["run"] for r in records.values() if os.path.exists(os.path.join(r["run"], "DONE"))]
     if len(runs) < 2:
         return None
@@ -519,10 +501,6 @@ def masks_and_report(cache: str, manifest: str, run_dir: str, report_dir: str, o
     """After training: the run's stage-1 masks for every clip (the masks stage, as Stepping Stones'
     stage 2 would read them) and the run's report page, whose path is returned. The page is
     rewritten only when the run finished after it was written."""
-    from soundstage.pipeline.registry import get_stage
-    from soundstage.pipeline.runner import run_stage
-    from soundstage.train.report import write_report
-
     done = os.path.join(run_dir, "DONE")
     if not os.path.exists(done):
         out("report: skipped, the demo run did not finish")
@@ -536,7 +514,6 @@ def masks_and_report(cache: str, manifest: str, run_dir: str, report_dir: str, o
     page = os.path.join(report_dir, "index.html")
     if os.path.exists(page) and os.path.getmtime(page) >= os.path.getmtime(done):
         return page
-    from soundstage.manifests.table import read_manifest
 
     split = "test" if "test" in set(read_manifest(manifest)["split"]) else None  # the clips training never chose by
     with _quiet_transformers():
@@ -546,10 +523,6 @@ def masks_and_report(cache: str, manifest: str, run_dir: str, report_dir: str, o
 def active_queries(pipeline_path: str, cache: str, manifest: str, mapping_path: str, out=click.echo) -> bool:
     """bias_in_AVS's active queries from the demo's units and BEATs tags, through the documented
     default mapping (written once, beside the models: it keys the output, so it is never replaced)."""
-    from soundstage.pipeline.registry import get_stage
-    from soundstage.pipeline.runner import run_stage
-    from soundstage.stages.export import query_mapping
-
     if not os.path.exists(mapping_path):
         click.get_current_context().invoke(query_mapping, config=pipeline_path, out_path=mapping_path)
     summary = run_stage(
@@ -576,15 +549,11 @@ class _quiet_transformers:
     """Silence transformers' progress bars and advice while building/running the tiny models."""
 
     def __enter__(self):
-        from transformers.utils import logging as hf_logging
-
         self._level = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         return self
 
     def __exit__(self, *exc):
-        from transformers.utils import logging as hf_logging
-
         hf_logging.set_verbosity(self._level)
         hf_logging.enable_progress_bar()

@@ -32,6 +32,7 @@ import torch
 import yaml
 from PIL import Image, UnidentifiedImageError
 
+from soundstage.cache.reader import MissingClip
 from soundstage.manifests import (
     annotated_frames,
     duplicate_ids,
@@ -44,6 +45,12 @@ from soundstage.manifests.palette import NUM_CLASSES, colour_to_index
 from soundstage.metrics import PROTOCOLS, Accumulator
 from soundstage.metrics.inputs import MetricInputError, resize_labels, resize_scores
 from soundstage.metrics.protocols import COMMON_OPTIONS
+from soundstage.pipeline.pipeline_file import PipelineError
+from soundstage.train.config import ConfigError
+from soundstage.train.cues import CueError
+from soundstage.train.data import parse_variant
+from soundstage.train.evaluation import run_protocols
+from soundstage.train.run_eval import checkpoint_table, evaluate_checkpoint, evaluate_saved_run, load_run
 
 MISSING_SHOWN = 10
 
@@ -421,12 +428,6 @@ def report(results: dict[str, dict], as_json: bool) -> None:
 
 
 def _evaluate_checkpoint(recipe, checkpoint, manifest, cache, pipeline_file, split, model, probes, device, as_json):
-    from soundstage.cache.reader import MissingClip
-    from soundstage.pipeline.pipeline_file import PipelineError
-    from soundstage.train.config import ConfigError
-    from soundstage.train.cues import CueError
-    from soundstage.train.run_eval import checkpoint_table, evaluate_checkpoint
-
     if checkpoint is None:
         raise click.ClickException("--recipe needs --checkpoint FILE (the weights to score)")
     if probes is not None:
@@ -443,13 +444,6 @@ def _evaluate_checkpoint(recipe, checkpoint, manifest, cache, pipeline_file, spl
 def _evaluate_run(run_dir, split, audio, protocol_name, device, as_json, weights=None, given=None):
     """``--run``: one JSON object (miou, fscore, protocol, aggregation, split, audio, weights,
     clips, ...) or a line."""
-    from soundstage.cache.reader import MissingClip
-    from soundstage.train.config import ConfigError
-    from soundstage.train.cues import CueError
-    from soundstage.train.data import parse_variant
-    from soundstage.train.evaluation import run_protocols
-    from soundstage.train.run_eval import evaluate_saved_run, load_run
-
     try:
         parse_variant(audio)
         options = None

@@ -151,3 +151,47 @@ def test_no_module_imports_its_own_package_init():
                 if isinstance(node, ast.ImportFrom) and (node.module == package or (node.level and not node.module)):
                     violations.append(f"{_module_name(path)}:{node.lineno} imports from {package}")
     assert not violations, "modules importing their own package:\n" + "\n".join(violations)
+
+
+#: the most imports inside functions there may be; each keeps a heavy optional library off a path
+#: that does not need it (transformers, matplotlib, faiss, scikit-learn, huggingface_hub; torch in
+#: what decoding workers import) and says so in a comment
+MAX_FUNCTION_LEVEL_IMPORTS = 40
+
+
+def _function_level_imports() -> list[tuple[str, int, bool]]:
+    """(module file, line, explained) of every import inside a function. An import is explained
+    by a comment on its line, on the line above, or on the first import of its group."""
+    found = []
+    for base, _dirs, files in os.walk(ROOT):
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(base, name)
+            with open(path, encoding="utf-8") as f:
+                source = f.read()
+            lines = source.splitlines()
+            nodes = set()
+            for node in ast.walk(ast.parse(source, path)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    nodes.update(n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom)))
+            explained_lines = set()
+            for node in sorted(nodes, key=lambda n: n.lineno):
+                line = lines[node.lineno - 1]
+                above = lines[node.lineno - 2].strip() if node.lineno > 1 else ""
+                explained = "#" in line or above.startswith("#") or (node.lineno - 1) in explained_lines
+                if explained:
+                    explained_lines.add(node.end_lineno)
+                found.append((os.path.relpath(path, os.path.dirname(ROOT)), node.lineno, explained))
+    return found
+
+
+def test_imports_sit_at_the_top_of_their_module():
+    imports = _function_level_imports()
+    listing = "\n".join(f"  {path}:{line}" for path, line, _ in imports)
+    assert len(imports) <= MAX_FUNCTION_LEVEL_IMPORTS, (
+        f"{len(imports)} imports inside functions (at most {MAX_FUNCTION_LEVEL_IMPORTS}): move them to the top of "
+        f"their module unless they keep a heavy optional library off a path that does not need it\n{listing}"
+    )
+    unexplained = [f"  {path}:{line}" for path, line, explained in imports if not explained]
+    assert not unexplained, "imports inside functions without a comment saying why:\n" + "\n".join(unexplained)

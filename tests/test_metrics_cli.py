@@ -122,7 +122,10 @@ def test_a_clip_id_in_two_rows_is_refused_not_scored_twice(synth_dir, tmp_path):
     rows = pd.read_csv(os.path.join(synth_dir, "manifest.csv"), dtype=str, keep_default_na=False)
     manifest = os.path.join(synth_dir, f"{tmp_path.name}.csv")  # beside it: the same relative paths
     pd.concat([rows, rows.iloc[[0]]]).to_csv(manifest, index=False)
-    result = run("--pred", pred, "--manifest", manifest)
+    try:
+        result = run("--pred", pred, "--manifest", manifest)
+    finally:  # the dataset is shared by the session's tests (test_synth compares its files)
+        os.remove(manifest)
     assert result.exit_code == 1 and "bug" not in result.output, result.output
     assert f"clip_id {rows['clip_id'].iloc[0]} is in rows 2, {len(rows) + 2}" in result.output
 

@@ -51,7 +51,7 @@ class TransformersChatLM:
     """A local causal LM (hub id or directory), greedy, batched with left padding."""
 
     def __init__(self, source: str, device: str = "cpu", dtype: str = "fp32", max_new_tokens: int = 256, batch_size: int = 16):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy; the HTTP backend needs none of it
 
         source = model_source(source, "--llm")
         self.tokenizer = AutoTokenizer.from_pretrained(source)
@@ -69,7 +69,7 @@ class TransformersChatLM:
         return [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
 
     def generate(self, conversations: list) -> list[Generation]:
-        import torch
+        import torch  # the HTTP backend needs no torch
 
         texts = self.prompt_texts(conversations)
         lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]

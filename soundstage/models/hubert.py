@@ -34,6 +34,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.nn.functional as F
+from huggingface_hub import hf_hub_download
 from transformers import HubertConfig, HubertModel
 
 from soundstage.device import torch_dtype
@@ -180,8 +181,6 @@ def _hubert_from_transformers(source: str):
     preprocessor = os.path.join(source, "preprocessor_config.json")
     if not os.path.isdir(source):
         try:
-            from huggingface_hub import hf_hub_download
-
             preprocessor = hf_hub_download(source, "preprocessor_config.json")
         except Exception:  # no such file in the repo, or offline: keep the rule above
             preprocessor = None

@@ -46,7 +46,7 @@ def fit_kmeans(x, k: int, backend: str = "faiss", seed: int = 0, device: str = "
     if x.shape[0] < k:
         raise ValueError(f"cannot fit {k} centroids to {x.shape[0]} frames; sample more clips or lower k")
     if backend == "faiss":
-        import faiss
+        import faiss  # heavy; only the faiss backend (units workers need neither)
 
         settings = {**FAISS_SETTINGS, **options}
         init, init_size = settings.pop("init"), settings.pop("init_size")
@@ -55,7 +55,7 @@ def fit_kmeans(x, k: int, backend: str = "faiss", seed: int = 0, device: str = "
         km.train(x, init_centroids=kmeans_plusplus_init(x, k, seed, init_size) if init == "k-means++" else None)
         return np.asarray(km.centroids, dtype=np.float32).reshape(k, x.shape[1])
     if backend == "sklearn":
-        from sklearn.cluster import MiniBatchKMeans
+        from sklearn.cluster import MiniBatchKMeans  # heavy; only the sklearn backend
 
         km = MiniBatchKMeans(n_clusters=int(k), random_state=int(seed), **{**SKLEARN_FAIRSEQ_SETTINGS, **options})
         km.fit(x)
@@ -69,7 +69,7 @@ def sklearn_kmeans(centroids: np.ndarray, seed: int = 0):
     (``cluster_centers_`` only). The centres are float64, so ApplyKmeans's distances are computed
     in float64, like ``nearest_centroid``; ``predict`` then wants float64 input, as sklearn's own
     float64 models do."""
-    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.cluster import MiniBatchKMeans  # heavy; only the sklearn backend
     from sklearn.utils._openmp_helpers import _openmp_effective_n_threads  # what fit() sets; predict() reads it
 
     centroids = np.asarray(centroids, dtype=np.float64)
@@ -84,7 +84,7 @@ def sklearn_kmeans(centroids: np.ndarray, seed: int = 0):
 
 def kmeans_plusplus_init(x: np.ndarray, k: int, seed: int, init_size: int) -> np.ndarray:
     """k-means++ seeds (sklearn's greedy variant) drawn from ``init_size`` random rows of ``x``."""
-    from sklearn.cluster import kmeans_plusplus
+    from sklearn.cluster import kmeans_plusplus  # heavy; only the sklearn backend
 
     rng = np.random.RandomState(seed)
     rows = x if len(x) <= init_size else x[np.sort(rng.choice(len(x), max(init_size, k), replace=False))]

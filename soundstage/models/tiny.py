@@ -25,8 +25,6 @@ from transformers import (
     BertTokenizerFast,
     BlipConfig,
     BlipForConditionalGeneration,
-    BlipImageProcessor,
-    BlipProcessor,
     CLIPConfig,
     CLIPModel,
     HubertConfig,
@@ -154,6 +152,9 @@ def build_vggish(path, seed: int = 0) -> str:
 def build_blip(out_dir, seed: int = 0) -> str:
     """A BLIP captioner directory (model + processor) with a BERT word-piece tokenizer over
     the caption words."""
+    # here: importing BLIP's image processor makes transformers warn (no torchvision) on every import of this module
+    from transformers import BlipImageProcessor, BlipProcessor
+
     spec = tiny_config("blip")
     vocab = spec["special_tokens"] + list(CAPTION_WORDS)
     tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, bos_token="[DEC]")

@@ -142,7 +142,7 @@ def model_source(source, option: str) -> str:
 
 def _hub_revision(repo_id: str) -> str | None:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # only for hub ids, not local files
 
         path = snapshot_download(repo_id, local_files_only=True)
         return os.path.basename(os.path.normpath(path))
@@ -151,7 +151,7 @@ def _hub_revision(repo_id: str) -> str | None:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         return None
     try:
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi  # network-only: asks the hub for a revision
 
         return HfApi().model_info(repo_id, timeout=10).sha  # compute nodes are often offline
     except Exception:

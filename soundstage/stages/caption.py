@@ -46,6 +46,7 @@ def load(row, ctx):
 
 class Captioner:
     def __init__(self, params):
+        # heavy; loaded by setup() only, never in decoding workers
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.device = resolve_device(params["device"])
@@ -66,7 +67,7 @@ class Captioner:
         ]
 
     def _caption(self, images: list) -> list[str]:
-        import torch
+        import torch  # not at module level: decoding workers import this module
 
         text = [self.prompt] * len(images) if self.prompt else None
         inputs = self.processor(images=images, text=text, return_tensors="pt").to(self.device)

@@ -28,7 +28,7 @@ def risky(wave) -> bool:
 
 
 def setup(params):
-    from soundstage.models.hubert import load_hubert
+    from soundstage.models.hubert import load_hubert  # brings torch and transformers: setup() only, never in decoding workers
 
     extractor = load_hubert(params["model"], device=resolve_device(params["device"]), dtype=params["dtype"])
     extractor.check_layer(params["layer"])
@@ -36,7 +36,7 @@ def setup(params):
 
 
 def process(extractor, waves, params):
-    import torch
+    import torch  # not at module level: decoding workers import this module
 
     batch = torch.from_numpy(np.stack(waves))  # equal lengths: batch_key is the sample count
     if extractor.device.type == "cuda":

@@ -57,6 +57,7 @@ def import_identity(folder):
 
 
 def run_identity(run):
+    # brings torch and transformers: planning needs only the run's identity
     from soundstage.train.inference import run_identity as identity
 
     return identity(run)
@@ -86,7 +87,7 @@ def load(row, ctx):
     frames, params = int(row["num_frames"]), ctx.params
     if params["import"]:
         return {"probs": read_released(params["import"], row, frames, params["size"])}
-    from soundstage.train.inference import read_frames, run_image_size
+    from soundstage.train.inference import read_frames, run_image_size  # brings torch and transformers: never in decoding workers
 
     try:
         pixels = read_frames([frame_path(row, i, ctx.manifest_dir) for i in range(frames)], run_image_size(params["run"]))
@@ -105,7 +106,7 @@ def setup(params):
         raise ValueError(f"--size {params['size']}: the side of the stored maps must be at least 1")
     if params["import"]:
         return None
-    from soundstage.train.inference import open_trained
+    from soundstage.train.inference import open_trained  # brings torch and transformers: setup() only
 
     return open_trained(params["run"], params["device"], params["dtype"], log=lambda *_: None, weights=params["weights"])
 
@@ -113,7 +114,7 @@ def setup(params):
 def process(model, items, params):
     if model is None:  # imported: read and checked in load
         return [{"probs": item["probs"]} for item in items]
-    from soundstage.train.cues import CueError
+    from soundstage.train.cues import CueError  # brings torch and transformers: never in decoding workers
     from soundstage.train.inference import clip_cues, foreground, to_uint8
 
     try:

@@ -112,7 +112,7 @@ class TextEncoder:
     """A transformers text model turning names into one vector each."""
 
     def __init__(self, params):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer  # heavy; only for a transformers encoder, not ImageBind
 
         self.device = resolve_device(params["device"])
         source = model_source(params["encoder"], "--encoder")

@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import torch
+import transformers
 
 from soundstage import __version__
 from soundstage.cache.reader import StageReader
@@ -243,8 +244,6 @@ def check_same_data(run: RunDir, cfg: TrainConfig, cues: dict) -> None:
 
 
 def run_provenance(cfg: TrainConfig, cues: dict) -> dict:
-    import transformers
-
     return {
         "cues": {role: {**spec.to_dict(), **provenance(reader)} for role, (spec, reader) in cues.items()},
         "frames": frames_provenance(cfg),

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 
 import click
 
 from soundstage.cache.reader import MissingClip
+from soundstage.pipeline.pipeline_file import PipelineError
 from soundstage.train.command import audio_table, run_training_command  # noqa: F401 (re-exported)
-from soundstage.train.config import TrainConfig
+from soundstage.train.config import ConfigError, TrainConfig, resolve_config
+from soundstage.train.cues import CueError
+from soundstage.train.launch import launch
+from soundstage.train.slurm_job import submit_training
 
 
 def _name_value(item: str) -> tuple[str, str]:
@@ -144,10 +149,6 @@ def train(pipeline_file, out, quiet, clip_grad, probes, recipe_options, tracker,
     --nproc N trains on N DDP processes (global batch = --batch-size x N); under torchrun each
     process is a rank by itself. --executor slurm submits the same training as a job that
     requeues itself at its time limit (see the docs, "Running on a cluster")."""
-    from soundstage.pipeline.pipeline_file import PipelineError
-    from soundstage.train.config import ConfigError, resolve_config
-    from soundstage.train.cues import CueError
-
     launcher = {k: options.pop(k) for k in ("nproc", "nnodes", "node_rank", "master_addr", "master_port")}
     cluster = {
         k: options.pop(k)
@@ -168,8 +169,6 @@ def train(pipeline_file, out, quiet, clip_grad, probes, recipe_options, tracker,
         raise click.ClickException(str(e)) from None
     ctx = click.get_current_context()
     if cluster["executor"] == "slurm":
-        from soundstage.train.slurm_job import submit_training
-
         ctx.exit(submit_training(ctx, cfg, cluster, launcher["nproc"], dry_run=dry_run, wait=wait, quiet=quiet))
     given = [name for name in ("nodes", "gpus_per_node", "cpus_per_node", "partition", "time_limit", "mem", "account", "qos")
              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]  # fmt: skip
@@ -177,10 +176,7 @@ def train(pipeline_file, out, quiet, clip_grad, probes, recipe_options, tracker,
         options_given = ", ".join(f"--{n.replace('_limit', '').replace('_', '-')}" for n in given) or "--dry-run/--wait"
         raise click.UsageError(f"{options_given}: for --executor slurm")
     if launcher["nproc"] > 1 or launcher["nnodes"] > 1:
-        import signal
-
         signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGUSR1])  # launch() takes them
-        from soundstage.train.launch import launch
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise click.UsageError("--nproc: this process is already a rank of a DDP run (torchrun); leave --nproc out")

@@ -37,9 +37,13 @@ import os
 import click
 import numpy as np
 
+from soundstage.cache import open_stage
 from soundstage.cache.reader import MissingClip
 from soundstage.cache.table import read_manifest
 from soundstage.manifests.palette import AVSBENCH_CLASSES
+from soundstage.models.audioset_tags import TagNamer, class_mids_of_output, tag_counts
+from soundstage.pipeline.registry import get_stage
+from soundstage.pipeline.resolve import UpstreamError, choose
 from soundstage.train.compare import write_comparison
 from soundstage.train.config import ConfigError
 from soundstage.train.cues import CueError
@@ -110,8 +114,6 @@ def curve_pictures(run, out_dir: str) -> list[str]:
 
 def tag_histogram(cache: str, clip_ids: list[str], selector, out_dir: str) -> tuple[str | None, str]:
     """(picture, note) of the clip-level AudioSet tags of the beats output in ``cache``."""
-    from soundstage.models.audioset_tags import TagNamer, class_mids_of_output, tag_counts
-
     sd, reader, present, note = _cached_clips(cache, "beats", "clip_probs", selector, clip_ids)
     if not present:
         return None, note
@@ -145,10 +147,6 @@ def cluster_histogram(cache: str, clip_ids: list[str], selector, out_dir: str) -
 
 def _cached_clips(cache: str, stage: str, field: str, selector, clip_ids: list[str]):
     """(StageDir, reader, the clips of ``clip_ids`` it holds, a note naming it or why there is none)."""
-    from soundstage.cache import open_stage
-    from soundstage.pipeline.registry import get_stage
-    from soundstage.pipeline.resolve import UpstreamError, choose
-
     if not cache or not os.path.isdir(os.path.join(cache, stage)):
         return None, None, [], f"no {stage} output in {cache}"
     try:

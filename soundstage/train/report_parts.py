@@ -293,7 +293,7 @@ def pyplot():
     import matplotlib  # why: heavy, only the report pages draw
 
     matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib import pyplot as plt  # heavy, only the report pages draw
 
     return plt
 

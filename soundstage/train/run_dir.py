@@ -199,10 +199,10 @@ def file_sha256(path: str) -> str:
 def plot_curves(run: RunDir) -> str:
     """``curves.png``: training loss per step; validation mIoU and F per audio variant per epoch;
     the audio sensitivity (real − each replacement, mIoU) per epoch."""
-    import matplotlib
+    import matplotlib  # heavy, only curves.png needs it
 
     matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib import pyplot as plt  # heavy, only curves.png needs it
 
     steps, epochs = run.records("steps.jsonl"), run.records("epochs.jsonl")
     fig, axes = plt.subplots(1, 4, figsize=(20, 4))

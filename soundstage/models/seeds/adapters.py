@@ -24,6 +24,11 @@ from __future__ import annotations
 import re
 
 from torch import nn
+from transformers.models.mask2former.modeling_mask2former import (
+    Mask2FormerAttention,
+    Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
+)
+from transformers.models.swin.modeling_swin import SwinAttention, SwinMLP
 
 
 def bottleneck(dim: int) -> nn.Sequential:
@@ -46,8 +51,6 @@ def _replacing(adapter_owner, skip_projection: bool):
 
 def add_swin_adapters(backbone: nn.Module) -> None:
     """Adds ``swin_adapt_1`` (on each block's ``attention``) and ``swin_adapt_3`` (on its ``mlp``)."""
-    from transformers.models.swin.modeling_swin import SwinAttention, SwinMLP  # why: transformers is heavy
-
     for module in list(backbone.modules()):
         if isinstance(module, SwinAttention):
             module.swin_adapt_1 = bottleneck(module.o_proj.out_features)
@@ -60,11 +63,6 @@ def add_swin_adapters(backbone: nn.Module) -> None:
 def add_replacing_adapters(mask2former: nn.Module, skip_projection: bool = False) -> None:
     """Adds ``avs_adapt`` to every deformable attention of the pixel decoder and every
     self-attention of the masked-attention decoder (``mask2former``: any module holding them)."""
-    from transformers.models.mask2former.modeling_mask2former import (  # why: transformers is heavy
-        Mask2FormerAttention,
-        Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
-    )
-
     for module in list(mask2former.modules()):
         if isinstance(module, Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention):
             projection = module.output_proj

@@ -14,6 +14,7 @@ import os
 
 import torch
 from torch import nn
+from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
 REAL_BASE = "facebook/mask2former-swin-base-ade-semantic"  # the base model of every seed method
 #: today's Swin backbone has a final norm the Mask2Former backbone never uses (not in 4.3x checkpoints)
@@ -22,8 +23,6 @@ UNUSED_BACKBONE_NORM = ("encoder.swin.layernorm.weight", "encoder.swin.layernorm
 
 def mask2former_from_config(arguments: dict):
     """A randomly initialised Mask2Former from Mask2FormerConfig arguments (``backbone_config`` a dict)."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig  # why: heavy
-
     arguments = dict(arguments)
     backbone = arguments.get("backbone_config")
     if isinstance(backbone, dict):
@@ -48,7 +47,6 @@ def reference_mask2former(mask2former_config: dict | None, **overrides):
     model from a local folder or the Hugging Face cache (nothing is downloaded) with ``overrides``."""
     if mask2former_config is not None:
         return mask2former_from_config(mask2former_config)
-    from transformers import Mask2FormerForUniversalSegmentation  # why: transformers is heavy
 
     if overrides:
         overrides = {"ignore_mismatched_sizes": True, **overrides}

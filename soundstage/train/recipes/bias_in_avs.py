@@ -25,6 +25,7 @@ import zlib
 import numpy as np
 import torch
 from torch.nn import functional as F
+from transformers import Mask2FormerForUniversalSegmentation
 
 import soundstage.models.seeds.bias_in_avs as seed
 import soundstage.train.assemble as assemble
@@ -58,8 +59,6 @@ def build(cfg, cues, head: str = "avs"):
         if cfg.model is None:
             mask2former = mask2former_from_config(mask2former_arguments(num_classes))
         else:
-            from transformers import Mask2FormerForUniversalSegmentation  # why: transformers is heavy
-
             mask2former = Mask2FormerForUniversalSegmentation.from_pretrained(cfg.model)
         model = seed.BiasInAVS(mask2former, audio_dim=assemble.cue_width(cues, "audio"), head=head, num_classes=num_classes)
     return model

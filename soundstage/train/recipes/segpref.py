@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
+from transformers import Mask2FormerForUniversalSegmentation
 
 import soundstage.models.seeds.segpref as seed
 import soundstage.train.assemble as assemble
@@ -42,8 +43,6 @@ def build(cfg, cues):
             labels = {"id2label": {i: str(i) for i in range(TINY_LABELS)}}
             mask2former = mask2former_from_config({**tiny_config("mask2former")["config"], "num_labels": TINY_LABELS, **labels})
         else:
-            from transformers import Mask2FormerForUniversalSegmentation  # why: transformers is heavy
-
             mask2former = Mask2FormerForUniversalSegmentation.from_pretrained(cfg.model)
         return seed.SegPref(mask2former, audio_dim=assemble.cue_width(cues, "audio"), text_dim=assemble.cue_width(cues, "text"))
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from transformers import Mask2FormerForUniversalSegmentation
 
 import soundstage.models.seeds.stepping_stones as seed
 import soundstage.train.assemble as assemble
@@ -60,8 +61,6 @@ def build(cfg, cues, stage: int):
             arguments = {**tiny_config("mask2former")["config"], "num_labels": shape["num_labels"], **labels}
             mask2former = mask2former_from_config(arguments)
         else:
-            from transformers import Mask2FormerForUniversalSegmentation  # why: transformers is heavy
-
             mask2former = Mask2FormerForUniversalSegmentation.from_pretrained(
                 cfg.model, ignore_mismatched_sizes=True, **shape, **labels
             )
