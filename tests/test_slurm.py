@@ -475,8 +475,9 @@ def test_a_task_whose_node_dies_mid_shard_is_requeued_and_finishes_it_once(datas
         os.kill(pid, 9)
     _wait_until(lambda: _job_state(f"{job}_{shard}") not in ("RUNNING", "COMPLETING", ""), "the task to end")
     subprocess.run(["scontrol", "requeue", f"{job}_{shard}"], check=True)
-    # slurmctld makes a requeued job eligible 2 minutes later; the test does not wait for that
-    subprocess.run(["scontrol", "update", f"JobId={job}_{shard}", "StartTime=now"], check=True)
+    # slurmctld makes a requeued job eligible 2 minutes later; the test does not wait for that, but
+    # not the same second either (the old run's credential is revoked in whole seconds)
+    subprocess.run(["scontrol", "update", f"JobId={job}_{shard}", "StartTime=now+2"], check=True)
     opener = threading.Thread(target=lambda: open(gate, "wb").close(), daemon=True)
     opener.start()  # the rerun passes the 3rd clip
     slurm.wait_for_jobs([job], poll_seconds=1, log=lambda *_: None)

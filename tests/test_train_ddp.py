@@ -350,11 +350,13 @@ def _job_log_says(run: str, text: str) -> bool:
 
 def release_when_requeued(job_id: str, follower, timeout: float = 300) -> None:
     """SLURM holds a requeued job back for a while (pending, reason BeginTime); start it now
-    rather than let the test wait (``scontrol update StartTime=now``)."""
+    rather than let the test wait. Not in the second of the requeue: slurmctld revokes the old
+    run's credential at that time, in whole seconds, and kills a start in the same second ("Job
+    credential revoked")."""
     deadline = time.time() + timeout
     while follower.poll() is None and time.time() < deadline:
         queue = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"], capture_output=True, text=True).stdout.strip()
         if queue == "PENDING|BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+2"], check=True)
             return
         time.sleep(0.5)
