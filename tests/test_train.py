@@ -619,7 +619,10 @@ def _train_on(vggish_cache, tmp_path, rows):
     write_manifest(rows, manifest)
     command = _command(vggish_cache, tmp_path / "run")[3:]
     command[command.index("--manifest") + 1] = manifest
-    result = CliRunner().invoke(_cli(), command)
+    try:
+        result = CliRunner().invoke(_cli(), command)
+    finally:
+        os.remove(manifest)  # the dataset is the session's, shared: leave it as it was
     assert result.exit_code == 1 and "bug" not in result.output, result.output
     return manifest, result.output
 
@@ -784,3 +787,22 @@ def test_a_moved_run_folder_evaluates_and_resumes_but_not_on_other_data(vggish_c
 
     with pytest.raises(ConfigError, match="cannot resume on other data: the manifest .*reordered.csv differs"):
         train(resolve_config(None, {**again, "manifest": str(moved / "reordered.csv")}), log=lambda *_: None, progress=False)
+
+
+def test_evaluating_during_training_changes_nothing_it_trains(vggish_cache, tmp_path):
+    """The muted probe builds the audio model (its layers draw initial weights) and evaluation may
+    draw random numbers: none of it reaches the training's random stream."""
+    from soundstage.train.loop import train
+
+    weights = {}
+    for every in (1, 3):
+        cfg = config(vggish_cache, tmp_path / f"every{every}", epochs=3, eval_every=every, probes=["muted", "noise:10"])
+        train(cfg, log=lambda *_: None, progress=False)
+        last = tmp_path / f"every{every}" / "model" / "last"
+        weights[every] = {
+            **load_file(str(last / "model.safetensors")),
+            **torch.load(last / "avs_conditioning.pt", weights_only=True),
+        }
+    assert weights[1].keys() == weights[3].keys()
+    for name, value in weights[1].items():
+        assert torch.equal(value, weights[3][name]), name

@@ -11,11 +11,12 @@ It is the toolkit's embedded default input and the fixture of its tests::
     OUT/synthetic_truth.json    what the generator drew and played (for tests and demos)
     OUT/manifest.csv            built by the normal AVSBench manifest builder, relative paths
 
-Each of eight real AVSBench classes has its own shape, colour and sound. Clips show one to
-three objects; per second each object is sounding or silent, its sound plays exactly in the
-seconds it sounds and only sounding objects are in that frame's masks. Many frames show a
-silent object, so a model that ignores the audio is measurably wrong. Audio comes as 16 kHz
-mono, 44.1 kHz stereo (objects panned by position) or 48 kHz mono. v1s/v1m clips have 5
+Each of eight real AVSBench classes has its own shape, colour and sound. Clips show two or
+three objects (of different classes); per second each object is sounding or silent, its sound
+plays exactly in the seconds it sounds and only sounding objects are in that frame's masks.
+Every v1s frame shows a silent object beside the sounding one, and some v1m/v2 seconds are
+silent altogether (empty masks), so only the audio says which objects to segment. Audio comes
+as 16 kHz mono, 44.1 kHz stereo (objects panned by position) or 48 kHz mono. v1s/v1m clips have 5
 frames (224x224), v2 clips 10 (256x144); v1s train clips are labelled on frame 0 only.
 Same seed, same clip count -> the same bytes in every file.
 """
@@ -36,7 +37,7 @@ from soundstage.manifests.avsbench import FRAMES_PER_SUBSET, SPLITS, SUBSETS, an
 from soundstage.manifests.palette import class_index, index_to_colour, label2idx
 from soundstage.manifests.table import relative_paths, write_manifest
 
-GENERATOR_VERSION = 2  # 2: v1m clips have vid == uid, as in the real release
+GENERATOR_VERSION = 3  # 2: v1m clips have vid == uid, as in the real release; 3: silent seconds in v1m/v2, 2-3 objects
 #: A count for tests: every (subset, split) pair, two clips per train pair, generated in about a second.
 TEST_CLIPS = 12
 MARKER = "SYNTHETIC.json"
@@ -63,7 +64,13 @@ SUBSET_WEIGHTS = {"v1s": 0.4, "v1m": 0.2, "v2": 0.4}
 SPLIT_WEIGHTS = {"train": 0.6, "val": 0.2, "test": 0.2}
 YT_ALPHABET = string.ascii_letters + string.digits + "-_"
 SOUND_LEVEL = 0.2
-NOISE_LEVEL = 0.003
+#: A second in which nothing sounds is digital silence (no noise floor), the same input as the
+#: training stage's "muted" probe: a model that learned that silence means no sounding object
+#: answers the probe as it answers the dataset's own silent seconds.
+SILENCE = 0.0
+#: v1m/v2: the chance that an object sounds in a given second; a second is silent for one object
+#: 55% of the time, for two 30%, for three 17%
+SOUNDING = 0.45
 FADE_SECONDS = 0.01  # gate ramps, so switching a source on or off does not click
 
 
@@ -131,7 +138,7 @@ def _gate(sounding: list[bool], sr: int) -> np.ndarray:
 
 def render_audio(objects: list[dict], seconds: int, sr: int, channels: int, width: int, rng) -> np.ndarray:
     """``[samples, channels]`` float32 mix: each object's sound gated by its per-second schedule."""
-    mix = NOISE_LEVEL * rng.standard_normal((seconds * sr, channels), dtype=np.float32)
+    mix = np.full((seconds * sr, channels), SILENCE, dtype=np.float32)
     for obj in objects:
         wave = (SOUND_LEVEL * class_sound(obj["class"], seconds, sr, rng)).astype(np.float32) * _gate(obj["sounding"], sr)
         if channels == 2:  # constant-power pan from the object's mean horizontal position
@@ -236,21 +243,23 @@ def _identities(plan: list[tuple[str, str]], rng) -> list[dict]:
 
 def _schedules(subset: str, n_objects: int, seconds: int, rng) -> list[list[bool]]:
     """Per object, sounding or not per second. v1s: the first object sounds throughout, others
-    never. v1m/v2: random, at least one source per second, every object sounds at least once
-    unless it is a distractor (the last of three, in half the clips)."""
+    never. v1m/v2: each object sounds in a second with probability SOUNDING, independently, so some
+    seconds are silent (as some real v2 frames are: their masks are empty, and a model that
+    listens must hear it); every object sounds at least once unless it is a distractor (the
+    last of three, in half the clips)."""
     if subset == "v1s":
         return [[True] * seconds] + [[False] * seconds for _ in range(n_objects - 1)]
     while True:
-        table = rng.random((n_objects, seconds)) < 0.55
+        table = rng.random((n_objects, seconds)) < SOUNDING
         if n_objects == 3 and rng.random() < 0.5:
             table[2] = False
-        if table.any(axis=0).all() and table[: 2 if n_objects == 3 else n_objects].any(axis=1).all():
+        if table[: 2 if n_objects == 3 else n_objects].any(axis=1).all():
             return table.tolist()
 
 
 def _objects(subset: str, width: int, height: int, rng) -> list[dict]:
     seconds = FRAMES_PER_SUBSET[subset]
-    n_objects = {"v1s": int(rng.integers(1, 3)), "v1m": int(rng.integers(2, 4)), "v2": int(rng.integers(1, 4))}[subset]
+    n_objects = int(rng.integers(2, 4))
     classes = rng.choice(sorted(CLASSES), n_objects, replace=False)
     cells = rng.choice(9, n_objects, replace=False)  # a 3x3 grid keeps objects apart
     cell_w, cell_h = width / 3, height / 3

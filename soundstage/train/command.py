@@ -43,8 +43,10 @@ def run_training_command(cfg, quiet: bool = False) -> int:
 
 
 def audio_table(record: dict) -> str:
-    """The last evaluation, one line per audio variant."""
-    lines = [f"{'audio':<12} {'mIoU':>8} {'F':>8}   ({record.get('split')}, epoch {record.get('epoch')})"]
+    """An evaluation record (by default the last), one line per audio variant; its header names
+    the split and the epoch (or the weights, when the record says which)."""
+    scored = record.get("weights") or f"epoch {record.get('epoch')}"
+    lines = [f"{'audio':<12} {'mIoU':>8} {'F':>8}   ({record.get('split')}, {scored})"]
     for variant, result in record.get("eval", {}).items():
         lines.append(f"{variant:<12} {result.get('miou', float('nan')):>8.4f} {result.get('fscore', float('nan')):>8.4f}")
     results = record.get("eval", {})

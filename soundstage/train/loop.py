@@ -35,7 +35,9 @@ from soundstage.train.checkpoint import (
     StopSignals,
     has_checkpoint,
     resume_checkpoint,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
 )
 from soundstage.train.config import ConfigError, TrainConfig, same_settings
 from soundstage.train.data import collate_frames
@@ -324,14 +326,15 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
             if position >= len(train_set) or step >= total_steps:
                 epoch, position = epoch + 1, 0
                 if epoch % cfg.eval_every == 0 or step >= total_steps:
-                    last_eval = evaluate_run(cfg, run, model, cues, epoch, step, device, autocast, num_queries, log, dist)
-                    if dist.main:
-                        keep_best(run, model, last_eval, selected_metric(cfg), log)
-                    if tracking.active:
-                        shown = assemble.dataset(
-                            cfg, cues, cfg.eval_split, num_queries=num_queries, active_encoding=recipe.active_encoding
-                        )
-                        tracking.evaluation(last_eval, shown_frames(model, shown, cfg.task, device, recipe.predict))
+                    with random_states_kept():
+                        last_eval = evaluate_run(cfg, run, model, cues, epoch, step, device, autocast, num_queries, log, dist)
+                        if dist.main:
+                            keep_best(run, model, last_eval, selected_metric(cfg), log)
+                        if tracking.active:
+                            shown = assemble.dataset(
+                                cfg, cues, cfg.eval_split, num_queries=num_queries, active_encoding=recipe.active_encoding
+                            )
+                            tracking.evaluation(last_eval, shown_frames(model, shown, cfg.task, device, recipe.predict))
                 checkpoint()
     bar.close()
 
@@ -340,6 +343,18 @@ def _train(cfg: TrainConfig, log, progress: bool, dist: Distributed) -> dict:
         run.write_json("DONE", {"step": step, "epoch": epoch})
     dist.barrier()
     return last_eval
+
+
+@contextlib.contextmanager
+def random_states_kept():
+    """Inside, random numbers may be drawn (the muted probe builds the audio model, whose layers
+    initialise before its weights load); after, every global random state is as before, so
+    evaluating changes nothing the training draws and a run trains the same whatever ``eval_every``."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
 
 
 def with_parts(loss) -> tuple[torch.Tensor, dict]:
