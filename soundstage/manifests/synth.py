@@ -64,10 +64,6 @@ SUBSET_WEIGHTS = {"v1s": 0.4, "v1m": 0.2, "v2": 0.4}
 SPLIT_WEIGHTS = {"train": 0.6, "val": 0.2, "test": 0.2}
 YT_ALPHABET = string.ascii_letters + string.digits + "-_"
 SOUND_LEVEL = 0.2
-#: A second in which nothing sounds is digital silence (no noise floor), the same input as the
-#: training stage's "muted" probe: a model that learned that silence means no sounding object
-#: answers the probe as it answers the dataset's own silent seconds.
-SILENCE = 0.0
 #: v1m/v2: the chance that an object sounds in a given second; a second is silent for one object
 #: 55% of the time, for two 30%, for three 17%
 SOUNDING = 0.45
@@ -138,7 +134,9 @@ def _gate(sounding: list[bool], sr: int) -> np.ndarray:
 
 def render_audio(objects: list[dict], seconds: int, sr: int, channels: int, width: int, rng) -> np.ndarray:
     """``[samples, channels]`` float32 mix: each object's sound gated by its per-second schedule."""
-    mix = np.full((seconds * sr, channels), SILENCE, dtype=np.float32)
+    # no noise floor: a second in which nothing sounds is digital silence, the same input as the
+    # training stage's "muted" probe, so a model answers the probe as it answers silent seconds
+    mix = np.zeros((seconds * sr, channels), dtype=np.float32)
     for obj in objects:
         wave = (SOUND_LEVEL * class_sound(obj["class"], seconds, sr, rng)).astype(np.float32) * _gate(obj["sounding"], sr)
         if channels == 2:  # constant-power pan from the object's mean horizontal position
